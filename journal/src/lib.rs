@@ -1,0 +1,122 @@
+//! vsnap's journal: the sled database that records plans and their progress
+//! **before** anything is done, and the catalog trees, in one database per
+//! state directory.
+//!
+//! **This crate knows nothing of QEMU.** A plan's body is opaque bytes (the
+//! engine's serialized plan); the journal only knows how many steps it has
+//! and which one is the pivot.
+//!
+//! Durability protocol (DESIGN.md section 3), each line durable (flushed)
+//! before the next action:
+//! 1. [`Journal::begin`] appends the whole plan, state `Planned`;
+//! 2. [`Journal::append`] `Started(i)` before a step and `Done(i)` after it;
+//! 3. [`Journal::commit_pivot`] writes `Done(pivot)` and the catalog changes
+//!    it implies in **one** sled transaction;
+//! 4. on failure before the pivot: `RollingBack`, then `Undone(i)` per step;
+//! 5. at the end `Finished(outcome)`.
+//!
+//! Every `append`, `begin`, `commit_pivot` returns only after the flush
+//! that covers its record (group commit, see [`group`]).
+
+pub mod codec;
+pub mod failpoint;
+mod group;
+mod lock;
+mod store;
+
+pub use lock::StateLock;
+pub use store::Journal;
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Identifier of one plan; increasing in the order plans were begun.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PlanId(pub u64);
+
+impl std::fmt::Display for PlanId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What the journal (and recovery) needs to know of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanHeader {
+    /// Operation name, e.g. `vol.snapshot.create`.
+    pub op: String,
+    /// One line for operators, e.g. `external snapshot s1 of /vm/a.qcow2`.
+    pub summary: String,
+    /// Number of steps in the plan.
+    pub steps: u32,
+    /// Index of the pivot step (`< steps`).
+    pub pivot: u32,
+    /// Unix time (seconds) the plan was begun.
+    pub created_unix: i64,
+}
+
+/// How a plan ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Committed,
+    RolledBack,
+    NeedsAttention(String),
+}
+
+/// One progress record (DESIGN.md section 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    Started(u32),
+    Done(u32),
+    RollingBack,
+    Undone(u32),
+    Finished(Outcome),
+}
+
+/// One change to a catalog tree, applied atomically with the pivot's `Done`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CatalogOp {
+    Put { tree: String, key: Vec<u8>, value: Vec<u8> },
+    Delete { tree: String, key: Vec<u8> },
+}
+
+/// A plan as stored: header, opaque body, and its progress records in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPlan {
+    pub id: PlanId,
+    pub header: PlanHeader,
+    pub body: Vec<u8>,
+    pub records: Vec<Record>,
+}
+
+impl StoredPlan {
+    /// The plan's outcome, if a `Finished` record was written.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.records.iter().rev().find_map(|r| match r {
+            Record::Finished(o) => Some(o),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("state directory {dir} is locked by process {pid}; wait for it to finish or stop it (lock file {lock})")]
+    Locked { dir: PathBuf, lock: PathBuf, pid: String },
+    #[error("cannot use state directory {dir}: {source}")]
+    StateDir { dir: PathBuf, #[source] source: std::io::Error },
+    #[error("journal database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("journal transaction failed: {0}")]
+    Transaction(String),
+    #[error("unreadable journal record for plan {plan} ({what}): {reason}; the journal may be damaged, inspect it with `vsnap plan show {plan}`")]
+    Corrupt { plan: PlanId, what: String, reason: String },
+    #[error("unreadable catalog record {tree}/{key}: {reason}")]
+    CorruptCatalog { tree: String, key: String, reason: String },
+    #[error("no plan {0} in the journal")]
+    NoSuchPlan(PlanId),
+    #[error("the journal is closed")]
+    Closed,
+}
+
+pub type Result<T, E = JournalError> = std::result::Result<T, E>;

@@ -1,0 +1,1 @@
+//! Reflink (FICLONE) and full copy; TODO(helper)

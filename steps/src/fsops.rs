@@ -1,0 +1,1 @@
+//! File operations with fsync discipline; TODO(helper)

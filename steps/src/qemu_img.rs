@@ -1,0 +1,1 @@
+//! qemu-img / qemu-io adapter; TODO(helper)
