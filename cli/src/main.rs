@@ -1,1 +1,474 @@
-fn main() {}
+//! `vsnap`: the operator's command line. Thin: parse, call the engine, print.
+
+mod common;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use common::*;
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vsnap_engine::{CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapshot};
+
+/// Transactional snapshots of QEMU disk images.
+///
+/// Every operation is compiled into a plan of idempotent steps, written to
+/// the journal before anything is touched, and either happens completely or
+/// not at all, whatever dies when. After a crash the next vsnap command (or
+/// vsnap-recover) finishes or undoes what was in flight.
+///
+/// A volume is named by its path, and that path stays its active image:
+/// scripts and VM configurations never need to change.
+///
+/// Exit status: 0 success; 1 a negative answer (no current snapshot, a check
+/// found problems, a plan needs attention); 2 error (nothing was changed).
+#[derive(Parser)]
+#[command(name = "vsnap", version, propagate_version = true)]
+struct Cli {
+    /// State directory (journal and catalog). Default: $VSNAP_STATE_DIR,
+    /// /var/lib/vsnap for root, $XDG_STATE_HOME/vsnap otherwise.
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Volumes: single disk images.
+    Vol {
+        #[command(subcommand)]
+        cmd: VolCmd,
+    },
+    /// The journal, for operators.
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolCmd {
+    /// Snapshots of one volume.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapCmd,
+    },
+    /// Check a volume against the catalog: every snapshot present, no
+    /// orphan or temporary file, chains valid (qemu-img check), no
+    /// unfinished plan. Exit 1 when anything is wrong.
+    Check { image: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Internal,
+    External,
+    Reflink,
+    Copy,
+}
+
+impl From<KindArg> for SnapKind {
+    fn from(k: KindArg) -> SnapKind {
+        match k {
+            KindArg::Internal => SnapKind::Internal,
+            KindArg::External => SnapKind::External,
+            KindArg::Reflink => SnapKind::Reflink,
+            KindArg::Copy => SnapKind::Copy,
+        }
+    }
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// The disk image (qcow2 or raw). Its path stays the active image.
+    image: PathBuf,
+    /// Snapshot name (default: the creation time in seconds).
+    name: Option<String>,
+    /// internal: inside the qcow2 image. external: the current state is
+    /// frozen under a new name (--file) and a new qcow2 overlay takes the
+    /// image's path (a raw image thereby becomes qcow2). reflink: a
+    /// copy-on-write clone (btrfs, xfs). copy: a full copy. Default: the
+    /// kind of the volume's snapshots, else internal for qcow2, reflink or
+    /// copy for raw.
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
+    /// Where the frozen state (external) or clone (reflink, copy) goes.
+    /// Default: beside the image, <stem>.<name>.<ext>.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Take name, description, kind and file from a <volsnapshot> XML
+    /// document; options given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    xml: Option<PathBuf>,
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
+    /// Print the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum SnapCmd {
+    /// Create a snapshot.
+    Create(CreateArgs),
+    /// List the volume's snapshots, oldest first.
+    List {
+        image: PathBuf,
+        /// Only snapshots of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// Show the snapshot tree (parents and children).
+        #[arg(long)]
+        tree: bool,
+        /// Names only, one per line.
+        #[arg(long)]
+        name: bool,
+    },
+    /// Print the current snapshot (the last made or reverted to); exit 1 when there is none.
+    Current { image: PathBuf },
+    /// Exit 0 (and print "yes") when the volume has a current snapshot, else 1 ("no").
+    HasCurrent { image: PathBuf },
+    /// Count the volume's snapshots.
+    Count {
+        image: PathBuf,
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+    },
+    /// Show one snapshot.
+    Info { image: PathBuf, name: String },
+    /// Print one snapshot as <volsnapshot> XML.
+    Dumpxml { image: PathBuf, name: String },
+    /// Revert the image to a snapshot. What was written since is discarded.
+    Revert {
+        image: PathBuf,
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete a snapshot. Its children are re-parented onto its parent
+    /// (external: their files are rebased, keeping every byte they show).
+    Delete {
+        image: PathBuf,
+        name: String,
+        /// Delete the snapshot's children (its whole subtree) too.
+        #[arg(long)]
+        children: bool,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Every plan in the journal with its outcome.
+    List,
+    /// One plan: its steps and its records.
+    Show { id: u64 },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match try_main(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if cli.json {
+                print_json(&json!({ "error": format!("{e:#}") }));
+            }
+            report_error("vsnap", &e);
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn open(cli: &Cli) -> anyhow::Result<Engine> {
+    let dir = state_dir(cli.state_dir.clone());
+    let (mut engine, reports) = Engine::open(&dir)?;
+    for r in reports {
+        eprintln!("vsnap: recovered plan {} ({}): {}: {}", r.plan, r.summary, r.outcome, r.detail);
+    }
+    let tty = std::io::stderr().is_terminal();
+    engine.set_progress(move |p| {
+        let pct = if p.total_bytes == 0 { 100 } else { p.done_bytes * 100 / p.total_bytes };
+        if tty {
+            eprint!("\r{}: {pct:3}% ({} of {} MiB)", p.what, p.done_bytes >> 20, p.total_bytes >> 20);
+            if p.done_bytes >= p.total_bytes {
+                eprintln!();
+            }
+        } else {
+            eprintln!("{}: {pct}% ({} of {} MiB)", p.what, p.done_bytes >> 20, p.total_bytes >> 20);
+        }
+    });
+    Ok(engine)
+}
+
+fn try_main(cli: &Cli) -> anyhow::Result<u8> {
+    match &cli.cmd {
+        Cmd::Vol { cmd: VolCmd::Snapshot { cmd } } => snapshot(cli, cmd),
+        Cmd::Vol { cmd: VolCmd::Check { image } } => {
+            let engine = open(cli)?;
+            let r = engine.vol_check(image)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?);
+            } else if r.violations.is_empty() {
+                println!("{}: consistent ({} snapshot(s), chains checked, no orphan or temporary file)", r.image.display(), r.snapshots);
+            } else {
+                println!("{}: {} problem(s):", r.image.display(), r.violations.len());
+                for v in &r.violations {
+                    println!("  {v}");
+                }
+            }
+            Ok(if r.violations.is_empty() { EXIT_OK } else { EXIT_NO })
+        }
+        Cmd::Plan { cmd } => plans(cli, cmd),
+    }
+}
+
+fn snap_json(s: &VolSnapshot, current: bool) -> serde_json::Value {
+    json!({
+        "name": s.name,
+        "volume": s.volume,
+        "kind": s.kind.as_str(),
+        "description": s.description,
+        "creation_time": s.creation_time,
+        "parent": s.parent,
+        "file": s.file,
+        "format": s.format.as_str(),
+        "current": current,
+    })
+}
+
+fn done_output(cli: &Cli, verb: &str, d: &Done) -> u8 {
+    if cli.json {
+        print_json(&json!({
+            "plan": d.plan,
+            "dry_run": d.dry_run,
+            "steps": d.plan_text.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
+            "snapshot": snap_json(&d.snapshot, false),
+            "deleted_with_it": d.deleted,
+        }));
+    } else if d.dry_run {
+        print!("{}", d.plan_text);
+        println!("(dry run: nothing was changed)");
+    } else {
+        let file = d.snapshot.file.as_ref().map(|f| format!(" (file {})", f.display())).unwrap_or_default();
+        println!(
+            "{verb} {} snapshot {:?} of {}{file} [plan {}]",
+            d.snapshot.kind,
+            d.snapshot.name,
+            d.snapshot.volume.display(),
+            d.plan.unwrap_or_default()
+        );
+        if !d.deleted.is_empty() {
+            println!("deleted with it: {}", d.deleted.join(", "));
+        }
+    }
+    EXIT_OK
+}
+
+fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
+    let engine = open(cli)?;
+    match cmd {
+        SnapCmd::Create(a) => {
+            let mut req = CreateRequest { image: a.image.clone(), ..Default::default() };
+            if let Some(x) = &a.xml {
+                let text = std::fs::read_to_string(x).with_context(|| format!("cannot read --xml {}", x.display()))?;
+                let spec = vsnap_engine::xml::parse_volsnapshot(&text).with_context(|| format!("in {}", x.display()))?;
+                req.name = spec.name;
+                req.description = spec.description;
+                req.kind = spec.kind;
+                req.file = spec.file;
+            }
+            if a.name.is_some() {
+                req.name = a.name.clone();
+            }
+            if a.description.is_some() {
+                req.description = a.description.clone();
+            }
+            if let Some(k) = a.kind {
+                req.kind = Some(k.into());
+            }
+            if a.file.is_some() {
+                req.file = a.file.clone();
+            }
+            let d = engine.vol_snapshot_create(&req, a.dry_run)?;
+            Ok(done_output(cli, "created", &d))
+        }
+        SnapCmd::Revert { image, name, dry_run } => {
+            let d = engine.vol_snapshot_revert(&RevertRequest { image: image.clone(), name: name.clone() }, *dry_run)?;
+            Ok(done_output(cli, "reverted to", &d))
+        }
+        SnapCmd::Delete { image, name, children, dry_run } => {
+            let d = engine.vol_snapshot_delete(
+                &DeleteRequest { image: image.clone(), name: name.clone(), children: *children },
+                *dry_run,
+            )?;
+            Ok(done_output(cli, "deleted", &d))
+        }
+        SnapCmd::List { image, kind, tree, name } => {
+            let snaps = engine.vol_snapshot_list(image, kind.map(Into::into))?;
+            let current = engine.vol_snapshot_current(image)?.map(|c| c.name);
+            let is_cur = |s: &VolSnapshot| current.as_deref() == Some(s.name.as_str());
+            if cli.json {
+                print_json(&json!(snaps.iter().map(|s| snap_json(s, is_cur(s))).collect::<Vec<_>>()));
+            } else if *name {
+                for s in &snaps {
+                    println!("{}", s.name);
+                }
+            } else if *tree {
+                print_tree(&snaps, None, "", &current);
+            } else {
+                println!("{:<20} {:<9} {:<24} {:<12} {:<4} file", "name", "kind", "created", "parent", "cur");
+                for s in &snaps {
+                    println!(
+                        "{:<20} {:<9} {:<24} {:<12} {:<4} {}",
+                        s.name,
+                        s.kind,
+                        utc(s.creation_time),
+                        s.parent.as_deref().unwrap_or("-"),
+                        if is_cur(s) { "*" } else { "" },
+                        s.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "(inside the image)".into())
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Current { image } => match engine.vol_snapshot_current(image)? {
+            Some(s) => {
+                if cli.json {
+                    print_json(&snap_json(&s, true));
+                } else {
+                    println!("{}", s.name);
+                }
+                Ok(EXIT_OK)
+            }
+            None => {
+                if cli.json {
+                    print_json(&json!(null));
+                }
+                eprintln!("vsnap: {} has no current snapshot", image.display());
+                Ok(EXIT_NO)
+            }
+        },
+        SnapCmd::HasCurrent { image } => {
+            let yes = engine.vol_snapshot_has_current(image)?;
+            if cli.json {
+                print_json(&json!(yes));
+            } else {
+                println!("{}", if yes { "yes" } else { "no" });
+            }
+            Ok(if yes { EXIT_OK } else { EXIT_NO })
+        }
+        SnapCmd::Count { image, kind } => {
+            let n = engine.vol_snapshot_count(image, kind.map(Into::into))?;
+            if cli.json {
+                print_json(&json!(n));
+            } else {
+                println!("{n}");
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Info { image, name } => {
+            let s = engine.vol_snapshot_lookup(image, name)?;
+            let cur = engine.vol_snapshot_current(image)?.is_some_and(|c| c.name == s.name);
+            let children = engine.vol_snapshot_children(image, name)?;
+            if cli.json {
+                let mut v = snap_json(&s, cur);
+                v["children"] = json!(children);
+                print_json(&v);
+            } else {
+                println!("Name:          {}", s.name);
+                println!("Volume:        {}", s.volume.display());
+                println!("Kind:          {}", s.kind);
+                println!("Created:       {}", utc(s.creation_time));
+                println!("Description:   {}", s.description.as_deref().unwrap_or("-"));
+                println!("Parent:        {}", s.parent.as_deref().unwrap_or("-"));
+                println!("Children:      {}", if children.is_empty() { "-".to_string() } else { children.join(", ") });
+                println!("Current:       {}", if cur { "yes" } else { "no" });
+                println!("File:          {}", s.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "(inside the image)".into()));
+                println!("Format:        {}", s.format);
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Dumpxml { image, name } => {
+            let x = engine.vol_snapshot_xml(image, name)?;
+            if cli.json {
+                print_json(&json!({ "xml": x }));
+            } else {
+                print!("{x}");
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn print_tree(snaps: &[VolSnapshot], parent: Option<&str>, indent: &str, current: &Option<String>) {
+    let kids: Vec<&VolSnapshot> = snaps.iter().filter(|s| s.parent.as_deref() == parent).collect();
+    for (i, s) in kids.iter().enumerate() {
+        let last = i + 1 == kids.len();
+        let (branch, next) = if parent.is_none() { ("", String::new()) } else if last { ("└─ ", format!("{indent}   ")) } else { ("├─ ", format!("{indent}│  ")) };
+        let mark = if current.as_deref() == Some(s.name.as_str()) { "  (current)" } else { "" };
+        println!("{indent}{branch}{} [{}]{mark}", s.name, s.kind);
+        print_tree(snaps, Some(&s.name), &next, current);
+    }
+}
+
+fn plans(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<u8> {
+    let dir = state_dir(cli.state_dir.clone());
+    // Operators inspect the journal as it is: no recovery first.
+    let engine = Engine::open_without_recovery(&dir)?;
+    match cmd {
+        PlanCmd::List => {
+            let all = engine.plans()?;
+            let rows: Vec<_> = all
+                .iter()
+                .map(|p| {
+                    let outcome = match p.outcome() {
+                        None => "UNFINISHED".to_string(),
+                        Some(o) => format!("{o:?}"),
+                    };
+                    (p.id.0, p.header.op.clone(), p.header.summary.clone(), outcome, p.header.created_unix)
+                })
+                .collect();
+            if cli.json {
+                print_json(&json!(rows
+                    .iter()
+                    .map(|(id, op, sum, out, t)| json!({"id": id, "op": op, "summary": sum, "outcome": out, "created": t}))
+                    .collect::<Vec<_>>()));
+            } else {
+                if rows.is_empty() {
+                    println!("the journal holds no plan");
+                }
+                for (id, op, sum, out, t) in rows {
+                    println!("{id:>6}  {}  {op:<20} {out:<14} {sum}", utc(t));
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        PlanCmd::Show { id } => {
+            let (stored, plan) = engine.plan(*id)?;
+            if cli.json {
+                print_json(&json!({
+                    "id": id,
+                    "op": plan.op,
+                    "summary": plan.summary,
+                    "pivot": plan.pivot,
+                    "steps": plan.steps.iter().map(|s| s.describe()).collect::<Vec<_>>(),
+                    "records": stored.records.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>(),
+                }));
+            } else {
+                print!("{}", plan.render());
+                println!("records:");
+                for r in &stored.records {
+                    println!("  {r:?}");
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+

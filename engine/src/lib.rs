@@ -1,1 +1,166 @@
-//! engine
+//! vsnap's engine: the public API that VM managers embed.
+//!
+//! Requests (and XML) are compiled into [`plan::Plan`]s with every name and
+//! path fixed, then run journal-first (see [`plan`]). [`Engine::open`] takes
+//! the state directory's lock and runs recovery before any new plan.
+
+pub mod catalog;
+pub mod check;
+pub mod plan;
+pub mod volume;
+pub mod xml;
+
+pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
+pub use plan::{Plan, PlanReport};
+pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest};
+pub use vsnap_steps::{Format, Progress};
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use vsnap_journal::Journal;
+use vsnap_steps::{Cx, StepError};
+
+/// Errors of the engine: each names what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Journal(#[from] vsnap_journal::JournalError),
+    #[error("plan {plan}: step {index} ({step}) failed: {source}; the plan was rolled back, nothing changed")]
+    Step { plan: u64, index: u32, step: &'static str, #[source] source: StepError },
+    #[error(transparent)]
+    Check(StepError),
+    #[error("plan {plan} needs attention: {reason}")]
+    NeedsAttention { plan: u64, reason: String },
+    #[error("plan {plan}: {source}; the journal may be damaged: inspect it with `vsnap plan show {plan}`")]
+    IllegalJournal { plan: u64, #[source] source: vsnap_recovery::IllegalSequence },
+    #[error("invalid snapshot name {name:?}: {why}")]
+    BadName { name: String, why: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("image {0} does not exist; give the path of an existing disk image")]
+    NoImage(PathBuf),
+    #[error("volume {volume} has no snapshot named {name:?}; `vsnap vol snapshot list {volume}` lists them")]
+    NoSnapshot { volume: PathBuf, name: String },
+    #[error("volume {volume} already has a snapshot named {name:?}; choose another name or delete it first")]
+    Duplicate { volume: PathBuf, name: String },
+    #[error("{path} already exists; vsnap never overwrites a file it did not create: choose another --file or name")]
+    Exists { path: PathBuf },
+    #[error("directory {0} is not writable; vsnap writes the snapshot's files beside the image (or where --file says)")]
+    ReadOnly(PathBuf),
+    #[error("malformed XML: {0}")]
+    Xml(String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Snapshot and domain names become file names: reject what would escape
+/// or confuse a directory listing.
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |why: &str| Err(EngineError::BadName { name: name.into(), why: why.into() });
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 200 {
+        return bad("longer than 200 bytes");
+    }
+    if name.contains('/') {
+        return bad("contains '/'");
+    }
+    if name.contains("..") {
+        return bad("contains '..'");
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return bad("starts with '.' or '-'");
+    }
+    if name.chars().any(|c| c == '\0' || c.is_control()) {
+        return bad("contains NUL or a control character");
+    }
+    Ok(())
+}
+
+/// The default state directory: `/var/lib/vsnap` for root,
+/// `$XDG_STATE_HOME/vsnap` (or `~/.local/state/vsnap`) otherwise.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VSNAP_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/vsnap");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(x).join("vsnap");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/vsnap")
+}
+
+/// The engine: one per state directory per process.
+pub struct Engine {
+    journal: Journal,
+    /// Plans run one at a time (they read the catalog when compiled).
+    op_lock: Mutex<()>,
+    progress: Box<dyn Fn(&Progress) + Send + Sync>,
+}
+
+impl Engine {
+    /// Open the state directory and recover every unfinished plan.
+    pub fn open(state_dir: &Path) -> Result<(Engine, Vec<PlanReport>)> {
+        let engine = Engine::open_without_recovery(state_dir)?;
+        let reports = engine.recover(false)?;
+        Ok((engine, reports))
+    }
+
+    /// Open without recovering (for `vsnap-recover --dry-run` and `plan show`).
+    pub fn open_without_recovery(state_dir: &Path) -> Result<Engine> {
+        Ok(Engine { journal: Journal::open(state_dir)?, op_lock: Mutex::new(()), progress: Box::new(|_| {}) })
+    }
+
+    /// Where long steps (copies) report progress.
+    pub fn set_progress(&mut self, f: impl Fn(&Progress) + Send + Sync + 'static) {
+        self.progress = Box::new(f);
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub(crate) fn cx(&self) -> Cx<'_> {
+        Cx { progress: &*self.progress }
+    }
+
+    pub(crate) fn lock_ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.op_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Finish or undo every unfinished plan, oldest first. With `dry_run`,
+    /// only say what would be done (the pivot may be probed: read-only).
+    pub fn recover(&self, dry_run: bool) -> Result<Vec<PlanReport>> {
+        let _g = self.lock_ops();
+        let cx = self.cx();
+        let mut out = Vec::new();
+        for stored in self.journal.unfinished()? {
+            out.push(plan::recover_one(&self.journal, &stored, dry_run, &cx)?);
+        }
+        Ok(out)
+    }
+
+    /// Every plan in the journal, oldest first.
+    pub fn plans(&self) -> Result<Vec<vsnap_journal::StoredPlan>> {
+        Ok(self.journal.plans()?)
+    }
+
+    /// One plan and its decoded steps.
+    pub fn plan(&self, id: u64) -> Result<(vsnap_journal::StoredPlan, Plan)> {
+        let stored = self.journal.plan(vsnap_journal::PlanId(id))?;
+        let plan = Plan::decode(&stored)?;
+        Ok((stored, plan))
+    }
+}

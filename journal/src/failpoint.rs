@@ -9,7 +9,9 @@
 //! * `VSNAP_CRASH_AT=name` or `name#N` — at the N-th hit (1-based, default
 //!   1) of that name in this process, the process kills itself with
 //!   SIGKILL: no destructor, no flush, no unwinding, like a power cut of
-//!   the process.
+//!   the process. The name `*` matches every point: `*#N` kills at the
+//!   N-th crash point of any name (how the crash suite explores a run it
+//!   cannot list in advance, such as `vsnap-recover`'s).
 //!
 //! Without the feature `hit` is an empty inline function.
 
@@ -34,12 +36,12 @@ mod imp {
             Some((t, n)) => (t.to_string(), n.parse::<u64>().unwrap_or(1)),
             None => (spec.clone(), 1),
         };
-        if target != name {
+        if target != name && target != "*" {
             return;
         }
         let mut guard = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
         let counts = guard.get_or_insert_with(HashMap::new);
-        let c = counts.entry(name.to_string()).or_insert(0);
+        let c = counts.entry(target).or_insert(0);
         *c += 1;
         if *c == nth {
             // SAFETY: kill(2) on our own pid with a valid signal number.

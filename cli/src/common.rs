@@ -1,0 +1,57 @@
+//! What both binaries share: state-dir resolution, exit codes, output.
+// Each binary includes this module and uses a different part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Exit codes (documented in `--help` and the README).
+pub const EXIT_OK: u8 = 0;
+/// A negative answer: no current snapshot, a check found violations, a plan needs attention.
+pub const EXIT_NO: u8 = 1;
+/// An error: bad input, a failed operation (rolled back), a locked state directory.
+pub const EXIT_ERROR: u8 = 2;
+
+pub fn state_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(vsnap_engine::default_state_dir)
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` for a Unix time.
+pub fn utc(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+pub fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+}
+
+/// Print the error chain on stderr, `vsnap: error: ...`.
+pub fn report_error(prog: &str, e: &anyhow::Error) {
+    eprintln!("{prog}: error: {e}");
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !e.to_string().contains(&c) {
+            eprintln!("  caused by: {c}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(1_764_167_632), "2025-11-26 14:33:52 UTC");
+    }
+}

@@ -1,0 +1,154 @@
+//! The catalog model: volumes and their snapshots, stored in the journal's
+//! catalog trees (values encoded through the journal's codec).
+//!
+//! Trees:
+//! * `volumes`  — key: canonical image path — [`VolumeRec`]
+//! * `volsnaps` — key: image path, NUL, snapshot name — [`VolSnapshot`]
+
+use crate::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use vsnap_journal::{codec, CatalogOp, Journal};
+use vsnap_steps::Format;
+
+pub const VOLUMES: &str = "volumes";
+pub const VOLSNAPS: &str = "volsnaps";
+
+/// The kind of a volume snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SnapKind {
+    /// Inside the qcow2 image (`qemu-img snapshot`).
+    Internal,
+    /// The frozen state gets a new name; a new overlay takes the image's path.
+    External,
+    /// A copy-on-write clone (FICLONE) of the whole file.
+    Reflink,
+    /// A full copy of the whole file.
+    Copy,
+}
+
+impl SnapKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapKind::Internal => "internal",
+            SnapKind::External => "external",
+            SnapKind::Reflink => "reflink",
+            SnapKind::Copy => "copy",
+        }
+    }
+    pub fn parse(s: &str) -> Option<SnapKind> {
+        match s {
+            "internal" => Some(SnapKind::Internal),
+            "external" => Some(SnapKind::External),
+            "reflink" => Some(SnapKind::Reflink),
+            "copy" => Some(SnapKind::Copy),
+            _ => None,
+        }
+    }
+    /// Kinds of one family may share a volume; families may not mix
+    /// (an internal snapshot would end up inside a frozen external file,
+    /// and a whole-file clone would carry internal snapshots along).
+    pub fn family(self) -> &'static str {
+        match self {
+            SnapKind::Internal => "internal",
+            SnapKind::External => "external",
+            SnapKind::Reflink | SnapKind::Copy => "whole-file (reflink/copy)",
+        }
+    }
+}
+
+impl std::fmt::Display for SnapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A volume vsnap has snapshotted. Its `path` is always its active image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub path: PathBuf,
+    /// The current snapshot: the last one made or reverted to.
+    pub current: Option<String>,
+    /// Increases with every snapshot made; orders snapshots by creation.
+    pub next_seq: u64,
+}
+
+/// One volume snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolSnapshot {
+    pub name: String,
+    pub volume: PathBuf,
+    pub kind: SnapKind,
+    pub description: Option<String>,
+    pub creation_time: i64,
+    pub parent: Option<String>,
+    pub seq: u64,
+    /// External: the frozen file. Reflink/copy: the clone. Internal: None.
+    pub file: Option<PathBuf>,
+    /// Format of `file` (internal: of the volume).
+    pub format: Format,
+}
+
+fn path_key(path: &Path) -> Vec<u8> {
+    path.as_os_str().as_bytes().to_vec()
+}
+
+fn snap_prefix(volume: &Path) -> Vec<u8> {
+    let mut k = path_key(volume);
+    k.push(0);
+    k
+}
+
+fn snap_key(volume: &Path, name: &str) -> Vec<u8> {
+    let mut k = snap_prefix(volume);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn put_volume(v: &VolumeRec) -> CatalogOp {
+    CatalogOp::Put { tree: VOLUMES.into(), key: path_key(&v.path), value: codec::encode(v) }
+}
+
+pub fn put_snapshot(s: &VolSnapshot) -> CatalogOp {
+    CatalogOp::Put { tree: VOLSNAPS.into(), key: snap_key(&s.volume, &s.name), value: codec::encode(s) }
+}
+
+pub fn delete_snapshot(volume: &Path, name: &str) -> CatalogOp {
+    CatalogOp::Delete { tree: VOLSNAPS.into(), key: snap_key(volume, name) }
+}
+
+fn corrupt(tree: &str, key: &[u8], e: impl std::fmt::Display) -> EngineError {
+    EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
+        tree: tree.into(),
+        key: String::from_utf8_lossy(key).replace('\0', "/"),
+        reason: e.to_string(),
+    })
+}
+
+pub fn volume(j: &Journal, path: &Path) -> Result<Option<VolumeRec>> {
+    let key = path_key(path);
+    match j.catalog_get(VOLUMES, &key)? {
+        None => Ok(None),
+        Some(bytes) => codec::decode(&bytes).map(Some).map_err(|e| corrupt(VOLUMES, &key, e)),
+    }
+}
+
+/// Every snapshot of the volume, oldest first.
+pub fn snapshots(j: &Journal, volume: &Path) -> Result<Vec<VolSnapshot>> {
+    let mut out = Vec::new();
+    for (key, bytes) in j.catalog_scan(VOLSNAPS, &snap_prefix(volume))? {
+        out.push(codec::decode::<VolSnapshot>(&bytes).map_err(|e| corrupt(VOLSNAPS, &key, e))?);
+    }
+    out.sort_by_key(|s| s.seq);
+    Ok(out)
+}
+
+/// Every volume in the catalog.
+pub fn volumes(j: &Journal) -> Result<Vec<VolumeRec>> {
+    let mut out = Vec::new();
+    for (key, bytes) in j.catalog_scan(VOLUMES, b"")? {
+        out.push(codec::decode::<VolumeRec>(&bytes).map_err(|e| corrupt(VOLUMES, &key, e))?);
+    }
+    Ok(out)
+}

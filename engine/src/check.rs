@@ -1,0 +1,225 @@
+//! Invariant checks of one volume (DESIGN.md section 5, the parts that
+//! apply to volumes): [`observe`] reads the real world, [`compare`] (pure)
+//! compares it with the catalog. Used by `vsnap vol check` and the crash
+//! suite.
+
+use crate::catalog::{SnapKind, VolSnapshot};
+use crate::{Engine, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use vsnap_steps::{fsops, qemu_img, Format};
+
+/// What was seen on disk for one volume.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Observation {
+    pub image: PathBuf,
+    pub image_exists: bool,
+    /// Internal snapshot names in the image (qcow2 only).
+    pub internal_names: Vec<String>,
+    /// Backing file of every file looked at (image, catalog files, chain).
+    pub backing_of: BTreeMap<PathBuf, Option<PathBuf>>,
+    /// Files that exist among those the catalog names.
+    pub existing: BTreeSet<PathBuf>,
+    /// `qemu-img check` or chain problems, one line each.
+    pub damage: Vec<String>,
+    /// vsnap temporary files (`.vsnap-*.tmp`) in the directories involved.
+    pub temp_files: Vec<PathBuf>,
+    /// Files named like vsnap's snapshot files (`<stem>.<x>.<ext>`) beside the image.
+    pub look_alike: Vec<PathBuf>,
+}
+
+/// The result of a check: empty `violations` means consistent.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub image: PathBuf,
+    pub snapshots: usize,
+    pub unfinished_plans: usize,
+    pub violations: Vec<String>,
+}
+
+fn canon(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Read everything [`compare`] needs. Read-only: qemu-img with `-U`.
+pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
+    let mut o = Observation { image: image.to_path_buf(), ..Default::default() };
+    o.image_exists = image.is_file();
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    if let Some(d) = image.parent() {
+        dirs.insert(d.to_path_buf());
+    }
+    let mut to_inspect: Vec<PathBuf> = Vec::new();
+    if o.image_exists {
+        to_inspect.push(image.to_path_buf());
+    }
+    for s in snaps {
+        if let Some(f) = &s.file {
+            if f.is_file() {
+                o.existing.insert(f.clone());
+                to_inspect.push(f.clone());
+            }
+            if let Some(d) = f.parent() {
+                dirs.insert(d.to_path_buf());
+            }
+        }
+    }
+    // Walk every chain: each file readable, checked, its backing present.
+    let mut seen = BTreeSet::new();
+    while let Some(f) = to_inspect.pop() {
+        if !seen.insert(canon(&f)) {
+            continue;
+        }
+        let fmt = match qemu_img::detect_format(&f) {
+            Ok(fmt) => fmt,
+            Err(e) => {
+                o.damage.push(format!("{}: {e}", f.display()));
+                continue;
+            }
+        };
+        match qemu_img::info(&f, fmt, true) {
+            Ok(info) => {
+                if let Some(b) = &info.backing {
+                    if !b.exists() {
+                        o.damage.push(format!("{}: backing file {} is missing", f.display(), b.display()));
+                    } else {
+                        to_inspect.push(b.clone());
+                    }
+                }
+                o.backing_of.insert(canon(&f), info.backing.as_deref().map(canon));
+                if canon(&f) == canon(image) && fmt == Format::Qcow2 {
+                    o.internal_names = info.snapshots.clone();
+                }
+            }
+            Err(e) => o.damage.push(format!("{}: {e}", f.display())),
+        }
+        if fmt == Format::Qcow2 {
+            match qemu_img::check(&f, fmt) {
+                Ok(r) if r.clean => {}
+                Ok(r) => o.damage.push(format!("{}: qemu-img check: {} corruption(s), {} leak(s)", f.display(), r.corruptions, r.leaks)),
+                Err(e) => o.damage.push(format!("{}: qemu-img check failed: {e}", f.display())),
+            }
+        }
+    }
+    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = image.extension().map(|s| format!(".{}", s.to_string_lossy()));
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = d.join(&name);
+            if fsops::is_vsnap_temp(&name) {
+                o.temp_files.push(path);
+            } else if Some(d.as_path()) == image.parent()
+                && name.starts_with(&format!("{stem}."))
+                && ext.as_deref().is_none_or(|x| name.ends_with(x))
+                && path != image
+                && name.len() > stem.len() + 1 + ext.as_deref().map_or(0, str::len)
+            {
+                o.look_alike.push(path);
+            }
+        }
+    }
+    o.temp_files.sort();
+    o.look_alike.sort();
+    o
+}
+
+/// Compare the catalog with what was seen (pure). Each violation says
+/// which invariant and what.
+pub fn compare(snaps: &[VolSnapshot], current: Option<&str>, o: &Observation) -> Vec<String> {
+    let mut v = Vec::new();
+    if !o.image_exists {
+        v.push(format!("inv5: the image {} is missing", o.image.display()));
+    }
+    for d in &o.damage {
+        v.push(format!("inv5: {d}"));
+    }
+    let names: BTreeSet<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    let by_name: BTreeMap<&str, &VolSnapshot> = snaps.iter().map(|s| (s.name.as_str(), s)).collect();
+    if let Some(c) = current {
+        if !names.contains(c) {
+            v.push(format!("catalog: current snapshot {c:?} is not in the catalog"));
+        }
+    }
+    for s in snaps {
+        if let Some(p) = &s.parent {
+            if !names.contains(p.as_str()) {
+                v.push(format!("catalog: parent {p:?} of {:?} is not in the catalog", s.name));
+            }
+        }
+        match s.kind {
+            SnapKind::Internal => {
+                if !o.internal_names.contains(&s.name) {
+                    v.push(format!("inv3: internal snapshot {:?} is in the catalog but not in {}", s.name, o.image.display()));
+                }
+            }
+            SnapKind::External | SnapKind::Reflink | SnapKind::Copy => match &s.file {
+                None => v.push(format!("catalog: {} snapshot {:?} names no file", s.kind, s.name)),
+                Some(f) if !o.existing.contains(f) => {
+                    v.push(format!("inv3: file {} of snapshot {:?} is missing", f.display(), s.name))
+                }
+                Some(f) => {
+                    if s.kind == SnapKind::External {
+                        // The chain mirrors the tree: a child's file is backed by its parent's.
+                        if let Some(pf) = s.parent.as_deref().and_then(|p| by_name.get(p)).and_then(|p| p.file.as_ref()) {
+                            let b = o.backing_of.get(&canon(f)).cloned().flatten();
+                            if b.as_deref() != Some(canon(pf).as_path()) {
+                                v.push(format!(
+                                    "inv5: {} (snapshot {:?}) is backed by {:?}, the catalog's parent file is {}",
+                                    f.display(),
+                                    s.name,
+                                    b,
+                                    pf.display()
+                                ));
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    }
+    for n in &o.internal_names {
+        if !names.contains(n.as_str()) {
+            v.push(format!("inv3: internal snapshot {n:?} is in {} but not in the catalog", o.image.display()));
+        }
+    }
+    // What the image runs on equals what the catalog says.
+    if let Some(cur) = current.and_then(|c| by_name.get(c)) {
+        if cur.kind == SnapKind::External {
+            let b = o.backing_of.get(&canon(&o.image)).cloned().flatten();
+            let want = cur.file.as_deref().map(canon);
+            if b != want {
+                v.push(format!("inv5: {} is backed by {:?}; the current snapshot's file is {:?}", o.image.display(), b, want));
+            }
+        }
+    }
+    for t in &o.temp_files {
+        v.push(format!("inv4: temporary file {} is left behind", t.display()));
+    }
+    let referenced: BTreeSet<PathBuf> = snaps.iter().filter_map(|s| s.file.clone()).collect();
+    for f in &o.look_alike {
+        if !referenced.contains(f) {
+            v.push(format!("inv4: {} looks like a snapshot file but no snapshot references it", f.display()));
+        }
+    }
+    v
+}
+
+impl Engine {
+    /// Check one volume against the catalog and the journal.
+    pub fn vol_check(&self, image: &Path) -> Result<CheckReport> {
+        let _g = self.lock_ops();
+        let canon_image = canon(image);
+        let snaps = crate::catalog::snapshots(self.journal(), &canon_image)?;
+        let current = crate::catalog::volume(self.journal(), &canon_image)?.and_then(|r| r.current);
+        let obs = observe(&canon_image, &snaps);
+        let mut violations = compare(&snaps, current.as_deref(), &obs);
+        let unfinished = self.journal().unfinished()?.len();
+        if unfinished > 0 {
+            violations.push(format!("inv7: {unfinished} unfinished plan(s) in the journal; run vsnap-recover"));
+        }
+        Ok(CheckReport { image: canon_image, snapshots: snaps.len(), unfinished_plans: unfinished, violations })
+    }
+}

@@ -1,0 +1,306 @@
+//! Plans: data that an operation compiles to, run journal-first, and the
+//! carrying out of recovery's decisions.
+//!
+//! Runner protocol (each journal write is durable before the next action):
+//!
+//! ```text
+//! begin(plan)                                   crash point run.begun
+//! for each step i:
+//!     Started(i)                                crash point run.started.<i>
+//!     apply                                     crash point run.applied.<i>
+//!     Done(i)  (pivot: Done + catalog in one    crash point run.done.<i>
+//!               transaction)
+//! Finished(Committed)
+//! failure before the pivot's Done:
+//!     RollingBack                               crash point rollback.begun
+//!     undo i, i-1, ... 0                        crash point rollback.undone.<i>
+//!     Undone(i) each
+//!     Finished(RolledBack)
+//! ```
+//!
+//! Steps after the pivot are retried (bounded) until they succeed; one
+//! that still fails ends the plan `NeedsAttention`, with the reason.
+
+use crate::{EngineError, Result};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use vsnap_journal::{codec, failpoint, CatalogOp, Journal, Outcome, PlanHeader, PlanId, Record, StoredPlan};
+use vsnap_recovery::{Decision, PivotSeen};
+use vsnap_steps::{Cx, Probe, Step, StepError};
+
+/// How many times a step after the pivot is tried before the plan needs attention.
+const RETRIABLE_TRIES_MAX: u32 = 4;
+
+/// An operation, compiled: every name and path fixed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Operation name, e.g. `vol.snapshot.create`.
+    pub op: String,
+    /// One line for operators.
+    pub summary: String,
+    pub steps: Vec<Step>,
+    /// Index of the pivot in `steps`.
+    pub pivot: u32,
+    /// Catalog changes written atomically with the pivot's `Done`.
+    pub catalog: Vec<CatalogOp>,
+}
+
+impl Plan {
+    /// Programmer errors in a compiled plan are bugs: assert, in release too.
+    pub fn assert_well_formed(&self) {
+        assert!((self.pivot as usize) < self.steps.len(), "plan {}: pivot out of range", self.op);
+        for (i, s) in self.steps.iter().enumerate().take(self.pivot as usize) {
+            assert!(s.reversible(), "plan {}: step {i} ({}) before the pivot has no undo", self.op, s.name());
+        }
+    }
+
+    pub fn header(&self) -> PlanHeader {
+        PlanHeader {
+            op: self.op.clone(),
+            summary: self.summary.clone(),
+            steps: self.steps.len() as u32,
+            pivot: self.pivot,
+            created_unix: crate::now_unix(),
+        }
+    }
+
+    /// Human listing, one line per step, marking the pivot.
+    pub fn render(&self) -> String {
+        let mut s = format!("plan: {}\n", self.summary);
+        for (i, step) in self.steps.iter().enumerate() {
+            let role = match (i as u32).cmp(&self.pivot) {
+                std::cmp::Ordering::Less => "undoable ",
+                std::cmp::Ordering::Equal => "PIVOT    ",
+                std::cmp::Ordering::Greater => "retriable",
+            };
+            s.push_str(&format!("  {i:>2} [{role}] {}\n", step.describe()));
+        }
+        s
+    }
+
+    pub fn decode(stored: &StoredPlan) -> Result<Plan> {
+        codec::decode(&stored.body).map_err(|e| {
+            EngineError::Journal(vsnap_journal::JournalError::Corrupt {
+                plan: stored.id,
+                what: "plan body".into(),
+                reason: e.to_string(),
+            })
+        })
+    }
+}
+
+/// The end of one plan, as the runner or recovery saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanReport {
+    pub plan: u64,
+    pub op: String,
+    pub summary: String,
+    /// `committed`, `rolled-back`, `needs-attention`, or `nothing`.
+    pub outcome: String,
+    /// Why (recovery) or what happened, for one line of output.
+    pub detail: String,
+}
+
+fn step_failed(plan: PlanId, i: u32, step: &Step, e: StepError) -> EngineError {
+    EngineError::Step { plan: plan.0, index: i, step: step.name(), source: e }
+}
+
+/// Run a new plan journal-first. On a failure before the pivot the plan is
+/// rolled back and the step's error returned.
+pub fn run(j: &Journal, plan: &Plan, cx: &Cx) -> Result<PlanId> {
+    plan.assert_well_formed();
+    let id = j.begin(plan.header(), codec::encode(plan))?;
+    failpoint::hit("run.begun");
+    match forward(j, id, plan, 0, false, cx) {
+        Ok(()) => Ok(id),
+        Err(Forward::BeforePivot(i, err)) => {
+            // Step i was Started: it may have partly happened; undo it too.
+            // The pivot has no undo: it reaches here only when its probe
+            // said it did not happen.
+            let undo: Vec<u32> = (0..=i).rev().filter(|&k| k != plan.pivot).collect();
+            rollback(j, id, plan, &undo, false, cx)?;
+            Err(err)
+        }
+        Err(Forward::Fatal(err)) => Err(err),
+    }
+}
+
+enum Forward {
+    /// A step before the pivot failed (index, error): roll back.
+    BeforePivot(u32, EngineError),
+    /// Journal failure, or the plan was ended NeedsAttention.
+    Fatal(EngineError),
+}
+
+impl From<vsnap_journal::JournalError> for Forward {
+    fn from(e: vsnap_journal::JournalError) -> Forward {
+        Forward::Fatal(e.into())
+    }
+}
+
+/// Run steps `from..` forward. With `pivot_applied` (recovery after a
+/// positive probe of a `Started` pivot) the pivot is not run again: only
+/// its commit transaction is written.
+fn forward(j: &Journal, id: PlanId, plan: &Plan, from: u32, pivot_applied: bool, cx: &Cx) -> std::result::Result<(), Forward> {
+    let n = plan.steps.len() as u32;
+    for i in from..n {
+        let step = &plan.steps[i as usize];
+        if i < plan.pivot {
+            j.append(id, Record::Started(i))?;
+            failpoint::hit(&format!("run.started.{i}"));
+            step.apply(cx).map_err(|e| Forward::BeforePivot(i, step_failed(id, i, step, e)))?;
+            failpoint::hit(&format!("run.applied.{i}"));
+            j.append(id, Record::Done(i))?;
+        } else if i == plan.pivot {
+            if !pivot_applied {
+                j.append(id, Record::Started(i))?;
+                failpoint::hit(&format!("run.started.{i}"));
+                if let Err(e) = step.apply(cx) {
+                    // Did the pivot happen anyway? Only a probe can tell.
+                    match step.probe(cx) {
+                        Ok(Probe::NotApplied) => return Err(Forward::BeforePivot(i, step_failed(id, i, step, e))),
+                        Ok(Probe::Applied) => {}
+                        Ok(Probe::Unknown(why)) => {
+                            let reason = format!("the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}", step.describe());
+                            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
+                            return Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }));
+                        }
+                        Err(pe) => {
+                            let reason = format!("the pivot ({}) failed ({e}) and probing it failed too ({pe})", step.describe());
+                            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
+                            return Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }));
+                        }
+                    }
+                }
+                failpoint::hit(&format!("run.applied.{i}"));
+            }
+            j.commit_pivot(id, i, &plan.catalog)?;
+        } else {
+            retry_after_pivot(j, id, plan, i, cx)?;
+        }
+        failpoint::hit(&format!("run.done.{i}"));
+    }
+    j.append(id, Record::Finished(Outcome::Committed))?;
+    Ok(())
+}
+
+fn retry_after_pivot(j: &Journal, id: PlanId, plan: &Plan, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+    let step = &plan.steps[i as usize];
+    j.append(id, Record::Started(i))?;
+    failpoint::hit(&format!("run.started.{i}"));
+    let mut last = None;
+    for attempt in 0..RETRIABLE_TRIES_MAX {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(50 << attempt));
+        }
+        match step.apply(cx) {
+            Ok(()) => {
+                failpoint::hit(&format!("run.applied.{i}"));
+                j.append(id, Record::Done(i))?;
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("at least one attempt");
+    let reason = format!(
+        "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; fix the cause and run vsnap-recover, or finish it by hand",
+        step.describe()
+    );
+    j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
+    Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }))
+}
+
+/// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
+fn rollback(j: &Journal, id: PlanId, plan: &Plan, undo: &[u32], already: bool, cx: &Cx) -> Result<()> {
+    if !already {
+        j.append(id, Record::RollingBack)?;
+        failpoint::hit("rollback.begun");
+    }
+    for &i in undo {
+        let step = &plan.steps[i as usize];
+        if let Err(e) = step.undo(cx) {
+            let reason = format!("rolling back, the undo of step {i} ({}) failed: {e}; nothing else was removed; fix the cause and run vsnap-recover", step.describe());
+            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
+            return Err(EngineError::NeedsAttention { plan: id.0, reason });
+        }
+        failpoint::hit(&format!("rollback.undone.{i}"));
+        j.append(id, Record::Undone(i))?;
+    }
+    j.append(id, Record::Finished(Outcome::RolledBack))?;
+    failpoint::hit("rollback.finished");
+    Ok(())
+}
+
+/// What recovery would do (or did) with one unfinished plan.
+pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> Result<PlanReport> {
+    let plan = Plan::decode(stored)?;
+    let mut report = PlanReport {
+        plan: stored.id.0,
+        op: plan.op.clone(),
+        summary: plan.summary.clone(),
+        outcome: String::new(),
+        detail: String::new(),
+    };
+    let illegal = |e: vsnap_recovery::IllegalSequence| EngineError::IllegalJournal { plan: stored.id.0, source: e };
+    let mut decision = vsnap_recovery::decide(&stored.header, &stored.records).map_err(illegal)?;
+    let mut seen_note = String::new();
+    if decision == Decision::ProbePivot {
+        let step = &plan.steps[plan.pivot as usize];
+        let seen = match step.probe(cx) {
+            Ok(Probe::Applied) => PivotSeen::Applied,
+            Ok(Probe::NotApplied) => PivotSeen::NotApplied,
+            Ok(Probe::Unknown(why)) => PivotSeen::Unknown(why),
+            Err(e) => PivotSeen::Unknown(format!("probing {} failed: {e}", step.describe())),
+        };
+        seen_note = match &seen {
+            PivotSeen::Applied => "the pivot had happened; ".into(),
+            PivotSeen::NotApplied => "the pivot had not happened; ".into(),
+            PivotSeen::Unknown(_) => String::new(),
+        };
+        decision = vsnap_recovery::decide_after_probe(&stored.header, &stored.records, seen).map_err(illegal)?;
+    }
+    match decision {
+        Decision::Nothing | Decision::ProbePivot => {
+            report.outcome = "nothing".into();
+            report.detail = "already finished".into();
+        }
+        Decision::RollBack { undo, already_rolling_back } => {
+            report.outcome = "rolled-back".into();
+            report.detail = format!("{seen_note}rolled back: undid {} step(s) {:?}, newest first", undo.len(), undo);
+            if !dry_run {
+                let r = rollback(j, stored.id, &plan, &undo, already_rolling_back, cx);
+                if let Err(EngineError::NeedsAttention { reason, .. }) = &r {
+                    report.outcome = "needs-attention".into();
+                    report.detail = reason.clone();
+                    return Ok(report);
+                }
+                r?;
+            }
+        }
+        Decision::RollForward { from } => {
+            report.outcome = "committed".into();
+            report.detail = format!("{seen_note}rolled forward from step {from} of {}", plan.steps.len());
+            if !dry_run {
+                let r = forward(j, stored.id, &plan, from, from == plan.pivot, cx);
+                match r {
+                    Ok(()) => {}
+                    Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {
+                        report.outcome = "needs-attention".into();
+                        report.detail = reason;
+                    }
+                    Err(Forward::Fatal(e)) => return Err(e),
+                    Err(Forward::BeforePivot(_, e)) => unreachable!("roll-forward never starts before the pivot: {e}"),
+                }
+            }
+        }
+        Decision::NeedsAttention(reason) => {
+            report.outcome = "needs-attention".into();
+            report.detail = reason.clone();
+            if !dry_run {
+                j.append(stored.id, Record::Finished(Outcome::NeedsAttention(reason)))?;
+            }
+        }
+    }
+    Ok(report)
+}

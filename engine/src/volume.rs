@@ -1,0 +1,573 @@
+//! Volume snapshots: compile create / revert / delete into plans, and the
+//! read-only queries a manager needs.
+//!
+//! **A volume is named by its path, and that path stays its active image.**
+//! An external snapshot hard-links the image to the frozen name, builds a
+//! new overlay backed by it under a temporary name, and renames the overlay
+//! over the path (the pivot): at every instant the path is a whole chain.
+//! Reverts build the reverted state under a temporary name and rename it
+//! over the path. Whole-file snapshots (reflink, copy) clone to a
+//! temporary name and move it to the snapshot's name.
+
+use crate::catalog::{self, SnapKind, VolSnapshot, VolumeRec};
+use crate::plan::{self, Plan};
+use crate::{now_unix, validate_name, Engine, EngineError, Result};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use vsnap_steps::{clone, fsops, qemu_img, CloneMode, Format, Step};
+
+/// Create a snapshot of one volume.
+#[derive(Clone, Debug, Default)]
+pub struct CreateRequest {
+    pub image: PathBuf,
+    /// Default: the creation time in seconds, as libvirt does.
+    pub name: Option<String>,
+    /// Default: the kind of the volume's existing snapshots; else internal
+    /// for qcow2, reflink (where the filesystem can) or copy for raw.
+    pub kind: Option<SnapKind>,
+    /// Where the frozen state (external) or clone (reflink/copy) goes.
+    /// Default: beside the image, `<stem>.<name>.<ext>`.
+    pub file: Option<PathBuf>,
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RevertRequest {
+    pub image: PathBuf,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DeleteRequest {
+    pub image: PathBuf,
+    pub name: String,
+    /// Delete the snapshot's whole subtree instead of re-parenting children.
+    pub children: bool,
+}
+
+/// The result of a volume operation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Done {
+    /// The journal's plan id (None for a dry run).
+    pub plan: Option<u64>,
+    /// The compiled plan, one line per step.
+    pub plan_text: String,
+    /// The snapshot created, reverted to, or deleted.
+    pub snapshot: VolSnapshot,
+    /// Snapshots deleted with it (`--children`).
+    pub deleted: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// A short, unique tag for temporary names of one plan.
+fn temp_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{:x}", nanos ^ ((std::process::id() as u64) << 40))
+}
+
+fn canonical_image(image: &Path) -> Result<PathBuf> {
+    let p = std::fs::canonicalize(image).map_err(|_| EngineError::NoImage(image.to_path_buf()))?;
+    let meta = std::fs::metadata(&p).map_err(|_| EngineError::NoImage(image.to_path_buf()))?;
+    if !meta.is_file() {
+        return Err(EngineError::Invalid(format!(
+            "{} is not a regular file; vsnap snapshots image files (qcow2 or raw)",
+            p.display()
+        )));
+    }
+    Ok(p)
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn check_writable(dir: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| EngineError::Invalid(format!("path {} contains NUL", dir.display())))?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        return Err(EngineError::ReadOnly(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn must_not_exist(p: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(p).is_ok() {
+        return Err(EngineError::Exists { path: p.to_path_buf() });
+    }
+    Ok(())
+}
+
+/// `<dir>/<stem>.<name>.<ext>` beside the image.
+fn default_file(image: &Path, name: &str, format: Format) -> PathBuf {
+    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = image
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format.as_str().to_string());
+    parent_dir(image).join(format!("{stem}.{name}.{ext}"))
+}
+
+/// Resolve a user's `--file`: absolute, its directory canonical.
+fn user_file(file: &Path) -> Result<PathBuf> {
+    let abs = if file.is_absolute() {
+        file.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| EngineError::Invalid(format!("cannot read the current directory: {e}")))?.join(file)
+    };
+    let name = abs
+        .file_name()
+        .ok_or_else(|| EngineError::Invalid(format!("--file {} names no file", file.display())))?;
+    let dir = std::fs::canonicalize(parent_dir(&abs))
+        .map_err(|e| EngineError::Invalid(format!("directory of --file {} is not usable: {e}", file.display())))?;
+    Ok(dir.join(name))
+}
+
+fn same_device(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev(),
+        _ => false,
+    }
+}
+
+fn require_space(dir: &Path, target: &Path, needed: u64) -> Result<()> {
+    let available = fs2::available_space(dir).map_err(|e| EngineError::Invalid(format!("cannot read free space of {}: {e}", dir.display())))?;
+    if available < needed {
+        return Err(EngineError::Check(vsnap_steps::StepError::NoSpace { path: target.to_path_buf(), needed, available }));
+    }
+    Ok(())
+}
+
+fn file_len(p: &Path) -> Result<u64> {
+    std::fs::metadata(p).map(|m| m.len()).map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", p.display())))
+}
+
+/// How to clone into `dir`: reflink where the filesystem can, else copy
+/// (after a free-space check).
+fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
+    if clone::reflink_supported(dir) {
+        Ok(CloneMode::Reflink)
+    } else {
+        require_space(dir, target, file_len(src)?)?;
+        Ok(CloneMode::Copy)
+    }
+}
+
+/// The state of one volume, read at plan time.
+struct Vol {
+    image: PathBuf,
+    format: Format,
+    rec: VolumeRec,
+    snaps: Vec<VolSnapshot>,
+}
+
+impl Vol {
+    fn find(&self, name: &str) -> Result<&VolSnapshot> {
+        self.snaps
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| EngineError::NoSnapshot { volume: self.image.clone(), name: name.into() })
+    }
+
+    /// `name` and every descendant, parents before children.
+    fn subtree(&self, name: &str) -> Vec<&VolSnapshot> {
+        let mut out: Vec<&VolSnapshot> = self.snaps.iter().filter(|s| s.name == name).collect();
+        let mut i = 0;
+        while i < out.len() {
+            let n = out[i].name.clone();
+            out.extend(self.snaps.iter().filter(|s| s.parent.as_deref() == Some(n.as_str())));
+            i += 1;
+        }
+        out
+    }
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    let ca = std::fs::canonicalize(a).unwrap_or_else(|_| a.to_path_buf());
+    let cb = std::fs::canonicalize(b).unwrap_or_else(|_| b.to_path_buf());
+    ca == cb
+}
+
+impl Engine {
+    /// Read the volume's catalog entry and check that the image is usable
+    /// now: present, not held by another process (a running QEMU).
+    fn load_volume(&self, image: &Path) -> Result<Vol> {
+        let image = canonical_image(image)?;
+        let format = qemu_img::detect_format(&image).map_err(EngineError::Check)?;
+        qemu_img::info(&image, format, false).map_err(EngineError::Check)?;
+        let j = self.journal();
+        let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec { path: image.clone(), current: None, next_seq: 0 });
+        let snaps = catalog::snapshots(j, &image)?;
+        Ok(Vol { image, format, rec, snaps })
+    }
+
+    /// Compile a snapshot creation (nothing is touched).
+    pub fn plan_vol_create(&self, req: &CreateRequest) -> Result<(Plan, VolSnapshot)> {
+        let vol = self.load_volume(&req.image)?;
+        let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
+        validate_name(&name)?;
+        if vol.snaps.iter().any(|s| s.name == name) {
+            return Err(EngineError::Duplicate { volume: vol.image.clone(), name });
+        }
+        let dir = parent_dir(&vol.image);
+        let kind = match req.kind {
+            Some(k) => k,
+            None => match vol.snaps.last() {
+                Some(s) => s.kind,
+                None if vol.format == Format::Qcow2 => SnapKind::Internal,
+                None if clone::reflink_supported(&dir) => SnapKind::Reflink,
+                None => SnapKind::Copy,
+            },
+        };
+        if let Some(other) = vol.snaps.iter().find(|s| s.kind.family() != kind.family()) {
+            return Err(EngineError::Invalid(format!(
+                "volume {} already has {} snapshots (e.g. {:?}); vsnap does not mix them with {} snapshots on one volume; use --kind {} or delete those first",
+                vol.image.display(),
+                other.kind.family(),
+                other.name,
+                kind.family(),
+                other.kind
+            )));
+        }
+        let image = &vol.image;
+        let tag = temp_tag();
+        let mut snap = VolSnapshot {
+            name: name.clone(),
+            volume: image.clone(),
+            kind,
+            description: req.description.clone(),
+            creation_time: now_unix(),
+            parent: vol.rec.current.clone(),
+            seq: vol.rec.next_seq,
+            file: None,
+            format: vol.format,
+        };
+        let steps = match kind {
+            SnapKind::Internal => {
+                if vol.format != Format::Qcow2 {
+                    return Err(EngineError::Invalid(format!(
+                        "internal snapshots need a qcow2 image; {} is raw: use --kind external, reflink or copy",
+                        image.display()
+                    )));
+                }
+                if req.file.is_some() {
+                    return Err(EngineError::Invalid("--file does not apply to internal snapshots: they live inside the image".into()));
+                }
+                check_writable(&dir)?;
+                if qemu_img::snapshot_names(image, false).map_err(EngineError::Check)?.contains(&name) {
+                    return Err(EngineError::Invalid(format!(
+                        "qcow2 image {} already holds an internal snapshot named {name:?} that vsnap did not make; choose another name",
+                        image.display()
+                    )));
+                }
+                vec![Step::InternalCreate { image: image.clone(), name: name.clone() }, Step::Catalog]
+            }
+            SnapKind::External => {
+                let file = match &req.file {
+                    Some(f) => user_file(f)?,
+                    None => default_file(image, &name, vol.format),
+                };
+                check_writable(&dir)?;
+                check_writable(&parent_dir(&file))?;
+                must_not_exist(&file)?;
+                if !same_device(&parent_dir(&file), &dir) {
+                    return Err(EngineError::Invalid(format!(
+                        "--file {} must be on the same filesystem as {} (vsnap hard-links the image to it so that the path is never missing)",
+                        file.display(),
+                        image.display()
+                    )));
+                }
+                let overlay = fsops::temp_path(image, &tag);
+                snap.file = Some(file.clone());
+                vec![
+                    Step::HardLink { src: image.clone(), dst: file.clone() },
+                    Step::CreateOverlay { path: overlay.clone(), backing: file, backing_format: vol.format },
+                    Step::Rename { from: overlay, to: image.clone(), replace: true },
+                ]
+            }
+            SnapKind::Reflink | SnapKind::Copy => {
+                let file = match &req.file {
+                    Some(f) => user_file(f)?,
+                    None => default_file(image, &name, vol.format),
+                };
+                let fdir = parent_dir(&file);
+                check_writable(&fdir)?;
+                must_not_exist(&file)?;
+                let mode = if kind == SnapKind::Reflink {
+                    if !clone::reflink_supported(&fdir) {
+                        return Err(EngineError::Check(vsnap_steps::StepError::ReflinkUnsupported {
+                            path: fdir,
+                            reason: "FICLONE is not supported there".into(),
+                        }));
+                    }
+                    CloneMode::Reflink
+                } else {
+                    require_space(&fdir, &file, file_len(image)?)?;
+                    CloneMode::Copy
+                };
+                let tmp = fsops::temp_path(&file, &tag);
+                snap.file = Some(file.clone());
+                vec![
+                    Step::Clone { src: image.clone(), dst: tmp.clone(), mode },
+                    Step::Rename { from: tmp, to: file, replace: false },
+                    Step::Catalog,
+                ]
+            }
+        };
+        let pivot = (steps.len() - 1) as u32;
+        let mut rec = vol.rec.clone();
+        rec.current = Some(name.clone());
+        rec.next_seq += 1;
+        let plan = Plan {
+            op: "vol.snapshot.create".into(),
+            summary: format!("{kind} snapshot {name:?} of {}", image.display()),
+            steps,
+            pivot,
+            catalog: vec![catalog::put_snapshot(&snap), catalog::put_volume(&rec)],
+        };
+        Ok((plan, snap))
+    }
+
+    /// Create a snapshot (or, with `dry_run`, only compile its plan).
+    pub fn vol_snapshot_create(&self, req: &CreateRequest, dry_run: bool) -> Result<Done> {
+        let _g = self.lock_ops();
+        let (plan, snap) = self.plan_vol_create(req)?;
+        self.finish(plan, snap, Vec::new(), dry_run)
+    }
+
+    fn finish(&self, plan: Plan, snapshot: VolSnapshot, deleted: Vec<String>, dry_run: bool) -> Result<Done> {
+        let plan_text = plan.render();
+        let id = if dry_run { None } else { Some(plan::run(self.journal(), &plan, &self.cx())?.0) };
+        Ok(Done { plan: id, plan_text, snapshot, deleted, dry_run })
+    }
+
+    /// Compile a revert: the image's path becomes the snapshot's state;
+    /// what was written since is discarded.
+    pub fn plan_vol_revert(&self, req: &RevertRequest) -> Result<(Plan, VolSnapshot)> {
+        let vol = self.load_volume(&req.image)?;
+        let snap = vol.find(&req.name)?.clone();
+        let image = &vol.image;
+        let dir = parent_dir(image);
+        check_writable(&dir)?;
+        let tmp = fsops::temp_path(image, &temp_tag());
+        let mut steps = match snap.kind {
+            SnapKind::Internal => {
+                if !qemu_img::snapshot_names(image, false).map_err(EngineError::Check)?.contains(&snap.name) {
+                    return Err(EngineError::Invalid(format!(
+                        "the catalog names internal snapshot {:?} but {} does not hold it; run `vsnap vol check {}`",
+                        snap.name,
+                        image.display(),
+                        image.display()
+                    )));
+                }
+                let mode = clone_mode_for(&dir, image, &tmp)?;
+                vec![
+                    Step::Clone { src: image.clone(), dst: tmp.clone(), mode },
+                    Step::InternalApply { image: tmp.clone(), name: snap.name.clone() },
+                ]
+            }
+            SnapKind::External => {
+                let file = snap.file.clone().expect("external snapshot has a file");
+                if !file.exists() {
+                    return Err(EngineError::Invalid(format!("the snapshot's file {} is missing; run `vsnap vol check {}`", file.display(), image.display())));
+                }
+                vec![Step::CreateOverlay { path: tmp.clone(), backing: file, backing_format: snap.format }]
+            }
+            SnapKind::Reflink | SnapKind::Copy => {
+                let file = snap.file.clone().expect("whole-file snapshot has a file");
+                if !file.exists() {
+                    return Err(EngineError::Invalid(format!("the snapshot's file {} is missing; run `vsnap vol check {}`", file.display(), image.display())));
+                }
+                let mode = clone_mode_for(&dir, &file, &tmp)?;
+                vec![Step::Clone { src: file, dst: tmp.clone(), mode }]
+            }
+        };
+        steps.push(Step::Rename { from: tmp, to: image.clone(), replace: true });
+        let pivot = (steps.len() - 1) as u32;
+        let mut rec = vol.rec.clone();
+        rec.current = Some(snap.name.clone());
+        let plan = Plan {
+            op: "vol.snapshot.revert".into(),
+            summary: format!("revert {} to {} snapshot {:?}", image.display(), snap.kind, snap.name),
+            steps,
+            pivot,
+            catalog: vec![catalog::put_volume(&rec)],
+        };
+        Ok((plan, snap))
+    }
+
+    pub fn vol_snapshot_revert(&self, req: &RevertRequest, dry_run: bool) -> Result<Done> {
+        let _g = self.lock_ops();
+        let (plan, snap) = self.plan_vol_revert(req)?;
+        self.finish(plan, snap, Vec::new(), dry_run)
+    }
+
+    /// Compile a delete. Default: the snapshot's children are re-parented
+    /// onto its parent (external: their files are safely rebased onto the
+    /// parent's file, which keeps every guest-visible byte). With
+    /// `children`: the whole subtree goes.
+    pub fn plan_vol_delete(&self, req: &DeleteRequest) -> Result<(Plan, VolSnapshot, Vec<String>)> {
+        let vol = self.load_volume(&req.image)?;
+        let snap = vol.find(&req.name)?.clone();
+        let image = &vol.image;
+        check_writable(&parent_dir(image))?;
+        let doomed: Vec<VolSnapshot> =
+            if req.children { vol.subtree(&snap.name).into_iter().cloned().collect() } else { vec![snap.clone()] };
+        let doomed_names: BTreeSet<&str> = doomed.iter().map(|s| s.name.as_str()).collect();
+
+        // Catalog: drop the doomed, re-parent the survivors, move `current`.
+        let mut ops: Vec<_> = doomed.iter().map(|s| catalog::delete_snapshot(image, &s.name)).collect();
+        for child in vol.snaps.iter().filter(|s| s.parent.as_deref() == Some(snap.name.as_str()) && !doomed_names.contains(s.name.as_str())) {
+            let mut c = child.clone();
+            c.parent = snap.parent.clone();
+            ops.push(catalog::put_snapshot(&c));
+        }
+        let mut rec = vol.rec.clone();
+        if rec.current.as_deref().is_some_and(|c| doomed_names.contains(c)) {
+            rec.current = snap.parent.clone();
+        }
+        ops.push(catalog::put_volume(&rec));
+
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        match snap.kind {
+            SnapKind::Internal => {
+                for s in &doomed {
+                    after.push(Step::InternalDelete { image: image.clone(), name: s.name.clone() });
+                }
+            }
+            SnapKind::Reflink | SnapKind::Copy => {
+                for s in &doomed {
+                    after.push(Step::RemoveFile { path: s.file.clone().expect("whole-file snapshot has a file") });
+                }
+            }
+            SnapKind::External => {
+                let file = snap.file.clone().expect("external snapshot has a file");
+                let info = qemu_img::info(&file, snap.format, false).map_err(EngineError::Check)?;
+                let new_backing = match (info.backing, info.backing_format) {
+                    (Some(b), Some(f)) => Some((b, f)),
+                    (Some(b), None) => {
+                        let f = qemu_img::detect_format(&b).map_err(EngineError::Check)?;
+                        Some((b, f))
+                    }
+                    (None, _) => None,
+                };
+                let doomed_files: Vec<PathBuf> = doomed.iter().filter_map(|s| s.file.clone()).collect();
+                // Every surviving file directly backed by a doomed file is
+                // rebased onto the deleted snapshot's own backing file.
+                let mut candidates: Vec<(PathBuf, Format)> = vec![(image.clone(), vol.format)];
+                for s in vol.snaps.iter().filter(|s| !doomed_names.contains(s.name.as_str())) {
+                    if let Some(f) = &s.file {
+                        candidates.push((f.clone(), s.format));
+                    }
+                }
+                for (path, fmt) in candidates {
+                    let i = qemu_img::info(&path, fmt, false).map_err(EngineError::Check)?;
+                    if let Some(b) = &i.backing {
+                        if doomed_files.iter().any(|d| same_path(b, d)) {
+                            before.push(Step::Rebase {
+                                image: path.clone(),
+                                format: fmt,
+                                new_backing: new_backing.clone(),
+                                old_backing: Some((b.clone(), i.backing_format.unwrap_or(snap.format))),
+                                unsafe_: false,
+                            });
+                        }
+                    }
+                }
+                for f in doomed_files {
+                    after.push(Step::RemoveFile { path: f });
+                }
+            }
+        }
+        let pivot = before.len() as u32;
+        let mut steps = before;
+        steps.push(Step::Catalog);
+        steps.extend(after);
+        let deleted: Vec<String> = doomed.iter().skip(1).map(|s| s.name.clone()).collect();
+        let plan = Plan {
+            op: "vol.snapshot.delete".into(),
+            summary: format!(
+                "delete {} snapshot {:?} of {}{}",
+                snap.kind,
+                snap.name,
+                image.display(),
+                if req.children { format!(" and its {} descendant(s)", deleted.len()) } else { String::new() }
+            ),
+            steps,
+            pivot,
+            catalog: ops,
+        };
+        Ok((plan, snap, deleted))
+    }
+
+    pub fn vol_snapshot_delete(&self, req: &DeleteRequest, dry_run: bool) -> Result<Done> {
+        let _g = self.lock_ops();
+        let (plan, snap, deleted) = self.plan_vol_delete(req)?;
+        self.finish(plan, snap, deleted, dry_run)
+    }
+
+    /// Every snapshot of the volume, oldest first, optionally of one kind.
+    pub fn vol_snapshot_list(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<VolSnapshot>> {
+        let image = canonical_image(image)?;
+        let mut v = catalog::snapshots(self.journal(), &image)?;
+        if let Some(k) = kind {
+            v.retain(|s| s.kind == k);
+        }
+        Ok(v)
+    }
+
+    pub fn vol_snapshot_names(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<String>> {
+        Ok(self.vol_snapshot_list(image, kind)?.into_iter().map(|s| s.name).collect())
+    }
+
+    pub fn vol_snapshot_count(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
+        Ok(self.vol_snapshot_list(image, kind)?.len())
+    }
+
+    pub fn vol_snapshot_lookup(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
+        let image = canonical_image(image)?;
+        catalog::snapshots(self.journal(), &image)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| EngineError::NoSnapshot { volume: image, name: name.into() })
+    }
+
+    /// The current snapshot (the last made or reverted to), if any.
+    pub fn vol_snapshot_current(&self, image: &Path) -> Result<Option<VolSnapshot>> {
+        let image = canonical_image(image)?;
+        let Some(rec) = catalog::volume(self.journal(), &image)? else {
+            return Ok(None);
+        };
+        match rec.current {
+            None => Ok(None),
+            Some(name) => self.vol_snapshot_lookup(&image, &name).map(Some),
+        }
+    }
+
+    pub fn vol_snapshot_has_current(&self, image: &Path) -> Result<bool> {
+        Ok(self.vol_snapshot_current(image)?.is_some())
+    }
+
+    /// Names of the snapshots whose parent is `name`.
+    pub fn vol_snapshot_children(&self, image: &Path, name: &str) -> Result<Vec<String>> {
+        let all = self.vol_snapshot_list(image, None)?;
+        if !all.iter().any(|s| s.name == name) {
+            return Err(EngineError::NoSnapshot { volume: image.to_path_buf(), name: name.into() });
+        }
+        Ok(all.into_iter().filter(|s| s.parent.as_deref() == Some(name)).map(|s| s.name).collect())
+    }
+
+    /// The `<volsnapshot>` XML description.
+    pub fn vol_snapshot_xml(&self, image: &Path, name: &str) -> Result<String> {
+        let s = self.vol_snapshot_lookup(image, name)?;
+        let current = self.vol_snapshot_current(image)?.map(|c| c.name == s.name).unwrap_or(false);
+        Ok(crate::xml::volsnapshot_to_xml(&s, current))
+    }
+}
