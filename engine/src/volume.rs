@@ -163,6 +163,8 @@ fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
 struct Vol {
     image: PathBuf,
     format: Format,
+    /// `qemu-img info` of the image, read once at plan time.
+    info: qemu_img::ImageInfo,
     rec: VolumeRec,
     snaps: Vec<VolSnapshot>,
 }
@@ -200,11 +202,12 @@ impl Engine {
     fn load_volume(&self, image: &Path) -> Result<Vol> {
         let image = canonical_image(image)?;
         let format = qemu_img::detect_format(&image).map_err(EngineError::Check)?;
-        qemu_img::info(&image, format, false).map_err(EngineError::Check)?;
+        // Without -U: fails with InUse while a QEMU holds the image.
+        let info = qemu_img::info(&image, format, false).map_err(EngineError::Check)?;
         let j = self.journal();
         let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec { path: image.clone(), current: None, next_seq: 0 });
         let snaps = catalog::snapshots(j, &image)?;
-        Ok(Vol { image, format, rec, snaps })
+        Ok(Vol { image, format, info, rec, snaps })
     }
 
     /// Compile a snapshot creation (nothing is touched).
@@ -260,7 +263,7 @@ impl Engine {
                     return Err(EngineError::Invalid("--file does not apply to internal snapshots: they live inside the image".into()));
                 }
                 check_writable(&dir)?;
-                if qemu_img::snapshot_names(image, false).map_err(EngineError::Check)?.contains(&name) {
+                if vol.info.snapshots.contains(&name) {
                     return Err(EngineError::Invalid(format!(
                         "qcow2 image {} already holds an internal snapshot named {name:?} that vsnap did not make; choose another name",
                         image.display()
@@ -358,7 +361,7 @@ impl Engine {
         let tmp = fsops::temp_path(image, &temp_tag());
         let mut steps = match snap.kind {
             SnapKind::Internal => {
-                if !qemu_img::snapshot_names(image, false).map_err(EngineError::Check)?.contains(&snap.name) {
+                if !vol.info.snapshots.contains(&snap.name) {
                     return Err(EngineError::Invalid(format!(
                         "the catalog names internal snapshot {:?} but {} does not hold it; run `vsnap vol check {}`",
                         snap.name,
