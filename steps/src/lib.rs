@@ -59,17 +59,38 @@ pub enum CloneMode {
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error("{program} failed on {path}: {message}")]
-    Command { program: String, path: PathBuf, message: String },
+    Command {
+        program: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("cannot run {program}: {source}; is it installed (Debian package qemu-utils)?")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("not enough space for {path}: {needed} bytes needed, {available} available on that filesystem; free space or choose another --file")]
-    NoSpace { path: PathBuf, needed: u64, available: u64 },
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("the filesystem of {path} cannot make reflinks ({reason}); use --kind copy")]
     ReflinkUnsupported { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// Another process holds the image's lock (qemu-img/qemu-io said
+    /// "Failed to get ... lock").
+    #[error("image {path} is in use by another process (a running QEMU?); stop it or use the live domain commands")]
+    InUse { path: PathBuf },
 }
 
 pub type StepResult<T> = Result<T, StepError>;

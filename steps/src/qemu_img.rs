@@ -1,1 +1,529 @@
-//! qemu-img / qemu-io adapter; TODO(helper)
+//! qemu-img / qemu-io adapter.
+//!
+//! * The format is always explicit (`-f`, `-F`): qemu never probes it.
+//! * `-U` (force share) only for read-only queries, and only when asked.
+//! * No shell: arguments go to `execve` as they are. A relative path is
+//!   passed as `./path`, so a file name can be neither an option (`-x`)
+//!   nor a protocol or JSON spec (`nbd:...`, `json:{...}`).
+//! * Every child gets `PR_SET_PDEATHSIG(SIGKILL)`: a killed vsnap does not
+//!   leave a qemu-img running and holding image locks. (The signal follows
+//!   the death of the *thread* that spawned the child; the functions here
+//!   wait for their child on that same thread.)
+//! * A lock conflict maps to [`StepError::InUse`]; any other failure to
+//!   [`StepError::Command`] with qemu's trimmed stderr.
+
+use crate::{Format, StepError, StepResult};
+use serde_json::Value;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const QEMU_IMG: &str = "qemu-img";
+const QEMU_IO: &str = "qemu-io";
+
+/// What `qemu-img info` says about one image (not its backing chain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Format qemu opened it as (`qcow2`, `raw`).
+    pub format: String,
+    pub virtual_size: u64,
+    /// The backing file, absolute (qemu's `full-backing-filename`).
+    pub backing: Option<PathBuf>,
+    /// The backing format recorded in the image, when one is.
+    pub backing_format: Option<Format>,
+    /// Names of the internal snapshots (qcow2), in table order.
+    pub snapshots: Vec<String>,
+}
+
+/// Result of `qemu-img check`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckReport {
+    /// No corruption, no leak, no check error.
+    pub clean: bool,
+    pub corruptions: u64,
+    pub leaks: u64,
+    /// qemu-img's JSON output (or a note for raw images).
+    pub output: String,
+}
+
+/// A `Command` for `program` whose child dies with the calling thread
+/// (`PR_SET_PDEATHSIG(SIGKILL)`), stdin from /dev/null, locale `C`.
+/// Use it for every child that may hold an image lock.
+pub fn child_command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null()).env("LC_ALL", "C");
+    // SAFETY: getpid is async-signal-safe; the closure only calls prctl and
+    // getppid (both async-signal-safe) between fork and exec.
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before prctl took effect: do not run orphaned.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// `path` as an argument qemu reads as a plain file name.
+pub fn path_arg(path: &Path) -> OsString {
+    if path.is_absolute() {
+        path.as_os_str().to_owned()
+    } else {
+        let mut s = OsString::from("./");
+        s.push(path.as_os_str());
+        s
+    }
+}
+
+fn is_lock_conflict(stderr: &str) -> bool {
+    stderr.contains("Failed to get") && stderr.contains("lock")
+}
+
+/// Run `program args...` about image `path`; Ok(output) when it exited 0
+/// (or with one of `ok_codes`).
+fn run(program: &str, args: &[&OsStr], path: &Path, ok_codes: &[i32]) -> StepResult<Output> {
+    let mut cmd = child_command(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = cmd.output().map_err(|source| StepError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    let code = out.status.code();
+    if out.status.success() || code.is_some_and(|c| ok_codes.contains(&c)) {
+        return Ok(out);
+    }
+    Err(failure(program, path, &out))
+}
+
+fn failure(program: &str, path: &Path, out: &Output) -> StepError {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if is_lock_conflict(&stderr) || is_lock_conflict(&stdout) {
+        return StepError::InUse {
+            path: path.to_path_buf(),
+        };
+    }
+    let mut message = stderr.trim().to_string();
+    if message.is_empty() {
+        message = stdout.trim().to_string();
+    }
+    if message.is_empty() {
+        message = format!("{}", out.status);
+    }
+    StepError::Command {
+        program: program.to_string(),
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+fn bad_output(program: &str, path: &Path, what: impl std::fmt::Display) -> StepError {
+    StepError::Command {
+        program: program.to_string(),
+        path: path.to_path_buf(),
+        message: format!("unexpected output: {what}"),
+    }
+}
+
+/// `qemu-img info --output=json -f FMT [-U] PATH`.
+pub fn info(path: &Path, format: Format, force_share: bool) -> StepResult<ImageInfo> {
+    let p = path_arg(path);
+    let mut args: Vec<&OsStr> = vec![
+        "info".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        format.as_str().as_ref(),
+    ];
+    if force_share {
+        args.push("-U".as_ref());
+    }
+    args.push(&p);
+    let out = run(QEMU_IMG, &args, path, &[])?;
+    parse_info(path, &out.stdout)
+}
+
+fn parse_info(path: &Path, stdout: &[u8]) -> StepResult<ImageInfo> {
+    let v: Value = serde_json::from_slice(stdout).map_err(|e| bad_output(QEMU_IMG, path, e))?;
+    let format = v
+        .get("format")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad_output(QEMU_IMG, path, "no \"format\""))?
+        .to_string();
+    let virtual_size = v
+        .get("virtual-size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad_output(QEMU_IMG, path, "no \"virtual-size\""))?;
+    let backing = v
+        .get("full-backing-filename")
+        .or_else(|| v.get("backing-filename"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let b = PathBuf::from(s);
+            if b.is_absolute() {
+                b
+            } else {
+                crate::fsops::parent_dir(path).join(b)
+            }
+        });
+    let backing_format = v
+        .get("backing-filename-format")
+        .and_then(Value::as_str)
+        .and_then(Format::parse);
+    let snapshots = v
+        .get("snapshots")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.get("name").and_then(Value::as_str))
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ImageInfo {
+        format,
+        virtual_size,
+        backing,
+        backing_format,
+        snapshots,
+    })
+}
+
+/// The format from the first 4 bytes: `QFI\xfb` is qcow2, anything else
+/// (including a file shorter than 4 bytes) raw. Never asks qemu to probe:
+/// a guest can write a qcow2 header into a raw disk.
+pub fn detect_format(path: &Path) -> StepResult<Format> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| crate::fsops::io_err("open", path, e))?;
+    let mut magic = [0u8; 4];
+    let mut n = 0;
+    while n < 4 {
+        match f.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(crate::fsops::io_err("read", path, e)),
+        }
+    }
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// `qemu-img create -q -f FMT PATH SIZE` (tests and the demo).
+pub fn create(path: &Path, format: Format, size: u64) -> StepResult<()> {
+    let p = path_arg(path);
+    let size = size.to_string();
+    let args: [&OsStr; 6] = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        format.as_str().as_ref(),
+        &p,
+        size.as_ref(),
+    ];
+    run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// `qemu-img create -q -f qcow2 -b BACKING -F FMT PATH`: a qcow2 overlay,
+/// sized from its backing. `backing` must be absolute (qemu would read a
+/// relative one against the overlay's directory).
+pub fn create_overlay(path: &Path, backing: &Path, backing_format: Format) -> StepResult<()> {
+    if !backing.is_absolute() {
+        return Err(StepError::Invalid(format!(
+            "backing file {} of overlay {} must be an absolute path",
+            backing.display(),
+            path.display()
+        )));
+    }
+    let p = path_arg(path);
+    let args: [&OsStr; 9] = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        "-F".as_ref(),
+        backing_format.as_str().as_ref(),
+        &p,
+    ];
+    run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// Internal snapshot names of a qcow2 image.
+pub fn snapshot_names(path: &Path, force_share: bool) -> StepResult<Vec<String>> {
+    Ok(info(path, Format::Qcow2, force_share)?.snapshots)
+}
+
+/// What `qemu-img snapshot` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotOp {
+    /// `-c`
+    Create,
+    /// `-a`
+    Apply,
+    /// `-d`
+    Delete,
+}
+
+/// `--image-opts` spec of a plain file in `format`: the format and the
+/// protocol are both explicit, and the file name is taken literally
+/// (commas escaped as `,,`).
+pub fn image_opts(path: &Path, format: Format) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut spec =
+        format!("driver={},file.driver=file,file.filename=", format.as_str()).into_bytes();
+    for &b in path.as_os_str().as_bytes() {
+        spec.push(b);
+        if b == b',' {
+            spec.push(b',');
+        }
+    }
+    OsString::from_vec(spec)
+}
+
+/// `qemu-img snapshot -c|-a|-d NAME` on a qcow2 image. The format is given
+/// through `--image-opts` (older qemu-img snapshot has no `-f`, and a
+/// probed format is what we never allow).
+pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
+    let flag = match op {
+        SnapshotOp::Create => "-c",
+        SnapshotOp::Apply => "-a",
+        SnapshotOp::Delete => "-d",
+    };
+    let spec = image_opts(path, Format::Qcow2);
+    let args: [&OsStr; 6] = [
+        "snapshot".as_ref(),
+        "-q".as_ref(),
+        "--image-opts".as_ref(),
+        flag.as_ref(),
+        name.as_ref(),
+        &spec,
+    ];
+    run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// `qemu-img rebase -f FMT [-u] -b NEW -F NEWFMT PATH` (`-b ""` for no
+/// backing file). A new backing path must be absolute.
+pub fn rebase(
+    path: &Path,
+    format: Format,
+    new_backing: Option<(&Path, Format)>,
+    unsafe_: bool,
+) -> StepResult<()> {
+    let p = path_arg(path);
+    let mut args: Vec<&OsStr> = vec!["rebase".as_ref(), "-f".as_ref(), format.as_str().as_ref()];
+    if unsafe_ {
+        args.push("-u".as_ref());
+    }
+    match new_backing {
+        Some((b, bf)) => {
+            if !b.is_absolute() {
+                return Err(StepError::Invalid(format!(
+                    "new backing file {} of {} must be an absolute path",
+                    b.display(),
+                    path.display()
+                )));
+            }
+            args.extend([
+                OsStr::new("-b"),
+                b.as_os_str(),
+                OsStr::new("-F"),
+                OsStr::new(bf.as_str()),
+            ]);
+        }
+        None => args.extend([OsStr::new("-b"), OsStr::new("")]),
+    }
+    args.push(&p);
+    run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// `qemu-img commit -f FMT PATH`: write the image's data into its backing file.
+pub fn commit(path: &Path, format: Format) -> StepResult<()> {
+    let p = path_arg(path);
+    let args: [&OsStr; 5] = [
+        "commit".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        format.as_str().as_ref(),
+        &p,
+    ];
+    run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// `qemu-img check --output=json -f qcow2 PATH`. Exit codes 2 (corruptions)
+/// and 3 (leaks) still carry the report. Raw images have nothing qemu can
+/// check: reported clean without running anything.
+pub fn check(path: &Path, format: Format) -> StepResult<CheckReport> {
+    if format == Format::Raw {
+        return Ok(CheckReport {
+            clean: true,
+            corruptions: 0,
+            leaks: 0,
+            output: "raw image: no metadata to check".to_string(),
+        });
+    }
+    let p = path_arg(path);
+    let args: [&OsStr; 5] = [
+        "check".as_ref(),
+        "--output=json".as_ref(),
+        "-f".as_ref(),
+        format.as_str().as_ref(),
+        &p,
+    ];
+    let out = run(QEMU_IMG, &args, path, &[2, 3])?;
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Value = serde_json::from_str(&output).map_err(|e| {
+        // exit 2/3 without JSON: report what qemu said
+        if out.status.success() {
+            bad_output(QEMU_IMG, path, e)
+        } else {
+            failure(QEMU_IMG, path, &out)
+        }
+    })?;
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let corruptions = n("corruptions");
+    let leaks = n("leaks");
+    let check_errors = n("check-errors");
+    let clean = corruptions == 0 && leaks == 0 && check_errors == 0 && out.status.success();
+    Ok(CheckReport {
+        clean,
+        corruptions,
+        leaks,
+        output,
+    })
+}
+
+fn qemu_io(path: &Path, format: Format, read_only: bool, command: &str) -> StepResult<Output> {
+    let p = path_arg(path);
+    let mut args: Vec<&OsStr> = vec!["-f".as_ref(), format.as_str().as_ref()];
+    if read_only {
+        args.push("-r".as_ref());
+    }
+    args.extend([OsStr::new("-c"), OsStr::new(command), p.as_os_str()]);
+    let mut cmd = child_command(QEMU_IO);
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.output().map_err(|source| StepError::Spawn {
+        program: QEMU_IO.to_string(),
+        source,
+    })
+}
+
+/// `qemu-io -f FMT -c "write -P 0xNN OFFSET LEN" PATH`.
+pub fn io_write_pattern(
+    path: &Path,
+    format: Format,
+    offset: u64,
+    len: u64,
+    pattern: u8,
+) -> StepResult<()> {
+    let out = qemu_io(
+        path,
+        format,
+        false,
+        &format!("write -P 0x{pattern:02x} {offset} {len}"),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("wrote ") {
+        Ok(())
+    } else {
+        Err(failure(QEMU_IO, path, &out))
+    }
+}
+
+/// `qemu-io -f FMT -r -c "read -P 0xNN OFFSET LEN" PATH`: Ok(true) when all
+/// LEN bytes at OFFSET are the pattern, Ok(false) when they are not.
+pub fn io_read_pattern(
+    path: &Path,
+    format: Format,
+    offset: u64,
+    len: u64,
+    pattern: u8,
+) -> StepResult<bool> {
+    let out = qemu_io(
+        path,
+        format,
+        true,
+        &format!("read -P 0x{pattern:02x} {offset} {len}"),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stdout.contains("Pattern verification failed")
+        || stderr.contains("Pattern verification failed")
+    {
+        return Ok(false);
+    }
+    if out.status.success() && stdout.contains("read ") {
+        Ok(true)
+    } else {
+        Err(failure(QEMU_IO, path, &out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_not_options_or_protocols() {
+        assert_eq!(path_arg(Path::new("/a/b")), OsString::from("/a/b"));
+        assert_eq!(path_arg(Path::new("-x")), OsString::from("./-x"));
+        assert_eq!(path_arg(Path::new("json:{}")), OsString::from("./json:{}"));
+    }
+
+    #[test]
+    fn image_opts_escape_commas() {
+        assert_eq!(
+            image_opts(Path::new("/a,b=c/x.qcow2"), Format::Qcow2),
+            OsString::from("driver=qcow2,file.driver=file,file.filename=/a,,b=c/x.qcow2")
+        );
+    }
+
+    #[test]
+    fn parses_info_json() {
+        let j = br#"{"format":"qcow2","virtual-size":1048576,
+            "full-backing-filename":"/tmp/q/base.qcow2","backing-filename":"base.qcow2",
+            "backing-filename-format":"qcow2",
+            "snapshots":[{"name":"s1","id":"1"},{"name":"s2","id":"2"}]}"#;
+        let i = parse_info(Path::new("/tmp/q/top.qcow2"), j).unwrap();
+        assert_eq!(i.format, "qcow2");
+        assert_eq!(i.virtual_size, 1048576);
+        assert_eq!(i.backing.as_deref(), Some(Path::new("/tmp/q/base.qcow2")));
+        assert_eq!(i.backing_format, Some(Format::Qcow2));
+        assert_eq!(i.snapshots, vec!["s1", "s2"]);
+        let i = parse_info(
+            Path::new("/x/r.img"),
+            br#"{"format":"raw","virtual-size":5}"#,
+        )
+        .unwrap();
+        assert_eq!(i.backing, None);
+        assert!(i.snapshots.is_empty());
+    }
+
+    #[test]
+    fn lock_message() {
+        assert!(is_lock_conflict(
+            "qemu-img: Could not open 'b.qcow2': Failed to get shared \"write\" lock\nIs another process using the image [b.qcow2]?"
+        ));
+        assert!(!is_lock_conflict("Could not open: No such file"));
+    }
+}

@@ -1,5 +1,7 @@
+use crate::qemu_img::SnapshotOp;
 use crate::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use vsnap_journal::failpoint;
 
 /// What a probe saw in the real world.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,18 +45,30 @@ pub enum Step {
     /// explicit `-F`): written to a temporary name, fsynced, renamed to
     /// `path`, directory fsynced. Probe: `path` exists and names `backing`.
     /// Undo: remove `path` and the temporary name.
-    CreateOverlay { path: PathBuf, backing: PathBuf, backing_format: Format },
+    CreateOverlay {
+        path: PathBuf,
+        backing: PathBuf,
+        backing_format: Format,
+    },
     /// Whole-file clone of `src` at `dst` (dst is created with O_EXCL after
     /// removing a stale one of ours). Copy checks free space and
     /// preallocates first. Probe: dst exists with src's length.
     /// Undo: remove dst.
-    Clone { src: PathBuf, dst: PathBuf, mode: CloneMode },
+    Clone {
+        src: PathBuf,
+        dst: PathBuf,
+        mode: CloneMode,
+    },
     /// Move `from` to `to`, fsync the directory. With `replace`, an atomic
     /// `rename(2)` over an existing `to` (irreversible: pivot or later);
     /// without it, `link` + `unlink` that never clobbers `to`.
     /// Probe: Applied when `from` is gone and `to` exists.
     /// Undo (only without `replace`): move `to` back to `from`.
-    Rename { from: PathBuf, to: PathBuf, replace: bool },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        replace: bool,
+    },
     /// `qemu-img rebase` of `image` onto `new_backing` (None: no backing);
     /// safe (data pulled up, the guest's view unchanged) unless `unsafe_`.
     /// Probe: Applied when image's backing is `new_backing`.
@@ -107,23 +121,456 @@ impl Step {
 
     /// One line for `--dry-run` and `vsnap plan show`.
     pub fn describe(&self) -> String {
-        todo!()
+        match self {
+            Step::InternalCreate { image, name } => {
+                format!("create internal snapshot '{name}' in {}", image.display())
+            }
+            Step::InternalApply { image, name } => {
+                format!("apply internal snapshot '{name}' to {}", image.display())
+            }
+            Step::InternalDelete { image, name } => {
+                format!("delete internal snapshot '{name}' from {}", image.display())
+            }
+            Step::HardLink { src, dst } => {
+                format!("hard-link {} as {}", src.display(), dst.display())
+            }
+            Step::CreateOverlay {
+                path,
+                backing,
+                backing_format,
+            } => format!(
+                "create overlay {} backed by {} ({backing_format})",
+                path.display(),
+                backing.display()
+            ),
+            Step::Clone { src, dst, mode } => {
+                let verb = match mode {
+                    CloneMode::Reflink => "reflink",
+                    CloneMode::Copy => "copy",
+                };
+                format!("{verb} {} to {}", src.display(), dst.display())
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: false,
+            } => {
+                format!("rename {} to {}", from.display(), to.display())
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: true,
+            } => {
+                format!(
+                    "rename {} over {} (replacing it)",
+                    from.display(),
+                    to.display()
+                )
+            }
+            Step::Rebase {
+                image,
+                format,
+                new_backing,
+                old_backing: _,
+                unsafe_,
+            } => {
+                let onto = match new_backing {
+                    Some((b, f)) => format!("{} ({f})", b.display()),
+                    None => "no backing file".to_string(),
+                };
+                let how = if *unsafe_ {
+                    "unsafe: header only"
+                } else {
+                    "safe: data pulled up"
+                };
+                format!("rebase {} ({format}) onto {onto} ({how})", image.display())
+            }
+            Step::Commit { image, format } => {
+                format!(
+                    "commit {} ({format}) into its backing file",
+                    image.display()
+                )
+            }
+            Step::RemoveFile { path } => format!("remove {}", path.display()),
+            Step::Catalog => "write the catalog".to_string(),
+        }
     }
 
     pub fn probe(&self, cx: &Cx) -> StepResult<Probe> {
         let _ = cx;
-        todo!()
+        match self {
+            Step::InternalCreate { image, name } => {
+                if !fsops::exists(image)? {
+                    return Ok(Probe::NotApplied);
+                }
+                let names = qemu_img::snapshot_names(image, true)?;
+                Ok(if names.iter().any(|n| n == name) {
+                    Probe::Applied
+                } else {
+                    Probe::NotApplied
+                })
+            }
+            Step::InternalApply { .. } => Ok(Probe::Unknown(
+                "applying an internal snapshot leaves no trace to probe".to_string(),
+            )),
+            Step::InternalDelete { image, name } => {
+                if !fsops::exists(image)? {
+                    return Ok(Probe::Applied);
+                }
+                let names = qemu_img::snapshot_names(image, true)?;
+                Ok(if names.iter().any(|n| n == name) {
+                    Probe::NotApplied
+                } else {
+                    Probe::Applied
+                })
+            }
+            Step::HardLink { src, dst } => Ok(if fsops::same_inode(src, dst)? {
+                Probe::Applied
+            } else {
+                Probe::NotApplied
+            }),
+            Step::CreateOverlay {
+                path,
+                backing,
+                backing_format: _,
+            } => {
+                if !fsops::exists(path)? {
+                    return Ok(Probe::NotApplied);
+                }
+                match qemu_img::info(path, Format::Qcow2, true) {
+                    Ok(info) => Ok(match info.backing {
+                        Some(b) if same_path(&b, backing) => Probe::Applied,
+                        _ => Probe::NotApplied,
+                    }),
+                    Err(e) => Ok(Probe::Unknown(format!(
+                        "{} exists but is not a readable qcow2 image: {e}",
+                        path.display()
+                    ))),
+                }
+            }
+            Step::Clone { src, dst, mode: _ } => {
+                let dm = match std::fs::symlink_metadata(dst) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Probe::NotApplied)
+                    }
+                    Err(e) => return Err(fsops::io_err("stat", dst, e)),
+                };
+                let sm = match std::fs::metadata(src) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Probe::Unknown(format!(
+                            "{} exists but its source {} is gone",
+                            dst.display(),
+                            src.display()
+                        )))
+                    }
+                    Err(e) => return Err(fsops::io_err("stat", src, e)),
+                };
+                Ok(if dm.is_file() && dm.len() == sm.len() {
+                    Probe::Applied
+                } else {
+                    Probe::NotApplied
+                })
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: _,
+            } => match (fsops::exists(from)?, fsops::exists(to)?) {
+                (false, true) => Ok(Probe::Applied),
+                (true, _) => Ok(Probe::NotApplied),
+                (false, false) => Ok(Probe::Unknown(format!(
+                    "neither {} nor {} exists",
+                    from.display(),
+                    to.display()
+                ))),
+            },
+            Step::Rebase {
+                image,
+                format,
+                new_backing,
+                ..
+            } => {
+                if !fsops::exists(image)? {
+                    return Ok(Probe::Unknown(format!(
+                        "{} does not exist",
+                        image.display()
+                    )));
+                }
+                let info = qemu_img::info(image, *format, true)?;
+                Ok(
+                    if backing_is(&info, new_backing.as_ref().map(|(p, _)| p.as_path())) {
+                        Probe::Applied
+                    } else {
+                        Probe::NotApplied
+                    },
+                )
+            }
+            Step::Commit { .. } => Ok(Probe::Unknown(
+                "a commit leaves no trace to probe".to_string(),
+            )),
+            Step::RemoveFile { path } => Ok(if fsops::exists(path)? {
+                Probe::NotApplied
+            } else {
+                Probe::Applied
+            }),
+            Step::Catalog => Ok(Probe::NotApplied),
+        }
     }
 
     /// Idempotent.
     pub fn apply(&self, cx: &Cx) -> StepResult<()> {
-        let _ = cx;
-        todo!()
+        match self {
+            Step::InternalCreate { image, name } => {
+                if qemu_img::snapshot_names(image, false)?
+                    .iter()
+                    .any(|n| n == name)
+                {
+                    return Ok(());
+                }
+                failpoint::hit("step.internal.before");
+                qemu_img::snapshot(image, SnapshotOp::Create, name)
+            }
+            Step::InternalApply { image, name } => {
+                failpoint::hit("step.internal.before");
+                qemu_img::snapshot(image, SnapshotOp::Apply, name)
+            }
+            Step::InternalDelete { image, name } => {
+                if !fsops::exists(image)?
+                    || !qemu_img::snapshot_names(image, false)?
+                        .iter()
+                        .any(|n| n == name)
+                {
+                    return Ok(());
+                }
+                failpoint::hit("step.internal.before");
+                qemu_img::snapshot(image, SnapshotOp::Delete, name)
+            }
+            Step::HardLink { src, dst } => {
+                link_or_same(src, dst)?;
+                failpoint::hit("step.hard-link.before-dirsync");
+                fsops::fsync_parent(dst)
+            }
+            Step::CreateOverlay {
+                path,
+                backing,
+                backing_format,
+            } => {
+                if !backing.is_absolute() {
+                    return Err(StepError::Invalid(format!(
+                        "backing file {} of overlay {} must be an absolute path",
+                        backing.display(),
+                        path.display()
+                    )));
+                }
+                let temp = fsops::temp_path(path, "part");
+                fsops::unlink_if_exists(path)?;
+                fsops::unlink_if_exists(&temp)?;
+                // Ours, new, not a symlink planted there: qemu-img then
+                // writes into this very file.
+                drop(fsops::create_excl(&temp)?);
+                if let Err(e) = qemu_img::create_overlay(&temp, backing, *backing_format) {
+                    let _ = fsops::remove_if_exists(&temp);
+                    return Err(e);
+                }
+                fsops::fsync_file(&temp)?;
+                failpoint::hit("step.create-overlay.before-rename");
+                std::fs::rename(&temp, path).map_err(|e| fsops::io_err("rename", &temp, e))?;
+                failpoint::hit("step.create-overlay.before-dirsync");
+                fsops::fsync_parent(path)
+            }
+            Step::Clone { src, dst, mode } => {
+                // the source first: a failure must not cost the old dst
+                std::fs::metadata(src).map_err(|e| fsops::io_err("stat", src, e))?;
+                fsops::remove_if_exists(dst)?;
+                match mode {
+                    CloneMode::Reflink => clone::reflink(src, dst),
+                    CloneMode::Copy => clone::copy(src, dst, cx.progress),
+                }
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: false,
+            } => {
+                if !fsops::exists(from)? && fsops::exists(to)? {
+                    // done already (a crash may have hit before the dirsync)
+                    return fsync_dirs(from, to);
+                }
+                link_or_same(from, to)?;
+                fsops::unlink_if_exists(from)?;
+                failpoint::hit("step.rename.before-dirsync");
+                fsync_dirs(from, to)
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: true,
+            } => {
+                if !fsops::exists(from)? && fsops::exists(to)? {
+                    return fsync_dirs(from, to);
+                }
+                std::fs::rename(from, to).map_err(|e| fsops::io_err("rename", from, e))?;
+                failpoint::hit("step.rename.before-dirsync");
+                fsync_dirs(from, to)
+            }
+            Step::Rebase {
+                image,
+                format,
+                new_backing,
+                old_backing: _,
+                unsafe_,
+            } => {
+                let new = new_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                if fsops::exists(image)?
+                    && backing_is(&qemu_img::info(image, *format, true)?, new.map(|(p, _)| p))
+                {
+                    return Ok(());
+                }
+                failpoint::hit("step.rebase.before");
+                qemu_img::rebase(image, *format, new, *unsafe_)
+            }
+            Step::Commit { image, format } => qemu_img::commit(image, *format),
+            Step::RemoveFile { path } => {
+                if fsops::unlink_if_exists(path)? {
+                    failpoint::hit("step.remove-file.before-dirsync");
+                }
+                fsops::fsync_parent(path)
+            }
+            Step::Catalog => Ok(()),
+        }
     }
 
     /// Idempotent; `Err(StepError::Invalid)` for an irreversible step.
     pub fn undo(&self, cx: &Cx) -> StepResult<()> {
         let _ = cx;
-        todo!()
+        if !self.reversible() {
+            return Err(StepError::Invalid(format!(
+                "step {} cannot be undone ({})",
+                self.name(),
+                self.describe()
+            )));
+        }
+        match self {
+            Step::InternalCreate { image, name } => {
+                if !fsops::exists(image)?
+                    || !qemu_img::snapshot_names(image, false)?
+                        .iter()
+                        .any(|n| n == name)
+                {
+                    return Ok(());
+                }
+                failpoint::hit("step.internal.before");
+                qemu_img::snapshot(image, SnapshotOp::Delete, name)
+            }
+            // the plan removes the temporary copy it applied the snapshot to
+            Step::InternalApply { .. } => Ok(()),
+            Step::HardLink { src, dst } => {
+                if fsops::same_inode(src, dst)? {
+                    fsops::unlink_if_exists(dst)?;
+                }
+                fsops::fsync_parent(dst)
+            }
+            Step::CreateOverlay { path, .. } => {
+                fsops::unlink_if_exists(path)?;
+                fsops::unlink_if_exists(&fsops::temp_path(path, "part"))?;
+                fsops::fsync_parent(path)
+            }
+            Step::Clone { dst, .. } => {
+                fsops::unlink_if_exists(dst)?;
+                fsops::fsync_parent(dst)
+            }
+            Step::Rename {
+                from,
+                to,
+                replace: false,
+            } => {
+                if fsops::exists(to)? && !fsops::exists(from)? {
+                    link_or_same(to, from)?;
+                    fsops::unlink_if_exists(to)?;
+                } else if fsops::same_inode(from, to)? {
+                    // a crash between link and unlink (of apply or of undo)
+                    fsops::unlink_if_exists(to)?;
+                }
+                fsync_dirs(from, to)
+            }
+            Step::Rebase {
+                image,
+                format,
+                old_backing,
+                ..
+            } => {
+                let old = old_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
+                if backing_is(&qemu_img::info(image, *format, true)?, old.map(|(p, _)| p)) {
+                    return Ok(());
+                }
+                qemu_img::rebase(image, *format, old, true)
+            }
+            Step::Catalog => Ok(()),
+            Step::InternalDelete { .. }
+            | Step::Commit { .. }
+            | Step::RemoveFile { .. }
+            | Step::Rename { replace: true, .. } => unreachable!("irreversible steps return above"),
+        }
+    }
+}
+
+/// `link(src, dst)`; an existing `dst` that is already `src` is fine,
+/// anything else there is an error (never clobbered).
+fn link_or_same(src: &Path, dst: &Path) -> StepResult<()> {
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if fsops::same_inode(src, dst)? {
+                Ok(())
+            } else {
+                Err(StepError::Invalid(format!(
+                    "{} already exists and is not {}; refusing to replace it",
+                    dst.display(),
+                    src.display()
+                )))
+            }
+        }
+        Err(e) => Err(fsops::io_err("link", dst, e)),
+    }
+}
+
+/// fsync the directories of `a` and `b` (once when they are the same).
+fn fsync_dirs(a: &Path, b: &Path) -> StepResult<()> {
+    let (da, db) = (fsops::parent_dir(a), fsops::parent_dir(b));
+    fsops::fsync_dir(db)?;
+    if da != db {
+        fsops::fsync_dir(da)?;
+    }
+    Ok(())
+}
+
+/// `p` resolved through symlinks as far as it exists (a missing last
+/// component is joined to its resolved directory).
+fn canonical(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| p.to_path_buf()),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Whether two paths name the same file (compared canonicalized).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b || canonical(a) == canonical(b)
+}
+
+/// Whether an image's backing file is `want` (None: no backing file).
+fn backing_is(info: &qemu_img::ImageInfo, want: Option<&Path>) -> bool {
+    match (&info.backing, want) {
+        (None, None) => true,
+        (Some(have), Some(want)) => same_path(have, want),
+        _ => false,
     }
 }
