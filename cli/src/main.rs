@@ -9,7 +9,9 @@ use serde_json::json;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vsnap_engine::{CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapshot};
+use vsnap_engine::{
+    CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapshot,
+};
 
 /// Transactional snapshots of QEMU disk images.
 ///
@@ -189,18 +191,33 @@ fn open(cli: &Cli) -> anyhow::Result<Engine> {
     let dir = state_dir(cli.state_dir.clone());
     let (mut engine, reports) = Engine::open(&dir)?;
     for r in reports {
-        eprintln!("vsnap: recovered plan {} ({}): {}: {}", r.plan, r.summary, r.outcome, r.detail);
+        eprintln!(
+            "vsnap: recovered plan {} ({}): {}: {}",
+            r.plan, r.summary, r.outcome, r.detail
+        );
     }
     let tty = std::io::stderr().is_terminal();
     engine.set_progress(move |p| {
-        let pct = if p.total_bytes == 0 { 100 } else { p.done_bytes * 100 / p.total_bytes };
+        let pct = (p.done_bytes * 100)
+            .checked_div(p.total_bytes)
+            .unwrap_or(100);
         if tty {
-            eprint!("\r{}: {pct:3}% ({} of {} MiB)", p.what, p.done_bytes >> 20, p.total_bytes >> 20);
+            eprint!(
+                "\r{}: {pct:3}% ({} of {} MiB)",
+                p.what,
+                p.done_bytes >> 20,
+                p.total_bytes >> 20
+            );
             if p.done_bytes >= p.total_bytes {
                 eprintln!();
             }
         } else {
-            eprintln!("{}: {pct}% ({} of {} MiB)", p.what, p.done_bytes >> 20, p.total_bytes >> 20);
+            eprintln!(
+                "{}: {pct}% ({} of {} MiB)",
+                p.what,
+                p.done_bytes >> 20,
+                p.total_bytes >> 20
+            );
         }
     });
     Ok(engine)
@@ -208,21 +225,33 @@ fn open(cli: &Cli) -> anyhow::Result<Engine> {
 
 fn try_main(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.cmd {
-        Cmd::Vol { cmd: VolCmd::Snapshot { cmd } } => snapshot(cli, cmd),
-        Cmd::Vol { cmd: VolCmd::Check { image } } => {
+        Cmd::Vol {
+            cmd: VolCmd::Snapshot { cmd },
+        } => snapshot(cli, cmd),
+        Cmd::Vol {
+            cmd: VolCmd::Check { image },
+        } => {
             let engine = open(cli)?;
             let r = engine.vol_check(image)?;
             if cli.json {
                 print_json(&serde_json::to_value(&r)?);
             } else if r.violations.is_empty() {
-                println!("{}: consistent ({} snapshot(s), chains checked, no orphan or temporary file)", r.image.display(), r.snapshots);
+                println!(
+                    "{}: consistent ({} snapshot(s), chains checked, no orphan or temporary file)",
+                    r.image.display(),
+                    r.snapshots
+                );
             } else {
                 println!("{}: {} problem(s):", r.image.display(), r.violations.len());
                 for v in &r.violations {
                     println!("  {v}");
                 }
             }
-            Ok(if r.violations.is_empty() { EXIT_OK } else { EXIT_NO })
+            Ok(if r.violations.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_NO
+            })
         }
         Cmd::Plan { cmd } => plans(cli, cmd),
     }
@@ -255,7 +284,12 @@ fn done_output(cli: &Cli, verb: &str, d: &Done) -> u8 {
         print!("{}", d.plan_text);
         println!("(dry run: nothing was changed)");
     } else {
-        let file = d.snapshot.file.as_ref().map(|f| format!(" (file {})", f.display())).unwrap_or_default();
+        let file = d
+            .snapshot
+            .file
+            .as_ref()
+            .map(|f| format!(" (file {})", f.display()))
+            .unwrap_or_default();
         println!(
             "{verb} {} snapshot {:?} of {}{file} [plan {}]",
             d.snapshot.kind,
@@ -274,10 +308,15 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
     let engine = open(cli)?;
     match cmd {
         SnapCmd::Create(a) => {
-            let mut req = CreateRequest { image: a.image.clone(), ..Default::default() };
+            let mut req = CreateRequest {
+                image: a.image.clone(),
+                ..Default::default()
+            };
             if let Some(x) = &a.xml {
-                let text = std::fs::read_to_string(x).with_context(|| format!("cannot read --xml {}", x.display()))?;
-                let spec = vsnap_engine::xml::parse_volsnapshot(&text).with_context(|| format!("in {}", x.display()))?;
+                let text = std::fs::read_to_string(x)
+                    .with_context(|| format!("cannot read --xml {}", x.display()))?;
+                let spec = vsnap_engine::xml::parse_volsnapshot(&text)
+                    .with_context(|| format!("in {}", x.display()))?;
                 req.name = spec.name;
                 req.description = spec.description;
                 req.kind = spec.kind;
@@ -298,23 +337,50 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             let d = engine.vol_snapshot_create(&req, a.dry_run)?;
             Ok(done_output(cli, "created", &d))
         }
-        SnapCmd::Revert { image, name, dry_run } => {
-            let d = engine.vol_snapshot_revert(&RevertRequest { image: image.clone(), name: name.clone() }, *dry_run)?;
+        SnapCmd::Revert {
+            image,
+            name,
+            dry_run,
+        } => {
+            let d = engine.vol_snapshot_revert(
+                &RevertRequest {
+                    image: image.clone(),
+                    name: name.clone(),
+                },
+                *dry_run,
+            )?;
             Ok(done_output(cli, "reverted to", &d))
         }
-        SnapCmd::Delete { image, name, children, dry_run } => {
+        SnapCmd::Delete {
+            image,
+            name,
+            children,
+            dry_run,
+        } => {
             let d = engine.vol_snapshot_delete(
-                &DeleteRequest { image: image.clone(), name: name.clone(), children: *children },
+                &DeleteRequest {
+                    image: image.clone(),
+                    name: name.clone(),
+                    children: *children,
+                },
                 *dry_run,
             )?;
             Ok(done_output(cli, "deleted", &d))
         }
-        SnapCmd::List { image, kind, tree, name } => {
+        SnapCmd::List {
+            image,
+            kind,
+            tree,
+            name,
+        } => {
             let snaps = engine.vol_snapshot_list(image, kind.map(Into::into))?;
             let current = engine.vol_snapshot_current(image)?.map(|c| c.name);
             let is_cur = |s: &VolSnapshot| current.as_deref() == Some(s.name.as_str());
             if cli.json {
-                print_json(&json!(snaps.iter().map(|s| snap_json(s, is_cur(s))).collect::<Vec<_>>()));
+                print_json(&json!(snaps
+                    .iter()
+                    .map(|s| snap_json(s, is_cur(s)))
+                    .collect::<Vec<_>>()));
             } else if *name {
                 for s in &snaps {
                     println!("{}", s.name);
@@ -322,7 +388,10 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             } else if *tree {
                 print_tree(&snaps, None, "", &current);
             } else {
-                println!("{:<20} {:<9} {:<24} {:<12} {:<4} file", "name", "kind", "created", "parent", "cur");
+                println!(
+                    "{:<20} {:<9} {:<24} {:<12} {:<4} file",
+                    "name", "kind", "created", "parent", "cur"
+                );
                 for s in &snaps {
                     println!(
                         "{:<20} {:<9} {:<24} {:<12} {:<4} {}",
@@ -331,7 +400,10 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
                         utc(s.creation_time),
                         s.parent.as_deref().unwrap_or("-"),
                         if is_cur(s) { "*" } else { "" },
-                        s.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "(inside the image)".into())
+                        s.file
+                            .as_ref()
+                            .map(|f| f.display().to_string())
+                            .unwrap_or_else(|| "(inside the image)".into())
                     );
                 }
             }
@@ -374,7 +446,9 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
         }
         SnapCmd::Info { image, name } => {
             let s = engine.vol_snapshot_lookup(image, name)?;
-            let cur = engine.vol_snapshot_current(image)?.is_some_and(|c| c.name == s.name);
+            let cur = engine
+                .vol_snapshot_current(image)?
+                .is_some_and(|c| c.name == s.name);
             let children = engine.vol_snapshot_children(image, name)?;
             if cli.json {
                 let mut v = snap_json(&s, cur);
@@ -387,9 +461,22 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
                 println!("Created:       {}", utc(s.creation_time));
                 println!("Description:   {}", s.description.as_deref().unwrap_or("-"));
                 println!("Parent:        {}", s.parent.as_deref().unwrap_or("-"));
-                println!("Children:      {}", if children.is_empty() { "-".to_string() } else { children.join(", ") });
+                println!(
+                    "Children:      {}",
+                    if children.is_empty() {
+                        "-".to_string()
+                    } else {
+                        children.join(", ")
+                    }
+                );
                 println!("Current:       {}", if cur { "yes" } else { "no" });
-                println!("File:          {}", s.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "(inside the image)".into()));
+                println!(
+                    "File:          {}",
+                    s.file
+                        .as_ref()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_else(|| "(inside the image)".into())
+                );
                 println!("Format:        {}", s.format);
             }
             Ok(EXIT_OK)
@@ -407,11 +494,24 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
 }
 
 fn print_tree(snaps: &[VolSnapshot], parent: Option<&str>, indent: &str, current: &Option<String>) {
-    let kids: Vec<&VolSnapshot> = snaps.iter().filter(|s| s.parent.as_deref() == parent).collect();
+    let kids: Vec<&VolSnapshot> = snaps
+        .iter()
+        .filter(|s| s.parent.as_deref() == parent)
+        .collect();
     for (i, s) in kids.iter().enumerate() {
         let last = i + 1 == kids.len();
-        let (branch, next) = if parent.is_none() { ("", String::new()) } else if last { ("└─ ", format!("{indent}   ")) } else { ("├─ ", format!("{indent}│  ")) };
-        let mark = if current.as_deref() == Some(s.name.as_str()) { "  (current)" } else { "" };
+        let (branch, next) = if parent.is_none() {
+            ("", String::new())
+        } else if last {
+            ("└─ ", format!("{indent}   "))
+        } else {
+            ("├─ ", format!("{indent}│  "))
+        };
+        let mark = if current.as_deref() == Some(s.name.as_str()) {
+            "  (current)"
+        } else {
+            ""
+        };
         println!("{indent}{branch}{} [{}]{mark}", s.name, s.kind);
         print_tree(snaps, Some(&s.name), &next, current);
     }
@@ -431,7 +531,13 @@ fn plans(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<u8> {
                         None => "UNFINISHED".to_string(),
                         Some(o) => format!("{o:?}"),
                     };
-                    (p.id.0, p.header.op.clone(), p.header.summary.clone(), outcome, p.header.created_unix)
+                    (
+                        p.id.0,
+                        p.header.op.clone(),
+                        p.header.summary.clone(),
+                        outcome,
+                        p.header.created_unix,
+                    )
                 })
                 .collect();
             if cli.json {
@@ -471,4 +577,3 @@ fn plans(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<u8> {
         }
     }
 }
-

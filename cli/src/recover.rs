@@ -62,7 +62,10 @@ fn try_main(args: &Args) -> anyhow::Result<u8> {
     } else {
         let prefix = if args.dry_run { "would be " } else { "" };
         for r in &reports {
-            println!("plan {} ({}: {}): {prefix}{}: {}", r.plan, r.op, r.summary, r.outcome, r.detail);
+            println!(
+                "plan {} ({}: {}): {prefix}{}: {}",
+                r.plan, r.op, r.summary, r.outcome, r.detail
+            );
         }
     }
     Ok(if attention { EXIT_NO } else { EXIT_OK })

@@ -107,15 +107,26 @@ fn snap_key(volume: &Path, name: &str) -> Vec<u8> {
 }
 
 pub fn put_volume(v: &VolumeRec) -> CatalogOp {
-    CatalogOp::Put { tree: VOLUMES.into(), key: path_key(&v.path), value: codec::encode(v) }
+    CatalogOp::Put {
+        tree: VOLUMES.into(),
+        key: path_key(&v.path),
+        value: codec::encode(v),
+    }
 }
 
 pub fn put_snapshot(s: &VolSnapshot) -> CatalogOp {
-    CatalogOp::Put { tree: VOLSNAPS.into(), key: snap_key(&s.volume, &s.name), value: codec::encode(s) }
+    CatalogOp::Put {
+        tree: VOLSNAPS.into(),
+        key: snap_key(&s.volume, &s.name),
+        value: codec::encode(s),
+    }
 }
 
 pub fn delete_snapshot(volume: &Path, name: &str) -> CatalogOp {
-    CatalogOp::Delete { tree: VOLSNAPS.into(), key: snap_key(volume, name) }
+    CatalogOp::Delete {
+        tree: VOLSNAPS.into(),
+        key: snap_key(volume, name),
+    }
 }
 
 fn corrupt(tree: &str, key: &[u8], e: impl std::fmt::Display) -> EngineError {
@@ -130,7 +141,9 @@ pub fn volume(j: &Journal, path: &Path) -> Result<Option<VolumeRec>> {
     let key = path_key(path);
     match j.catalog_get(VOLUMES, &key)? {
         None => Ok(None),
-        Some(bytes) => codec::decode(&bytes).map(Some).map_err(|e| corrupt(VOLUMES, &key, e)),
+        Some(bytes) => codec::decode(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt(VOLUMES, &key, e)),
     }
 }
 

@@ -44,7 +44,10 @@ fn canon(p: &Path) -> PathBuf {
 
 /// Read everything [`compare`] needs. Read-only: qemu-img with `-U`.
 pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
-    let mut o = Observation { image: image.to_path_buf(), ..Default::default() };
+    let mut o = Observation {
+        image: image.to_path_buf(),
+        ..Default::default()
+    };
     o.image_exists = image.is_file();
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
     if let Some(d) = image.parent() {
@@ -82,12 +85,17 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
             Ok(info) => {
                 if let Some(b) = &info.backing {
                     if !b.exists() {
-                        o.damage.push(format!("{}: backing file {} is missing", f.display(), b.display()));
+                        o.damage.push(format!(
+                            "{}: backing file {} is missing",
+                            f.display(),
+                            b.display()
+                        ));
                     } else {
                         to_inspect.push(b.clone());
                     }
                 }
-                o.backing_of.insert(canon(&f), info.backing.as_deref().map(canon));
+                o.backing_of
+                    .insert(canon(&f), info.backing.as_deref().map(canon));
                 if canon(&f) == canon(image) && fmt == Format::Qcow2 {
                     o.internal_names = info.snapshots.clone();
                 }
@@ -97,15 +105,29 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
         if fmt == Format::Qcow2 {
             match qemu_img::check(&f, fmt) {
                 Ok(r) if r.clean => {}
-                Ok(r) => o.damage.push(format!("{}: qemu-img check: {} corruption(s), {} leak(s)", f.display(), r.corruptions, r.leaks)),
-                Err(e) => o.damage.push(format!("{}: qemu-img check failed: {e}", f.display())),
+                Ok(r) => o.damage.push(format!(
+                    "{}: qemu-img check: {} corruption(s), {} leak(s)",
+                    f.display(),
+                    r.corruptions,
+                    r.leaks
+                )),
+                Err(e) => o
+                    .damage
+                    .push(format!("{}: qemu-img check failed: {e}", f.display())),
             }
         }
     }
-    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = image.extension().map(|s| format!(".{}", s.to_string_lossy()));
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = image
+        .extension()
+        .map(|s| format!(".{}", s.to_string_lossy()));
     for d in dirs {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = d.join(&name);
@@ -137,33 +159,53 @@ pub fn compare(snaps: &[VolSnapshot], current: Option<&str>, o: &Observation) ->
         v.push(format!("inv5: {d}"));
     }
     let names: BTreeSet<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
-    let by_name: BTreeMap<&str, &VolSnapshot> = snaps.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_name: BTreeMap<&str, &VolSnapshot> =
+        snaps.iter().map(|s| (s.name.as_str(), s)).collect();
     if let Some(c) = current {
         if !names.contains(c) {
-            v.push(format!("catalog: current snapshot {c:?} is not in the catalog"));
+            v.push(format!(
+                "catalog: current snapshot {c:?} is not in the catalog"
+            ));
         }
     }
     for s in snaps {
         if let Some(p) = &s.parent {
             if !names.contains(p.as_str()) {
-                v.push(format!("catalog: parent {p:?} of {:?} is not in the catalog", s.name));
+                v.push(format!(
+                    "catalog: parent {p:?} of {:?} is not in the catalog",
+                    s.name
+                ));
             }
         }
         match s.kind {
             SnapKind::Internal => {
                 if !o.internal_names.contains(&s.name) {
-                    v.push(format!("inv3: internal snapshot {:?} is in the catalog but not in {}", s.name, o.image.display()));
+                    v.push(format!(
+                        "inv3: internal snapshot {:?} is in the catalog but not in {}",
+                        s.name,
+                        o.image.display()
+                    ));
                 }
             }
             SnapKind::External | SnapKind::Reflink | SnapKind::Copy => match &s.file {
-                None => v.push(format!("catalog: {} snapshot {:?} names no file", s.kind, s.name)),
-                Some(f) if !o.existing.contains(f) => {
-                    v.push(format!("inv3: file {} of snapshot {:?} is missing", f.display(), s.name))
-                }
+                None => v.push(format!(
+                    "catalog: {} snapshot {:?} names no file",
+                    s.kind, s.name
+                )),
+                Some(f) if !o.existing.contains(f) => v.push(format!(
+                    "inv3: file {} of snapshot {:?} is missing",
+                    f.display(),
+                    s.name
+                )),
                 Some(f) => {
                     if s.kind == SnapKind::External {
                         // The chain mirrors the tree: a child's file is backed by its parent's.
-                        if let Some(pf) = s.parent.as_deref().and_then(|p| by_name.get(p)).and_then(|p| p.file.as_ref()) {
+                        if let Some(pf) = s
+                            .parent
+                            .as_deref()
+                            .and_then(|p| by_name.get(p))
+                            .and_then(|p| p.file.as_ref())
+                        {
                             let b = o.backing_of.get(&canon(f)).cloned().flatten();
                             if b.as_deref() != Some(canon(pf).as_path()) {
                                 v.push(format!(
@@ -182,7 +224,10 @@ pub fn compare(snaps: &[VolSnapshot], current: Option<&str>, o: &Observation) ->
     }
     for n in &o.internal_names {
         if !names.contains(n.as_str()) {
-            v.push(format!("inv3: internal snapshot {n:?} is in {} but not in the catalog", o.image.display()));
+            v.push(format!(
+                "inv3: internal snapshot {n:?} is in {} but not in the catalog",
+                o.image.display()
+            ));
         }
     }
     // What the image runs on equals what the catalog says.
@@ -191,17 +236,28 @@ pub fn compare(snaps: &[VolSnapshot], current: Option<&str>, o: &Observation) ->
             let b = o.backing_of.get(&canon(&o.image)).cloned().flatten();
             let want = cur.file.as_deref().map(canon);
             if b != want {
-                v.push(format!("inv5: {} is backed by {:?}; the current snapshot's file is {:?}", o.image.display(), b, want));
+                v.push(format!(
+                    "inv5: {} is backed by {:?}; the current snapshot's file is {:?}",
+                    o.image.display(),
+                    b,
+                    want
+                ));
             }
         }
     }
     for t in &o.temp_files {
-        v.push(format!("inv4: temporary file {} is left behind", t.display()));
+        v.push(format!(
+            "inv4: temporary file {} is left behind",
+            t.display()
+        ));
     }
     let referenced: BTreeSet<PathBuf> = snaps.iter().filter_map(|s| s.file.clone()).collect();
     for f in &o.look_alike {
         if !referenced.contains(f) {
-            v.push(format!("inv4: {} looks like a snapshot file but no snapshot references it", f.display()));
+            v.push(format!(
+                "inv4: {} looks like a snapshot file but no snapshot references it",
+                f.display()
+            ));
         }
     }
     v
@@ -218,8 +274,15 @@ impl Engine {
         let mut violations = compare(&snaps, current.as_deref(), &obs);
         let unfinished = self.journal().unfinished()?.len();
         if unfinished > 0 {
-            violations.push(format!("inv7: {unfinished} unfinished plan(s) in the journal; run vsnap-recover"));
+            violations.push(format!(
+                "inv7: {unfinished} unfinished plan(s) in the journal; run vsnap-recover"
+            ));
         }
-        Ok(CheckReport { image: canon_image, snapshots: snaps.len(), unfinished_plans: unfinished, violations })
+        Ok(CheckReport {
+            image: canon_image,
+            snapshots: snaps.len(),
+            unfinished_plans: unfinished,
+            violations,
+        })
     }
 }

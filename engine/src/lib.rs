@@ -26,13 +26,23 @@ pub enum EngineError {
     #[error(transparent)]
     Journal(#[from] vsnap_journal::JournalError),
     #[error("plan {plan}: step {index} ({step}) failed: {source}; the plan was rolled back, nothing changed")]
-    Step { plan: u64, index: u32, step: &'static str, #[source] source: StepError },
+    Step {
+        plan: u64,
+        index: u32,
+        step: &'static str,
+        #[source]
+        source: StepError,
+    },
     #[error(transparent)]
     Check(StepError),
     #[error("plan {plan} needs attention: {reason}")]
     NeedsAttention { plan: u64, reason: String },
     #[error("plan {plan}: {source}; the journal may be damaged: inspect it with `vsnap plan show {plan}`")]
-    IllegalJournal { plan: u64, #[source] source: vsnap_recovery::IllegalSequence },
+    IllegalJournal {
+        plan: u64,
+        #[source]
+        source: vsnap_recovery::IllegalSequence,
+    },
     #[error("invalid snapshot name {name:?}: {why}")]
     BadName { name: String, why: String },
     #[error("{0}")]
@@ -63,7 +73,12 @@ pub(crate) fn now_unix() -> i64 {
 /// Snapshot and domain names become file names: reject what would escape
 /// or confuse a directory listing.
 pub fn validate_name(name: &str) -> Result<()> {
-    let bad = |why: &str| Err(EngineError::BadName { name: name.into(), why: why.into() });
+    let bad = |why: &str| {
+        Err(EngineError::BadName {
+            name: name.into(),
+            why: why.into(),
+        })
+    };
     if name.is_empty() {
         return bad("empty");
     }
@@ -98,7 +113,9 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
         return PathBuf::from(x).join("vsnap");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/state/vsnap")
 }
 
@@ -120,7 +137,11 @@ impl Engine {
 
     /// Open without recovering (for `vsnap-recover --dry-run` and `plan show`).
     pub fn open_without_recovery(state_dir: &Path) -> Result<Engine> {
-        Ok(Engine { journal: Journal::open(state_dir)?, op_lock: Mutex::new(()), progress: Box::new(|_| {}) })
+        Ok(Engine {
+            journal: Journal::open(state_dir)?,
+            op_lock: Mutex::new(()),
+            progress: Box::new(|_| {}),
+        })
     }
 
     /// Where long steps (copies) report progress.
@@ -133,7 +154,9 @@ impl Engine {
     }
 
     pub(crate) fn cx(&self) -> Cx<'_> {
-        Cx { progress: &*self.progress }
+        Cx {
+            progress: &*self.progress,
+        }
     }
 
     pub(crate) fn lock_ops(&self) -> std::sync::MutexGuard<'_, ()> {

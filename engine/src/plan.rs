@@ -24,7 +24,9 @@
 use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use vsnap_journal::{codec, failpoint, CatalogOp, Journal, Outcome, PlanHeader, PlanId, Record, StoredPlan};
+use vsnap_journal::{
+    codec, failpoint, CatalogOp, Journal, Outcome, PlanHeader, PlanId, Record, StoredPlan,
+};
 use vsnap_recovery::{Decision, PivotSeen};
 use vsnap_steps::{Cx, Probe, Step, StepError};
 
@@ -48,9 +50,18 @@ pub struct Plan {
 impl Plan {
     /// Programmer errors in a compiled plan are bugs: assert, in release too.
     pub fn assert_well_formed(&self) {
-        assert!((self.pivot as usize) < self.steps.len(), "plan {}: pivot out of range", self.op);
+        assert!(
+            (self.pivot as usize) < self.steps.len(),
+            "plan {}: pivot out of range",
+            self.op
+        );
         for (i, s) in self.steps.iter().enumerate().take(self.pivot as usize) {
-            assert!(s.reversible(), "plan {}: step {i} ({}) before the pivot has no undo", self.op, s.name());
+            assert!(
+                s.reversible(),
+                "plan {}: step {i} ({}) before the pivot has no undo",
+                self.op,
+                s.name()
+            );
         }
     }
 
@@ -102,7 +113,12 @@ pub struct PlanReport {
 }
 
 fn step_failed(plan: PlanId, i: u32, step: &Step, e: StepError) -> EngineError {
-    EngineError::Step { plan: plan.0, index: i, step: step.name(), source: e }
+    EngineError::Step {
+        plan: plan.0,
+        index: i,
+        step: step.name(),
+        source: e,
+    }
 }
 
 /// Run a new plan journal-first. On a failure before the pivot the plan is
@@ -141,14 +157,22 @@ impl From<vsnap_journal::JournalError> for Forward {
 /// Run steps `from..` forward. With `pivot_applied` (recovery after a
 /// positive probe of a `Started` pivot) the pivot is not run again: only
 /// its commit transaction is written.
-fn forward(j: &Journal, id: PlanId, plan: &Plan, from: u32, pivot_applied: bool, cx: &Cx) -> std::result::Result<(), Forward> {
+fn forward(
+    j: &Journal,
+    id: PlanId,
+    plan: &Plan,
+    from: u32,
+    pivot_applied: bool,
+    cx: &Cx,
+) -> std::result::Result<(), Forward> {
     let n = plan.steps.len() as u32;
     for i in from..n {
         let step = &plan.steps[i as usize];
         if i < plan.pivot {
             j.append(id, Record::Started(i))?;
             failpoint::hit(&format!("run.started.{i}"));
-            step.apply(cx).map_err(|e| Forward::BeforePivot(i, step_failed(id, i, step, e)))?;
+            step.apply(cx)
+                .map_err(|e| Forward::BeforePivot(i, step_failed(id, i, step, e)))?;
             failpoint::hit(&format!("run.applied.{i}"));
             j.append(id, Record::Done(i))?;
         } else if i == plan.pivot {
@@ -158,17 +182,34 @@ fn forward(j: &Journal, id: PlanId, plan: &Plan, from: u32, pivot_applied: bool,
                 if let Err(e) = step.apply(cx) {
                     // Did the pivot happen anyway? Only a probe can tell.
                     match step.probe(cx) {
-                        Ok(Probe::NotApplied) => return Err(Forward::BeforePivot(i, step_failed(id, i, step, e))),
+                        Ok(Probe::NotApplied) => {
+                            return Err(Forward::BeforePivot(i, step_failed(id, i, step, e)))
+                        }
                         Ok(Probe::Applied) => {}
                         Ok(Probe::Unknown(why)) => {
                             let reason = format!("the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}", step.describe());
-                            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
-                            return Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }));
+                            j.append(
+                                id,
+                                Record::Finished(Outcome::NeedsAttention(reason.clone())),
+                            )?;
+                            return Err(Forward::Fatal(EngineError::NeedsAttention {
+                                plan: id.0,
+                                reason,
+                            }));
                         }
                         Err(pe) => {
-                            let reason = format!("the pivot ({}) failed ({e}) and probing it failed too ({pe})", step.describe());
-                            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
-                            return Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }));
+                            let reason = format!(
+                                "the pivot ({}) failed ({e}) and probing it failed too ({pe})",
+                                step.describe()
+                            );
+                            j.append(
+                                id,
+                                Record::Finished(Outcome::NeedsAttention(reason.clone())),
+                            )?;
+                            return Err(Forward::Fatal(EngineError::NeedsAttention {
+                                plan: id.0,
+                                reason,
+                            }));
                         }
                     }
                 }
@@ -184,7 +225,13 @@ fn forward(j: &Journal, id: PlanId, plan: &Plan, from: u32, pivot_applied: bool,
     Ok(())
 }
 
-fn retry_after_pivot(j: &Journal, id: PlanId, plan: &Plan, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+fn retry_after_pivot(
+    j: &Journal,
+    id: PlanId,
+    plan: &Plan,
+    i: u32,
+    cx: &Cx,
+) -> std::result::Result<(), Forward> {
     let step = &plan.steps[i as usize];
     j.append(id, Record::Started(i))?;
     failpoint::hit(&format!("run.started.{i}"));
@@ -207,12 +254,25 @@ fn retry_after_pivot(j: &Journal, id: PlanId, plan: &Plan, i: u32, cx: &Cx) -> s
         "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; fix the cause and run vsnap-recover, or finish it by hand",
         step.describe()
     );
-    j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
-    Err(Forward::Fatal(EngineError::NeedsAttention { plan: id.0, reason }))
+    j.append(
+        id,
+        Record::Finished(Outcome::NeedsAttention(reason.clone())),
+    )?;
+    Err(Forward::Fatal(EngineError::NeedsAttention {
+        plan: id.0,
+        reason,
+    }))
 }
 
 /// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
-fn rollback(j: &Journal, id: PlanId, plan: &Plan, undo: &[u32], already: bool, cx: &Cx) -> Result<()> {
+fn rollback(
+    j: &Journal,
+    id: PlanId,
+    plan: &Plan,
+    undo: &[u32],
+    already: bool,
+    cx: &Cx,
+) -> Result<()> {
     if !already {
         j.append(id, Record::RollingBack)?;
         failpoint::hit("rollback.begun");
@@ -221,7 +281,10 @@ fn rollback(j: &Journal, id: PlanId, plan: &Plan, undo: &[u32], already: bool, c
         let step = &plan.steps[i as usize];
         if let Err(e) = step.undo(cx) {
             let reason = format!("rolling back, the undo of step {i} ({}) failed: {e}; nothing else was removed; fix the cause and run vsnap-recover", step.describe());
-            j.append(id, Record::Finished(Outcome::NeedsAttention(reason.clone())))?;
+            j.append(
+                id,
+                Record::Finished(Outcome::NeedsAttention(reason.clone())),
+            )?;
             return Err(EngineError::NeedsAttention { plan: id.0, reason });
         }
         failpoint::hit(&format!("rollback.undone.{i}"));
@@ -242,7 +305,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
         outcome: String::new(),
         detail: String::new(),
     };
-    let illegal = |e: vsnap_recovery::IllegalSequence| EngineError::IllegalJournal { plan: stored.id.0, source: e };
+    let illegal = |e: vsnap_recovery::IllegalSequence| EngineError::IllegalJournal {
+        plan: stored.id.0,
+        source: e,
+    };
     let mut decision = vsnap_recovery::decide(&stored.header, &stored.records).map_err(illegal)?;
     let mut seen_note = String::new();
     if decision == Decision::ProbePivot {
@@ -258,16 +324,24 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             PivotSeen::NotApplied => "the pivot had not happened; ".into(),
             PivotSeen::Unknown(_) => String::new(),
         };
-        decision = vsnap_recovery::decide_after_probe(&stored.header, &stored.records, seen).map_err(illegal)?;
+        decision = vsnap_recovery::decide_after_probe(&stored.header, &stored.records, seen)
+            .map_err(illegal)?;
     }
     match decision {
         Decision::Nothing | Decision::ProbePivot => {
             report.outcome = "nothing".into();
             report.detail = "already finished".into();
         }
-        Decision::RollBack { undo, already_rolling_back } => {
+        Decision::RollBack {
+            undo,
+            already_rolling_back,
+        } => {
             report.outcome = "rolled-back".into();
-            report.detail = format!("{seen_note}rolled back: undid {} step(s) {:?}, newest first", undo.len(), undo);
+            report.detail = format!(
+                "{seen_note}rolled back: undid {} step(s) {:?}, newest first",
+                undo.len(),
+                undo
+            );
             if !dry_run {
                 let r = rollback(j, stored.id, &plan, &undo, already_rolling_back, cx);
                 if let Err(EngineError::NeedsAttention { reason, .. }) = &r {
@@ -280,7 +354,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
         }
         Decision::RollForward { from } => {
             report.outcome = "committed".into();
-            report.detail = format!("{seen_note}rolled forward from step {from} of {}", plan.steps.len());
+            report.detail = format!(
+                "{seen_note}rolled forward from step {from} of {}",
+                plan.steps.len()
+            );
             if !dry_run {
                 let r = forward(j, stored.id, &plan, from, from == plan.pivot, cx);
                 match r {
@@ -290,7 +367,9 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                         report.detail = reason;
                     }
                     Err(Forward::Fatal(e)) => return Err(e),
-                    Err(Forward::BeforePivot(_, e)) => unreachable!("roll-forward never starts before the pivot: {e}"),
+                    Err(Forward::BeforePivot(_, e)) => {
+                        unreachable!("roll-forward never starts before the pivot: {e}")
+                    }
                 }
             }
         }

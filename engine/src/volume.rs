@@ -82,7 +82,9 @@ fn canonical_image(image: &Path) -> Result<PathBuf> {
 }
 
 fn parent_dir(p: &Path) -> PathBuf {
-    p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"))
+    p.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn check_writable(dir: &Path) -> Result<()> {
@@ -98,14 +100,19 @@ fn check_writable(dir: &Path) -> Result<()> {
 
 fn must_not_exist(p: &Path) -> Result<()> {
     if std::fs::symlink_metadata(p).is_ok() {
-        return Err(EngineError::Exists { path: p.to_path_buf() });
+        return Err(EngineError::Exists {
+            path: p.to_path_buf(),
+        });
     }
     Ok(())
 }
 
 /// `<dir>/<stem>.<name>.<ext>` beside the image.
 fn default_file(image: &Path, name: &str, format: Format) -> PathBuf {
-    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let ext = image
         .extension()
         .map(|e| e.to_string_lossy().into_owned())
@@ -118,13 +125,19 @@ fn user_file(file: &Path) -> Result<PathBuf> {
     let abs = if file.is_absolute() {
         file.to_path_buf()
     } else {
-        std::env::current_dir().map_err(|e| EngineError::Invalid(format!("cannot read the current directory: {e}")))?.join(file)
+        std::env::current_dir()
+            .map_err(|e| EngineError::Invalid(format!("cannot read the current directory: {e}")))?
+            .join(file)
     };
     let name = abs
         .file_name()
         .ok_or_else(|| EngineError::Invalid(format!("--file {} names no file", file.display())))?;
-    let dir = std::fs::canonicalize(parent_dir(&abs))
-        .map_err(|e| EngineError::Invalid(format!("directory of --file {} is not usable: {e}", file.display())))?;
+    let dir = std::fs::canonicalize(parent_dir(&abs)).map_err(|e| {
+        EngineError::Invalid(format!(
+            "directory of --file {} is not usable: {e}",
+            file.display()
+        ))
+    })?;
     Ok(dir.join(name))
 }
 
@@ -136,16 +149,10 @@ fn same_device(a: &Path, b: &Path) -> bool {
     }
 }
 
-fn require_space(dir: &Path, target: &Path, needed: u64) -> Result<()> {
-    let available = fs2::available_space(dir).map_err(|e| EngineError::Invalid(format!("cannot read free space of {}: {e}", dir.display())))?;
-    if available < needed {
-        return Err(EngineError::Check(vsnap_steps::StepError::NoSpace { path: target.to_path_buf(), needed, available }));
-    }
-    Ok(())
-}
-
 fn file_len(p: &Path) -> Result<u64> {
-    std::fs::metadata(p).map(|m| m.len()).map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", p.display())))
+    std::fs::metadata(p)
+        .map(|m| m.len())
+        .map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", p.display())))
 }
 
 /// How to clone into `dir`: reflink where the filesystem can, else copy
@@ -154,7 +161,7 @@ fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
     if clone::reflink_supported(dir) {
         Ok(CloneMode::Reflink)
     } else {
-        require_space(dir, target, file_len(src)?)?;
+        clone::require_space(target, file_len(src)?).map_err(EngineError::Check)?;
         Ok(CloneMode::Copy)
     }
 }
@@ -174,7 +181,10 @@ impl Vol {
         self.snaps
             .iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| EngineError::NoSnapshot { volume: self.image.clone(), name: name.into() })
+            .ok_or_else(|| EngineError::NoSnapshot {
+                volume: self.image.clone(),
+                name: name.into(),
+            })
     }
 
     /// `name` and every descendant, parents before children.
@@ -183,7 +193,11 @@ impl Vol {
         let mut i = 0;
         while i < out.len() {
             let n = out[i].name.clone();
-            out.extend(self.snaps.iter().filter(|s| s.parent.as_deref() == Some(n.as_str())));
+            out.extend(
+                self.snaps
+                    .iter()
+                    .filter(|s| s.parent.as_deref() == Some(n.as_str())),
+            );
             i += 1;
         }
         out
@@ -205,9 +219,19 @@ impl Engine {
         // Without -U: fails with InUse while a QEMU holds the image.
         let info = qemu_img::info(&image, format, false).map_err(EngineError::Check)?;
         let j = self.journal();
-        let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec { path: image.clone(), current: None, next_seq: 0 });
+        let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec {
+            path: image.clone(),
+            current: None,
+            next_seq: 0,
+        });
         let snaps = catalog::snapshots(j, &image)?;
-        Ok(Vol { image, format, info, rec, snaps })
+        Ok(Vol {
+            image,
+            format,
+            info,
+            rec,
+            snaps,
+        })
     }
 
     /// Compile a snapshot creation (nothing is touched).
@@ -216,7 +240,10 @@ impl Engine {
         let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
         validate_name(&name)?;
         if vol.snaps.iter().any(|s| s.name == name) {
-            return Err(EngineError::Duplicate { volume: vol.image.clone(), name });
+            return Err(EngineError::Duplicate {
+                volume: vol.image.clone(),
+                name,
+            });
         }
         let dir = parent_dir(&vol.image);
         let kind = match req.kind {
@@ -260,7 +287,10 @@ impl Engine {
                     )));
                 }
                 if req.file.is_some() {
-                    return Err(EngineError::Invalid("--file does not apply to internal snapshots: they live inside the image".into()));
+                    return Err(EngineError::Invalid(
+                        "--file does not apply to internal snapshots: they live inside the image"
+                            .into(),
+                    ));
                 }
                 check_writable(&dir)?;
                 if vol.info.snapshots.contains(&name) {
@@ -269,7 +299,13 @@ impl Engine {
                         image.display()
                     )));
                 }
-                vec![Step::InternalCreate { image: image.clone(), name: name.clone() }, Step::Catalog]
+                vec![
+                    Step::InternalCreate {
+                        image: image.clone(),
+                        name: name.clone(),
+                    },
+                    Step::Catalog,
+                ]
             }
             SnapKind::External => {
                 let file = match &req.file {
@@ -289,9 +325,20 @@ impl Engine {
                 let overlay = fsops::temp_path(image, &tag);
                 snap.file = Some(file.clone());
                 vec![
-                    Step::HardLink { src: image.clone(), dst: file.clone() },
-                    Step::CreateOverlay { path: overlay.clone(), backing: file, backing_format: vol.format },
-                    Step::Rename { from: overlay, to: image.clone(), replace: true },
+                    Step::HardLink {
+                        src: image.clone(),
+                        dst: file.clone(),
+                    },
+                    Step::CreateOverlay {
+                        path: overlay.clone(),
+                        backing: file,
+                        backing_format: vol.format,
+                    },
+                    Step::Rename {
+                        from: overlay,
+                        to: image.clone(),
+                        replace: true,
+                    },
                 ]
             }
             SnapKind::Reflink | SnapKind::Copy => {
@@ -304,21 +351,31 @@ impl Engine {
                 must_not_exist(&file)?;
                 let mode = if kind == SnapKind::Reflink {
                     if !clone::reflink_supported(&fdir) {
-                        return Err(EngineError::Check(vsnap_steps::StepError::ReflinkUnsupported {
-                            path: fdir,
-                            reason: "FICLONE is not supported there".into(),
-                        }));
+                        return Err(EngineError::Check(
+                            vsnap_steps::StepError::ReflinkUnsupported {
+                                path: fdir,
+                                reason: "FICLONE is not supported there".into(),
+                            },
+                        ));
                     }
                     CloneMode::Reflink
                 } else {
-                    require_space(&fdir, &file, file_len(image)?)?;
+                    clone::require_space(&file, file_len(image)?).map_err(EngineError::Check)?;
                     CloneMode::Copy
                 };
                 let tmp = fsops::temp_path(&file, &tag);
                 snap.file = Some(file.clone());
                 vec![
-                    Step::Clone { src: image.clone(), dst: tmp.clone(), mode },
-                    Step::Rename { from: tmp, to: file, replace: false },
+                    Step::Clone {
+                        src: image.clone(),
+                        dst: tmp.clone(),
+                        mode,
+                    },
+                    Step::Rename {
+                        from: tmp,
+                        to: file,
+                        replace: false,
+                    },
                     Step::Catalog,
                 ]
             }
@@ -344,10 +401,26 @@ impl Engine {
         self.finish(plan, snap, Vec::new(), dry_run)
     }
 
-    fn finish(&self, plan: Plan, snapshot: VolSnapshot, deleted: Vec<String>, dry_run: bool) -> Result<Done> {
+    fn finish(
+        &self,
+        plan: Plan,
+        snapshot: VolSnapshot,
+        deleted: Vec<String>,
+        dry_run: bool,
+    ) -> Result<Done> {
         let plan_text = plan.render();
-        let id = if dry_run { None } else { Some(plan::run(self.journal(), &plan, &self.cx())?.0) };
-        Ok(Done { plan: id, plan_text, snapshot, deleted, dry_run })
+        let id = if dry_run {
+            None
+        } else {
+            Some(plan::run(self.journal(), &plan, &self.cx())?.0)
+        };
+        Ok(Done {
+            plan: id,
+            plan_text,
+            snapshot,
+            deleted,
+            dry_run,
+        })
     }
 
     /// Compile a revert: the image's path becomes the snapshot's state;
@@ -371,33 +444,65 @@ impl Engine {
                 }
                 let mode = clone_mode_for(&dir, image, &tmp)?;
                 vec![
-                    Step::Clone { src: image.clone(), dst: tmp.clone(), mode },
-                    Step::InternalApply { image: tmp.clone(), name: snap.name.clone() },
+                    Step::Clone {
+                        src: image.clone(),
+                        dst: tmp.clone(),
+                        mode,
+                    },
+                    Step::InternalApply {
+                        image: tmp.clone(),
+                        name: snap.name.clone(),
+                    },
                 ]
             }
             SnapKind::External => {
                 let file = snap.file.clone().expect("external snapshot has a file");
                 if !file.exists() {
-                    return Err(EngineError::Invalid(format!("the snapshot's file {} is missing; run `vsnap vol check {}`", file.display(), image.display())));
+                    return Err(EngineError::Invalid(format!(
+                        "the snapshot's file {} is missing; run `vsnap vol check {}`",
+                        file.display(),
+                        image.display()
+                    )));
                 }
-                vec![Step::CreateOverlay { path: tmp.clone(), backing: file, backing_format: snap.format }]
+                vec![Step::CreateOverlay {
+                    path: tmp.clone(),
+                    backing: file,
+                    backing_format: snap.format,
+                }]
             }
             SnapKind::Reflink | SnapKind::Copy => {
                 let file = snap.file.clone().expect("whole-file snapshot has a file");
                 if !file.exists() {
-                    return Err(EngineError::Invalid(format!("the snapshot's file {} is missing; run `vsnap vol check {}`", file.display(), image.display())));
+                    return Err(EngineError::Invalid(format!(
+                        "the snapshot's file {} is missing; run `vsnap vol check {}`",
+                        file.display(),
+                        image.display()
+                    )));
                 }
                 let mode = clone_mode_for(&dir, &file, &tmp)?;
-                vec![Step::Clone { src: file, dst: tmp.clone(), mode }]
+                vec![Step::Clone {
+                    src: file,
+                    dst: tmp.clone(),
+                    mode,
+                }]
             }
         };
-        steps.push(Step::Rename { from: tmp, to: image.clone(), replace: true });
+        steps.push(Step::Rename {
+            from: tmp,
+            to: image.clone(),
+            replace: true,
+        });
         let pivot = (steps.len() - 1) as u32;
         let mut rec = vol.rec.clone();
         rec.current = Some(snap.name.clone());
         let plan = Plan {
             op: "vol.snapshot.revert".into(),
-            summary: format!("revert {} to {} snapshot {:?}", image.display(), snap.kind, snap.name),
+            summary: format!(
+                "revert {} to {} snapshot {:?}",
+                image.display(),
+                snap.kind,
+                snap.name
+            ),
             steps,
             pivot,
             catalog: vec![catalog::put_volume(&rec)],
@@ -420,19 +525,32 @@ impl Engine {
         let snap = vol.find(&req.name)?.clone();
         let image = &vol.image;
         check_writable(&parent_dir(image))?;
-        let doomed: Vec<VolSnapshot> =
-            if req.children { vol.subtree(&snap.name).into_iter().cloned().collect() } else { vec![snap.clone()] };
+        let doomed: Vec<VolSnapshot> = if req.children {
+            vol.subtree(&snap.name).into_iter().cloned().collect()
+        } else {
+            vec![snap.clone()]
+        };
         let doomed_names: BTreeSet<&str> = doomed.iter().map(|s| s.name.as_str()).collect();
 
         // Catalog: drop the doomed, re-parent the survivors, move `current`.
-        let mut ops: Vec<_> = doomed.iter().map(|s| catalog::delete_snapshot(image, &s.name)).collect();
-        for child in vol.snaps.iter().filter(|s| s.parent.as_deref() == Some(snap.name.as_str()) && !doomed_names.contains(s.name.as_str())) {
+        let mut ops: Vec<_> = doomed
+            .iter()
+            .map(|s| catalog::delete_snapshot(image, &s.name))
+            .collect();
+        for child in vol.snaps.iter().filter(|s| {
+            s.parent.as_deref() == Some(snap.name.as_str())
+                && !doomed_names.contains(s.name.as_str())
+        }) {
             let mut c = child.clone();
             c.parent = snap.parent.clone();
             ops.push(catalog::put_snapshot(&c));
         }
         let mut rec = vol.rec.clone();
-        if rec.current.as_deref().is_some_and(|c| doomed_names.contains(c)) {
+        if rec
+            .current
+            .as_deref()
+            .is_some_and(|c| doomed_names.contains(c))
+        {
             rec.current = snap.parent.clone();
         }
         ops.push(catalog::put_volume(&rec));
@@ -442,12 +560,17 @@ impl Engine {
         match snap.kind {
             SnapKind::Internal => {
                 for s in &doomed {
-                    after.push(Step::InternalDelete { image: image.clone(), name: s.name.clone() });
+                    after.push(Step::InternalDelete {
+                        image: image.clone(),
+                        name: s.name.clone(),
+                    });
                 }
             }
             SnapKind::Reflink | SnapKind::Copy => {
                 for s in &doomed {
-                    after.push(Step::RemoveFile { path: s.file.clone().expect("whole-file snapshot has a file") });
+                    after.push(Step::RemoveFile {
+                        path: s.file.clone().expect("whole-file snapshot has a file"),
+                    });
                 }
             }
             SnapKind::External => {
@@ -461,11 +584,16 @@ impl Engine {
                     }
                     (None, _) => None,
                 };
-                let doomed_files: Vec<PathBuf> = doomed.iter().filter_map(|s| s.file.clone()).collect();
+                let doomed_files: Vec<PathBuf> =
+                    doomed.iter().filter_map(|s| s.file.clone()).collect();
                 // Every surviving file directly backed by a doomed file is
                 // rebased onto the deleted snapshot's own backing file.
                 let mut candidates: Vec<(PathBuf, Format)> = vec![(image.clone(), vol.format)];
-                for s in vol.snaps.iter().filter(|s| !doomed_names.contains(s.name.as_str())) {
+                for s in vol
+                    .snaps
+                    .iter()
+                    .filter(|s| !doomed_names.contains(s.name.as_str()))
+                {
                     if let Some(f) = &s.file {
                         candidates.push((f.clone(), s.format));
                     }
@@ -478,7 +606,10 @@ impl Engine {
                                 image: path.clone(),
                                 format: fmt,
                                 new_backing: new_backing.clone(),
-                                old_backing: Some((b.clone(), i.backing_format.unwrap_or(snap.format))),
+                                old_backing: Some((
+                                    b.clone(),
+                                    i.backing_format.unwrap_or(snap.format),
+                                )),
                                 unsafe_: false,
                             });
                         }
@@ -501,7 +632,11 @@ impl Engine {
                 snap.kind,
                 snap.name,
                 image.display(),
-                if req.children { format!(" and its {} descendant(s)", deleted.len()) } else { String::new() }
+                if req.children {
+                    format!(" and its {} descendant(s)", deleted.len())
+                } else {
+                    String::new()
+                }
             ),
             steps,
             pivot,
@@ -517,7 +652,11 @@ impl Engine {
     }
 
     /// Every snapshot of the volume, oldest first, optionally of one kind.
-    pub fn vol_snapshot_list(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<VolSnapshot>> {
+    pub fn vol_snapshot_list(
+        &self,
+        image: &Path,
+        kind: Option<SnapKind>,
+    ) -> Result<Vec<VolSnapshot>> {
         let image = canonical_image(image)?;
         let mut v = catalog::snapshots(self.journal(), &image)?;
         if let Some(k) = kind {
@@ -527,7 +666,11 @@ impl Engine {
     }
 
     pub fn vol_snapshot_names(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<String>> {
-        Ok(self.vol_snapshot_list(image, kind)?.into_iter().map(|s| s.name).collect())
+        Ok(self
+            .vol_snapshot_list(image, kind)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect())
     }
 
     pub fn vol_snapshot_count(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
@@ -539,7 +682,10 @@ impl Engine {
         catalog::snapshots(self.journal(), &image)?
             .into_iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| EngineError::NoSnapshot { volume: image, name: name.into() })
+            .ok_or_else(|| EngineError::NoSnapshot {
+                volume: image,
+                name: name.into(),
+            })
     }
 
     /// The current snapshot (the last made or reverted to), if any.
@@ -562,15 +708,25 @@ impl Engine {
     pub fn vol_snapshot_children(&self, image: &Path, name: &str) -> Result<Vec<String>> {
         let all = self.vol_snapshot_list(image, None)?;
         if !all.iter().any(|s| s.name == name) {
-            return Err(EngineError::NoSnapshot { volume: image.to_path_buf(), name: name.into() });
+            return Err(EngineError::NoSnapshot {
+                volume: image.to_path_buf(),
+                name: name.into(),
+            });
         }
-        Ok(all.into_iter().filter(|s| s.parent.as_deref() == Some(name)).map(|s| s.name).collect())
+        Ok(all
+            .into_iter()
+            .filter(|s| s.parent.as_deref() == Some(name))
+            .map(|s| s.name)
+            .collect())
     }
 
     /// The `<volsnapshot>` XML description.
     pub fn vol_snapshot_xml(&self, image: &Path, name: &str) -> Result<String> {
         let s = self.vol_snapshot_lookup(image, name)?;
-        let current = self.vol_snapshot_current(image)?.map(|c| c.name == s.name).unwrap_or(false);
+        let current = self
+            .vol_snapshot_current(image)?
+            .map(|c| c.name == s.name)
+            .unwrap_or(false);
         Ok(crate::xml::volsnapshot_to_xml(&s, current))
     }
 }

@@ -48,13 +48,17 @@ pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
     let mut done_root = false;
     loop {
         let pos = r.buffer_position();
-        let ev = r.read_event().map_err(|e| EngineError::Xml(format!("at byte {pos}: {e}")))?;
+        let ev = r
+            .read_event()
+            .map_err(|e| EngineError::Xml(format!("at byte {pos}: {e}")))?;
         let is_empty = matches!(ev, Event::Empty(_));
         match ev {
             Event::Start(e) | Event::Empty(e) if !seen_root => {
                 let n = String::from_utf8_lossy(e.name().as_ref()).into_owned();
                 if n != "volsnapshot" {
-                    return Err(EngineError::Xml(format!("the root element is <{n}>; expected <volsnapshot>")));
+                    return Err(EngineError::Xml(format!(
+                        "the root element is <{n}>; expected <volsnapshot>"
+                    )));
                 }
                 seen_root = true;
                 done_root = is_empty;
@@ -87,40 +91,76 @@ pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
                     ["description"] => spec.description = Some(v),
                     ["kind"] => {
                         spec.kind = Some(SnapKind::parse(&v).ok_or_else(|| {
-                            EngineError::Xml(format!("<kind>{v}</kind>: expected internal, external, reflink or copy"))
+                            EngineError::Xml(format!(
+                                "<kind>{v}</kind>: expected internal, external, reflink or copy"
+                            ))
                         })?)
                     }
                     ["file"] => spec.file = Some(PathBuf::from(v)),
                     ["creationTime"] | ["parent", "name"] | ["volume"] | ["current"] => {}
-                    [] => return Err(EngineError::Xml(format!("unexpected text {v:?} directly inside <volsnapshot>"))),
-                    _ => return Err(EngineError::Xml(format!("unexpected text inside <{}>", path.join("><")))),
+                    [] => {
+                        return Err(EngineError::Xml(format!(
+                            "unexpected text {v:?} directly inside <volsnapshot>"
+                        )))
+                    }
+                    _ => {
+                        return Err(EngineError::Xml(format!(
+                            "unexpected text inside <{}>",
+                            path.join("><")
+                        )))
+                    }
                 }
             }
-            Event::CData(_) => return Err(EngineError::Xml("CDATA is not accepted in <volsnapshot>".into())),
+            Event::CData(_) => {
+                return Err(EngineError::Xml(
+                    "CDATA is not accepted in <volsnapshot>".into(),
+                ))
+            }
             Event::Eof => break,
             Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) => {}
         }
     }
     if !seen_root {
-        return Err(EngineError::Xml("empty document; expected <volsnapshot>".into()));
+        return Err(EngineError::Xml(
+            "empty document; expected <volsnapshot>".into(),
+        ));
     }
     if !stack.is_empty() {
-        return Err(EngineError::Xml(format!("unclosed element <{}>", stack.join("><"))));
+        return Err(EngineError::Xml(format!(
+            "unclosed element <{}>",
+            stack.join("><")
+        )));
     }
     Ok(spec)
 }
 
 fn check_element(stack: &[String], name: &str) -> Result<()> {
     let ok = match stack {
-        [] => matches!(name, "name" | "description" | "kind" | "file" | "creationTime" | "parent" | "volume" | "current"),
+        [] => matches!(
+            name,
+            "name"
+                | "description"
+                | "kind"
+                | "file"
+                | "creationTime"
+                | "parent"
+                | "volume"
+                | "current"
+        ),
         [p] if p == "parent" => name == "name",
         _ => false,
     };
     if ok {
         Ok(())
     } else {
-        let inside = if stack.is_empty() { "volsnapshot".to_string() } else { stack.join("><") };
-        Err(EngineError::Xml(format!("unknown element <{name}> in <{inside}>; allowed in <volsnapshot>: {ALLOWED}")))
+        let inside = if stack.is_empty() {
+            "volsnapshot".to_string()
+        } else {
+            stack.join("><")
+        };
+        Err(EngineError::Xml(format!(
+            "unknown element <{name}> in <{inside}>; allowed in <volsnapshot>: {ALLOWED}"
+        )))
     }
 }
 
@@ -139,12 +179,24 @@ pub fn volsnapshot_to_xml(s: &VolSnapshot, current: bool) -> String {
     if let Some(f) = &s.file {
         x.push_str(&format!("  <file>{}</file>\n", esc(&f.to_string_lossy())));
     }
-    x.push_str(&format!("  <creationTime>{}</creationTime>\n", s.creation_time));
+    x.push_str(&format!(
+        "  <creationTime>{}</creationTime>\n",
+        s.creation_time
+    ));
     if let Some(p) = &s.parent {
-        x.push_str(&format!("  <parent>\n    <name>{}</name>\n  </parent>\n", esc(p)));
+        x.push_str(&format!(
+            "  <parent>\n    <name>{}</name>\n  </parent>\n",
+            esc(p)
+        ));
     }
-    x.push_str(&format!("  <volume>{}</volume>\n", esc(&s.volume.to_string_lossy())));
-    x.push_str(&format!("  <current>{}</current>\n", if current { "yes" } else { "no" }));
+    x.push_str(&format!(
+        "  <volume>{}</volume>\n",
+        esc(&s.volume.to_string_lossy())
+    ));
+    x.push_str(&format!(
+        "  <current>{}</current>\n",
+        if current { "yes" } else { "no" }
+    ));
     x.push_str("</volsnapshot>\n");
     x
 }
@@ -186,19 +238,31 @@ mod tests {
 
     #[test]
     fn names_an_unknown_element() {
-        let e = parse_volsnapshot("<volsnapshot><name>a</name><colour>red</colour></volsnapshot>").unwrap_err().to_string();
+        let e = parse_volsnapshot("<volsnapshot><name>a</name><colour>red</colour></volsnapshot>")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown element <colour>"), "{e}");
     }
 
     #[test]
     fn rejects_malformed_documents() {
-        for bad in ["", "<volsnapshot><name>a</volsnapshot>", "<domainsnapshot/>", "<volsnapshot><kind>weird</kind></volsnapshot>", "<volsnapshot>text</volsnapshot>", "<volsnapshot><name>a</name>"] {
+        for bad in [
+            "",
+            "<volsnapshot><name>a</volsnapshot>",
+            "<domainsnapshot/>",
+            "<volsnapshot><kind>weird</kind></volsnapshot>",
+            "<volsnapshot>text</volsnapshot>",
+            "<volsnapshot><name>a</name>",
+        ] {
             assert!(parse_volsnapshot(bad).is_err(), "accepted {bad:?}");
         }
     }
 
     #[test]
     fn accepts_an_empty_root() {
-        assert_eq!(parse_volsnapshot("<volsnapshot/>").unwrap(), VolSnapshotSpec::default());
+        assert_eq!(
+            parse_volsnapshot("<volsnapshot/>").unwrap(),
+            VolSnapshotSpec::default()
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! * `VSNAP_FAILPOINT_LOG=FILE` — every hit appends one line `name` to FILE
 //!   (opened in append mode, written with one `write` call), so a harness
 //!   can list the points an operation passes, in order.
-//! * `VSNAP_CRASH_AT=name` or `name#N` — at the N-th hit (1-based, default
-//!   1) of that name in this process, the process kills itself with
+//! * `VSNAP_CRASH_AT=name` or `name#N` — at the N-th hit (counted from 1,
+//!   default 1) of that name in this process, the process kills itself with
 //!   SIGKILL: no destructor, no flush, no unwinding, like a power cut of
 //!   the process. The name `*` matches every point: `*#N` kills at the
 //!   N-th crash point of any name (how the crash suite explores a run it

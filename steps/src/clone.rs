@@ -197,6 +197,20 @@ fn fill(
     Ok(())
 }
 
+/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
+pub fn available_space(dir: &Path) -> StepResult<u64> {
+    fs2::available_space(dir).map_err(|e| io_err("statvfs", dir, e))
+}
+
+/// Fail with [`StepError::NoSpace`] unless `needed` bytes are free where `target` goes.
+pub fn require_space(target: &Path, needed: u64) -> StepResult<()> {
+    let available = available_space(parent_dir(target))?;
+    if available < needed {
+        return Err(StepError::NoSpace { path: target.to_path_buf(), needed, available });
+    }
+    Ok(())
+}
+
 /// Whether the filesystem of `dir` can make reflinks: tries FICLONE
 /// between two small temporary files in `dir`, removed afterwards.
 pub fn reflink_supported(dir: &Path) -> bool {

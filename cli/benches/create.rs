@@ -1,0 +1,272 @@
+//! `vsnap vol snapshot create`, whole process, against the bare qemu-img
+//! command it wraps, measured in the same run, interleaved:
+//!
+//! | series   | vsnap                                              | floor                                              |
+//! |----------|----------------------------------------------------|----------------------------------------------------|
+//! | internal | `vsnap vol snapshot create IMG NAME --kind internal` | `qemu-img snapshot -c NAME -f qcow2 IMG`           |
+//! | external | `vsnap vol snapshot create IMG NAME --kind external` | `qemu-img create -f qcow2 -b IMG -F qcow2 OVERLAY` |
+//!
+//! Run: `cargo bench -p vsnap-cli --bench create` (or `scripts/bench.sh`).
+//! cargo builds the release `vsnap` for the bench (it is the path in
+//! `CARGO_BIN_EXE_vsnap`, normally target/release/vsnap); if that file is
+//! missing the bench runs `cargo build --release -p vsnap-cli` itself.
+//!
+//! Each series has its own fresh state directory (so the journal grows as
+//! it would in use); every iteration gets a fresh 64 MiB qcow2 image with
+//! 1 MiB of data, made outside the timed region, for vsnap and the floor
+//! alike. Images live under /var/tmp (a real disk, not tmpfs: vsnap fsyncs).
+//! Environment: VSNAP_BENCH_ITERS (default 40), VSNAP_BENCH_WARMUP
+//! (default 5), VSNAP_BENCH_DIR (default /var/tmp).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TARGET_RATIO: f64 = 1.5;
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Run a command to completion; panic with its stderr if it fails.
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn timed(cmd: &mut Command) -> Duration {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let t = Instant::now();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let d = t.elapsed();
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    d
+}
+
+fn vsnap_binary() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vsnap"));
+    if exe.is_file() {
+        return exe;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ has a parent")
+        .to_path_buf();
+    eprintln!(
+        "{} is missing: cargo build --release -p vsnap-cli",
+        exe.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .args(["build", "--release", "-p", "vsnap-cli"])
+        .current_dir(&root));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join("vsnap");
+    assert!(
+        bin.is_file(),
+        "{} still missing after the build",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh 64 MiB qcow2 image with 1 MiB of data.
+fn fresh_image(path: &Path) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -q -P 0x5a 0 1M"])
+        .arg(path)
+        .stdout(Stdio::null()));
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Internal,
+    External,
+}
+
+struct Series {
+    vsnap: Vec<Duration>,
+    floor: Vec<Duration>,
+}
+
+fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> Series {
+    let label = if kind == Kind::Internal {
+        "internal"
+    } else {
+        "external"
+    };
+    let state = dir.join(format!("state-{label}"));
+    let mut s = Series {
+        vsnap: Vec::new(),
+        floor: Vec::new(),
+    };
+    for i in 0..warmup + iters {
+        let name = format!("snap{i}");
+        // vsnap
+        let img = dir.join(format!("{label}-v{i}.qcow2"));
+        fresh_image(&img);
+        let d = timed(
+            Command::new(vsnap)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["vol", "snapshot", "create"])
+                .arg(&img)
+                .arg(&name)
+                .args(["--kind", label]),
+        );
+        if i >= warmup {
+            s.vsnap.push(d);
+        }
+        // floor: the bare qemu-img command
+        let img = dir.join(format!("{label}-q{i}.qcow2"));
+        fresh_image(&img);
+        let d = match kind {
+            Kind::Internal => timed(
+                Command::new("qemu-img")
+                    .args(["snapshot", "-c", &name, "-f", "qcow2"])
+                    .arg(&img),
+            ),
+            Kind::External => {
+                let overlay = dir.join(format!("{label}-q{i}.overlay.qcow2"));
+                timed(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-b"])
+                        .arg(&img)
+                        .args(["-F", "qcow2"])
+                        .arg(&overlay),
+                )
+            }
+        };
+        if i >= warmup {
+            s.floor.push(d);
+        }
+    }
+    s
+}
+
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    // nearest-rank percentile
+    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
+    ms[rank.min(ms.len()) - 1]
+}
+
+fn main() {
+    // cargo bench passes --bench (and maybe a filter): a filter selects
+    // series by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let iters = env_num("VSNAP_BENCH_ITERS", 40).max(1);
+    let warmup = env_num("VSNAP_BENCH_WARMUP", 5);
+    let base = std::env::var_os("VSNAP_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let vsnap = vsnap_binary();
+    let dir = base.join(format!("vsnap-bench-create.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let qemu = Command::new("qemu-img").arg("--version").output().map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    });
+    println!("bench create: vsnap = {}", vsnap.display());
+    println!("bench create: {} ; images under {} ; {warmup} warm-up + {iters} measured iterations per series, interleaved", qemu.unwrap_or_else(|e| format!("qemu-img: {e}")), dir.display());
+    println!();
+    println!(
+        "{:<10} {:<48} {:>9} {:>9} {:>9}",
+        "series", "command", "p50 ms", "p90 ms", "min ms"
+    );
+    let mut verdicts = Vec::new();
+    for (kind, label, floor_cmd) in [
+        (
+            Kind::Internal,
+            "internal",
+            "qemu-img snapshot -c NAME -f qcow2 IMG",
+        ),
+        (
+            Kind::External,
+            "external",
+            "qemu-img create -f qcow2 -b IMG -F qcow2 OVL",
+        ),
+    ] {
+        if !wanted(label) {
+            continue;
+        }
+        let s = bench(kind, &vsnap, &dir, warmup, iters);
+        let (v50, v90, f50, f90) = (
+            pct(&s.vsnap, 50.0),
+            pct(&s.vsnap, 90.0),
+            pct(&s.floor, 50.0),
+            pct(&s.floor, 90.0),
+        );
+        println!(
+            "{:<10} {:<48} {:>9.2} {:>9.2} {:>9.2}",
+            label,
+            format!("vsnap vol snapshot create --kind {label}"),
+            v50,
+            v90,
+            pct(&s.vsnap, 0.0)
+        );
+        println!(
+            "{:<10} {:<48} {:>9.2} {:>9.2} {:>9.2}",
+            "",
+            floor_cmd,
+            f50,
+            f90,
+            pct(&s.floor, 0.0)
+        );
+        let (r50, r90) = (v50 / f50, v90 / f90);
+        println!(
+            "{:<10} {:<48} {:>8.2}x {:>8.2}x",
+            "", "ratio vsnap/floor", r50, r90
+        );
+        verdicts.push(format!(
+            "{label}: p50 ratio {r50:.2}x ({})",
+            if r50 <= TARGET_RATIO {
+                format!("within the {TARGET_RATIO}x target")
+            } else {
+                format!("ABOVE the {TARGET_RATIO}x target")
+            }
+        ));
+    }
+    println!();
+    for v in verdicts {
+        println!("bench create: {v}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
