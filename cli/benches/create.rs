@@ -106,6 +106,38 @@ fn fresh_image(path: &Path) {
         .stdout(Stdio::null()));
 }
 
+/// Whether this qemu-img's `snapshot` takes `-f` (8.0 and later); older
+/// ones (Debian 12's 7.2) need `--image-opts`, which is what vsnap passes.
+/// Set once by [`probe_snapshot_f`].
+static SNAPSHOT_HAS_F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn snapshot_has_f() -> bool {
+    *SNAPSHOT_HAS_F.get().expect("probe_snapshot_f ran")
+}
+
+fn probe_snapshot_f(dir: &Path) {
+    let img = dir.join("probe.qcow2");
+    fresh_image(&img);
+    let ok = Command::new("qemu-img")
+        .args(["snapshot", "-l", "-f", "qcow2"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = SNAPSHOT_HAS_F.set(ok);
+    let _ = std::fs::remove_file(img);
+}
+
+/// `driver=qcow2,file.driver=file,file.filename=PATH` (commas doubled).
+fn image_opts(path: &Path) -> String {
+    format!(
+        "driver=qcow2,file.driver=file,file.filename={}",
+        path.display().to_string().replace(',', ",,")
+    )
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Internal,
@@ -149,11 +181,16 @@ fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> S
         let img = dir.join(format!("{label}-q{i}.qcow2"));
         fresh_image(&img);
         let d = match kind {
-            Kind::Internal => timed(
-                Command::new("qemu-img")
-                    .args(["snapshot", "-c", &name, "-f", "qcow2"])
-                    .arg(&img),
-            ),
+            Kind::Internal => {
+                let mut c = Command::new("qemu-img");
+                if snapshot_has_f() {
+                    c.args(["snapshot", "-c", &name, "-f", "qcow2"]).arg(&img);
+                } else {
+                    c.args(["snapshot", "--image-opts", "-c", &name])
+                        .arg(image_opts(&img));
+                }
+                timed(&mut c)
+            }
             Kind::External => {
                 let overlay = dir.join(format!("{label}-q{i}.overlay.qcow2"));
                 timed(
@@ -197,6 +234,7 @@ fn main() {
     let dir = base.join(format!("vsnap-bench-create.{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    probe_snapshot_f(&dir);
     let qemu = Command::new("qemu-img").arg("--version").output().map(|o| {
         String::from_utf8_lossy(&o.stdout)
             .lines()
@@ -216,7 +254,11 @@ fn main() {
         (
             Kind::Internal,
             "internal",
-            "qemu-img snapshot -c NAME -f qcow2 IMG",
+            if snapshot_has_f() {
+                "qemu-img snapshot -c NAME -f qcow2 IMG"
+            } else {
+                "qemu-img snapshot --image-opts -c NAME OPTS"
+            },
         ),
         (
             Kind::External,
