@@ -12,7 +12,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin:/root/.cargo/bin"
 
 step_no=0
@@ -35,16 +34,26 @@ ok() { printf '  -> OK: %s\n' "$*"; }
 say "Installing what is missing (scripts/setup.sh)"
 scripts/setup.sh
 
-say "Building vsnap and vsnap-recover with crash points compiled in (--features vsnap-cli/failpoints)"
-cargo build -p vsnap-cli --features vsnap-cli/failpoints
-T0=$(date +%s)
-
 D=$(mktemp -d /var/tmp/vsnap-demo.XXXXXX)
 trap 'rm -f "$D/vsnap" "$D/vsnap-recover"; printf "\n(the demo directory %s is left for you to look at; rm -rf it when done)\n" "$D"' EXIT
-# Private copies: other builds sharing target/ cannot swap the binaries
-# (for ones without crash points) under the demo.
-cp target/debug/vsnap target/debug/vsnap-recover "$D/"
+
+say "Building vsnap and vsnap-recover with crash points compiled in (--features vsnap-cli/failpoints)"
+# Private copies in the demo directory: another build sharing target/ (one
+# without crash points) cannot swap the binaries under the demo. Checked:
+# opening a journal must log the crash point journal.opened.
 BIN=$D
+for attempt in 1 2 3; do
+    cargo build -p vsnap-cli --features vsnap-cli/failpoints
+    cp target/debug/vsnap target/debug/vsnap-recover "$D/"
+    rm -rf "$D/probe" "$D/probe.log"
+    VSNAP_FAILPOINT_LOG=$D/probe.log "$BIN/vsnap" --state-dir "$D/probe" plan list >/dev/null
+    if grep -qx journal.opened "$D/probe.log" 2>/dev/null; then break; fi
+    [ "$attempt" -lt 3 ] || fail "target/debug/vsnap has no crash points even after a build with --features vsnap-cli/failpoints (is another build overwriting target/ right now?)"
+    echo "  (the copied binary had no crash points: another build replaced it; building again)"
+done
+rm -rf "$D/probe" "$D/probe.log"
+ok "vsnap and vsnap-recover copied to $D, crash points compiled in"
+T0=$(date +%s)
 export VSNAP_STATE_DIR=$D/state   # the same as --state-dir "$D/state" on every command
 cd "$D"
 vsnap() { "$BIN/vsnap" "$@"; }

@@ -14,6 +14,9 @@
 #
 # Every phase runs even if an earlier test phase failed (a build failure
 # stops the run); the exit status is 0 only if every phase passed.
+# A hung test cannot eat CI's 90 minutes: the whole run has a budget
+# (VSNAP_TEST_BUDGET_MIN, default 80 minutes); a phase still running when it
+# is spent is killed (with its whole process group) and reported TIMED OUT.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,8 +24,10 @@ ROOT=$(pwd)
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin:/root/.cargo/bin"
 LOG_DIR=${VSNAP_TEST_LOG_DIR:-$ROOT/target/test-logs}
 mkdir -p "$LOG_DIR"
+rm -f "$LOG_DIR"/setup.log "$LOG_DIR"/build.log "$LOG_DIR"/test.log "$LOG_DIR"/loom.log
 
 T0=$(date +%s)
+DEADLINE=$(( T0 + ${VSNAP_TEST_BUDGET_MIN:-80} * 60 ))
 declare -a NAMES=() RESULTS=() SECS=()
 failed=0
 
@@ -34,10 +39,22 @@ phase() {
     shift 2
     banner "$name: $*"
     local t=$(date +%s) rc=0
-    "$@" 2>&1 | tee "$log" || rc=$?
+    local left=$(( DEADLINE - t ))
+    [ "$left" -gt 0 ] || left=1
+    # timeout(1) signals the command's whole process group, test binaries too.
+    timeout --kill-after=30 "$left" "$@" 2>&1 | tee "$log" || rc=$?
     NAMES+=("$name")
     SECS+=($(( $(date +%s) - t )))
-    if [ "$rc" -eq 0 ]; then RESULTS+=(ok); else RESULTS+=("FAILED (exit $rc)"); failed=1; fi
+    if [ "$rc" -eq 0 ]; then
+        RESULTS+=(ok)
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        RESULTS+=("TIMED OUT")
+        echo "test.sh: $name killed: the run's budget of ${VSNAP_TEST_BUDGET_MIN:-80} minutes is spent" >&2
+        failed=1
+    else
+        RESULTS+=("FAILED (exit $rc)")
+        failed=1
+    fi
     return "$rc"
 }
 
@@ -51,6 +68,8 @@ summary() {
         # Sum libtest's per-target lines "test result: ok. P passed; F failed; I ignored; ...".
         awk '/^test result:/ { for (k = 1; k <= NF; k++) { if ($k ~ /^passed/) p += $(k-1); if ($k ~ /^failed/) f += $(k-1); if ($k ~ /^ignored/) ig += $(k-1) } n++ }
              END { printf "cargo test:  %d test targets, %d passed, %d failed, %d ignored\n", n, p, f, ig }' "$LOG_DIR/test.log"
+        # cargo's own list of failed targets (--no-fail-fast), if any.
+        sed -n '/^error: [0-9]* targets\{0,1\} failed:/,/^$/p' "$LOG_DIR/test.log" | grep -E '^ +`' | sed 's/^ */failed:      /' || true
         local torture crash
         torture=$(grep -E '^kills: [0-9]+' "$LOG_DIR/test.log" || true)
         crash=$(grep -E '^crash points explored: [0-9]+' "$LOG_DIR/test.log" || true)
