@@ -63,7 +63,10 @@ enum VolCmd {
     /// Check a volume against the catalog: every snapshot present, no
     /// orphan or temporary file, chains valid (qemu-img check), no
     /// unfinished plan. Exit 1 when anything is wrong.
-    Check { image: PathBuf },
+    Check {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -107,6 +110,7 @@ struct CreateArgs {
     /// document; options given on the command line win.
     #[arg(long, value_name = "FILE")]
     xml: Option<PathBuf>,
+    /// A free-text description kept with the snapshot.
     #[arg(long, value_name = "TEXT")]
     description: Option<String>,
     /// Print the plan; change nothing.
@@ -120,6 +124,7 @@ enum SnapCmd {
     Create(CreateArgs),
     /// List the volume's snapshots, oldest first.
     List {
+        /// The disk image (qcow2 or raw), by the path it is used under.
         image: PathBuf,
         /// Only snapshots of this kind.
         #[arg(long, value_enum)]
@@ -132,34 +137,57 @@ enum SnapCmd {
         name: bool,
     },
     /// Print the current snapshot (the last made or reverted to); exit 1 when there is none.
-    Current { image: PathBuf },
+    Current {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+    },
     /// Exit 0 (and print "yes") when the volume has a current snapshot, else 1 ("no").
-    HasCurrent { image: PathBuf },
+    HasCurrent {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+    },
     /// Count the volume's snapshots.
     Count {
+        /// The disk image (qcow2 or raw), by the path it is used under.
         image: PathBuf,
         #[arg(long, value_enum)]
         kind: Option<KindArg>,
     },
     /// Show one snapshot.
-    Info { image: PathBuf, name: String },
+    Info {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+        /// The snapshot's name.
+        name: String,
+    },
     /// Print one snapshot as <volsnapshot> XML.
-    Dumpxml { image: PathBuf, name: String },
+    Dumpxml {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+        /// The snapshot's name.
+        name: String,
+    },
     /// Revert the image to a snapshot. What was written since is discarded.
     Revert {
+        /// The disk image (qcow2 or raw), by the path it is used under.
         image: PathBuf,
+        /// The snapshot's name.
         name: String,
+        /// Print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
     /// Delete a snapshot. Its children are re-parented onto its parent
     /// (external: their files are rebased, keeping every byte they show).
     Delete {
+        /// The disk image (qcow2 or raw), by the path it is used under.
         image: PathBuf,
+        /// The snapshot's name.
         name: String,
         /// Delete the snapshot's children (its whole subtree) too.
         #[arg(long)]
         children: bool,
+        /// Print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -170,7 +198,10 @@ enum PlanCmd {
     /// Every plan in the journal with its outcome.
     List,
     /// One plan: its steps and its records.
-    Show { id: u64 },
+    Show {
+        /// The plan's id, as `vsnap plan list` shows it.
+        id: u64,
+    },
 }
 
 fn main() -> ExitCode {

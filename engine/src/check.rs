@@ -27,6 +27,8 @@ pub struct Observation {
     pub temp_files: Vec<PathBuf>,
     /// Files named like vsnap's snapshot files (`<stem>.<x>.<ext>`) beside the image.
     pub look_alike: Vec<PathBuf>,
+    /// Files a running process holds, so `qemu-img check` could not run.
+    pub in_use: Vec<PathBuf>,
 }
 
 /// The result of a check: empty `violations` means consistent.
@@ -105,6 +107,8 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
         if fmt == Format::Qcow2 {
             match qemu_img::check(&f, fmt) {
                 Ok(r) if r.clean => {}
+                // A running QEMU holds it: not damage, just not checkable now.
+                Err(vsnap_steps::StepError::InUse { .. }) => o.in_use.push(f.clone()),
                 Ok(r) => o.damage.push(format!(
                     "{}: qemu-img check: {} corruption(s), {} leak(s)",
                     f.display(),

@@ -43,7 +43,7 @@ pub enum EngineError {
         #[source]
         source: vsnap_recovery::IllegalSequence,
     },
-    #[error("invalid snapshot name {name:?}: {why}")]
+    #[error("invalid snapshot name {name:?}: {why}; choose a name of at most 200 bytes without '/', '..', NUL or control characters that does not start with '.' or '-'")]
     BadName { name: String, why: String },
     #[error("{0}")]
     Invalid(String),

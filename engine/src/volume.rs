@@ -60,6 +60,10 @@ pub struct Done {
     pub dry_run: bool,
 }
 
+/// Free space an internal snapshot needs beyond its L1 table: refcount
+/// blocks, the snapshot table, and a margin (qemu-img does not say).
+const INTERNAL_HEADROOM_BYTES: u64 = 4 << 20;
+
 /// A short, unique tag for temporary names of one plan.
 fn temp_tag() -> String {
     let nanos = std::time::SystemTime::now()
@@ -293,6 +297,14 @@ impl Engine {
                     ));
                 }
                 check_writable(&dir)?;
+                // qemu-img writes metadata into the image (a copy of the L1
+                // table, refcounts, the snapshot table); refused up front, a
+                // full filesystem cannot leave a half-written header behind.
+                clone::require_space(
+                    image,
+                    INTERNAL_HEADROOM_BYTES + vol.info.virtual_size / 8192,
+                )
+                .map_err(EngineError::Check)?;
                 if vol.info.snapshots.contains(&name) {
                     return Err(EngineError::Invalid(format!(
                         "qcow2 image {} already holds an internal snapshot named {name:?} that vsnap did not make; choose another name",

@@ -131,6 +131,9 @@ pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
             stack.join("><")
         )));
     }
+    if !done_root {
+        return Err(EngineError::Xml("unclosed element <volsnapshot>".into()));
+    }
     Ok(spec)
 }
 

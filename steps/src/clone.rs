@@ -7,6 +7,7 @@ use crate::fsops::{create_excl, fsync_parent, io_err, parent_dir, unlink_if_exis
 use crate::{Progress, StepError, StepResult};
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -206,32 +207,32 @@ pub fn available_space(dir: &Path) -> StepResult<u64> {
 pub fn require_space(target: &Path, needed: u64) -> StepResult<()> {
     let available = available_space(parent_dir(target))?;
     if available < needed {
-        return Err(StepError::NoSpace { path: target.to_path_buf(), needed, available });
+        return Err(StepError::NoSpace {
+            path: target.to_path_buf(),
+            needed,
+            available,
+        });
     }
     Ok(())
 }
 
 /// Whether the filesystem of `dir` can make reflinks: tries FICLONE
-/// between two small temporary files in `dir`, removed afterwards.
+/// between two unnamed `O_TMPFILE` files in `dir`. They have no name, so
+/// the probe leaves no entry in the directory, even if vsnap dies.
 pub fn reflink_supported(dir: &Path) -> bool {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let id = format!("{}-{n}", std::process::id());
-    let a = dir.join(format!(".vsnap-reflink-probe.{id}.src.tmp"));
-    let b = dir.join(format!(".vsnap-reflink-probe.{id}.dst.tmp"));
-    let mut created = Vec::new();
-    let mut attempt = || -> StepResult<bool> {
-        let mut fa = create_excl(&a)?;
-        created.push(a.clone());
-        fa.write_all(&[0x5a; 4096])
-            .map_err(|e| io_err("write", &a, e))?;
-        let fb = create_excl(&b)?;
-        created.push(b.clone());
+    let tmpfile = || -> io::Result<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(dir)
+    };
+    let attempt = || -> io::Result<bool> {
+        let mut fa = tmpfile()?;
+        fa.write_all(&[0x5a; 4096])?;
+        let fb = tmpfile()?;
         Ok(ficlone(&fb, &fa).is_ok())
     };
-    let ok = attempt().unwrap_or(false);
-    for p in created {
-        let _ = unlink_if_exists(&p);
-    }
-    ok
+    attempt().unwrap_or(false)
 }
