@@ -267,7 +267,8 @@ def main():
 
     for spec in a.file:
         src, dest = spec.split(":", 1)
-        arc.add_file(dest, read(src), os.stat(src).st_mode & 0o777)
+        # 0755 or 0644 whatever the checkout's umask was (reproducible).
+        arc.add_file(dest, read(src), 0o755 if os.stat(src).st_mode & 0o111 else 0o644)
 
     # kernel modules, flat, with their load order
     order, builtin = module_order(a.modules_dir, a.module)
