@@ -1,14 +1,17 @@
 //! The closed set of steps a plan is made of, each with a `probe`, an
 //! idempotent `apply` and (where one exists) an idempotent `undo`, and the
-//! adapters they drive (`qemu_img`, `fsops`, `clone`).
+//! adapters they drive (`qemu_img`, `fsops`, `clone`, the QMP client `qmp`
+//! and the guest-agent client `agent`).
 //!
 //! Every path a step touches is fixed in the step when the plan is
 //! compiled, so recovery never guesses what the dead process meant.
 //! Steps never go through a shell.
 
+pub mod agent;
 pub mod clone;
 pub mod fsops;
 pub mod qemu_img;
+pub mod qmp;
 mod step;
 
 pub use step::*;
@@ -91,6 +94,78 @@ pub enum StepError {
     /// "Failed to get ... lock").
     #[error("image {path} is in use by another process (a running QEMU?); stop it or use the live domain commands")]
     InUse { path: PathBuf },
+    /// No socket file at the QMP monitor path (or a directory on it is missing).
+    #[error("no QEMU monitor at {}: is the guest running? start QEMU with -qmp unix:{},server=on,wait=off", .path.display(), .path.display())]
+    QmpNoSocket { path: PathBuf },
+    /// The socket file exists but nobody accepts on it (QEMU was killed and
+    /// left a stale socket), or connecting failed otherwise.
+    #[error("cannot connect to the QEMU monitor at {}: {source}; has QEMU exited (a stale socket left by a killed QEMU)?", .path.display())]
+    QmpConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The monitor closed (EOF or reset) while a command or wait was in
+    /// flight: QEMU exited or was killed.
+    #[error("QEMU closed the monitor at {} during {during} (did it exit?)", .path.display())]
+    QmpClosed { path: PathBuf, during: String },
+    /// Nothing (or no complete answer) within the timeout. While connecting,
+    /// this is what another client holding the monitor looks like.
+    #[error("the QEMU monitor at {} did not answer {what} within {}", .path.display(), crate::qmp::fmt_secs(*.timeout))]
+    QmpTimeout {
+        path: PathBuf,
+        what: String,
+        timeout: std::time::Duration,
+    },
+    /// The peer does not speak QMP as expected.
+    #[error("unexpected data from the QEMU monitor at {}: {message}", .path.display())]
+    QmpProtocol { path: PathBuf, message: String },
+    /// QEMU answered a command with an error.
+    #[error("QMP command {command} failed: {desc} ({class})")]
+    Qmp {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    /// A QEMU job (snapshot-save, snapshot-load, snapshot-delete) concluded
+    /// with an error.
+    #[error("QEMU's {kind} job {job} failed: {error}")]
+    QmpJob {
+        job: String,
+        kind: String,
+        error: String,
+    },
+    /// `query-jobs` does not list the job (dismissed already, or a new QEMU).
+    #[error("QEMU has no job {job} (already dismissed, or QEMU was restarted)")]
+    QmpNoJob { job: String },
+    /// No socket file at the guest-agent path.
+    #[error("no guest-agent socket at {}: is the guest running, with -chardev socket,path={},server=on,wait=off,id=qga0 -device virtio-serial -device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0?", .path.display(), .path.display())]
+    AgentNoSocket { path: PathBuf },
+    #[error("cannot connect to the guest-agent socket at {}: {source}; has QEMU exited?", .path.display())]
+    AgentConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent did not answer in time: no agent in the guest, one not
+    /// started yet, a guest that is paused, or another client on the socket.
+    #[error("the guest agent at {} did not answer {what} within {}: is qemu-guest-agent running in the guest?", .path.display(), crate::qmp::fmt_secs(*.timeout))]
+    AgentTimeout {
+        path: PathBuf,
+        what: String,
+        timeout: std::time::Duration,
+    },
+    #[error("the guest-agent socket at {} closed during {what} (did QEMU exit?)", .path.display())]
+    AgentClosed { path: PathBuf, what: String },
+    #[error("unexpected data from the guest agent at {}: {message}", .path.display())]
+    AgentProtocol { path: PathBuf, message: String },
+    /// The agent answered a command with an error.
+    #[error("guest-agent command {command} failed: {desc} ({class})")]
+    Agent {
+        command: String,
+        class: String,
+        desc: String,
+    },
 }
 
 pub type StepResult<T> = Result<T, StepError>;
