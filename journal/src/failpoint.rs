@@ -25,7 +25,11 @@ mod imp {
 
     pub fn hit(name: &str) {
         if let Some(log) = std::env::var_os("VSNAP_FAILPOINT_LOG") {
-            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
                 let _ = f.write_all(format!("{name}\n").as_bytes());
             }
         }

@@ -76,8 +76,15 @@ pub enum Record {
 /// One change to a catalog tree, applied atomically with the pivot's `Done`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CatalogOp {
-    Put { tree: String, key: Vec<u8>, value: Vec<u8> },
-    Delete { tree: String, key: Vec<u8> },
+    Put {
+        tree: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        tree: String,
+        key: Vec<u8>,
+    },
 }
 
 /// A plan as stored: header, opaque body, and its progress records in order.
@@ -102,17 +109,33 @@ impl StoredPlan {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("state directory {dir} is locked by process {pid}; wait for it to finish or stop it (lock file {lock})")]
-    Locked { dir: PathBuf, lock: PathBuf, pid: String },
+    Locked {
+        dir: PathBuf,
+        lock: PathBuf,
+        pid: String,
+    },
     #[error("cannot use state directory {dir}: {source}")]
-    StateDir { dir: PathBuf, #[source] source: std::io::Error },
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("journal database error: {0}")]
     Db(#[from] sled::Error),
     #[error("journal transaction failed: {0}")]
     Transaction(String),
     #[error("unreadable journal record for plan {plan} ({what}): {reason}; the journal may be damaged, inspect it with `vsnap plan show {plan}`")]
-    Corrupt { plan: PlanId, what: String, reason: String },
+    Corrupt {
+        plan: PlanId,
+        what: String,
+        reason: String,
+    },
     #[error("unreadable catalog record {tree}/{key}: {reason}")]
-    CorruptCatalog { tree: String, key: String, reason: String },
+    CorruptCatalog {
+        tree: String,
+        key: String,
+        reason: String,
+    },
     #[error("no plan {0} in the journal")]
     NoSuchPlan(PlanId),
     #[error("the journal is closed")]
