@@ -1,6 +1,7 @@
 //! `vsnap`: the operator's command line. Thin: parse, call the engine, print.
 
 mod common;
+mod domain_cmds;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -45,6 +46,16 @@ enum Cmd {
     Vol {
         #[command(subcommand)]
         cmd: VolCmd,
+    },
+    /// Domains: guests and their disks.
+    Domain {
+        #[command(subcommand)]
+        cmd: domain_cmds::DomainCmd,
+    },
+    /// Domain snapshots (mirroring `virsh snapshot-*`).
+    Snapshot {
+        #[command(subcommand)]
+        cmd: domain_cmds::SnapCmd,
     },
     /// The journal, for operators.
     Plan {
@@ -285,6 +296,8 @@ fn try_main(cli: &Cli) -> anyhow::Result<u8> {
             })
         }
         Cmd::Plan { cmd } => plans(cli, cmd),
+        Cmd::Domain { cmd } => domain_cmds::domain(&open(cli)?, cli.json, cmd),
+        Cmd::Snapshot { cmd } => domain_cmds::snapshot(&open(cli)?, cli.json, cmd),
     }
 }
 

@@ -6,9 +6,12 @@
 
 pub mod catalog;
 pub mod check;
+pub mod domain;
+pub mod domsnap;
 pub mod plan;
 pub mod volume;
 pub mod xml;
+pub mod xmltree;
 
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
 pub use plan::{Plan, PlanReport};

@@ -91,7 +91,7 @@ fn parent_dir(p: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/"))
 }
 
-fn check_writable(dir: &Path) -> Result<()> {
+pub(crate) fn check_writable(dir: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| EngineError::Invalid(format!("path {} contains NUL", dir.display())))?;

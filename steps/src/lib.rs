@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod clone;
 pub mod fsops;
+pub mod live;
 pub mod qemu_img;
 pub mod qmp;
 mod step;

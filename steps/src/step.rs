@@ -89,6 +89,45 @@ pub enum Step {
     /// transaction with the catalog changes. apply/undo do nothing;
     /// probe is always NotApplied (its effect and its Done are atomic).
     Catalog,
+    /// QMP `blockdev-add` of the prepared qcow2 overlay at `path` as node
+    /// `node` (file node `file_node` inline, `backing: null`).
+    /// Prerequisites: `path` exists (CreateOverlay). Probe: QEMU has `node`.
+    /// Undo: `blockdev-del` of `node` when QEMU still has it.
+    QmpBlockdevAdd {
+        qmp: PathBuf,
+        node: String,
+        file_node: String,
+        path: PathBuf,
+    },
+    /// Guest agent `guest-fsfreeze-freeze`. Probe: status `frozen`.
+    /// Undo: thaw. On failure: maybe frozen; the undo thaws.
+    AgentFreeze { agent: PathBuf },
+    /// Guest agent `guest-fsfreeze-thaw`; retriable. Probe: not frozen.
+    AgentThaw { agent: PathBuf },
+    /// QMP `stop` (only in plans whose guest was running). Probe: paused.
+    /// Undo: `cont`.
+    QmpStop { qmp: PathBuf },
+    /// QMP `cont`; retriable. Probe: running.
+    QmpCont { qmp: PathBuf },
+    /// The pivot of a live external snapshot: ONE QMP `transaction` of
+    /// `blockdev-snapshot` over every disk, atomic against guest I/O.
+    /// Probe: every device's top node is its overlay (Applied), none is
+    /// (NotApplied), otherwise or when QEMU cannot be asked: Unknown.
+    QmpSnapshotTransaction {
+        qmp: PathBuf,
+        disks: Vec<crate::live::LiveDisk>,
+    },
+    /// The pivot of a live internal snapshot with memory: QMP
+    /// `snapshot-save` job `job` (tag, vmstate node, device nodes).
+    /// Probe: the tag is on every device (Applied), on none (NotApplied),
+    /// else Unknown; a job still running in QEMU is waited for first.
+    QmpSnapshotSave {
+        qmp: PathBuf,
+        job: String,
+        tag: String,
+        vmstate: String,
+        devices: Vec<String>,
+    },
 }
 
 impl Step {
@@ -106,13 +145,26 @@ impl Step {
             Step::Commit { .. } => "commit",
             Step::RemoveFile { .. } => "remove-file",
             Step::Catalog => "catalog",
+            Step::QmpBlockdevAdd { .. } => "qmp-blockdev-add",
+            Step::AgentFreeze { .. } => "agent-freeze",
+            Step::AgentThaw { .. } => "agent-thaw",
+            Step::QmpStop { .. } => "qmp-stop",
+            Step::QmpCont { .. } => "qmp-cont",
+            Step::QmpSnapshotTransaction { .. } => "qmp-transaction",
+            Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
         }
     }
 
     /// Whether `undo` exists (a step without one may only stand at or after the pivot).
     pub fn reversible(&self) -> bool {
         match self {
-            Step::InternalDelete { .. } | Step::Commit { .. } | Step::RemoveFile { .. } => false,
+            Step::InternalDelete { .. }
+            | Step::Commit { .. }
+            | Step::RemoveFile { .. }
+            | Step::AgentThaw { .. }
+            | Step::QmpCont { .. }
+            | Step::QmpSnapshotTransaction { .. }
+            | Step::QmpSnapshotSave { .. } => false,
             Step::Rename { replace, .. } => !replace,
             Step::Rebase { unsafe_, .. } => !unsafe_,
             _ => true,
@@ -194,6 +246,43 @@ impl Step {
             }
             Step::RemoveFile { path } => format!("remove {}", path.display()),
             Step::Catalog => "write the catalog".to_string(),
+            Step::QmpBlockdevAdd {
+                qmp, node, path, ..
+            } => {
+                format!(
+                    "QMP {}: blockdev-add {} as node {node}",
+                    qmp.display(),
+                    path.display()
+                )
+            }
+            Step::AgentFreeze { agent } => {
+                format!("agent {}: freeze the guest's filesystems", agent.display())
+            }
+            Step::AgentThaw { agent } => {
+                format!("agent {}: thaw the guest's filesystems", agent.display())
+            }
+            Step::QmpStop { qmp } => format!("QMP {}: pause the guest (stop)", qmp.display()),
+            Step::QmpCont { qmp } => format!("QMP {}: resume the guest (cont)", qmp.display()),
+            Step::QmpSnapshotTransaction { qmp, disks } => format!(
+                "QMP {}: one transaction of blockdev-snapshot switching {}",
+                qmp.display(),
+                disks
+                    .iter()
+                    .map(|d| format!("{} -> {}", d.node, d.overlay))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Step::QmpSnapshotSave {
+                qmp,
+                tag,
+                vmstate,
+                devices,
+                ..
+            } => format!(
+                "QMP {}: snapshot-save {tag:?} (memory in {vmstate}; disks {})",
+                qmp.display(),
+                devices.join(", ")
+            ),
         }
     }
 
@@ -317,6 +406,37 @@ impl Step {
                 Probe::Applied
             }),
             Step::Catalog => Ok(Probe::NotApplied),
+            Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_add_probe(qmp, node),
+            Step::AgentFreeze { agent } => Ok(if crate::live::frozen(agent)? {
+                Probe::Applied
+            } else {
+                Probe::NotApplied
+            }),
+            Step::AgentThaw { agent } => Ok(if crate::live::frozen(agent)? {
+                Probe::NotApplied
+            } else {
+                Probe::Applied
+            }),
+            Step::QmpStop { qmp } => Ok(if crate::live::running(qmp)? {
+                Probe::NotApplied
+            } else {
+                Probe::Applied
+            }),
+            Step::QmpCont { qmp } => Ok(if crate::live::running(qmp)? {
+                Probe::Applied
+            } else {
+                Probe::NotApplied
+            }),
+            Step::QmpSnapshotTransaction { qmp, disks } => {
+                crate::live::transaction_probe(qmp, disks)
+            }
+            Step::QmpSnapshotSave {
+                qmp,
+                job,
+                tag,
+                devices,
+                ..
+            } => crate::live::snapshot_save_probe(qmp, job, tag, devices),
         }
     }
 
@@ -440,6 +560,24 @@ impl Step {
                 fsops::fsync_parent(path)
             }
             Step::Catalog => Ok(()),
+            Step::QmpBlockdevAdd {
+                qmp,
+                node,
+                file_node,
+                path,
+            } => crate::live::blockdev_add(qmp, node, file_node, path),
+            Step::AgentFreeze { agent } => crate::live::freeze(agent),
+            Step::AgentThaw { agent } => crate::live::thaw(agent),
+            Step::QmpStop { qmp } => crate::live::stop(qmp),
+            Step::QmpCont { qmp } => crate::live::cont(qmp),
+            Step::QmpSnapshotTransaction { qmp, disks } => crate::live::transaction(qmp, disks),
+            Step::QmpSnapshotSave {
+                qmp,
+                job,
+                tag,
+                vmstate,
+                devices,
+            } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
         }
     }
 
@@ -509,6 +647,13 @@ impl Step {
                 qemu_img::rebase(image, *format, old, true)
             }
             Step::Catalog => Ok(()),
+            Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_del(qmp, node),
+            Step::AgentFreeze { agent } => crate::live::thaw(agent),
+            Step::QmpStop { qmp } => crate::live::cont(qmp),
+            Step::AgentThaw { .. }
+            | Step::QmpCont { .. }
+            | Step::QmpSnapshotTransaction { .. }
+            | Step::QmpSnapshotSave { .. } => unreachable!("irreversible steps return above"),
             Step::InternalDelete { .. }
             | Step::Commit { .. }
             | Step::RemoveFile { .. }

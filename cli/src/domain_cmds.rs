@@ -1,0 +1,525 @@
+//! `vsnap domain ...` and `vsnap snapshot ...` (domain snapshots), mirroring
+//! `virsh snapshot-*`.
+
+use crate::common::*;
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use serde_json::json;
+use std::path::PathBuf;
+use vsnap_engine::domain::DomainRec;
+use vsnap_engine::domsnap::{DiskChoice, DomSnapRequest, DomSnapshot, MemoryChoice};
+use vsnap_engine::Engine;
+
+#[derive(Subcommand)]
+pub enum DomainCmd {
+    /// Define a domain from libvirt <domain> XML (`virsh dumpxml` output is
+    /// accepted as it is): name, uuid, disks (driver type, source, target,
+    /// readonly, shareable) and the guest-agent channel's socket.
+    Define {
+        /// The <domain> XML file.
+        file: PathBuf,
+        /// The QEMU monitor socket (QMP) of the running guest; overrides
+        /// <metadata><vsnap:qmp xmlns:vsnap='https://vsnap.dev/xmlns/domain/1'>.
+        /// Give vsnap a monitor of its own: QEMU accepts several -qmp options.
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
+    },
+    /// Define a domain from a running QEMU: its disks are what query-block
+    /// reports (targets are drive ids, or device ids with -blockdev).
+    Attach {
+        /// The domain's name.
+        name: String,
+        /// The QEMU monitor socket (QMP).
+        #[arg(long, value_name = "SOCKET")]
+        qmp: PathBuf,
+        /// The guest agent's socket (the host side of org.qemu.guest_agent.0).
+        #[arg(long, value_name = "SOCKET")]
+        agent: Option<PathBuf>,
+    },
+    /// List the domains with their state (running, paused, shutoff).
+    List,
+    /// Show one domain: state, sockets, disks.
+    Info {
+        /// The domain's name.
+        name: String,
+    },
+    /// Print the domain as <domain> XML.
+    Dumpxml {
+        /// The domain's name.
+        name: String,
+    },
+    /// Forget a domain (its files are not touched).
+    Undefine {
+        /// The domain's name.
+        name: String,
+        /// Also forget its snapshots' metadata (their files stay).
+        #[arg(long)]
+        snapshots_metadata: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnapCmd {
+    /// Snapshot a domain: all chosen disks at one instant.
+    ///
+    /// A running guest: with --disk-only, external overlays switched by one
+    /// atomic QMP transaction (the guest keeps running); without it, an
+    /// internal snapshot with memory (QEMU's snapshot-save). A shut-off
+    /// guest: qemu-img per disk (internal for qcow2, external for raw).
+    Create {
+        /// The domain's name.
+        domain: String,
+        /// Snapshot name (default: the creation time in seconds).
+        name: Option<String>,
+        /// Require a running guest (fail instead of taking an offline snapshot).
+        #[arg(long)]
+        live: bool,
+        /// Disks only, no memory.
+        #[arg(long)]
+        disk_only: bool,
+        /// Freeze the guest's filesystems through its agent around the switch.
+        #[arg(long)]
+        quiesce: bool,
+        /// Accepted for virsh compatibility: vsnap snapshots are always atomic.
+        #[arg(long)]
+        atomic: bool,
+        /// internal (memory inside the disks, QEMU's snapshot-save) or external:PATH.
+        #[arg(long, value_name = "internal|external:PATH")]
+        memory: Option<String>,
+        /// Per disk: TARGET=external[:PATH]|internal|no (TARGET or the image's path).
+        #[arg(long = "disk", value_name = "TARGET=SPEC")]
+        disks: Vec<String>,
+        /// Take the request from <domainsnapshot> XML (libvirt's format);
+        /// options on the command line win.
+        #[arg(long, value_name = "FILE")]
+        xml: Option<PathBuf>,
+        /// A free-text description kept with the snapshot.
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+        /// Do not record the snapshot in the catalog (the disks still switch).
+        #[arg(long)]
+        no_metadata: bool,
+        /// Use overlays that already exist (backed by the disks' images).
+        #[arg(long)]
+        reuse_external: bool,
+        /// Stop the guest afterwards (not supported yet).
+        #[arg(long)]
+        halt: bool,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List a domain's snapshots, oldest first.
+    List {
+        /// The domain's name.
+        domain: String,
+        /// Show the tree (parents and children).
+        #[arg(long)]
+        tree: bool,
+        /// Names only.
+        #[arg(long)]
+        name: bool,
+    },
+    /// Print the current snapshot; exit 1 when there is none.
+    Current {
+        /// The domain's name.
+        domain: String,
+    },
+    /// Show a snapshot (default: the current one).
+    Info {
+        /// The domain's name.
+        domain: String,
+        /// The snapshot's name (default: the current one).
+        name: Option<String>,
+    },
+    /// Print a snapshot as <domainsnapshot> XML (default: the current one).
+    Dumpxml {
+        /// The domain's name.
+        domain: String,
+        /// The snapshot's name (default: the current one).
+        name: Option<String>,
+    },
+    /// Print a snapshot's parent; exit 1 when it has none.
+    Parent {
+        /// The domain's name.
+        domain: String,
+        /// The snapshot's name (default: the current one).
+        name: Option<String>,
+    },
+}
+
+fn domain_json(engine: &Engine, d: &DomainRec) -> serde_json::Value {
+    let state = engine
+        .domain_state(d)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    json!({
+        "name": d.name, "uuid": d.uuid, "state": state, "qmp": d.qmp, "agent": d.agent,
+        "current_snapshot": d.current,
+        "disks": d.disks.iter().map(|x| json!({"target": x.target, "source": x.source, "format": x.format.as_str(), "readonly": x.readonly, "shareable": x.shareable})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Result<u8> {
+    match cmd {
+        DomainCmd::Define { file, qmp } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let d = engine
+                .domain_define(&text, qmp.clone())
+                .with_context(|| format!("in {}", file.display()))?;
+            if json_out {
+                print_json(&domain_json(engine, &d));
+            } else {
+                println!("defined domain {} ({} disk(s))", d.name, d.disks.len());
+            }
+        }
+        DomainCmd::Attach { name, qmp, agent } => {
+            let d = engine.domain_attach(name, qmp, agent.as_deref())?;
+            if json_out {
+                print_json(&domain_json(engine, &d));
+            } else {
+                println!(
+                    "attached domain {} ({} disk(s): {})",
+                    d.name,
+                    d.disks.len(),
+                    d.disks
+                        .iter()
+                        .map(|x| format!("{}={}", x.target, x.source.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        DomainCmd::List => {
+            let all = engine.domain_list()?;
+            if json_out {
+                print_json(&json!(all
+                    .iter()
+                    .map(|d| domain_json(engine, d))
+                    .collect::<Vec<_>>()));
+            } else {
+                println!("{:<20} {:<10} {:<6} current", "name", "state", "disks");
+                for d in &all {
+                    let state = engine
+                        .domain_state(d)
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_else(|_| "unknown".into());
+                    println!(
+                        "{:<20} {:<10} {:<6} {}",
+                        d.name,
+                        state,
+                        d.disks.len(),
+                        d.current.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        DomainCmd::Info { name } => {
+            let d = engine.domain(name)?;
+            let v = domain_json(engine, &d);
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("Name:     {}", d.name);
+                println!("UUID:     {}", d.uuid.as_deref().unwrap_or("-"));
+                println!("State:    {}", v["state"].as_str().unwrap_or("-"));
+                println!(
+                    "QMP:      {}",
+                    d.qmp
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                println!(
+                    "Agent:    {}",
+                    d.agent
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+                println!("Current:  {}", d.current.as_deref().unwrap_or("-"));
+                for x in &d.disks {
+                    println!(
+                        "Disk:     {} {} ({}){}",
+                        x.target,
+                        x.source.display(),
+                        x.format,
+                        if x.readonly { " readonly" } else { "" }
+                    );
+                }
+            }
+        }
+        DomainCmd::Dumpxml { name } => {
+            let x = engine.domain_xml(name)?;
+            if json_out {
+                print_json(&json!({ "xml": x }));
+            } else {
+                print!("{x}");
+            }
+        }
+        DomainCmd::Undefine {
+            name,
+            snapshots_metadata,
+        } => {
+            engine.domain_undefine(name, *snapshots_metadata)?;
+            if json_out {
+                print_json(&json!({ "undefined": name }));
+            } else {
+                println!("undefined domain {name}");
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
+    let Some((who, spec)) = s.split_once('=') else {
+        bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no");
+    };
+    let choice = match spec {
+        "no" => DiskChoice::No,
+        "internal" => DiskChoice::Internal,
+        "external" => DiskChoice::External(None),
+        _ => match spec.strip_prefix("external:") {
+            Some(p) if !p.is_empty() => DiskChoice::External(Some(PathBuf::from(p))),
+            _ => bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no"),
+        },
+    };
+    Ok((who.to_string(), choice))
+}
+
+fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
+    json!({
+        "name": s.name, "domain": s.domain, "description": s.description, "creation_time": s.creation_time,
+        "parent": s.parent, "state": s.state, "memory": if s.memory_internal { "internal" } else { "no" },
+        "quiesced": s.quiesced, "current": current,
+        "disks": s.disks.iter().map(|d| json!({"target": d.target, "snapshot": d.mode.as_str(), "state_file": d.state_file, "overlay": d.overlay})).collect::<Vec<_>>(),
+    })
+}
+
+fn resolve(engine: &Engine, domain: &str, name: &Option<String>) -> anyhow::Result<DomSnapshot> {
+    match name {
+        Some(n) => Ok(engine.domain_snapshot_lookup(domain, n)?),
+        None => engine
+            .domain_snapshot_current(domain)?
+            .ok_or_else(|| anyhow::anyhow!("domain {domain:?} has no current snapshot; name one")),
+    }
+}
+
+pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Result<u8> {
+    match cmd {
+        SnapCmd::Create {
+            domain,
+            name,
+            live,
+            disk_only,
+            quiesce,
+            atomic: _,
+            memory,
+            disks,
+            xml,
+            description,
+            no_metadata,
+            reuse_external,
+            halt,
+            dry_run,
+        } => {
+            let mut req = match xml {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read --xml {}", f.display()))?;
+                    vsnap_engine::domsnap::parse_domainsnapshot(&text)
+                        .with_context(|| format!("in {}", f.display()))?
+                }
+                None => DomSnapRequest::default(),
+            };
+            req.domain = domain.clone();
+            if name.is_some() {
+                req.name = name.clone();
+            }
+            if description.is_some() {
+                req.description = description.clone();
+            }
+            req.live |= *live;
+            req.disk_only |= *disk_only;
+            req.quiesce |= *quiesce;
+            req.no_metadata |= *no_metadata;
+            req.reuse_external |= *reuse_external;
+            req.halt |= *halt;
+            if let Some(m) = memory {
+                req.memory = Some(match m.as_str() {
+                    "internal" => MemoryChoice::Internal,
+                    "no" => MemoryChoice::No,
+                    _ => match m.strip_prefix("external:") {
+                        Some(p) if !p.is_empty() => MemoryChoice::External(PathBuf::from(p)),
+                        _ => bail!("--memory {m:?}: expected internal or external:PATH"),
+                    },
+                });
+            }
+            if req.memory == Some(MemoryChoice::No) {
+                req.disk_only = true;
+                req.memory = None;
+            }
+            for d in disks {
+                req.disks.push(parse_disk_spec(d)?);
+            }
+            let done = engine.domain_snapshot_create(&req, *dry_run)?;
+            if json_out {
+                print_json(&json!({
+                    "plan": done.plan, "dry_run": done.dry_run,
+                    "steps": done.plan_text.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
+                    "snapshot": snap_json(&done.snapshot, !req.no_metadata),
+                }));
+            } else if done.dry_run {
+                print!("{}", done.plan_text);
+                println!("(dry run: nothing was changed)");
+            } else {
+                println!(
+                    "domain snapshot {:?} of {} created [plan {}]",
+                    done.snapshot.name,
+                    done.snapshot.domain,
+                    done.plan.unwrap_or_default()
+                );
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::List { domain, tree, name } => {
+            let snaps = engine.domain_snapshot_list(domain)?;
+            let cur = engine.domain(domain)?.current;
+            let is_cur = |s: &DomSnapshot| cur.as_deref() == Some(s.name.as_str());
+            if json_out {
+                print_json(&json!(snaps
+                    .iter()
+                    .map(|s| snap_json(s, is_cur(s)))
+                    .collect::<Vec<_>>()));
+            } else if *name {
+                for s in &snaps {
+                    println!("{}", s.name);
+                }
+            } else if *tree {
+                fn walk(
+                    all: &[DomSnapshot],
+                    parent: Option<&str>,
+                    depth: usize,
+                    cur: &Option<String>,
+                ) {
+                    for s in all.iter().filter(|s| s.parent.as_deref() == parent) {
+                        let mark = if cur.as_deref() == Some(s.name.as_str()) {
+                            "  (current)"
+                        } else {
+                            ""
+                        };
+                        println!(
+                            "{}{}{}{mark}",
+                            "  ".repeat(depth),
+                            if depth > 0 { "└─ " } else { "" },
+                            s.name
+                        );
+                        walk(all, Some(&s.name), depth + 1, cur);
+                    }
+                }
+                walk(&snaps, None, 0, &cur);
+            } else {
+                println!(
+                    "{:<20} {:<24} {:<14} {:<4} disks",
+                    "name", "created", "state", "cur"
+                );
+                for s in &snaps {
+                    let disks: Vec<String> = s
+                        .disks
+                        .iter()
+                        .map(|d| format!("{}={}", d.target, d.mode.as_str()))
+                        .collect();
+                    println!(
+                        "{:<20} {:<24} {:<14} {:<4} {}",
+                        s.name,
+                        utc(s.creation_time),
+                        s.state,
+                        if is_cur(s) { "*" } else { "" },
+                        disks.join(" ")
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Current { domain } => match engine.domain_snapshot_current(domain)? {
+            Some(s) => {
+                if json_out {
+                    print_json(&snap_json(&s, true));
+                } else {
+                    println!("{}", s.name);
+                }
+                Ok(EXIT_OK)
+            }
+            None => {
+                if json_out {
+                    print_json(&json!(null));
+                }
+                eprintln!("vsnap: domain {domain} has no current snapshot");
+                Ok(EXIT_NO)
+            }
+        },
+        SnapCmd::Info { domain, name } => {
+            let s = resolve(engine, domain, name)?;
+            let cur = engine.domain(domain)?.current.as_deref() == Some(s.name.as_str());
+            if json_out {
+                print_json(&snap_json(&s, cur));
+            } else {
+                println!("Name:        {}", s.name);
+                println!("Domain:      {}", s.domain);
+                println!("Created:     {}", utc(s.creation_time));
+                println!("State:       {}", s.state);
+                println!("Parent:      {}", s.parent.as_deref().unwrap_or("-"));
+                println!("Current:     {}", if cur { "yes" } else { "no" });
+                println!(
+                    "Memory:      {}",
+                    if s.memory_internal { "internal" } else { "no" }
+                );
+                println!("Quiesced:    {}", if s.quiesced { "yes" } else { "no" });
+                for d in &s.disks {
+                    let o = d
+                        .overlay
+                        .as_ref()
+                        .map(|o| format!(" (new active image {})", o.display()))
+                        .unwrap_or_default();
+                    println!(
+                        "Disk:        {} {} {}{o}",
+                        d.target,
+                        d.mode.as_str(),
+                        d.state_file.display()
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Dumpxml { domain, name } => {
+            let s = resolve(engine, domain, name)?;
+            let x = engine.domain_snapshot_xml(domain, &s.name)?;
+            if json_out {
+                print_json(&json!({ "xml": x }));
+            } else {
+                print!("{x}");
+            }
+            Ok(EXIT_OK)
+        }
+        SnapCmd::Parent { domain, name } => {
+            let s = resolve(engine, domain, name)?;
+            if json_out {
+                print_json(&json!(s.parent));
+            }
+            match &s.parent {
+                Some(p) => {
+                    if !json_out {
+                        println!("{p}");
+                    }
+                    Ok(EXIT_OK)
+                }
+                None => {
+                    eprintln!("vsnap: snapshot {} of {domain} has no parent", s.name);
+                    Ok(EXIT_NO)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,845 @@
+//! Domain snapshots: all chosen disks of a guest at one instant.
+//!
+//! Plans (DESIGN.md section 2):
+//!
+//! * **live external, disk-only** — overlays created (qemu-img) and added
+//!   to QEMU (`blockdev-add`) before anything else; optional freeze through
+//!   the guest agent; the pivot is ONE QMP `transaction` of
+//!   `blockdev-snapshot` over every chosen disk (atomic against guest I/O,
+//!   no pause); thaw after. The guest's CPUs never stop.
+//! * **live internal with memory** — the pivot is QEMU's `snapshot-save`
+//!   job over every chosen disk (QEMU pauses the guest for the job itself).
+//! * **offline** — `qemu-img snapshot -c` per disk (internal) or a new
+//!   overlay per disk (external); the pivot is the catalog write that
+//!   points the domain's disks at the overlays.
+//!
+//! A guest that was paused stays paused; the disks the request leaves out
+//! are not touched.
+
+use crate::domain::{self, block_key, domain_to_xml, put_domain, DomState, DomainRec};
+use crate::plan::Plan;
+use crate::xmltree::{self, esc};
+use crate::{now_unix, validate_name, Engine, EngineError, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use vsnap_journal::{codec, CatalogOp, Journal};
+use vsnap_steps::live::LiveDisk;
+use vsnap_steps::{live, qemu_img, Format, Step};
+
+pub const DOMSNAPS: &str = "domsnaps";
+
+/// What a snapshot did with one disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskMode {
+    No,
+    Internal,
+    External,
+}
+
+impl DiskMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskMode::No => "no",
+            DiskMode::Internal => "internal",
+            DiskMode::External => "external",
+        }
+    }
+}
+
+/// One disk of a domain snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomSnapDisk {
+    pub target: String,
+    pub mode: DiskMode,
+    /// Internal: the image holding the snapshot. External: the frozen image
+    /// (the disk's source before the snapshot), which holds its state.
+    pub state_file: PathBuf,
+    /// External: the overlay that became the disk's active image.
+    pub overlay: Option<PathBuf>,
+}
+
+/// A domain snapshot as the catalog keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomSnapshot {
+    pub name: String,
+    pub domain: String,
+    pub description: Option<String>,
+    pub creation_time: i64,
+    pub parent: Option<String>,
+    pub seq: u64,
+    /// libvirt's: `running`, `paused`, `shutoff`, `disk-snapshot`.
+    pub state: String,
+    /// Guest memory kept inside the disks (`snapshot-save`).
+    pub memory_internal: bool,
+    pub quiesced: bool,
+    pub disks: Vec<DomSnapDisk>,
+    /// The domain as it was when the snapshot was taken.
+    pub domain_xml: String,
+}
+
+/// What to do with one disk, as asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskChoice {
+    No,
+    Internal,
+    /// The overlay's path (default: `<stem>.<snapshot>.qcow2` beside the image).
+    External(Option<PathBuf>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryChoice {
+    No,
+    Internal,
+    External(PathBuf),
+}
+
+/// A domain snapshot request: flags, or a `<domainsnapshot>` document.
+#[derive(Clone, Debug, Default)]
+pub struct DomSnapRequest {
+    pub domain: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Require a running guest.
+    pub live: bool,
+    pub disk_only: bool,
+    /// Freeze the guest's filesystems through its agent around the switch.
+    pub quiesce: bool,
+    pub memory: Option<MemoryChoice>,
+    /// Per-disk choices, by target or source path.
+    pub disks: Vec<(String, DiskChoice)>,
+    pub no_metadata: bool,
+    /// The overlays exist already (made by the caller, backed by the images).
+    pub reuse_external: bool,
+    pub halt: bool,
+}
+
+fn key(domain: &str, name: &str) -> Vec<u8> {
+    let mut k = domain.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
+    CatalogOp::Put {
+        tree: DOMSNAPS.into(),
+        key: key(&s.domain, &s.name),
+        value: codec::encode(s),
+    }
+}
+
+pub fn delete_snapshot_op(domain: &str, name: &str) -> CatalogOp {
+    CatalogOp::Delete {
+        tree: DOMSNAPS.into(),
+        key: key(domain, name),
+    }
+}
+
+/// Every snapshot of a domain, oldest first.
+pub fn snapshots(j: &Journal, domain: &str) -> Result<Vec<DomSnapshot>> {
+    let mut prefix = domain.as_bytes().to_vec();
+    prefix.push(0);
+    let mut out: Vec<DomSnapshot> = Vec::new();
+    for (k, v) in j.catalog_scan(DOMSNAPS, &prefix)? {
+        out.push(codec::decode(&v).map_err(|e| {
+            EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
+                tree: DOMSNAPS.into(),
+                key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                reason: e.to_string(),
+            })
+        })?);
+    }
+    out.sort_by_key(|s| s.seq);
+    Ok(out)
+}
+
+/// Parse libvirt's `<domainsnapshot>` (as virsh writes it) plus the seed's
+/// extension: a `<disk>` named by target or source path, carrying a
+/// nested `<volsnapshot>` with `<kind>` and `<file>`.
+pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
+    let root = xmltree::parse(text)?;
+    if root.name != "domainsnapshot" {
+        return Err(EngineError::Xml(format!(
+            "the root element is <{}>; expected <domainsnapshot>",
+            root.name
+        )));
+    }
+    const KNOWN: &[&str] = &[
+        "name",
+        "description",
+        "memory",
+        "disks",
+        "state",
+        "parent",
+        "creationTime",
+        "domain",
+        "active",
+        "cookie",
+        "inactiveDomain",
+        "inactivedomain",
+    ];
+    if let Some(u) = root
+        .children
+        .iter()
+        .find(|c| !KNOWN.contains(&c.name.as_str()))
+    {
+        return Err(EngineError::Xml(format!(
+            "unknown element <{}> in <domainsnapshot>; allowed: {}",
+            u.name,
+            KNOWN.join(", ")
+        )));
+    }
+    let mut r = DomSnapRequest {
+        name: root.child_text("name"),
+        description: root.child_text("description"),
+        ..Default::default()
+    };
+    if let Some(m) = root.child("memory") {
+        r.memory = Some(match m.attr("snapshot").unwrap_or("no") {
+            "no" => MemoryChoice::No,
+            "internal" => MemoryChoice::Internal,
+            "external" => {
+                MemoryChoice::External(PathBuf::from(m.attr("file").ok_or_else(|| {
+                    EngineError::Xml("<memory snapshot='external'> needs file='PATH'".into())
+                })?))
+            }
+            other => {
+                return Err(EngineError::Xml(format!(
+                    "<memory snapshot='{other}'>: expected no, internal or external"
+                )))
+            }
+        });
+    }
+    if let Some(disks) = root.child("disks") {
+        for d in disks.children_named("disk") {
+            let name = d
+                .attr("name")
+                .ok_or_else(|| EngineError::Xml("a <disk> in <disks> has no name='...'".into()))?;
+            let mut kind = d.attr("snapshot").map(str::to_string);
+            let mut file = d
+                .child("source")
+                .and_then(|s| s.attr("file"))
+                .map(PathBuf::from);
+            if let Some(v) = d.child("volsnapshot") {
+                if let Some(k) = v.child_text("kind") {
+                    kind = Some(k);
+                }
+                if let Some(f) = v.child_text("file") {
+                    file = Some(PathBuf::from(f));
+                }
+            }
+            let choice = match kind.as_deref().unwrap_or(if file.is_some() {
+                "external"
+            } else {
+                "default"
+            }) {
+                "no" => DiskChoice::No,
+                "internal" => DiskChoice::Internal,
+                "external" => DiskChoice::External(file),
+                "default" => continue,
+                other => {
+                    return Err(EngineError::Xml(format!(
+                        "disk {name}: snapshot='{other}': expected no, internal or external"
+                    )))
+                }
+            };
+            r.disks.push((name.to_string(), choice));
+        }
+    }
+    Ok(r)
+}
+
+/// `<domainsnapshot>` as libvirt writes it.
+pub fn domainsnapshot_to_xml(s: &DomSnapshot, current: bool) -> String {
+    let mut x = String::from("<domainsnapshot>\n");
+    x.push_str(&format!("  <name>{}</name>\n", esc(&s.name)));
+    if let Some(d) = &s.description {
+        x.push_str(&format!("  <description>{}</description>\n", esc(d)));
+    }
+    x.push_str(&format!("  <state>{}</state>\n", s.state));
+    if let Some(p) = &s.parent {
+        x.push_str(&format!(
+            "  <parent>\n    <name>{}</name>\n  </parent>\n",
+            esc(p)
+        ));
+    }
+    x.push_str(&format!(
+        "  <creationTime>{}</creationTime>\n",
+        s.creation_time
+    ));
+    x.push_str(&format!(
+        "  <memory snapshot='{}'/>\n",
+        if s.memory_internal { "internal" } else { "no" }
+    ));
+    x.push_str("  <disks>\n");
+    for d in &s.disks {
+        match (&d.mode, &d.overlay) {
+            (DiskMode::External, Some(o)) => {
+                x.push_str(&format!(
+                    "    <disk name='{}' snapshot='external' type='file'>\n",
+                    esc(&d.target)
+                ));
+                x.push_str("      <driver type='qcow2'/>\n");
+                x.push_str(&format!(
+                    "      <source file='{}'/>\n",
+                    esc(&o.to_string_lossy())
+                ));
+                x.push_str("    </disk>\n");
+            }
+            (mode, _) => x.push_str(&format!(
+                "    <disk name='{}' snapshot='{}'/>\n",
+                esc(&d.target),
+                mode.as_str()
+            )),
+        }
+    }
+    x.push_str("  </disks>\n");
+    x.push_str(&format!("  <active>{}</active>\n", u8::from(current)));
+    for line in s.domain_xml.lines() {
+        x.push_str("  ");
+        x.push_str(line);
+        x.push('\n');
+    }
+    x.push_str("</domainsnapshot>\n");
+    x
+}
+
+fn temp_tag8() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{:08x}",
+        (nanos ^ ((std::process::id() as u64) << 16)) & 0xffff_ffff
+    )
+}
+
+fn canon(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn default_overlay(source: &Path, snap: &str) -> PathBuf {
+    let stem = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    source
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{stem}.{snap}.qcow2"))
+}
+
+/// One chosen disk, resolved at plan time.
+struct Chosen {
+    target: String,
+    source: PathBuf,
+    format: Format,
+    mode: DiskMode,
+    overlay: Option<PathBuf>,
+}
+
+impl Engine {
+    /// Compile a domain snapshot (nothing is touched).
+    pub fn plan_domain_snapshot(
+        &self,
+        req: &DomSnapRequest,
+    ) -> Result<(Plan, DomSnapshot, DomainRec)> {
+        let d = self.domain(&req.domain)?;
+        let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
+        validate_name(&name)?;
+        let existing = snapshots(self.journal(), &d.name)?;
+        if existing.iter().any(|s| s.name == name) {
+            return Err(EngineError::Invalid(format!(
+                "domain {:?} already has a snapshot named {name:?}; choose another name",
+                d.name
+            )));
+        }
+        if req.halt {
+            return Err(EngineError::Invalid(
+                "--halt is not supported yet; stop the guest yourself after the snapshot".into(),
+            ));
+        }
+        if let Some(MemoryChoice::External(_)) = req.memory {
+            return Err(EngineError::Invalid(
+                "external memory snapshots are not supported yet; use --memory internal, or --disk-only".into(),
+            ));
+        }
+        let state = self.domain_state(&d)?;
+        let live_guest = state != DomState::Shutoff;
+        if req.live && !live_guest {
+            return Err(EngineError::Invalid(format!(
+                "domain {:?} is not running (no QEMU answers on its monitor {}); drop --live for an offline snapshot",
+                d.name,
+                d.qmp.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none configured)".into())
+            )));
+        }
+        let memory = match (&req.memory, live_guest, req.disk_only) {
+            (Some(MemoryChoice::Internal), _, true) => {
+                return Err(EngineError::Invalid(
+                    "--disk-only and --memory internal contradict each other".into(),
+                ))
+            }
+            (Some(MemoryChoice::Internal), false, _) => {
+                return Err(EngineError::Invalid(format!(
+                    "a memory snapshot needs a running guest; domain {:?} is shut off",
+                    d.name
+                )))
+            }
+            (Some(MemoryChoice::Internal), true, false) => true,
+            (None, true, false) => true, // libvirt's default for a running guest: a full checkpoint
+            _ => false,
+        };
+        if req.quiesce {
+            if memory {
+                return Err(EngineError::Invalid("--quiesce needs --disk-only (a memory snapshot of a frozen guest would restore it frozen)".into()));
+            }
+            if state != DomState::Running {
+                return Err(EngineError::Invalid(format!(
+                    "--quiesce needs a running guest with an agent; domain {:?} is {}",
+                    d.name,
+                    state.as_str()
+                )));
+            }
+            let Some(agent) = &d.agent else {
+                return Err(EngineError::Invalid(format!(
+                    "--quiesce: domain {:?} has no guest-agent channel (org.qemu.guest_agent.0); add one, or drop --quiesce",
+                    d.name
+                )));
+            };
+            // A silent agent fails here, before anything is touched.
+            live::agent(agent)
+                .and_then(|mut a| a.ping())
+                .map_err(EngineError::Check)?;
+        }
+
+        // Resolve every disk's choice.
+        let default_mode = |disk: &domain::DomDisk| {
+            if disk.readonly || disk.shareable {
+                DiskMode::No
+            } else if memory {
+                DiskMode::Internal
+            } else if live_guest || disk.format == Format::Raw {
+                DiskMode::External
+            } else {
+                DiskMode::Internal
+            }
+        };
+        let mut chosen: Vec<Chosen> = d
+            .disks
+            .iter()
+            .map(|disk| Chosen {
+                target: disk.target.clone(),
+                source: disk.source.clone(),
+                format: disk.format,
+                mode: default_mode(disk),
+                overlay: None,
+            })
+            .collect();
+        for (who, choice) in &req.disks {
+            let disk = d.disk(who).ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "domain {:?} has no disk {who:?}; its disks: {}",
+                    d.name,
+                    d.disks
+                        .iter()
+                        .map(|x| x.target.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            let c = chosen
+                .iter_mut()
+                .find(|c| c.target == disk.target)
+                .expect("every disk is in chosen");
+            (c.mode, c.overlay) = match choice {
+                DiskChoice::No => (DiskMode::No, None),
+                DiskChoice::Internal => (DiskMode::Internal, None),
+                DiskChoice::External(p) => (DiskMode::External, p.clone()),
+            };
+        }
+        chosen.retain(|c| c.mode != DiskMode::No);
+        if chosen.is_empty() {
+            return Err(EngineError::Invalid(
+                "no disk is selected for the snapshot".into(),
+            ));
+        }
+        for c in &mut chosen {
+            if !c.source.exists() {
+                return Err(EngineError::Invalid(format!(
+                    "disk {}: its image {} is missing; the domain definition is stale",
+                    c.target,
+                    c.source.display()
+                )));
+            }
+            match c.mode {
+                DiskMode::Internal if c.format != Format::Qcow2 => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: internal snapshots need qcow2; {} is raw: use --disk {}=external",
+                        c.target,
+                        c.source.display(),
+                        c.target
+                    )))
+                }
+                DiskMode::Internal if memory => {}
+                DiskMode::Internal if live_guest => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: an internal disk-only snapshot of a running guest is not supported; use --disk {}=external, or a memory snapshot",
+                        c.target, c.target
+                    )))
+                }
+                DiskMode::External if memory => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: a memory snapshot keeps every disk internally; add --disk-only for external disk snapshots",
+                        c.target
+                    )))
+                }
+                _ => {}
+            }
+            if c.mode == DiskMode::External {
+                let o = match &c.overlay {
+                    Some(p) if p.is_absolute() => p.clone(),
+                    Some(p) => std::env::current_dir()
+                        .map(|d| d.join(p))
+                        .unwrap_or_else(|_| p.clone()),
+                    None => default_overlay(&c.source, &name),
+                };
+                let exists = std::fs::symlink_metadata(&o).is_ok();
+                if req.reuse_external {
+                    if !exists {
+                        return Err(EngineError::Invalid(format!(
+                            "--reuse-external: overlay {} for disk {} does not exist",
+                            o.display(),
+                            c.target
+                        )));
+                    }
+                    let info =
+                        qemu_img::info(&o, Format::Qcow2, true).map_err(EngineError::Check)?;
+                    if info.backing.as_deref().map(canon) != Some(canon(&c.source)) {
+                        return Err(EngineError::Invalid(format!(
+                            "--reuse-external: overlay {} is backed by {:?}, not by disk {}'s image {}",
+                            o.display(),
+                            info.backing,
+                            c.target,
+                            c.source.display()
+                        )));
+                    }
+                } else if exists {
+                    return Err(EngineError::Exists { path: o });
+                }
+                let dir = o.parent().unwrap_or(Path::new("/")).to_path_buf();
+                if !dir.is_dir() {
+                    return Err(EngineError::Invalid(format!(
+                        "directory {} for disk {}'s overlay does not exist",
+                        dir.display(),
+                        c.target
+                    )));
+                }
+                crate::volume::check_writable(&dir)?;
+                c.overlay = Some(o);
+            } else if !live_guest {
+                // Offline: the image must not be held by some QEMU we do not know of.
+                let info =
+                    qemu_img::info(&c.source, c.format, false).map_err(EngineError::Check)?;
+                if info.snapshots.contains(&name) {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",
+                        c.target,
+                        c.source.display()
+                    )));
+                }
+                crate::volume::check_writable(c.source.parent().unwrap_or(Path::new("/")))?;
+            }
+        }
+
+        let tag = temp_tag8();
+        let mut steps = Vec::new();
+        let pivot;
+        let snap_state;
+        let mut new_dom = d.clone();
+        if live_guest {
+            let qmp = d.qmp.clone().expect("a live guest has a monitor");
+            let mut q = live::qmp(&qmp).map_err(EngineError::Check)?;
+            let blocks = q.query_block().map_err(EngineError::Check)?;
+            let nodes = q.query_named_block_nodes().map_err(EngineError::Check)?;
+            drop(q);
+            // Each chosen disk's device and top node, found by its image.
+            let mut found: Vec<(String, String)> = Vec::new();
+            for c in &chosen {
+                let entry = blocks.as_array().into_iter().flatten().find(|b| {
+                    b.get("inserted")
+                        .and_then(|i| i.get("file"))
+                        .and_then(Value::as_str)
+                        .map(|f| canon(Path::new(f)))
+                        == Some(canon(&c.source))
+                });
+                let Some(entry) = entry else {
+                    return Err(EngineError::Invalid(format!(
+                        "QEMU does not use {} (disk {}) now; the domain definition is stale: `vsnap domain undefine` and `vsnap domain attach` it again",
+                        c.source.display(),
+                        c.target
+                    )));
+                };
+                let node = entry["inserted"]["node-name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                found.push((block_key(entry), node));
+            }
+            if memory {
+                for (c, (_, node)) in chosen.iter().zip(&found) {
+                    let has = nodes.as_array().into_iter().flatten().any(|n| {
+                        n.get("node-name").and_then(Value::as_str) == Some(node.as_str())
+                            && n["image"]["snapshots"]
+                                .as_array()
+                                .is_some_and(|a| a.iter().any(|s| s["name"] == name.as_str()))
+                    });
+                    if has {
+                        return Err(EngineError::Invalid(format!(
+                            "disk {}: its image already holds an internal snapshot named {name:?}; choose another name",
+                            c.target
+                        )));
+                    }
+                }
+                let devices: Vec<String> = found.iter().map(|(_, n)| n.clone()).collect();
+                steps.push(Step::QmpSnapshotSave {
+                    qmp: qmp.clone(),
+                    job: format!("vsnap-{tag}"),
+                    tag: name.clone(),
+                    vmstate: devices[0].clone(),
+                    devices,
+                });
+                pivot = 0;
+                snap_state = state.as_str().to_string();
+            } else {
+                let mut live_disks = Vec::new();
+                for (i, (c, (dev, node))) in chosen.iter().zip(&found).enumerate() {
+                    let overlay = c.overlay.clone().expect("external disks have an overlay");
+                    if !req.reuse_external {
+                        steps.push(Step::CreateOverlay {
+                            path: overlay.clone(),
+                            backing: canon(&c.source),
+                            backing_format: c.format,
+                        });
+                    }
+                    live_disks.push((i, overlay, dev.clone(), node.clone()));
+                }
+                let mut tx = Vec::new();
+                for (i, overlay, dev, node) in live_disks {
+                    let ov_node = format!("vsnap-{tag}-{i}");
+                    steps.push(Step::QmpBlockdevAdd {
+                        qmp: qmp.clone(),
+                        node: ov_node.clone(),
+                        file_node: format!("{ov_node}f"),
+                        path: overlay,
+                    });
+                    tx.push(LiveDisk {
+                        device: dev,
+                        node,
+                        overlay: ov_node,
+                    });
+                }
+                let agent = if req.quiesce { d.agent.clone() } else { None };
+                if let Some(a) = &agent {
+                    steps.push(Step::AgentFreeze { agent: a.clone() });
+                }
+                pivot = steps.len() as u32;
+                steps.push(Step::QmpSnapshotTransaction {
+                    qmp: qmp.clone(),
+                    disks: tx,
+                });
+                if let Some(a) = agent {
+                    steps.push(Step::AgentThaw { agent: a });
+                }
+                snap_state = "disk-snapshot".into();
+            }
+        } else {
+            for c in &chosen {
+                match c.mode {
+                    DiskMode::Internal => steps.push(Step::InternalCreate {
+                        image: c.source.clone(),
+                        name: name.clone(),
+                    }),
+                    DiskMode::External if !req.reuse_external => steps.push(Step::CreateOverlay {
+                        path: c.overlay.clone().expect("external disks have an overlay"),
+                        backing: canon(&c.source),
+                        backing_format: c.format,
+                    }),
+                    _ => {}
+                }
+            }
+            pivot = steps.len() as u32;
+            steps.push(Step::Catalog);
+            snap_state = "shutoff".into();
+        }
+
+        // The catalog after the pivot.
+        for c in &chosen {
+            if let (DiskMode::External, Some(o)) = (c.mode, &c.overlay) {
+                let disk = new_dom
+                    .disks
+                    .iter_mut()
+                    .find(|x| x.target == c.target)
+                    .expect("chosen disks exist");
+                disk.source = o.clone();
+                disk.format = Format::Qcow2;
+            }
+        }
+        let snap = DomSnapshot {
+            name: name.clone(),
+            domain: d.name.clone(),
+            description: req.description.clone(),
+            creation_time: now_unix(),
+            parent: d.current.clone(),
+            seq: d.next_seq,
+            state: snap_state,
+            memory_internal: memory,
+            quiesced: req.quiesce,
+            disks: d
+                .disks
+                .iter()
+                .map(
+                    |disk| match chosen.iter().find(|c| c.target == disk.target) {
+                        Some(c) => DomSnapDisk {
+                            target: c.target.clone(),
+                            mode: c.mode,
+                            state_file: c.source.clone(),
+                            overlay: c.overlay.clone(),
+                        },
+                        None => DomSnapDisk {
+                            target: disk.target.clone(),
+                            mode: DiskMode::No,
+                            state_file: disk.source.clone(),
+                            overlay: None,
+                        },
+                    },
+                )
+                .collect(),
+            domain_xml: domain_to_xml(&d),
+        };
+        let mut catalog = Vec::new();
+        if !req.no_metadata {
+            new_dom.current = Some(name.clone());
+            new_dom.next_seq += 1;
+            catalog.push(put_snapshot_op(&snap));
+        }
+        catalog.push(put_domain(&new_dom));
+        let kind = if memory {
+            "internal snapshot with memory"
+        } else if live_guest {
+            "live disk-only snapshot"
+        } else {
+            "offline snapshot"
+        };
+        let plan = Plan {
+            op: "domain.snapshot.create".into(),
+            summary: format!(
+                "{kind} {name:?} of domain {} ({})",
+                d.name,
+                chosen
+                    .iter()
+                    .map(|c| format!("{}={}", c.target, c.mode.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            steps,
+            pivot,
+            catalog,
+        };
+        Ok((plan, snap, new_dom))
+    }
+
+    /// Take a domain snapshot (or, with `dry_run`, only compile its plan).
+    pub fn domain_snapshot_create(
+        &self,
+        req: &DomSnapRequest,
+        dry_run: bool,
+    ) -> Result<DomSnapDone> {
+        let _g = self.lock_ops();
+        let (plan, snapshot, _) = self.plan_domain_snapshot(req)?;
+        let plan_text = plan.render();
+        let id = if dry_run {
+            None
+        } else {
+            Some(crate::plan::run(self.journal(), &plan, &self.cx())?.0)
+        };
+        Ok(DomSnapDone {
+            plan: id,
+            plan_text,
+            snapshot,
+            dry_run,
+        })
+    }
+
+    pub fn domain_snapshot_list(&self, domain: &str) -> Result<Vec<DomSnapshot>> {
+        let d = self.domain(domain)?;
+        snapshots(self.journal(), &d.name)
+    }
+
+    pub fn domain_snapshot_lookup(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
+        self.domain_snapshot_list(domain)?.into_iter().find(|s| s.name == name).ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "domain {domain:?} has no snapshot named {name:?}; `vsnap snapshot list {domain}` lists them"
+            ))
+        })
+    }
+
+    pub fn domain_snapshot_current(&self, domain: &str) -> Result<Option<DomSnapshot>> {
+        let d = self.domain(domain)?;
+        match d.current {
+            None => Ok(None),
+            Some(c) => self.domain_snapshot_lookup(domain, &c).map(Some),
+        }
+    }
+
+    pub fn domain_snapshot_xml(&self, domain: &str, name: &str) -> Result<String> {
+        let s = self.domain_snapshot_lookup(domain, name)?;
+        let cur = self.domain(domain)?.current.as_deref() == Some(name);
+        Ok(domainsnapshot_to_xml(&s, cur))
+    }
+}
+
+/// The result of a domain snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct DomSnapDone {
+    pub plan: Option<u64>,
+    pub plan_text: String,
+    pub snapshot: DomSnapshot,
+    pub dry_run: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_libvirt_snapshot_xml() {
+        let r = parse_domainsnapshot(
+            "<domainsnapshot><name>s1</name><description>d</description><memory snapshot='no'/>\
+             <disks><disk name='vda' snapshot='external'><driver type='qcow2'/><source file='/o/a.qcow2'/></disk>\
+             <disk name='vdb' snapshot='no'/><disk name='/vm/c.qcow2'><volsnapshot><kind>internal</kind></volsnapshot></disk></disks>\
+             <state>disk-snapshot</state><creationTime>1</creationTime></domainsnapshot>",
+        )
+        .unwrap();
+        assert_eq!(r.name.as_deref(), Some("s1"));
+        assert_eq!(r.memory, Some(MemoryChoice::No));
+        assert_eq!(
+            r.disks[0],
+            (
+                "vda".into(),
+                DiskChoice::External(Some("/o/a.qcow2".into()))
+            )
+        );
+        assert_eq!(r.disks[1], ("vdb".into(), DiskChoice::No));
+        assert_eq!(r.disks[2], ("/vm/c.qcow2".into(), DiskChoice::Internal));
+    }
+
+    #[test]
+    fn names_an_unknown_element() {
+        let e = parse_domainsnapshot("<domainsnapshot><colour/></domainsnapshot>")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("<colour>"), "{e}");
+    }
+}

@@ -1,0 +1,152 @@
+//! A small element tree over quick-xml, for the libvirt documents
+//! (`<domain>`, `<domainsnapshot>`) that are read leniently: vsnap takes
+//! the parts it needs and leaves the rest of `virsh dumpxml` alone.
+
+use crate::{EngineError, Result};
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Element {
+    /// Local name (any namespace prefix removed).
+    pub name: String,
+    pub attrs: Vec<(String, String)>,
+    pub children: Vec<Element>,
+    pub text: String,
+}
+
+impl Element {
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn child(&self, name: &str) -> Option<&Element> {
+        self.children.iter().find(|c| c.name == name)
+    }
+    pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+    /// Trimmed text of a child element.
+    pub fn child_text(&self, name: &str) -> Option<String> {
+        self.child(name).map(|c| c.text.trim().to_string())
+    }
+}
+
+fn local(name: &[u8]) -> String {
+    let s = String::from_utf8_lossy(name);
+    match s.rsplit_once(':') {
+        Some((_, l)) => l.to_string(),
+        None => s.into_owned(),
+    }
+}
+
+fn element(e: &BytesStart) -> Result<Element> {
+    let mut el = Element {
+        name: local(e.name().as_ref()),
+        ..Default::default()
+    };
+    for a in e.attributes() {
+        let a = a.map_err(|err| EngineError::Xml(format!("in <{}>: {err}", el.name)))?;
+        let v = a
+            .unescape_value()
+            .map_err(|err| EngineError::Xml(format!("in <{}>: {err}", el.name)))?;
+        el.attrs.push((local(a.key.as_ref()), v.into_owned()));
+    }
+    Ok(el)
+}
+
+/// Parse a whole document into its root element.
+pub fn parse(text: &str) -> Result<Element> {
+    let mut r = Reader::from_str(text);
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root: Option<Element> = None;
+    loop {
+        let pos = r.buffer_position();
+        match r
+            .read_event()
+            .map_err(|e| EngineError::Xml(format!("at byte {pos}: {e}")))?
+        {
+            Event::Start(e) => {
+                if root.is_some() {
+                    return Err(EngineError::Xml("content after the root element".into()));
+                }
+                stack.push(element(&e)?);
+            }
+            Event::Empty(e) => {
+                if root.is_some() {
+                    return Err(EngineError::Xml("content after the root element".into()));
+                }
+                let el = element(&e)?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(el),
+                    None => root = Some(el),
+                }
+            }
+            Event::End(_) => {
+                let el = stack
+                    .pop()
+                    .ok_or_else(|| EngineError::Xml("unbalanced end tag".into()))?;
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(el),
+                    None => root = Some(el),
+                }
+            }
+            Event::Text(t) => {
+                if let Some(cur) = stack.last_mut() {
+                    cur.text
+                        .push_str(&t.unescape().map_err(|e| EngineError::Xml(e.to_string()))?);
+                } else if !t
+                    .unescape()
+                    .map_err(|e| EngineError::Xml(e.to_string()))?
+                    .trim()
+                    .is_empty()
+                {
+                    return Err(EngineError::Xml("text outside the root element".into()));
+                }
+            }
+            Event::CData(t) => {
+                if let Some(cur) = stack.last_mut() {
+                    cur.text.push_str(&String::from_utf8_lossy(&t));
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if let Some(open) = stack.last() {
+        return Err(EngineError::Xml(format!(
+            "unclosed element <{}>",
+            open.name
+        )));
+    }
+    root.ok_or_else(|| EngineError::Xml("empty document".into()))
+}
+
+/// Escape text or an attribute value.
+pub fn esc(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_a_tree_with_namespaces_removed() {
+        let e = parse("<a x='1'><b>hi</b><v:c xmlns:v='u'>p</v:c><d/></a>").unwrap();
+        assert_eq!(e.name, "a");
+        assert_eq!(e.attr("x"), Some("1"));
+        assert_eq!(e.child_text("b").as_deref(), Some("hi"));
+        assert_eq!(e.child_text("c").as_deref(), Some("p"));
+        assert!(e.child("d").is_some());
+    }
+
+    #[test]
+    fn rejects_broken_documents() {
+        for bad in ["", "<a>", "<a></b>", "<a/><b/>", "text"] {
+            assert!(parse(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+}

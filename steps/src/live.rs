@@ -1,0 +1,308 @@
+//! Steps that act on a running guest: through its QEMU monitor (QMP) and
+//! its guest agent. Each call connects for the length of the step and
+//! disconnects (a monitor serves one client at a time), with timeouts
+//! everywhere: a dead QEMU or a silent agent is an error, never a hang.
+
+use crate::agent::Agent;
+use crate::qmp::{blockdev_snapshot_action, qcow2_overlay_args, Qmp};
+use crate::{Probe, StepError, StepResult};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use vsnap_journal::failpoint;
+
+/// Connect timeout for a monitor or an agent.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one agent command may take (a freeze syncs every filesystem).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a `snapshot-save` job may take.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One disk switched by a live external snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveDisk {
+    /// How `query-block` names the device: `device`, or `qdev` when
+    /// `device` is empty (`-blockdev` configurations).
+    pub device: String,
+    /// The device's top node before the snapshot.
+    pub node: String,
+    /// The overlay's node, added beforehand.
+    pub overlay: String,
+}
+
+pub fn qmp(path: &Path) -> StepResult<Qmp> {
+    Qmp::connect(path, CONNECT_TIMEOUT)
+}
+
+pub fn agent(path: &Path) -> StepResult<Agent> {
+    let mut a = Agent::connect(path, CONNECT_TIMEOUT)?;
+    a.set_timeout(AGENT_TIMEOUT);
+    Ok(a)
+}
+
+/// The `query-block` entry of `device` (matched on `device`, then `qdev`).
+pub fn block_entry<'a>(blocks: &'a Value, device: &str) -> Option<&'a Value> {
+    blocks.as_array()?.iter().find(|b| {
+        let d = b.get("device").and_then(Value::as_str).unwrap_or("");
+        let q = b.get("qdev").and_then(Value::as_str).unwrap_or("");
+        (!d.is_empty() && d == device) || (d.is_empty() && q == device)
+    })
+}
+
+/// The top node of `device` now.
+pub fn top_node(blocks: &Value, device: &str) -> Option<String> {
+    block_entry(blocks, device)?
+        .get("inserted")?
+        .get("node-name")?
+        .as_str()
+        .map(str::to_string)
+}
+
+fn node_names(q: &mut Qmp) -> StepResult<Vec<String>> {
+    let nodes = q.query_named_block_nodes()?;
+    Ok(nodes
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| {
+                    n.get("node-name")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+// --- blockdev-add of a prepared overlay ---------------------------------
+
+pub fn blockdev_add_probe(qmp_path: &Path, node: &str) -> StepResult<Probe> {
+    let mut q = qmp(qmp_path)?;
+    Ok(if node_names(&mut q)?.iter().any(|n| n == node) {
+        Probe::Applied
+    } else {
+        Probe::NotApplied
+    })
+}
+
+pub fn blockdev_add(qmp_path: &Path, node: &str, file_node: &str, path: &Path) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    if node_names(&mut q)?.iter().any(|n| n == node) {
+        return Ok(());
+    }
+    q.blockdev_add(qcow2_overlay_args(node, file_node, path))
+}
+
+/// `blockdev-del` of a node this plan added, if QEMU still has it and no
+/// device uses it (after a pivot it is in use and must stay).
+pub fn blockdev_del(qmp_path: &Path, node: &str) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    if !node_names(&mut q)?.iter().any(|n| n == node) {
+        return Ok(());
+    }
+    q.blockdev_del(node)
+}
+
+// --- the pivot: one atomic transaction ----------------------------------
+
+pub fn transaction_probe(qmp_path: &Path, disks: &[LiveDisk]) -> StepResult<Probe> {
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(e) => {
+            return Ok(Probe::Unknown(format!(
+                "cannot ask QEMU whether the disks were switched: {e}"
+            )))
+        }
+    };
+    let blocks = q.query_block()?;
+    let mut switched = 0;
+    let mut seen = Vec::new();
+    for d in disks {
+        let top = top_node(&blocks, &d.device);
+        if top.as_deref() == Some(d.overlay.as_str()) {
+            switched += 1;
+        }
+        seen.push(format!(
+            "{}: {}",
+            d.device,
+            top.unwrap_or_else(|| "(no such device)".into())
+        ));
+    }
+    Ok(if switched == disks.len() {
+        Probe::Applied
+    } else if switched == 0 {
+        Probe::NotApplied
+    } else {
+        Probe::Unknown(format!(
+            "only {switched} of {} disks run on their overlay: {}",
+            disks.len(),
+            seen.join(", ")
+        ))
+    })
+}
+
+pub fn transaction(qmp_path: &Path, disks: &[LiveDisk]) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    let blocks = q.query_block()?;
+    if disks
+        .iter()
+        .all(|d| top_node(&blocks, &d.device).as_deref() == Some(d.overlay.as_str()))
+    {
+        return Ok(());
+    }
+    let actions = disks
+        .iter()
+        .map(|d| blockdev_snapshot_action(&d.node, &d.overlay))
+        .collect();
+    failpoint::hit("step.qmp-transaction.before");
+    q.transaction(actions)?;
+    failpoint::hit("step.qmp-transaction.after");
+    Ok(())
+}
+
+// --- pause and resume -----------------------------------------------------
+
+pub fn running(qmp_path: &Path) -> StepResult<bool> {
+    Ok(qmp(qmp_path)?.query_status()?.0)
+}
+
+pub fn stop(qmp_path: &Path) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    if q.query_status()?.0 {
+        q.stop()?;
+    }
+    Ok(())
+}
+
+pub fn cont(qmp_path: &Path) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    if !q.query_status()?.0 {
+        q.cont()?;
+    }
+    Ok(())
+}
+
+// --- quiesce ----------------------------------------------------------------
+
+pub fn frozen(agent_path: &Path) -> StepResult<bool> {
+    Ok(agent(agent_path)?.fsfreeze_status()? == "frozen")
+}
+
+pub fn freeze(agent_path: &Path) -> StepResult<()> {
+    let mut a = agent(agent_path)?;
+    if a.fsfreeze_status()? == "frozen" {
+        return Ok(());
+    }
+    failpoint::hit("step.agent-freeze.before");
+    a.fsfreeze_freeze()?;
+    Ok(())
+}
+
+pub fn thaw(agent_path: &Path) -> StepResult<()> {
+    let mut a = agent(agent_path)?;
+    if a.fsfreeze_status()? != "frozen" {
+        return Ok(());
+    }
+    a.fsfreeze_thaw()?;
+    Ok(())
+}
+
+// --- internal snapshot with memory: the snapshot-save job -------------------
+
+/// Internal snapshot names of a node (from `query-named-block-nodes`).
+fn node_snapshots(nodes: &Value, node: &str) -> Option<Vec<String>> {
+    let n = nodes
+        .as_array()?
+        .iter()
+        .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))?;
+    Some(
+        n.get("image")
+            .and_then(|i| i.get("snapshots"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+pub fn snapshot_save_probe(
+    qmp_path: &Path,
+    job: &str,
+    tag: &str,
+    devices: &[String],
+) -> StepResult<Probe> {
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(e) => {
+            return Ok(Probe::Unknown(format!(
+                "cannot ask QEMU whether snapshot {tag:?} was saved: {e}"
+            )))
+        }
+    };
+    // A job started by a process that died goes on inside QEMU: let it end.
+    if q.query_job(job)?.is_some() {
+        let _ = q.wait_job(job, JOB_TIMEOUT);
+    }
+    let nodes = q.query_named_block_nodes()?;
+    let have = devices
+        .iter()
+        .filter(|d| node_snapshots(&nodes, d).is_some_and(|s| s.iter().any(|n| n == tag)))
+        .count();
+    Ok(if have == devices.len() {
+        Probe::Applied
+    } else if have == 0 {
+        Probe::NotApplied
+    } else {
+        Probe::Unknown(format!(
+            "snapshot {tag:?} is on {have} of {} disks",
+            devices.len()
+        ))
+    })
+}
+
+pub fn snapshot_save(
+    qmp_path: &Path,
+    job: &str,
+    tag: &str,
+    vmstate: &str,
+    devices: &[String],
+) -> StepResult<()> {
+    if snapshot_save_probe(qmp_path, job, tag, devices)? == Probe::Applied {
+        return Ok(());
+    }
+    let mut q = qmp(qmp_path)?;
+    let devs: Vec<&str> = devices.iter().map(String::as_str).collect();
+    failpoint::hit("step.snapshot-save.before");
+    q.snapshot_save(job, tag, vmstate, &devs, JOB_TIMEOUT)
+}
+
+/// Delete an internal snapshot from every device through QEMU.
+pub fn snapshot_delete(
+    qmp_path: &Path,
+    job: &str,
+    tag: &str,
+    devices: &[String],
+) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    let nodes = q.query_named_block_nodes()?;
+    let with: Vec<&str> = devices
+        .iter()
+        .filter(|d| node_snapshots(&nodes, d).is_some_and(|s| s.iter().any(|n| n == tag)))
+        .map(String::as_str)
+        .collect();
+    if with.is_empty() {
+        return Ok(());
+    }
+    q.snapshot_delete(job, tag, &with, JOB_TIMEOUT)
+}
+
+pub fn qmp_error_is_gone(e: &StepError) -> bool {
+    matches!(
+        e,
+        StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. } | StepError::QmpClosed { .. }
+    )
+}
