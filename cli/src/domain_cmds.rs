@@ -48,6 +48,14 @@ pub enum DomainCmd {
         /// The domain's name.
         name: String,
     },
+    /// Check a domain against the catalog: QEMU runs on what the catalog
+    /// says, no stale block node, filesystems thawed, every snapshot present
+    /// on disk and every vsnap file referenced, no unfinished plan. Exit 1
+    /// when anything is wrong.
+    Check {
+        /// The domain's name.
+        name: String,
+    },
     /// Forget a domain (its files are not touched).
     Undefine {
         /// The domain's name.
@@ -257,6 +265,24 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
             } else {
                 print!("{x}");
             }
+        }
+        DomainCmd::Check { name } => {
+            let r = engine.domain_check(name)?;
+            if json_out {
+                print_json(&serde_json::to_value(&r)?);
+            } else if r.violations.is_empty() {
+                println!("domain {name}: consistent ({} snapshot(s); QEMU, agent and files agree with the catalog)", r.snapshots);
+            } else {
+                println!("domain {name}: {} problem(s):", r.violations.len());
+                for v in &r.violations {
+                    println!("  {v}");
+                }
+            }
+            return Ok(if r.violations.is_empty() {
+                EXIT_OK
+            } else {
+                EXIT_NO
+            });
         }
         DomainCmd::Undefine {
             name,

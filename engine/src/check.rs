@@ -290,3 +290,324 @@ impl Engine {
         })
     }
 }
+
+/// What was seen of one domain: QEMU's view, the agent's, and the files.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DomainObservation {
+    /// `running`, `paused` or `shutoff`.
+    pub state: String,
+    /// The image each device runs on now (QEMU's `query-block`), by file.
+    pub qemu_tops: Vec<PathBuf>,
+    /// Every file in the devices' chains, as QEMU sees them.
+    pub qemu_chain_files: BTreeSet<PathBuf>,
+    /// vsnap's block nodes (`vsnap-*`) with the file each opens.
+    pub vsnap_nodes: Vec<(String, PathBuf)>,
+    /// The agent's freeze status (`thawed`, `frozen`), if it answered.
+    pub freeze: Option<String>,
+    /// Internal snapshot names per image.
+    pub internal: BTreeMap<PathBuf, Vec<String>>,
+    /// Files that exist among those the catalog names.
+    pub existing: BTreeSet<PathBuf>,
+    pub damage: Vec<String>,
+    pub temp_files: Vec<PathBuf>,
+    /// `<stem>.<x>.qcow2` files beside the disks' images.
+    pub look_alike: Vec<PathBuf>,
+}
+
+fn chain_files(image: &serde_json::Value, out: &mut BTreeSet<PathBuf>) {
+    if let Some(f) = image.get("filename").and_then(serde_json::Value::as_str) {
+        out.insert(canon(Path::new(f)));
+    }
+    if let Some(b) = image.get("backing-image") {
+        chain_files(b, out);
+    }
+}
+
+/// Read everything [`compare_domain`] needs (read-only).
+pub fn observe_domain(
+    d: &crate::domain::DomainRec,
+    snaps: &[crate::domsnap::DomSnapshot],
+    state: crate::domain::DomState,
+) -> DomainObservation {
+    use crate::domain::DomState;
+    use serde_json::Value;
+    let mut o = DomainObservation {
+        state: state.as_str().into(),
+        ..Default::default()
+    };
+    let live = state != DomState::Shutoff;
+    if let (true, Some(qmp)) = (live, &d.qmp) {
+        match vsnap_steps::live::qmp(qmp)
+            .and_then(|mut q| Ok((q.query_block()?, q.query_named_block_nodes()?)))
+        {
+            Ok((blocks, nodes)) => {
+                for b in blocks.as_array().into_iter().flatten() {
+                    let Some(ins) = b.get("inserted") else {
+                        continue;
+                    };
+                    if let Some(f) = ins.get("file").and_then(Value::as_str) {
+                        o.qemu_tops.push(canon(Path::new(f)));
+                    }
+                    if let Some(img) = ins.get("image") {
+                        chain_files(img, &mut o.qemu_chain_files);
+                    }
+                }
+                for n in nodes.as_array().into_iter().flatten() {
+                    let name = n.get("node-name").and_then(Value::as_str).unwrap_or("");
+                    let file = n.get("file").and_then(Value::as_str).unwrap_or("");
+                    if name.starts_with("vsnap-") {
+                        o.vsnap_nodes
+                            .push((name.to_string(), canon(Path::new(file))));
+                    }
+                    if n.get("drv").and_then(Value::as_str) == Some("qcow2") {
+                        let names: Vec<String> = n["image"]["snapshots"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|s| s["name"].as_str().map(str::to_string))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        o.internal
+                            .entry(canon(Path::new(file)))
+                            .or_default()
+                            .extend(names);
+                    }
+                }
+            }
+            Err(e) => o.damage.push(format!("QEMU's monitor did not answer: {e}")),
+        }
+        if let (DomState::Running, Some(agent)) = (state, &d.agent) {
+            match vsnap_steps::live::agent(agent).and_then(|mut a| a.fsfreeze_status()) {
+                Ok(s) => o.freeze = Some(s),
+                Err(e) => o
+                    .damage
+                    .push(format!("the guest agent did not answer: {e}")),
+            }
+        }
+    }
+    let mut files: BTreeSet<PathBuf> = d.disks.iter().map(|x| x.source.clone()).collect();
+    for s in snaps {
+        for sd in &s.disks {
+            files.insert(sd.state_file.clone());
+            if let Some(ov) = &sd.overlay {
+                files.insert(ov.clone());
+            }
+        }
+    }
+    let mut dirs = BTreeSet::new();
+    for f in &files {
+        if f.is_file() {
+            o.existing.insert(f.clone());
+        }
+        if let Some(p) = f.parent() {
+            dirs.insert(p.to_path_buf());
+        }
+        if !f.is_file() {
+            continue;
+        }
+        let Ok(fmt) = qemu_img::detect_format(f) else {
+            continue;
+        };
+        match qemu_img::info(f, fmt, true) {
+            Ok(info) => {
+                if let Some(b) = &info.backing {
+                    if !b.exists() {
+                        o.damage.push(format!(
+                            "{}: backing file {} is missing",
+                            f.display(),
+                            b.display()
+                        ));
+                    }
+                }
+                if !live && fmt == Format::Qcow2 {
+                    o.internal
+                        .entry(canon(f))
+                        .or_default()
+                        .extend(info.snapshots.clone());
+                }
+                if live && fmt == Format::Qcow2 && !o.internal.contains_key(&canon(f)) {
+                    // Not open in QEMU (a frozen state file deeper than QEMU shows): read it directly.
+                    o.internal.insert(canon(f), info.snapshots.clone());
+                }
+            }
+            Err(e) => o.damage.push(format!("{}: {e}", f.display())),
+        }
+        if !live && fmt == Format::Qcow2 {
+            match qemu_img::check(f, fmt) {
+                Ok(r) if r.clean => {}
+                Ok(r) => o.damage.push(format!(
+                    "{}: qemu-img check: {} corruption(s), {} leak(s)",
+                    f.display(),
+                    r.corruptions,
+                    r.leaks
+                )),
+                Err(e) => o
+                    .damage
+                    .push(format!("{}: qemu-img check failed: {e}", f.display())),
+            }
+        }
+    }
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = dir.join(&name);
+            if fsops::is_vsnap_temp(&name) {
+                o.temp_files.push(path);
+            } else if name.ends_with(".qcow2")
+                && name.matches('.').count() >= 2
+                && !files.contains(&path)
+            {
+                // `<stem>.<snapshot>.qcow2` beside a disk: vsnap's overlay naming.
+                let stem = name.split('.').next().unwrap_or("");
+                if d.disks.iter().any(|x| {
+                    x.source
+                        .file_stem()
+                        .is_some_and(|s| s.to_string_lossy().split('.').next() == Some(stem))
+                }) {
+                    o.look_alike.push(path);
+                }
+            }
+        }
+    }
+    o
+}
+
+/// Compare a domain's catalog with what was seen (pure).
+pub fn compare_domain(
+    d: &crate::domain::DomainRec,
+    snaps: &[crate::domsnap::DomSnapshot],
+    o: &DomainObservation,
+) -> Vec<String> {
+    use crate::domsnap::DiskMode;
+    let mut v: Vec<String> = o.damage.iter().map(|x| format!("inv5: {x}")).collect();
+    if o.freeze.as_deref() == Some("frozen") {
+        v.push("inv2: the guest's filesystems are frozen".into());
+    }
+    if o.state != "shutoff" {
+        for disk in &d.disks {
+            if !o.qemu_tops.contains(&canon(&disk.source)) {
+                v.push(format!(
+                    "inv5: the catalog says disk {} is {}, but QEMU runs on {:?}",
+                    disk.target,
+                    disk.source.display(),
+                    o.qemu_tops
+                ));
+            }
+        }
+        for (node, file) in &o.vsnap_nodes {
+            if !o.qemu_chain_files.contains(file) {
+                v.push(format!(
+                    "inv4: QEMU holds block node {node} ({}) that no device uses",
+                    file.display()
+                ));
+            }
+        }
+    }
+    let names: BTreeSet<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    if let Some(c) = &d.current {
+        if !names.contains(c.as_str()) {
+            v.push(format!(
+                "catalog: current snapshot {c:?} is not in the catalog"
+            ));
+        }
+    }
+    let mut internal_expected: BTreeMap<PathBuf, BTreeSet<&str>> = BTreeMap::new();
+    for s in snaps {
+        for sd in &s.disks {
+            match sd.mode {
+                DiskMode::No => {}
+                DiskMode::Internal => {
+                    internal_expected
+                        .entry(canon(&sd.state_file))
+                        .or_default()
+                        .insert(&s.name);
+                    let have = o
+                        .internal
+                        .get(&canon(&sd.state_file))
+                        .is_some_and(|n| n.contains(&s.name));
+                    if !have {
+                        v.push(format!(
+                            "inv3: snapshot {:?} is not inside {} (disk {})",
+                            s.name,
+                            sd.state_file.display(),
+                            sd.target
+                        ));
+                    }
+                }
+                DiskMode::External => {
+                    if !o.existing.contains(&sd.state_file) {
+                        v.push(format!(
+                            "inv3: {} (state of disk {} in snapshot {:?}) is missing",
+                            sd.state_file.display(),
+                            sd.target,
+                            s.name
+                        ));
+                    }
+                    if let Some(ov) = &sd.overlay {
+                        if !o.existing.contains(ov) {
+                            v.push(format!(
+                                "inv3: overlay {} of snapshot {:?} is missing",
+                                ov.display(),
+                                s.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (file, names) in &o.internal {
+        for n in names {
+            if !internal_expected
+                .get(file)
+                .is_some_and(|e| e.contains(n.as_str()))
+            {
+                v.push(format!(
+                    "inv3: {} holds internal snapshot {n:?} that the catalog does not know",
+                    file.display()
+                ));
+            }
+        }
+    }
+    for t in &o.temp_files {
+        v.push(format!(
+            "inv4: temporary file {} is left behind",
+            t.display()
+        ));
+    }
+    for f in &o.look_alike {
+        v.push(format!(
+            "inv4: {} looks like a vsnap overlay but nothing references it",
+            f.display()
+        ));
+    }
+    v
+}
+
+impl Engine {
+    /// Check one domain against the catalog, QEMU, its agent and the journal.
+    pub fn domain_check(&self, name: &str) -> Result<CheckReport> {
+        let _g = self.lock_ops();
+        let d = self.domain(name)?;
+        let snaps = crate::domsnap::snapshots(self.journal(), &d.name)?;
+        let state = self.domain_state(&d)?;
+        let obs = observe_domain(&d, &snaps, state);
+        let mut violations = compare_domain(&d, &snaps, &obs);
+        let unfinished = self.journal().unfinished()?.len();
+        if unfinished > 0 {
+            violations.push(format!(
+                "inv7: {unfinished} unfinished plan(s) in the journal; run vsnap-recover"
+            ));
+        }
+        Ok(CheckReport {
+            image: PathBuf::from(name),
+            snapshots: snaps.len(),
+            unfinished_plans: unfinished,
+            violations,
+        })
+    }
+}

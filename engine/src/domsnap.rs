@@ -320,11 +320,21 @@ fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-fn default_overlay(source: &Path, snap: &str) -> PathBuf {
-    let stem = source
+/// `<stem>.<snapshot>.qcow2` beside the image, where `<stem>` drops the
+/// `.<name>` of an earlier snapshot whose overlay the image is (so a chain
+/// reads vda.qcow2, vda.s1.qcow2, vda.s2.qcow2, not vda.s1.s2.qcow2).
+fn default_overlay(source: &Path, snap: &str, earlier: &[DomSnapshot]) -> PathBuf {
+    let mut stem = source
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    for e in earlier {
+        let made_it = e.disks.iter().any(|d| d.overlay.as_deref() == Some(source));
+        if let (true, Some(base)) = (made_it, stem.strip_suffix(&format!(".{}", e.name))) {
+            stem = base.to_string();
+            break;
+        }
+    }
     source
         .parent()
         .unwrap_or(Path::new("/"))
@@ -503,7 +513,7 @@ impl Engine {
                     Some(p) => std::env::current_dir()
                         .map(|d| d.join(p))
                         .unwrap_or_else(|_| p.clone()),
-                    None => default_overlay(&c.source, &name),
+                    None => default_overlay(&c.source, &name, &existing),
                 };
                 let exists = std::fs::symlink_metadata(&o).is_ok();
                 if req.reuse_external {

@@ -279,9 +279,10 @@ fn pivot_unknown_reason(header: &PlanHeader, why: &str) -> String {
          recorded done, and probing it could not tell whether it took effect: {why}. \
          Nothing was deleted and no step was undone or re-run, so the state from before \
          the pivot and the state it creates may both still be present. \
-         To resolve: inspect the files, disks and guest named in `vsnap plan show ID` \
-         for this plan and make the pivot's effect observable (for example bring the \
-         guest's QEMU back so its block state can be queried), then run vsnap-recover again.",
+         To resolve: inspect the files named in `vsnap plan show ID` for this plan; a \
+         running QEMU's query-block shows which images the guest uses, and a guest that \
+         ran on the new overlays needs them (do not start it from the old images alone). \
+         vsnap-recover records this plan as needing attention and does not act on it again.",
         op = header.op,
         summary = header.summary,
         pivot = header.pivot,

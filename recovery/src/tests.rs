@@ -263,7 +263,7 @@ fn decisions_after_probe() {
             "external snapshot s1 of /vm/a.qcow2",
             "Nothing was deleted",
             "vsnap plan show",
-            "vsnap-recover again",
+            "does not act on it again",
         ] {
             assert!(msg.contains(part), "{part:?} missing from {msg:?}");
         }
