@@ -21,6 +21,7 @@ status=0
 
 printf '\n==== cargo bench -p vsnap-cli --bench create ====\n'
 cargo bench -p vsnap-cli --bench create || status=1
+printf '\n==== cargo bench -p vsnap-cli --bench pause ====\n'; cargo bench -p vsnap-cli --bench pause || status=1  # live snapshot pause window vs its QMP floor, test guest, 1/4/16 disks
 
 printf '\n==== cargo bench -p vsnap-journal ====\n'
 if compgen -G 'journal/benches/*.rs' >/dev/null || grep -q '^\[\[bench\]\]' journal/Cargo.toml; then

@@ -1,0 +1,732 @@
+//! The pause window of a live domain snapshot, against its floor, measured
+//! in one run on the real test guest (guest/README.md), one guest per disk
+//! count (1, 4, 16 small qcow2 disks), every series interleaved on that
+//! guest, the order of the series rotating from one iteration to the next.
+//!
+//! Series (each switches every disk of the guest once per iteration):
+//!
+//! | series     | what runs                                                                 | what is measured |
+//! |------------|---------------------------------------------------------------------------|------------------|
+//! | vsnap      | vsnap's pivot step replayed from this process with vsnap's own library (`vsnap-steps`): overlays prepared as the plan prepares them (`qemu_img::create_overlay`, `live::blockdev_add`), then the body of `live::transaction`: connect, `query-block`, ONE `transaction` of `blockdev-snapshot`, disconnect. No `stop`: the guest keeps running. | **window** = the `transaction` command's round trip as vsnap's QMP client sees it (request written to reply read; the guest's I/O is drained for at most that long; its vCPUs never stop). Also the **step** = connect to disconnect. |
+//! | vsnap cmd  | the real `vsnap snapshot create DOMAIN NAME --disk-only` (release build) | the whole process, wall clock (context: planning, journal fsyncs, qemu-img, QMP) |
+//! | floor      | bare QMP: `stop`, ONE `transaction` of `blockdev-snapshot` (overlays prepared beforehand exactly as for vsnap), `cont` | **window** = QEMU's `RESUME` event timestamp minus its `STOP` event timestamp; also the `transaction` round trip alone |
+//! | sync       | bare QMP: `stop`, ONE `transaction` of `blockdev-snapshot-sync` (QEMU creates each overlay file inside the transaction), `cont` | window = `RESUME` - `STOP` (QEMU's timestamps); also the `transaction` round trip alone |
+//!
+//! The ratio is vsnap's window over the floor's window (target <= 1.2x).
+//!
+//! Between two measurements, untimed, the bench puts the guest back as it
+//! was: an active `block-commit` of each disk's new overlay into its base
+//! image (the overlays are empty or nearly so), `blockdev-del` of the
+//! overlay nodes that were added with `blockdev-add`, removal of the overlay
+//! files. So every measurement starts from the same graph (each disk a
+//! single qcow2 image), instead of a chain that grows by one layer per
+//! measurement (`blockdev-del` of an active node is impossible). Before each
+//! `vsnap snapshot create` the domain is attached again (`vsnap domain
+//! undefine --snapshots-metadata`, `vsnap domain attach`, untimed), since the
+//! commit-back leaves the catalog pointing at the removed overlay. The bench
+//! also checks, after every measurement, that every disk was switched.
+//!
+//! The guest: `guest/build.sh` (cached), `guest/run.sh --blockdev` with the
+//! disks, TCG unless KVM really works. The disks are blank qcow2 (32 MiB):
+//! the guest boots with unformatted disks, mounts nothing and runs no
+//! writer, so the guest is idle (its agent runs). `VSNAP_BENCH_WRITER=1`
+//! formats the disks (mkfs.ext4) so that the guest's writer keeps writing
+//! to every disk during the whole run. QEMU is ended by a guard (QMP `quit`,
+//! then SIGKILL by its pid) whatever happens.
+//!
+//! Run: `cargo bench -p vsnap-cli --bench pause` (cargo builds the release
+//! `vsnap`). Environment: VSNAP_BENCH_ITERS (default 20, at least 15),
+//! VSNAP_BENCH_WARMUP (default 3), VSNAP_BENCH_DIR (default /var/tmp: a real
+//! disk), VSNAP_BENCH_DISKS (default 1,4,16), VSNAP_BENCH_WRITER (default 0).
+
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vsnap_engine::domain::block_key;
+use vsnap_steps::live::{self, LiveDisk};
+use vsnap_steps::qemu_img;
+use vsnap_steps::qmp::{blockdev_snapshot_action, Qmp};
+use vsnap_steps::{Format, StepResult};
+
+const TARGET_RATIO: f64 = 1.2;
+const DISK_SIZE: &str = "32M";
+/// Timeout of the bench's own QMP calls (a loaded machine is slow, but
+/// nothing may hang forever).
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const DOMAIN: &str = "bench";
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn ok<T>(r: StepResult<T>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ has a parent")
+        .to_path_buf()
+}
+
+/// Run a command to completion; its stdout, or a panic with its stderr.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn vsnap_binary() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vsnap"));
+    if exe.is_file() {
+        return exe;
+    }
+    let root = repo_root();
+    eprintln!(
+        "{} is missing: cargo build --release -p vsnap-cli",
+        exe.display()
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .args(["build", "--release", "-p", "vsnap-cli"])
+        .current_dir(&root));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release").join("vsnap");
+    assert!(
+        bin.is_file(),
+        "{} still missing after the build",
+        bin.display()
+    );
+    bin
+}
+
+/// Whether `pid` is a live (not zombie) QEMU process.
+fn qemu_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (comm) S ...": comm may hold spaces; the state follows the last ')'.
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    let comm = stat.split_once('(').map(|x| x.1).unwrap_or("");
+    let state = stat[close + 1..].trim_start().chars().next().unwrap_or('X');
+    comm.starts_with("qemu-system") && !matches!(state, 'Z' | 'X')
+}
+
+/// Poll `cond` until it holds or `timeout` passes (a short sleep between
+/// polls; never a fixed wait).
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running test guest. Dropping it ends QEMU: QMP `quit`, then SIGKILL
+/// by its pid if it has not exited within 5 s.
+struct Guest {
+    qmp: PathBuf,
+    agent: PathBuf,
+    console: PathBuf,
+    pid: u32,
+    accel: String,
+}
+
+impl Guest {
+    fn boot(dir: &Path, disks: &[PathBuf]) -> Guest {
+        let root = repo_root();
+        let out = run(Command::new(root.join("guest/run.sh"))
+            .arg("-d")
+            .arg(dir)
+            .arg("--blockdev")
+            .args(disks.iter().map(|d| format!("{}:qcow2", d.display()))));
+        let dir = PathBuf::from(out.trim());
+        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no qemu.pid in {} after guest/run.sh", dir.display()));
+        let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
+        let accel = if cmdline.contains("accel=kvm") {
+            "kvm"
+        } else {
+            "tcg"
+        };
+        Guest {
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("qga.sock"),
+            console: dir.join("console.log"),
+            pid,
+            accel: accel.into(),
+        }
+    }
+
+    /// Waits for `VSNAP-GUEST-READY` on the console; returns the line.
+    fn wait_ready(&self) -> String {
+        let mut line = String::new();
+        let mut dead = false;
+        let found = wait_until(BOOT_TIMEOUT, || {
+            if !qemu_alive(self.pid) {
+                dead = true;
+                return true;
+            }
+            let log = std::fs::read_to_string(&self.console).unwrap_or_default();
+            match log.lines().find(|l| l.contains("VSNAP-GUEST-READY")) {
+                Some(l) => {
+                    line = l.trim().to_string();
+                    true
+                }
+                None => false,
+            }
+        });
+        let tail = || std::fs::read_to_string(&self.console).unwrap_or_default();
+        assert!(!dead, "QEMU exited during boot; console:\n{}", tail());
+        assert!(
+            found,
+            "no VSNAP-GUEST-READY within {BOOT_TIMEOUT:?}; console:\n{}",
+            tail()
+        );
+        line
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if !qemu_alive(self.pid) {
+            return;
+        }
+        if let Ok(mut q) = Qmp::connect(&self.qmp, Duration::from_secs(2)) {
+            let _ = q.quit();
+        }
+        if !wait_until(Duration::from_secs(5), || !qemu_alive(self.pid)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
+            wait_until(Duration::from_secs(5), || !qemu_alive(self.pid));
+        }
+    }
+}
+
+/// One disk as QEMU shows it after boot.
+struct Disk {
+    /// `query-block`'s key (`qdev` with -blockdev), as vsnap matches it.
+    key: String,
+    /// The base image's format node (the device's top between measurements).
+    base_node: String,
+    base_file: PathBuf,
+}
+
+fn top_nodes(q: &mut Qmp, disks: &[Disk]) -> Vec<String> {
+    let blocks = ok(q.query_block(), "query-block");
+    disks
+        .iter()
+        .map(|d| {
+            live::top_node(&blocks, &d.key)
+                .unwrap_or_else(|| panic!("query-block has no device {}", d.key))
+        })
+        .collect()
+}
+
+fn node_names(q: &mut Qmp) -> Vec<(String, String)> {
+    let nodes = ok(q.query_named_block_nodes(), "query-named-block-nodes");
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let s = |k: &str| n.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            (s("node-name"), s("drv"))
+        })
+        .collect()
+}
+
+/// Overlays prepared the way vsnap's live plan prepares them, with vsnap's
+/// own steps: `qemu-img create -f qcow2 -b BASE -F qcow2 OVERLAY` (step
+/// create-overlay), then `blockdev-add` of it as a qcow2 node with an
+/// inline file node and `backing: null` (step qmp-blockdev-add, which
+/// connects, lists the nodes, adds). Untimed.
+fn prepare(g: &Guest, disks: &[Disk], img: &Path, tag: &str) -> Vec<LiveDisk> {
+    let mut q = ok(live::qmp(&g.qmp), "connect");
+    let tops = top_nodes(&mut q, disks);
+    drop(q);
+    disks
+        .iter()
+        .zip(tops)
+        .enumerate()
+        .map(|(k, (d, top))| {
+            let path = img.join(format!("d{k}.{tag}.qcow2"));
+            ok(
+                qemu_img::create_overlay(&path, &d.base_file, Format::Qcow2),
+                "create overlay",
+            );
+            let node = format!("bench-{tag}-{k}");
+            ok(
+                live::blockdev_add(&g.qmp, &node, &format!("{node}f"), &path),
+                "blockdev-add",
+            );
+            LiveDisk {
+                device: d.key.clone(),
+                node: top,
+                overlay: node,
+            }
+        })
+        .collect()
+}
+
+/// vsnap's pivot step, `vsnap_steps::live::transaction`, replayed call for
+/// call (its two failpoint hits are no-ops without the `failpoints`
+/// feature) with clocks around the `transaction` command and around the
+/// whole step. Returns (transaction round trip, step).
+fn vsnap_pivot(qmp_path: &Path, disks: &[LiveDisk]) -> (Duration, Duration) {
+    let t0 = Instant::now();
+    let mut q = ok(live::qmp(qmp_path), "connect");
+    let blocks = ok(q.query_block(), "query-block");
+    assert!(
+        !disks
+            .iter()
+            .all(|d| live::top_node(&blocks, &d.device).as_deref() == Some(d.overlay.as_str())),
+        "the disks are switched already"
+    );
+    let actions = disks
+        .iter()
+        .map(|d| blockdev_snapshot_action(&d.node, &d.overlay))
+        .collect();
+    let t1 = Instant::now();
+    ok(q.transaction(actions), "transaction (blockdev-snapshot)");
+    let tx = t1.elapsed();
+    drop(q);
+    (tx, t0.elapsed())
+}
+
+/// `stop`, `transaction` of `actions`, `cont` on one connection opened
+/// beforehand. Returns (RESUME - STOP by QEMU's timestamps, transaction
+/// round trip).
+fn paused_transaction(qmp_path: &Path, actions: Vec<Value>, what: &str) -> (Duration, Duration) {
+    let mut q = ok(live::qmp(qmp_path), "connect");
+    q.set_timeout(QMP_TIMEOUT);
+    ok(q.poll_events(), "events");
+    ok(q.stop(), "stop");
+    let t1 = Instant::now();
+    let r = q.transaction(actions);
+    let tx = t1.elapsed();
+    // Resume whatever the transaction did.
+    ok(q.cont(), "cont");
+    ok(r, what);
+    let stop = ok(q.wait_event("STOP", QMP_TIMEOUT), "STOP event");
+    let resume = ok(q.wait_event("RESUME", QMP_TIMEOUT), "RESUME event");
+    (resume.timestamp.since(&stop.timestamp), tx)
+}
+
+/// Back to the base graph (untimed): checks that every disk was switched,
+/// commits each overlay into its base (active commit: ready, complete),
+/// deletes the overlay nodes that remain (added with blockdev-add), checks
+/// that exactly the boot-time nodes are left, removes the overlay files.
+fn flatten(g: &Guest, disks: &[Disk], base_nodes: &BTreeSet<String>, img: &Path, series: &str) {
+    let mut q = ok(live::qmp(&g.qmp), "connect");
+    q.set_timeout(QMP_TIMEOUT);
+    let tops = top_nodes(&mut q, disks);
+    let mut jobs = Vec::new();
+    for (k, (d, top)) in disks.iter().zip(&tops).enumerate() {
+        assert_ne!(
+            top, &d.base_node,
+            "{series}: disk {} was not switched to an overlay",
+            d.key
+        );
+        let job = format!("flat{k}");
+        ok(
+            q.execute("block-commit", json!({"job-id": job, "device": top})),
+            "block-commit",
+        );
+        jobs.push(job);
+    }
+    for job in &jobs {
+        ok(
+            q.wait_event_where(
+                "BLOCK_JOB_READY",
+                |e| e.data["device"] == job.as_str(),
+                QMP_TIMEOUT,
+            ),
+            "BLOCK_JOB_READY",
+        );
+    }
+    for job in &jobs {
+        ok(
+            q.execute("job-complete", json!({ "id": job })),
+            "job-complete",
+        );
+    }
+    for job in &jobs {
+        let e = ok(
+            q.wait_event_where(
+                "BLOCK_JOB_COMPLETED",
+                |e| e.data["device"] == job.as_str(),
+                QMP_TIMEOUT,
+            ),
+            "BLOCK_JOB_COMPLETED",
+        );
+        if let Some(err) = e.data.get("error") {
+            panic!("commit job {job} failed: {err}");
+        }
+    }
+    for (name, drv) in node_names(&mut q) {
+        if !base_nodes.contains(&name) && drv != "file" {
+            ok(q.blockdev_del(&name), "blockdev-del");
+        }
+    }
+    let left: BTreeSet<String> = node_names(&mut q).into_iter().map(|n| n.0).collect();
+    assert_eq!(
+        &left, base_nodes,
+        "{series}: nodes left after the commit-back"
+    );
+    let tops = top_nodes(&mut q, disks);
+    for (d, top) in disks.iter().zip(&tops) {
+        assert_eq!(top, &d.base_node, "{series}: top after the commit-back");
+    }
+    drop(q);
+    let bases: BTreeSet<&Path> = disks.iter().map(|d| d.base_file.as_path()).collect();
+    for e in std::fs::read_dir(img).expect("image dir").flatten() {
+        let p = e.path();
+        if !bases.contains(p.as_path()) {
+            std::fs::remove_file(&p).unwrap_or_else(|err| panic!("remove {}: {err}", p.display()));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Results {
+    vsnap_tx: Vec<Duration>,
+    vsnap_step: Vec<Duration>,
+    vsnap_cmd: Vec<Duration>,
+    floor_window: Vec<Duration>,
+    floor_tx: Vec<Duration>,
+    sync_window: Vec<Duration>,
+    sync_tx: Vec<Duration>,
+    ready: String,
+    boot: Duration,
+    accel: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Series {
+    VsnapCmd,
+    Vsnap,
+    Floor,
+    Sync,
+}
+
+const ALL: [Series; 4] = [Series::VsnapCmd, Series::Vsnap, Series::Floor, Series::Sync];
+
+fn make_disk(path: &Path, format_ext4: bool) {
+    if !format_ext4 {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(DISK_SIZE));
+        return;
+    }
+    let raw = path.with_extension("raw");
+    run(Command::new("truncate").args(["-s", DISK_SIZE]).arg(&raw));
+    run(Command::new("mkfs.ext4").args(["-F", "-q"]).arg(&raw));
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(path));
+    let _ = std::fs::remove_file(raw);
+}
+
+fn vsnap_cmd(vsnap: &Path, state: &Path) -> Command {
+    let mut c = Command::new(vsnap);
+    c.arg("--state-dir").arg(state);
+    c
+}
+
+fn bench(n: usize, vsnap: &Path, dir: &Path, warmup: usize, iters: usize, writer: bool) -> Results {
+    let img = dir.join("img");
+    std::fs::create_dir_all(&img).expect("bench dir");
+    let files: Vec<PathBuf> = (0..n).map(|k| img.join(format!("d{k}.qcow2"))).collect();
+    for f in &files {
+        make_disk(f, writer);
+    }
+    let t = Instant::now();
+    let g = Guest::boot(dir, &files);
+    let ready = g.wait_ready();
+    let boot = t.elapsed();
+
+    // The disks as QEMU has them, in -device order (d0 = vda, ...).
+    let mut q = ok(live::qmp(&g.qmp), "connect");
+    let blocks = ok(q.query_block(), "query-block");
+    let base_nodes: BTreeSet<String> = node_names(&mut q).into_iter().map(|n| n.0).collect();
+    drop(q);
+    let disks: Vec<Disk> = files
+        .iter()
+        .map(|f| {
+            let canon = std::fs::canonicalize(f).expect("disk path");
+            let entry = blocks
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["inserted"]["file"].as_str().map(Path::new) == Some(canon.as_path()))
+                .unwrap_or_else(|| panic!("query-block does not show {}", f.display()));
+            Disk {
+                key: block_key(entry),
+                base_node: entry["inserted"]["node-name"]
+                    .as_str()
+                    .expect("node-name")
+                    .to_string(),
+                base_file: canon,
+            }
+        })
+        .collect();
+
+    let state = dir.join("state");
+    let mut r = Results {
+        ready,
+        boot,
+        accel: g.accel.clone(),
+        ..Default::default()
+    };
+    let mut attached = false;
+    for i in 0..warmup + iters {
+        let keep = i >= warmup;
+        for s in (0..ALL.len()).map(|j| ALL[(i + j) % ALL.len()]) {
+            let label = format!("{s:?} #{i}");
+            match s {
+                Series::VsnapCmd => {
+                    if attached {
+                        run(vsnap_cmd(vsnap, &state).args([
+                            "domain",
+                            "undefine",
+                            DOMAIN,
+                            "--snapshots-metadata",
+                        ]));
+                    }
+                    run(vsnap_cmd(vsnap, &state)
+                        .args(["domain", "attach", DOMAIN, "--qmp"])
+                        .arg(&g.qmp)
+                        .arg("--agent")
+                        .arg(&g.agent));
+                    attached = true;
+                    let mut c = vsnap_cmd(vsnap, &state);
+                    c.args([
+                        "snapshot",
+                        "create",
+                        DOMAIN,
+                        &format!("v{i}"),
+                        "--disk-only",
+                    ]);
+                    let t = Instant::now();
+                    run(&mut c);
+                    let d = t.elapsed();
+                    if keep {
+                        r.vsnap_cmd.push(d);
+                    }
+                }
+                Series::Vsnap => {
+                    let ld = prepare(&g, &disks, &img, &format!("r{i}"));
+                    let (tx, step) = vsnap_pivot(&g.qmp, &ld);
+                    if keep {
+                        r.vsnap_tx.push(tx);
+                        r.vsnap_step.push(step);
+                    }
+                }
+                Series::Floor => {
+                    let ld = prepare(&g, &disks, &img, &format!("f{i}"));
+                    let actions = ld
+                        .iter()
+                        .map(|d| blockdev_snapshot_action(&d.node, &d.overlay))
+                        .collect();
+                    let (w, tx) =
+                        paused_transaction(&g.qmp, actions, "transaction (blockdev-snapshot)");
+                    if keep {
+                        r.floor_window.push(w);
+                        r.floor_tx.push(tx);
+                    }
+                }
+                Series::Sync => {
+                    let mut q = ok(live::qmp(&g.qmp), "connect");
+                    let tops = top_nodes(&mut q, &disks);
+                    drop(q);
+                    let actions = tops
+                        .iter()
+                        .enumerate()
+                        .map(|(k, top)| {
+                            json!({"type": "blockdev-snapshot-sync", "data": {
+                                "node-name": top,
+                                "snapshot-file": img.join(format!("d{k}.s{i}.qcow2")).to_string_lossy(),
+                                "snapshot-node-name": format!("bench-s{i}-{k}"),
+                                "format": "qcow2",
+                            }})
+                        })
+                        .collect();
+                    let (w, tx) =
+                        paused_transaction(&g.qmp, actions, "transaction (blockdev-snapshot-sync)");
+                    if keep {
+                        r.sync_window.push(w);
+                        r.sync_tx.push(tx);
+                    }
+                }
+            }
+            flatten(&g, &disks, &base_nodes, &img, &label);
+        }
+    }
+    drop(g);
+    r
+}
+
+/// Nearest-rank percentile, in milliseconds.
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
+    ms[rank.min(ms.len()) - 1]
+}
+
+fn pp(v: &[Duration]) -> String {
+    format!("{:.2} / {:.2}", pct(v, 50.0), pct(v, 90.0))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let iters = env_num("VSNAP_BENCH_ITERS", 20).max(15);
+    let warmup = env_num("VSNAP_BENCH_WARMUP", 3);
+    let writer = env_num("VSNAP_BENCH_WRITER", 0) != 0;
+    let counts: Vec<usize> = std::env::var("VSNAP_BENCH_DISKS")
+        .unwrap_or_else(|_| "1,4,16".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    let base = std::env::var_os("VSNAP_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let vsnap = vsnap_binary();
+    run(Command::new(repo_root().join("guest/build.sh")).stdout(Stdio::null()));
+    let dir = base.join(format!("vsnap-bench-pause.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let qemu = run(Command::new("qemu-system-x86_64").arg("--version"));
+    println!("bench pause: vsnap = {}", vsnap.display());
+    println!(
+        "bench pause: {} ; work dir {} ; {warmup} warm-up + {iters} measured iterations per series; \
+         guest {}; load average at start {}",
+        qemu.lines().next().unwrap_or(""),
+        dir.display(),
+        if writer {
+            "writing to every disk (ext4 + writer)"
+        } else {
+            "idle (blank disks: no filesystem, no writer)"
+        },
+        loadavg()
+    );
+    let mut all = Vec::new();
+    for &n in &counts {
+        let sub = dir.join(format!("n{n}"));
+        let r = bench(n, &vsnap, &sub, warmup, iters, writer);
+        println!(
+            "bench pause: {n} disk(s): guest booted in {:.1} s ({}): {}",
+            r.boot.as_secs_f64(),
+            r.accel,
+            r.ready
+        );
+        let _ = std::fs::remove_dir_all(&sub);
+        all.push((n, r));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!();
+    println!("Windows in ms, p50 / p90 (nearest rank), {iters} measurements each:");
+    println!("  vsnap window = round trip of vsnap's ONE `transaction` of blockdev-snapshot (vsnap-steps' QMP client,");
+    println!(
+        "                 request written -> reply read); no stop: the guest's vCPUs keep running"
+    );
+    println!("  floor window = QEMU's RESUME minus STOP event timestamps around stop / transaction(blockdev-snapshot) / cont");
+    println!("  sync window  = the same with transaction(blockdev-snapshot-sync): QEMU creates the overlays while paused");
+    println!("  vsnap cmd    = wall time of the whole `vsnap snapshot create DOMAIN NAME --disk-only` process");
+    println!();
+    println!(
+        "{:>5}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
+        "disks", "vsnap window", "floor window", "ratio p50 (p90)", "sync window", "vsnap cmd"
+    );
+    let mut verdicts = Vec::new();
+    for (n, r) in &all {
+        let (r50, r90) = (
+            pct(&r.vsnap_tx, 50.0) / pct(&r.floor_window, 50.0),
+            pct(&r.vsnap_tx, 90.0) / pct(&r.floor_window, 90.0),
+        );
+        println!(
+            "{:>5}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
+            n,
+            pp(&r.vsnap_tx),
+            pp(&r.floor_window),
+            format!("{r50:.2}x ({r90:.2}x)"),
+            pp(&r.sync_window),
+            pp(&r.vsnap_cmd)
+        );
+        verdicts.push(format!(
+            "{n} disk(s): vsnap window / floor window = {r50:.2}x at p50 ({}); sync window / floor window = {:.2}x",
+            if r50 <= TARGET_RATIO {
+                format!("within the {TARGET_RATIO}x target")
+            } else {
+                format!("ABOVE the {TARGET_RATIO}x target")
+            },
+            pct(&r.sync_window, 50.0) / pct(&r.floor_window, 50.0)
+        ));
+    }
+    println!();
+    println!(
+        "Transaction round trips alone (client clock) and vsnap's whole pivot step, ms, p50 / p90:"
+    );
+    println!(
+        "{:>5}  {:>17}  {:>17}  {:>17}  {:>26}",
+        "disks",
+        "vsnap tx (running)",
+        "floor tx (paused)",
+        "sync tx (paused)",
+        "vsnap step (connect..drop)"
+    );
+    for (n, r) in &all {
+        println!(
+            "{:>5}  {:>17}  {:>17}  {:>17}  {:>26}",
+            n,
+            pp(&r.vsnap_tx),
+            pp(&r.floor_tx),
+            pp(&r.sync_tx),
+            pp(&r.vsnap_step)
+        );
+    }
+    println!();
+    for v in verdicts {
+        println!("bench pause: {v}");
+    }
+    println!("bench pause: load average at the end {}", loadavg());
+}
