@@ -19,7 +19,17 @@
 //! durable, so the ids of durable plans strictly increase across restarts.
 //!
 //! Every write goes through the group commit ([`crate::group`]): it
-//! returns once the `db.flush()` that covers it has returned.
+//! returns once the flush that covers it has returned.
+//!
+//! **What a flush is.** sled 0.34.7's `Db::flush` writes its log buffer
+//! with `pwrite` + `sync_file_range(2)` and nothing else: no `fdatasync`
+//! (so neither a grown file size nor the disk's write cache is made
+//! durable), and large values, which sled keeps as separate files under
+//! `db/blobs/`, are never synced at all. That survives a killed process
+//! (the page cache survives it) but not a power cut. So a flush here is
+//! `db.flush()`, then `fsync` of every blob file not yet synced and of the
+//! blob directory, then `fdatasync` of sled's log file `db/db`; and at
+//! open the directories holding sled's files are synced once.
 //!
 //! Crash points (`failpoint::hit`), each after a sled write and before the
 //! flush that makes it durable: `journal.begin.inserted`,
@@ -33,7 +43,7 @@ use crate::lock::StateLock;
 use crate::*;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{IVec, Tree};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,8 +103,65 @@ pub(crate) struct Write {
     value: Option<IVec>,
 }
 
+/// sled plus what sled's own `flush()` leaves out for power-loss
+/// durability (see the module docs): an `fdatasync` of its log file and an
+/// `fsync` of every new blob file and of the blob directory.
 pub(crate) struct SledSink {
     db: sled::Db,
+    /// sled's log file (`db/db`), opened for its `fdatasync`.
+    log: std::fs::File,
+    /// sled's directory of large values (`db/blobs`).
+    blobs: PathBuf,
+    /// Blob files known to be durable.
+    synced_blobs: HashSet<std::ffi::OsString>,
+}
+
+impl SledSink {
+    fn new(db: sled::Db, db_dir: &Path) -> std::io::Result<SledSink> {
+        let log = std::fs::File::open(db_dir.join("db"))?;
+        // sled creates its files without syncing their directory entries.
+        sync_dir(db_dir)?;
+        Ok(SledSink {
+            db,
+            log,
+            blobs: db_dir.join("blobs"),
+            // None yet: the first flush syncs any left by an earlier run.
+            synced_blobs: HashSet::new(),
+        })
+    }
+
+    /// fsync every blob file not yet known durable, then the directory.
+    fn sync_new_blobs(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match std::fs::File::open(self.blobs.join(&name)) {
+                    Ok(f) => f.sync_all()?,
+                    // Collected by sled meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            sync_dir(&self.blobs)?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Sink for SledSink {
@@ -141,7 +208,10 @@ impl Sink for SledSink {
     }
 
     fn flush(&mut self) -> Result<(), sled::Error> {
-        self.db.flush().map(drop)
+        self.db.flush()?;
+        self.sync_new_blobs()?;
+        self.log.sync_data()?;
+        Ok(())
     }
 }
 
@@ -218,7 +288,17 @@ impl Journal {
             Some((k, _)) => key_plan(&k)?.0 + 1,
             None => 1,
         };
-        let commit = GroupCommit::start(SledSink { db: db.clone() });
+        let sink = SledSink::new(db.clone(), &state_dir.join("db")).map_err(|source| {
+            JournalError::StateDir {
+                dir: state_dir.to_path_buf(),
+                source,
+            }
+        })?;
+        sync_dir(state_dir).map_err(|source| JournalError::StateDir {
+            dir: state_dir.to_path_buf(),
+            source,
+        })?;
+        let commit = GroupCommit::start(sink);
         failpoint::hit("journal.opened");
         Ok(Journal {
             commit,
@@ -247,7 +327,7 @@ impl Journal {
     /// Append a new plan (state `Planned`); durable on return.
     pub fn begin(&self, header: PlanHeader, body: Vec<u8>) -> Result<PlanId> {
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
-        let value = codec::encode(&(&header, &body));
+        let value = encode_plan(&header, &body);
         committed(self.commit.submit(Op::Insert {
             tree: self.plans.clone(),
             key: IVec::from(&plan_key(id)),
@@ -353,16 +433,38 @@ impl Journal {
     pub fn plan(&self, id: PlanId) -> Result<StoredPlan> {
         match self.plans.get(plan_key(id))? {
             None => Err(JournalError::NoSuchPlan(id)),
-            Some(v) => self.load(id, &v),
+            Some(v) => decode_plan(id, &v, self.records.scan_prefix(plan_key(id))),
         }
     }
 
     /// Every plan, oldest first.
     pub fn plans(&self) -> Result<Vec<StoredPlan>> {
+        // One merged pass over both trees, which are in the same order.
         let mut out = Vec::new();
+        let mut records = self.records.iter().peekable();
         for kv in self.plans.iter() {
             let (k, v) = kv?;
-            out.push(self.load(key_plan(&k)?, &v)?);
+            let id = key_plan(&k)?;
+            let mine = std::iter::from_fn(|| match records.peek() {
+                Some(Ok((rk, _))) if rk.len() >= 8 && rk[..8] < k[..] => {
+                    let orphan = PlanId(u64::from_be_bytes(rk[..8].try_into().expect("8 bytes")));
+                    Some(Err(orphan_error(orphan)))
+                }
+                Some(Ok((rk, _))) if rk.starts_with(&k) => {
+                    records.next().map(|r| r.map_err(JournalError::Db))
+                }
+                Some(Ok(_)) | None => None,
+                Some(Err(_)) => records.next().map(|r| r.map_err(JournalError::Db)),
+            });
+            out.push(decode_plan_records(id, &v, mine)?);
+        }
+        // Records after the last plan (or with a short key) have no plan.
+        if let Some(kv) = records.next() {
+            let (rk, _) = kv?;
+            let orphan = rk.get(..8).map_or(PlanId(0), |p| {
+                PlanId(u64::from_be_bytes(p.try_into().expect("8 bytes")))
+            });
+            return Err(orphan_error(orphan));
         }
         Ok(out)
     }
@@ -375,7 +477,7 @@ impl Journal {
             if self.finished.contains_key(&k)? {
                 continue;
             }
-            let plan = self.load(key_plan(&k)?, &v)?;
+            let plan = decode_plan(key_plan(&k)?, &v, self.records.scan_prefix(&k))?;
             if plan.outcome().is_none() {
                 out.push(plan);
             }
@@ -389,42 +491,6 @@ impl Journal {
         } else {
             Err(JournalError::NoSuchPlan(plan))
         }
-    }
-
-    /// Decode a plan's header and body and all its records.
-    fn load(&self, id: PlanId, value: &[u8]) -> Result<StoredPlan> {
-        let (header, body): (PlanHeader, Vec<u8>) =
-            codec::decode(value).map_err(|e| JournalError::Corrupt {
-                plan: id,
-                what: "plan header".into(),
-                reason: e.to_string(),
-            })?;
-        let mut records = Vec::new();
-        for kv in self.records.scan_prefix(plan_key(id)) {
-            let (k, v) = kv?;
-            let seq = match <[u8; 16]>::try_from(k.as_ref()) {
-                Ok(k) => u64::from_be_bytes(k[8..].try_into().expect("8 bytes")),
-                Err(_) => {
-                    return Err(JournalError::Corrupt {
-                        plan: id,
-                        what: "record key".into(),
-                        reason: format!("key {} is not 16 bytes long", show_key(&k)),
-                    })
-                }
-            };
-            let r = codec::decode(&v).map_err(|e| JournalError::Corrupt {
-                plan: id,
-                what: format!("record #{} (seq {seq})", records.len()),
-                reason: e.to_string(),
-            })?;
-            records.push(r);
-        }
-        Ok(StoredPlan {
-            id,
-            header,
-            body,
-            records,
-        })
     }
 
     /// The sled tree behind catalog tree `name`, opened once and cached.
@@ -498,4 +564,131 @@ fn check_catalog_value(tree: &str, key: &[u8], value: &[u8]) -> Result<()> {
             key: show_key(key),
             reason: e.to_string(),
         })
+}
+
+fn orphan_error(plan: PlanId) -> JournalError {
+    JournalError::Corrupt {
+        plan,
+        what: "progress records".into(),
+        reason: "records of a plan whose header is missing".into(),
+    }
+}
+
+/// Decode a plan's header and body and the records of `records` (its
+/// key-ordered records).
+fn decode_plan(id: PlanId, value: &[u8], records: sled::Iter) -> Result<StoredPlan> {
+    decode_plan_records(id, value, records.map(|r| r.map_err(JournalError::Db)))
+}
+
+fn decode_plan_records(
+    id: PlanId,
+    value: &[u8],
+    records: impl Iterator<Item = Result<(IVec, IVec)>>,
+) -> Result<StoredPlan> {
+    let (header, PlanBody(body)): (PlanHeader, PlanBody) =
+        codec::decode(value).map_err(|e| JournalError::Corrupt {
+            plan: id,
+            what: "plan header".into(),
+            reason: e.to_string(),
+        })?;
+    let mut out = Vec::new();
+    for kv in records {
+        let (k, v) = kv?;
+        let Ok(k) = <[u8; 16]>::try_from(k.as_ref()) else {
+            return Err(JournalError::Corrupt {
+                plan: id,
+                what: "record key".into(),
+                reason: format!("key {} is not 16 bytes long", show_key(&k)),
+            });
+        };
+        let seq = u64::from_be_bytes(k[8..].try_into().expect("8 bytes"));
+        let r = codec::decode(&v).map_err(|e| JournalError::Corrupt {
+            plan: id,
+            what: format!("record #{} (seq {seq})", out.len()),
+            reason: e.to_string(),
+        })?;
+        out.push(r);
+    }
+    Ok(StoredPlan {
+        id,
+        header,
+        body,
+        records: out,
+    })
+}
+
+/// A plan body as stored: exactly the bincode encoding of a `Vec<u8>`
+/// (u64 length, then the bytes), but written and read as one byte string
+/// rather than element by element (much faster for large bodies).
+struct PlanBodyRef<'a>(&'a [u8]);
+
+impl serde::Serialize for PlanBodyRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct PlanBody(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for PlanBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PlanBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a plan body (bytes)")
+            }
+            fn visit_bytes<E: serde::de::Error>(
+                self,
+                v: &[u8],
+            ) -> std::result::Result<PlanBody, E> {
+                Ok(PlanBody(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(
+                self,
+                v: Vec<u8>,
+            ) -> std::result::Result<PlanBody, E> {
+                Ok(PlanBody(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<PlanBody, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element()? {
+                    v.push(b);
+                }
+                Ok(PlanBody(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// The stored value of a plan: codec(`(PlanHeader, body)`).
+fn encode_plan(header: &PlanHeader, body: &[u8]) -> Vec<u8> {
+    codec::encode(&(header, PlanBodyRef(body)))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_value_is_codec_of_header_and_body() {
+        let h = PlanHeader {
+            op: "op".into(),
+            summary: "s".into(),
+            steps: 4,
+            pivot: 2,
+            created_unix: 9,
+        };
+        for body in [vec![], vec![1u8, 2, 3], vec![0xab; 70_000]] {
+            let v = encode_plan(&h, &body);
+            // Byte for byte the encoding of the plain tuple.
+            assert_eq!(v, codec::encode(&(&h, &body)));
+            let (h2, PlanBody(b2)): (PlanHeader, PlanBody) = codec::decode(&v).unwrap();
+            assert_eq!((h2, b2), (h.clone(), body));
+        }
+    }
 }

@@ -433,3 +433,55 @@ fn damaged_catalog_value_is_corrupt_catalog() {
         }
     }
 }
+
+#[test]
+fn large_bodies_round_trip() {
+    // Values this large are kept by sled as separate blob files, which the
+    // journal fsyncs itself.
+    let dir = tempfile::tempdir().unwrap();
+    let bodies: Vec<Vec<u8>> = [0usize, 1, 200_000, 1 << 20]
+        .iter()
+        .map(|&n| (0..n).map(|i| (i % 251) as u8).collect())
+        .collect();
+    let mut ids = Vec::new();
+    {
+        let j = Journal::open(dir.path()).unwrap();
+        for b in &bodies {
+            ids.push(j.begin(header("big", 1, 0), b.clone()).unwrap());
+        }
+    }
+    assert!(
+        std::fs::read_dir(dir.path().join("db/blobs"))
+            .unwrap()
+            .count()
+            > 0,
+        "no blob was written"
+    );
+    let j = Journal::open(dir.path()).unwrap();
+    for (id, b) in ids.iter().zip(&bodies) {
+        assert_eq!(&j.plan(*id).unwrap().body, b);
+    }
+}
+
+#[test]
+fn records_without_a_plan_are_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let id;
+    {
+        let j = Journal::open(dir.path()).unwrap();
+        id = j.begin(header("p", 1, 0), vec![]).unwrap();
+        j.append(id, Record::Started(0)).unwrap();
+    }
+    let orphan = PlanId(id.0 + 5);
+    damage(dir.path(), "records", |t| {
+        let mut k = orphan.0.to_be_bytes().to_vec();
+        k.extend_from_slice(&1u64.to_be_bytes());
+        t.insert(k, codec::encode(&Record::Started(0))).unwrap();
+    });
+    let j = Journal::open(dir.path()).unwrap();
+    assert_eq!(j.plan(id).unwrap().records, vec![Record::Started(0)]);
+    match j.plans() {
+        Err(JournalError::Corrupt { plan, .. }) => assert_eq!(plan, orphan),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
