@@ -1,0 +1,2038 @@
+//! Live domains with the real test guest (guest/README.md): a Debian
+//! kernel under `qemu-system-x86_64` (TCG), the real `qemu-guest-agent`,
+//! ext4 on every virtio disk, and a writer that keeps writing increasing
+//! sequence numbers to every disk in the fixed order vda, vdb, vdc. Every
+//! command is the real `vsnap` (or `vsnap-recover`) binary; what happened
+//! is read from QEMU (QMP), the agent, and the images themselves.
+//!
+//! One test function runs named cases in order and reports each (run with
+//! `--nocapture` to see them and their times). One guest kernel boots:
+//!
+//! * guest A (`guest/run.sh --qmp2`, `-drive` disks, the writer running)
+//!   carries the attach / define / live / quiesce / memory / paused /
+//!   offline cases and the bad input that needs a running guest. The
+//!   silent-agent case (a fake agent peer; its 30 s agent timeout is the
+//!   longest wait here) runs in a second thread on A's second monitor while
+//!   A boots and while the first thread only reads from A (attach, define);
+//!   the first thread waits for it before it changes anything on A.
+//! * guest B (`guest/run.sh --blockdev`) is stopped at once, before its
+//!   kernel runs (no CPU): it is attached (`-blockdev` names), snapshotted
+//!   while paused (it stays paused), then killed for the dead-socket case.
+//!
+//! Both QEMUs are killed (SIGKILL) by a drop guard, even on panic.
+//!
+//! Problems that need not stop the other cases (an error message that
+//! names a flag the command does not have) are collected and fail the test
+//! at the end. Time: about 40 to 50 s on two cores shared with other
+//! builds (load 8 to 10); the silent agent's timeout is most of it.
+//!
+//! The quiesce case kills vsnap at a crash point, so it needs vsnap built
+//! with the `failpoints` feature: `cargo test -p vsnap-cli --features
+//! failpoints --test live` tests that binary; otherwise the test builds one
+//! (`cargo build -p vsnap-cli --features vsnap-cli/failpoints`) before it
+//! starts any guest.
+//!
+//! Needs root (a read-only bind mount), qemu-system-x86_64, qemu-img,
+//! mkfs.ext4, debugfs, e2fsck, python3 (guest/guestctl.py for the agent),
+//! and what `guest/build.sh` needs (it is called here; cached, it returns
+//! in milliseconds). `VSNAP_LIVE_KEEP=1` keeps the work directory.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+// --- small helpers ------------------------------------------------------------
+
+static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// `live: [seconds since the test began] message`, on stderr.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!(
+            "live: [{:5.1} s] {}",
+            T0.get_or_init(Instant::now).elapsed().as_secs_f64(),
+            format_args!($($arg)*)
+        )
+    };
+}
+
+fn workspace() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
+fn python() -> &'static str {
+    // A pyenv shim adds 0.2 s to every call (guest/README.md).
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Run a program to completion; panic (with its output) unless it exits 0.
+#[track_caller]
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let o = Out::from_command(program, args);
+    assert!(
+        o.code == 0,
+        "{program} {args:?} failed ({}):\n{}{}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    o.stdout
+}
+
+/// Poll `f` every 25 ms until it gives `Some`, for at most `limit`.
+#[track_caller]
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// `vsnap` with extra environment; the exit signal, if any, is kept.
+fn vsnap_env(bin: &Path, state: &Path, args: &[&str], env: &[(&str, &Path)]) -> (Out, Option<i32>) {
+    let mut c = Command::new(bin);
+    c.arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run vsnap");
+    (
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        o.status.signal(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    common::p(p)
+}
+
+/// Announce a case, time it, and say FAILED if it panics.
+fn case<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    struct Guard<'a>(&'a str, Instant);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                say!(
+                    "case {} FAILED after {:.1} s",
+                    self.0,
+                    self.1.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    say!("case {name} ...");
+    let g = Guard(name, Instant::now());
+    let r = f();
+    say!("case {name} ok ({:.1} s)", g.1.elapsed().as_secs_f64());
+    r
+}
+
+/// Problems that must fail the test but need not stop the other cases
+/// (an error message that does not say what to do, say).
+#[derive(Default)]
+struct Soft(Mutex<Vec<String>>);
+
+impl Soft {
+    fn check(&self, ok: bool, what: String) {
+        if !ok {
+            say!("PROBLEM: {what}");
+            self.0.lock().unwrap().push(what);
+        }
+    }
+}
+
+// --- QMP (a tiny client of the test's own; vsnap's is in steps/) -------------
+
+fn qmp_try(sock: &Path, cmd: &str, args: Value) -> Result<Value, String> {
+    let st = UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
+    st.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = st.try_clone().unwrap();
+    let mut r = BufReader::new(st);
+    let next = |r: &mut BufReader<UnixStream>| -> Result<Value, String> {
+        loop {
+            let mut line = String::new();
+            let n = r
+                .read_line(&mut line)
+                .map_err(|e| format!("QMP {} read: {e}", sock.display()))?;
+            if n == 0 {
+                return Err(format!("QMP {} closed", sock.display()));
+            }
+            let v: Value =
+                serde_json::from_str(&line).map_err(|e| format!("QMP line {line:?}: {e}"))?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    let greeting = next(&mut r)?;
+    if greeting.get("QMP").is_none() {
+        return Err(format!("no QMP greeting: {greeting}"));
+    }
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .unwrap();
+    next(&mut r)?;
+    let mut msg = json!({ "execute": cmd });
+    if !args.is_null() {
+        msg["arguments"] = args;
+    }
+    w.write_all(format!("{msg}\n").as_bytes()).unwrap();
+    let v = next(&mut r)?;
+    match v.get("return") {
+        Some(ret) => Ok(ret.clone()),
+        None => Err(format!("QMP {cmd}: {v}")),
+    }
+}
+
+#[track_caller]
+fn qmp(sock: &Path, cmd: &str) -> Value {
+    qmp_try(sock, cmd, Value::Null).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// (running, status) from `query-status`.
+fn qmp_status(sock: &Path) -> (bool, String) {
+    let v = qmp(sock, "query-status");
+    (
+        v["running"].as_bool().unwrap(),
+        v["status"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The name of a `query-block` device as vsnap's targets are: `device`, or
+/// the peripheral id in `qdev` (`-blockdev` configurations).
+fn block_target(b: &Value) -> String {
+    let dev = b["device"].as_str().unwrap_or("");
+    if !dev.is_empty() {
+        return dev.to_string();
+    }
+    let qdev = b["qdev"].as_str().unwrap_or("");
+    qdev.strip_prefix("/machine/peripheral/")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or(qdev)
+        .to_string()
+}
+
+/// Target -> the image QEMU runs the device on now.
+fn qemu_disks(sock: &Path) -> BTreeMap<String, PathBuf> {
+    qmp(sock, "query-block")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b.get("inserted").is_some())
+        .map(|b| {
+            (
+                block_target(b),
+                PathBuf::from(b["inserted"]["file"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn image_chain(img: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cur = Some(img);
+    while let Some(i) = cur {
+        out.push(json!({
+            "filename": i["filename"],
+            "format": i["format"],
+            "snapshots": snapshot_names(&i["snapshots"]),
+        }));
+        cur = i.get("backing-image");
+    }
+    out
+}
+
+fn snapshot_names(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What QEMU's block layer looks like, without what the guest's writes
+/// change (sizes, dirty flags): devices with their chains, and every node.
+fn qemu_view(sock: &Path) -> Value {
+    let blocks: Vec<Value> = qmp(sock, "query-block")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let ins = &b["inserted"];
+            json!({
+                "device": b["device"], "qdev": b["qdev"], "node": ins["node-name"],
+                "file": ins["file"], "ro": ins["ro"], "drv": ins["drv"],
+                "chain": if ins.is_null() { vec![] } else { image_chain(&ins["image"]) },
+            })
+        })
+        .collect();
+    let mut nodes: Vec<Value> = qmp(sock, "query-named-block-nodes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            json!({
+                "node": n["node-name"], "drv": n["drv"], "file": n["file"], "ro": n["ro"],
+                "backing_file": n["backing_file"], "snapshots": snapshot_names(&n["image"]["snapshots"]),
+            })
+        })
+        .collect();
+    nodes.sort_by_key(|n| n["node"].as_str().unwrap_or("").to_string());
+    json!({ "blocks": blocks, "nodes": nodes })
+}
+
+// --- the guest agent, through guest/guestctl.py ----------------------------------
+
+fn agent(sock: &Path, cmd: &str) -> Value {
+    let helper = workspace().join("guest/guestctl.py");
+    let out = run_ok(python(), &[s(&helper), "qga", s(sock), cmd]);
+    let v: Value = serde_json::from_str(out.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("agent {cmd}: {e}: {out}"));
+    v.get("return").cloned().unwrap_or(v)
+}
+
+// --- images -------------------------------------------------------------------------
+
+/// The writer's record with the highest sequence number in an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seq {
+    seq: u64,
+    disk: String,
+    boot: u64,
+}
+
+static SCRATCH_N: AtomicU32 = AtomicU32::new(0);
+
+/// A raw copy of what `img` shows (its whole chain), read with `-U` so a
+/// running QEMU does not stop it: `qemu-img convert -U -O raw`.
+fn raw_copy(img: &Path, scratch: &Path) -> PathBuf {
+    let n = SCRATCH_N.fetch_add(1, Ordering::SeqCst);
+    let name = img.file_name().unwrap().to_string_lossy();
+    let raw = scratch.join(format!("{n}-{name}.raw"));
+    run_ok("qemu-img", &["convert", "-U", "-O", "raw", s(img), s(&raw)]);
+    raw
+}
+
+/// Parse the writer's file: 64 slots of 512 bytes, each
+/// `VSNAPSEQ seq=%020d disk=%s boot=%020d t_ns=%020d\n` or zeros.
+fn parse_seq(data: &[u8]) -> Option<Seq> {
+    let mut best: Option<Seq> = None;
+    for slot in data.chunks(512).take(64) {
+        let Some(rest) = slot.strip_prefix(b"VSNAPSEQ seq=") else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(rest);
+        let line = line.split('\n').next().unwrap_or("");
+        let mut it = line.split(' ');
+        let seq: u64 = it.next().and_then(|x| x.parse().ok())?;
+        let disk = it.next()?.strip_prefix("disk=")?.to_string();
+        let boot: u64 = it.next()?.strip_prefix("boot=")?.parse().ok()?;
+        if best.as_ref().is_none_or(|b| seq > b.seq) {
+            best = Some(Seq { seq, disk, boot });
+        }
+    }
+    best
+}
+
+/// The writer's sequence number in an image (qcow2 chain or raw), from the
+/// file's bytes alone: `debugfs -R 'cat /seq'` on a raw conversion.
+fn image_seq(img: &Path, scratch: &Path) -> Seq {
+    let raw = raw_copy(img, scratch);
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /seq", s(&raw)])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    let _ = std::fs::remove_file(&raw);
+    parse_seq(&out.stdout).unwrap_or_else(|| {
+        panic!(
+            "no writer record in {}: debugfs said {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `seq(d1) >= seq(d2) >= ... >= seq(d1) - 1`, in writer order.
+#[track_caller]
+fn assert_one_instant(what: &str, seqs: &[(&str, &Seq)]) {
+    let first = seqs[0].1.seq;
+    for w in seqs.windows(2) {
+        assert!(
+            w[0].1.seq >= w[1].1.seq,
+            "{what}: seq({})={} < seq({})={}: not one instant ({seqs:?})",
+            w[0].0,
+            w[0].1.seq,
+            w[1].0,
+            w[1].1.seq
+        );
+    }
+    let last = seqs[seqs.len() - 1].1.seq;
+    assert!(
+        last + 1 >= first,
+        "{what}: the disks are more than one write apart: {seqs:?}"
+    );
+    for (t, sq) in seqs {
+        assert_eq!(
+            &sq.disk, t,
+            "{what}: the record in {t} names disk {}",
+            sq.disk
+        );
+        assert_eq!(
+            sq.boot, seqs[0].1.boot,
+            "{what}: different writer boots: {seqs:?}"
+        );
+    }
+}
+
+/// `qemu-img info -U --output=json`.
+fn img_info(img: &Path) -> Value {
+    serde_json::from_str(&run_ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", s(img)],
+    ))
+    .unwrap()
+}
+
+fn img_snapshots(img: &Path) -> Vec<String> {
+    snapshot_names(&img_info(img)["snapshots"])
+}
+
+/// A 64 MiB ext4 qcow2 disk: mkfs.ext4 on a raw file, then convert.
+fn make_ext4_qcow2(path: &Path) {
+    let raw = path.with_extension("mkfs.raw");
+    run_ok("truncate", &["-s", "64M", s(&raw)]);
+    run_ok("mkfs.ext4", &["-q", "-F", s(&raw)]);
+    run_ok("qemu-img", &["convert", "-O", "qcow2", s(&raw), s(path)]);
+    std::fs::remove_file(&raw).unwrap();
+}
+
+// --- the guests ---------------------------------------------------------------------
+
+/// A guest started with `guest/run.sh` (QEMU daemonizes); SIGKILLed on drop.
+struct Guest {
+    name: &'static str,
+    dir: PathBuf,
+    pid: u32,
+}
+
+impl Guest {
+    fn start(name: &'static str, dir: &Path, flags: &[&str], disks: &[&Path]) -> Guest {
+        let run = workspace().join("guest/run.sh");
+        let mut args = vec!["-d", s(dir)];
+        args.extend_from_slice(flags);
+        args.extend(disks.iter().map(|d| s(d)));
+        let out = run_ok(s(&run), &args);
+        assert_eq!(Path::new(out.trim()), dir, "run.sh printed {out:?}");
+        let pidfile = dir.join("qemu.pid");
+        let pid = wait_for("QEMU's pid file", Duration::from_secs(20), || {
+            std::fs::read_to_string(&pidfile)
+                .ok()?
+                .trim()
+                .parse::<u32>()
+                .ok()
+        });
+        let g = Guest {
+            name,
+            dir: dir.to_path_buf(),
+            pid,
+        };
+        assert!(
+            g.alive(),
+            "guest {name}: QEMU {pid} is not running (see {})",
+            dir.display()
+        );
+        g
+    }
+
+    fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    fn qga(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    /// The process exists, is QEMU, and is not a zombie.
+    fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        let state = stat
+            .rsplit_once(") ")
+            .map(|(_, r)| r.chars().next().unwrap_or('?'));
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        state != Some('Z') && String::from_utf8_lossy(&cmdline).contains("qemu-system")
+    }
+
+    fn kill(&self) {
+        if self.alive() {
+            let _ = Command::new("kill")
+                .args(["-9", &self.pid.to_string()])
+                .status();
+        }
+        wait_for("QEMU to die", Duration::from_secs(20), || {
+            (!self.alive()).then_some(())
+        });
+    }
+
+    /// Wait for a console line (bounded); fail at once if QEMU died or the
+    /// guest kernel panicked.
+    fn wait_console(&self, marker: &str, limit: Duration) -> Duration {
+        let start = Instant::now();
+        wait_for(
+            &format!("{marker:?} on guest {}'s console", self.name),
+            limit,
+            || {
+                let text = self.console();
+                assert!(
+                    !text.contains("Kernel panic"),
+                    "guest {} panicked:\n{text}",
+                    self.name
+                );
+                assert!(
+                    self.alive() || text.contains(marker),
+                    "guest {}'s QEMU died:\n{text}",
+                    self.name
+                );
+                text.contains(marker).then_some(())
+            },
+        );
+        start.elapsed()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = Command::new("kill")
+                .args(["-9", &self.pid.to_string()])
+                .status();
+        }
+    }
+}
+
+// --- "nothing changed" ----------------------------------------------------------------
+
+/// A directory's entries: the directory's own mtime (an entry made and
+/// removed again changes it), and for each file its inode, size, mode,
+/// mtime and ctime (any write or metadata change moves ctime, which no one
+/// can set back), except the images a running QEMU writes (`active`),
+/// whose presence only is compared.
+fn dir_state(dir: &Path, active: &BTreeSet<PathBuf>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let m = std::fs::metadata(dir).unwrap();
+    out.insert(
+        ".".into(),
+        format!("mtime {}.{}", m.mtime(), m.mtime_nsec()),
+    );
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let path = e.path();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        let v = if active.contains(&path) {
+            "active image".to_string()
+        } else {
+            format!(
+                "inode {}, {} bytes, mode {:o}, mtime {}.{}, ctime {}.{}",
+                m.ino(),
+                m.len(),
+                m.mode(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            )
+        };
+        out.insert(e.file_name().to_string_lossy().into_owned(), v);
+    }
+    out
+}
+
+/// Everything a refused command must leave as it was.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    files: BTreeMap<String, String>,
+    snapshots: Value,
+    domain: Value,
+    plans: Value,
+    qemu: Option<Value>,
+}
+
+fn world_of(state: &Path, domain: &str, disks_dir: &Path, qmp_sock: Option<&Path>) -> Snapshot {
+    let qemu = qmp_sock.map(qemu_view);
+    let active: BTreeSet<PathBuf> = match qmp_sock {
+        Some(q) => qemu_disks(q).into_values().collect(),
+        None => BTreeSet::new(),
+    };
+    Snapshot {
+        files: dir_state(disks_dir, &active),
+        snapshots: vsnap(state, &["--json", "snapshot", "list", domain])
+            .ok()
+            .json(),
+        domain: vsnap(state, &["--json", "domain", "info", domain])
+            .ok()
+            .json(),
+        plans: vsnap(state, &["--json", "plan", "list"]).ok().json(),
+        qemu,
+    }
+}
+
+#[track_caller]
+fn assert_nothing_changed(what: &str, before: &Snapshot, after: &Snapshot) {
+    let mut diff = Vec::new();
+    for (k, v) in &before.files {
+        match after.files.get(k) {
+            None => diff.push(format!("removed: {k}")),
+            Some(w) if w != v => diff.push(format!("changed: {k}: {v} -> {w}")),
+            _ => {}
+        }
+    }
+    for k in after
+        .files
+        .keys()
+        .filter(|k| !before.files.contains_key(*k))
+    {
+        diff.push(format!("new: {k}"));
+    }
+    assert!(
+        diff.is_empty(),
+        "{what}: files changed:\n{}",
+        diff.join("\n")
+    );
+    assert_eq!(
+        before.snapshots, after.snapshots,
+        "{what}: the snapshot catalog changed"
+    );
+    assert_eq!(before.domain, after.domain, "{what}: the domain changed");
+    assert_eq!(
+        before.plans, after.plans,
+        "{what}: the journal has a new plan"
+    );
+    assert_eq!(
+        before.qemu, after.qemu,
+        "{what}: QEMU's block graph changed"
+    );
+}
+
+/// A refusal: exit 2, stderr naming every one of `words`.
+#[track_caller]
+fn assert_refused(what: &str, o: &Out, words: &[&str]) {
+    assert_eq!(
+        o.code, 2,
+        "{what}: exit {} (want 2)\nstdout:\n{}\nstderr:\n{}",
+        o.code, o.stdout, o.stderr
+    );
+    for w in words {
+        assert!(
+            o.stderr.contains(w),
+            "{what}: stderr does not name {w:?}:\n{}",
+            o.stderr
+        );
+    }
+}
+
+// --- crash points ---------------------------------------------------------------------
+
+/// Whether `bin` was built with crash points: a trivial command with
+/// VSNAP_FAILPOINT_LOG writes the log.
+fn has_failpoints(bin: &Path, scratch: &Path) -> bool {
+    let log = scratch.join("failpoint-probe.log");
+    let state = scratch.join("failpoint-probe-state");
+    let _ = std::fs::remove_file(&log);
+    let (o, _) = vsnap_env(
+        bin,
+        &state,
+        &["plan", "list"],
+        &[("VSNAP_FAILPOINT_LOG", log.as_path())],
+    );
+    o.expect_code(0);
+    let logged = std::fs::read_to_string(&log).is_ok_and(|t| !t.trim().is_empty());
+    let _ = std::fs::remove_dir_all(&state);
+    logged
+}
+
+/// A vsnap with crash points: the binary under test if it has them, else
+/// one built now with `cargo build -p vsnap-cli --features vsnap-cli/failpoints`.
+fn failpoint_vsnap(scratch: &Path) -> PathBuf {
+    let under_test = PathBuf::from(VSNAP);
+    if has_failpoints(&under_test, scratch) {
+        say!("{VSNAP} has crash points");
+        return under_test;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    say!("{VSNAP} has no crash points; building vsnap with --features vsnap-cli/failpoints");
+    let start = Instant::now();
+    let out = Command::new(&cargo)
+        .current_dir(workspace())
+        .args([
+            "build",
+            "-p",
+            "vsnap-cli",
+            "--features",
+            "vsnap-cli/failpoints",
+            "--bin",
+            "vsnap",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo");
+    assert!(out.status.success(), "cargo build with crash points failed");
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "vsnap")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported no vsnap executable");
+    assert!(
+        has_failpoints(&exe, scratch),
+        "{} was built with --features vsnap-cli/failpoints but logs no crash point",
+        exe.display()
+    );
+    say!(
+        "built {} in {:.1} s",
+        exe.display(),
+        start.elapsed().as_secs_f64()
+    );
+    exe
+}
+
+// --- XML ------------------------------------------------------------------------------
+
+/// A `<domain>` as `virsh dumpxml` prints a running guest (with the parts
+/// vsnap does not use: memory, os, devices it does not snapshot, aliases,
+/// addresses, a libosinfo metadata element, the agent channel's state).
+fn virsh_domain_xml(name: &str, disks: &[(&str, &Path)], agent: Option<&Path>) -> String {
+    let mut x = format!(
+        "<domain type='kvm' id='3'>
+  <name>{name}</name>
+  <uuid>5f0c9a4e-2b7d-4c1a-9e3f-7a6b8c9d0e1f</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo=\"http://libosinfo.org/xmlns/libvirt/domain/1.0\">
+      <libosinfo:os id=\"http://debian.org/debian/12\"/>
+    </libosinfo:libosinfo>
+  </metadata>
+  <memory unit='KiB'>262144</memory>
+  <currentMemory unit='KiB'>262144</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <resource>
+    <partition>/machine</partition>
+  </resource>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <kernel>/var/lib/vsnap-guest/vmlinuz</kernel>
+    <initrd>/var/lib/vsnap-guest/initrd.img</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <cpu mode='custom' match='exact' check='full'>
+    <model fallback='forbid'>qemu64</model>
+  </cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+"
+    );
+    for (i, (target, path)) in disks.iter().enumerate() {
+        x.push_str(&format!(
+            "    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>
+      <source file='{}' index='{}'/>
+      <backingStore/>
+      <target dev='{target}' bus='virtio'/>
+      <alias name='virtio-disk{i}'/>
+      <address type='pci' domain='0x0000' bus='0x0{}' slot='0x00' function='0x0'/>
+    </disk>
+",
+            path.display(),
+            disks.len() - i,
+            i + 4
+        ));
+    }
+    x.push_str(
+        "    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+      <alias name='sata0-0-0'/>
+      <address type='drive' controller='0' bus='0' target='0' unit='0'/>
+    </disk>
+    <controller type='virtio-serial' index='0'>
+      <alias name='virtio-serial0'/>
+      <address type='pci' domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>
+    </controller>
+    <serial type='pty'>
+      <source path='/dev/pts/3'/>
+      <target type='isa-serial' port='0'>
+        <model name='isa-serial'/>
+      </target>
+      <alias name='serial0'/>
+    </serial>
+",
+    );
+    if let Some(a) = agent {
+        x.push_str(&format!(
+            "    <channel type='unix'>
+      <source mode='bind' path='{}'/>
+      <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
+      <alias name='channel0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>
+",
+            a.display()
+        ));
+    }
+    x.push_str(
+        "    <memballoon model='none'/>
+  </devices>
+  <seclabel type='dynamic' model='dac' relabel='yes'>
+    <label>+64055:+994</label>
+    <imagelabel>+64055:+994</imagelabel>
+  </seclabel>
+</domain>
+",
+    );
+    x
+}
+
+// --- a silent peer for the agent channel -----------------------------------------------
+
+/// A unix listener that accepts and reads but never answers: an agent
+/// channel whose agent does not respond. Records what it was sent.
+struct SilentPeer {
+    path: PathBuf,
+    got: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentPeer {
+    fn start(path: &Path) -> SilentPeer {
+        let l = UnixListener::bind(path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, st) = (got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns: Vec<UnixStream> = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                if let Ok((c, _)) = l.accept() {
+                    c.set_nonblocking(true).unwrap();
+                    conns.push(c);
+                }
+                let mut buf = [0u8; 4096];
+                for c in &mut conns {
+                    if let Ok(n) = c.read(&mut buf) {
+                        g.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        SilentPeer {
+            path: path.to_path_buf(),
+            got,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn received(&self) -> String {
+        String::from_utf8_lossy(&self.got.lock().unwrap()).into_owned()
+    }
+}
+
+impl Drop for SilentPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// --- the test -------------------------------------------------------------------------
+
+/// The work directory, removed at the end unless VSNAP_LIVE_KEEP is set.
+struct Work(Option<TempDir>);
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if std::env::var_os("VSNAP_LIVE_KEEP").is_some() {
+            if let Some(t) = self.0.take() {
+                say!("kept {}", t.path.display());
+                std::mem::forget(t);
+            }
+        }
+    }
+}
+
+const TARGETS: [&str; 3] = ["vda", "vdb", "vdc"];
+
+#[test]
+fn live_domains() {
+    let t0 = *T0.get_or_init(Instant::now);
+    let work = Work(Some(TempDir::new("live")));
+    let root = work.0.as_ref().unwrap().path.clone();
+    let scratch = root.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+
+    // The guest (cached: milliseconds when built).
+    let build = workspace().join("guest/build.sh");
+    let o = Out::from_command(s(&build), &[]);
+    assert_eq!(
+        o.code, 0,
+        "guest/build.sh failed:\n{}{}",
+        o.stdout, o.stderr
+    );
+
+    // Before any guest runs (building replaces target/debug/vsnap).
+    let fp_vsnap = failpoint_vsnap(&scratch);
+
+    // Guest A's disks, and copies for guest B.
+    let a_disks = root.join("a-disks");
+    let b_disks = root.join("b-disks");
+    std::fs::create_dir(&a_disks).unwrap();
+    std::fs::create_dir(&b_disks).unwrap();
+    let a_imgs: Vec<PathBuf> = TARGETS
+        .iter()
+        .map(|t| a_disks.join(format!("{t}.qcow2")))
+        .collect();
+    let b_imgs: Vec<PathBuf> = TARGETS
+        .iter()
+        .map(|t| b_disks.join(format!("{t}.qcow2")))
+        .collect();
+    for (a, b) in a_imgs.iter().zip(&b_imgs) {
+        make_ext4_qcow2(a);
+        std::fs::copy(a, b).unwrap();
+    }
+    say!("disks ready");
+
+    let guest_a = Guest::start(
+        "A",
+        &root.join("a-run"),
+        &["--qmp2"],
+        &a_imgs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
+    let guest_b = Guest::start(
+        "B",
+        &root.join("b-run"),
+        &["--blockdev", "--append", "vsnap_writer=0"],
+        &b_imgs.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+    );
+    // B burns no CPU: its kernel never runs.
+    let qb = guest_b.qmp();
+    wait_for("guest B's monitor", Duration::from_secs(20), || {
+        qmp_try(&qb, "stop", Value::Null).ok()
+    });
+    say!(
+        "guests started: A pid {}, B pid {} (stopped)",
+        guest_a.pid,
+        guest_b.pid
+    );
+
+    let soft = Soft::default();
+    let state_a = root.join("state-a");
+    let state_b = root.join("state-b");
+    let state_s = root.join("state-silent");
+
+    std::thread::scope(|sc| {
+        // The silent agent's 30 s timeout runs beside guest A's boot and
+        // the cases that do not change guest A.
+        let silent = sc.spawn(|| silent_agent_case(&guest_a, &state_s, &root));
+        guest_b_cases(&guest_b, &b_disks, &state_b, &root);
+        let join_silent = || {
+            if let Err(p) = silent.join() {
+                std::panic::resume_unwind(p);
+            }
+        };
+        guest_a_cases(
+            &guest_a,
+            &a_disks,
+            &state_a,
+            &root,
+            &scratch,
+            &fp_vsnap,
+            &soft,
+            join_silent,
+        );
+    });
+
+    let took = t0.elapsed();
+    say!("all cases done in {:.1} s", took.as_secs_f64());
+    let problems = soft.0.lock().unwrap().clone();
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// Guest B (`--blockdev`, stopped before its kernel ran): attach, a
+/// disk-only snapshot of a paused guest, then QEMU killed (a dead socket),
+/// a missing socket, and undefine.
+fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
+    let qmp_b = b.qmp();
+    let imgs: Vec<PathBuf> = TARGETS
+        .iter()
+        .map(|t| disks.join(format!("{t}.qcow2")))
+        .collect();
+
+    case("attach_blockdev", || {
+        let att = vsnap(
+            state,
+            &[
+                "--json",
+                "domain",
+                "attach",
+                "blk",
+                "--qmp",
+                s(&qmp_b),
+                "--agent",
+                s(&b.qga()),
+            ],
+        )
+        .ok()
+        .json();
+        let got: Vec<(String, String, String)> = att["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["target"].as_str().unwrap().into(),
+                    d["source"].as_str().unwrap().into(),
+                    d["format"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, String)> = TARGETS
+            .iter()
+            .zip(&imgs)
+            .map(|(t, i)| (t.to_string(), s(i).to_string(), "qcow2".to_string()))
+            .collect();
+        assert_eq!(got, want, "with -blockdev the targets are the device ids");
+        let info = vsnap(state, &["--json", "domain", "info", "blk"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "paused");
+        assert_eq!(info["qmp"], s(&qmp_b));
+        assert_eq!(info["agent"], s(&b.qga()));
+        let list = vsnap(state, &["--json", "domain", "list"]).ok().json();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        assert_eq!(list[0]["name"], "blk");
+        let xml = vsnap(state, &["domain", "dumpxml", "blk"])
+            .ok()
+            .stdout
+            .clone();
+        for (t, i) in TARGETS.iter().zip(&imgs) {
+            assert!(
+                xml.contains(&format!("<source file='{}'/>", i.display())),
+                "{xml}"
+            );
+            assert!(xml.contains(&format!("<target dev='{t}'/>")), "{xml}");
+        }
+    });
+
+    case("blockdev_paused_guest_stays_paused", || {
+        assert_eq!(qmp_status(&qmp_b), (false, "paused".to_string()));
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "blk",
+                "bs1",
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        o.ok();
+        assert_eq!(
+            qmp_status(&qmp_b),
+            (false, "paused".to_string()),
+            "a paused guest stays paused"
+        );
+        let on = qemu_disks(&qmp_b);
+        assert_eq!(on["vda"], disks.join("vda.bs1.qcow2"));
+        assert_eq!(on["vdb"], disks.join("vdb.bs1.qcow2"));
+        assert_eq!(on["vdc"], disks.join("vdc.qcow2"));
+        let info = vsnap(state, &["--json", "domain", "info", "blk"])
+            .ok()
+            .json();
+        for d in info["disks"].as_array().unwrap() {
+            assert_eq!(
+                on[d["target"].as_str().unwrap()],
+                Path::new(d["source"].as_str().unwrap())
+            );
+        }
+        vsnap(state, &["domain", "check", "blk"]).ok();
+    });
+
+    case("dead_qmp_socket", || {
+        b.kill();
+        assert!(qmp_b.exists(), "a killed QEMU leaves its socket file");
+        let before = world_of(state, "blk", disks, None);
+        let o = vsnap(
+            state,
+            &["snapshot", "create", "blk", "d1", "--live", "--disk-only"],
+        );
+        assert_refused("dead QMP socket", &o, &[s(&qmp_b), "--live"]);
+        let after = world_of(state, "blk", disks, None);
+        assert_nothing_changed("dead QMP socket", &before, &after);
+        assert_eq!(after.domain["state"], "shutoff");
+    });
+
+    case("missing_qmp_socket", || {
+        let gone = root.join("b-run/no-such.sock");
+        let xml = root.join("nosock.xml");
+        let on: Vec<(&str, &Path)> = vec![("vda", imgs[0].as_path())];
+        std::fs::write(&xml, virsh_domain_xml("nosock", &on, None)).unwrap();
+        vsnap(state, &["domain", "define", s(&xml), "--qmp", s(&gone)]).ok();
+        let before = world_of(state, "nosock", disks, None);
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "nosock",
+                "m1",
+                "--live",
+                "--disk-only",
+            ],
+        );
+        assert_refused("missing QMP socket", &o, &[s(&gone), "--live"]);
+        let after = world_of(state, "nosock", disks, None);
+        assert_nothing_changed("missing QMP socket", &before, &after);
+        vsnap(state, &["domain", "undefine", "nosock"]).ok();
+    });
+
+    case("undefine_blockdev", || {
+        let o = vsnap(state, &["domain", "undefine", "blk"]);
+        assert_refused(
+            "undefine with snapshots",
+            &o,
+            &["snapshot", "--snapshots-metadata"],
+        );
+        vsnap(
+            state,
+            &["domain", "undefine", "blk", "--snapshots-metadata"],
+        )
+        .ok();
+        let list = vsnap(state, &["--json", "domain", "list"]).ok().json();
+        assert_eq!(list, json!([]));
+        assert!(
+            disks.join("vda.bs1.qcow2").exists(),
+            "undefine leaves the files"
+        );
+    });
+}
+
+/// A silent agent, on guest A while it boots and while the other thread
+/// only reads from it (attach, define): nothing else changes its block
+/// graph or its disks' directory until this case is over.
+fn silent_agent_case(a: &Guest, state: &Path, root: &Path) {
+    case("silent_agent_fake_peer", || {
+        // A running guest whose agent channel is a listener that never
+        // answers. Guest A's QEMU runs from its start on (whether its
+        // kernel has booted yet does not matter here); this domain uses
+        // A's second monitor, while the other thread uses the first.
+        let qmp2 = a.dir.join("qmp2.sock");
+        assert!(qmp_status(&qmp2).0);
+        let peer = SilentPeer::start(&root.join("silent-qga.sock"));
+        let xml = root.join("silent.xml");
+        let on = qemu_disks(&qmp2);
+        let disks: Vec<(&str, &Path)> = TARGETS.iter().map(|t| (*t, on[*t].as_path())).collect();
+        std::fs::write(
+            &xml,
+            virsh_domain_xml("silent", &disks, Some(peer.path.as_path())),
+        )
+        .unwrap();
+        vsnap(state, &["domain", "define", s(&xml), "--qmp", s(&qmp2)]).ok();
+        let before = world_of(state, "silent", &disks_dir_of(&on), Some(qmp2.as_path()));
+        let args = [
+            "--state-dir",
+            s(state),
+            "snapshot",
+            "create",
+            "silent",
+            "q1",
+            "--live",
+            "--disk-only",
+            "--quiesce",
+        ];
+        let (o, took) = run_with_deadline(VSNAP, &args, Duration::from_secs(120));
+        say!(
+            "silent agent: vsnap gave up after {:.1} s",
+            took.as_secs_f64()
+        );
+        assert_refused("silent agent", &o, &[s(&peer.path), "did not answer"]);
+        assert!(
+            took < Duration::from_secs(60),
+            "a silent agent took {took:?}"
+        );
+        let after = world_of(state, "silent", &disks_dir_of(&on), Some(qmp2.as_path()));
+        assert_nothing_changed("silent agent", &before, &after);
+        let got = peer.received();
+        assert!(
+            got.contains("guest-sync-delimited"),
+            "vsnap did not talk to the agent: {got:?}"
+        );
+        assert!(
+            !got.contains("fsfreeze"),
+            "vsnap sent a freeze to an agent that never synced: {got:?}"
+        );
+        assert!(qmp_status(&qmp2).0, "the guest still runs");
+        vsnap(state, &["domain", "undefine", "silent"]).ok();
+    });
+}
+
+fn disks_dir_of(on: &BTreeMap<String, PathBuf>) -> PathBuf {
+    on["vda"].parent().unwrap().to_path_buf()
+}
+
+/// Guest A (`-drive`, the writer running).
+#[allow(clippy::too_many_arguments)]
+fn guest_a_cases(
+    a: &Guest,
+    disks: &Path,
+    state: &Path,
+    root: &Path,
+    scratch: &Path,
+    fp_vsnap: &Path,
+    soft: &Soft,
+    join_silent: impl FnOnce(),
+) {
+    let qa = a.qmp();
+    let img = |name: &str| disks.join(name);
+    let boot = a.wait_console("VSNAP-GUEST-READY", Duration::from_secs(180));
+    say!("guest A ready (waited {:.1} s for it)", boot.as_secs_f64());
+    assert!(
+        a.console()
+            .contains("VSNAP-GUEST-READY disks=vda,vdb,vdc agent=yes"),
+        "{}",
+        a.console()
+    );
+    let v = qmp(&qa, "query-version");
+    say!("QEMU {}", v["qemu"]);
+
+    case("attach_drive", || {
+        let att = vsnap(
+            state,
+            &[
+                "--json",
+                "domain",
+                "attach",
+                "drv",
+                "--qmp",
+                s(&qa),
+                "--agent",
+                s(&a.qga()),
+            ],
+        )
+        .ok()
+        .json();
+        let targets: Vec<&str> = att["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["target"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            targets, TARGETS,
+            "with -drive the targets are the drive ids"
+        );
+        for (d, t) in att["disks"].as_array().unwrap().iter().zip(TARGETS) {
+            assert_eq!(d["source"], s(&img(&format!("{t}.qcow2"))));
+            assert_eq!(d["format"], "qcow2");
+            assert_eq!(d["readonly"], false);
+        }
+        let info = vsnap(state, &["--json", "domain", "info", "drv"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "running");
+        assert_eq!(info["agent"], s(&a.qga()));
+        assert_eq!(info["current_snapshot"], Value::Null);
+        let text = vsnap(state, &["domain", "info", "drv"]).ok().stdout.clone();
+        assert!(text.contains("State:    running"), "{text}");
+        let list = vsnap(state, &["domain", "list"]).ok().stdout.clone();
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with("drv ") && l.contains("running")),
+            "{list}"
+        );
+        // dumpxml: text and JSON agree, and defining it again gives the same domain.
+        let xml = vsnap(state, &["domain", "dumpxml", "drv"])
+            .ok()
+            .stdout
+            .clone();
+        let xj = vsnap(state, &["--json", "domain", "dumpxml", "drv"])
+            .ok()
+            .json();
+        assert_eq!(xj["xml"], xml.as_str());
+        assert!(
+            xml.contains("name='org.qemu.guest_agent.0'") && xml.contains(s(&a.qga())),
+            "{xml}"
+        );
+        let f = root.join("drv.xml");
+        std::fs::write(&f, &xml).unwrap();
+        vsnap(state, &["domain", "undefine", "drv"]).ok();
+        let list = vsnap(state, &["--json", "domain", "list"]).ok().json();
+        assert_eq!(list, json!([]), "undefined");
+        vsnap(state, &["domain", "define", s(&f)]).ok();
+        let again = vsnap(state, &["--json", "domain", "info", "drv"])
+            .ok()
+            .json();
+        assert_eq!(again, info, "dumpxml output defines the same domain");
+        vsnap(state, &["domain", "undefine", "drv"]).ok();
+    });
+
+    case("define_virsh_xml", || {
+        let f = root.join("vm.xml");
+        let srcs: Vec<PathBuf> = TARGETS.iter().map(|t| img(&format!("{t}.qcow2"))).collect();
+        let d: Vec<(&str, &Path)> = TARGETS
+            .iter()
+            .zip(&srcs)
+            .map(|(t, p)| (*t, p.as_path()))
+            .collect();
+        std::fs::write(&f, virsh_domain_xml("vm", &d, Some(a.qga().as_path()))).unwrap();
+        let o = vsnap(state, &["domain", "define", s(&f), "--qmp", s(&qa)]);
+        o.ok().stdout_has(&["defined domain vm (3 disk(s))"]);
+        let info = vsnap(state, &["--json", "domain", "info", "vm"])
+            .ok()
+            .json();
+        assert_eq!(info["name"], "vm");
+        assert_eq!(info["uuid"], "5f0c9a4e-2b7d-4c1a-9e3f-7a6b8c9d0e1f");
+        assert_eq!(info["state"], "running");
+        assert_eq!(info["qmp"], s(&qa));
+        assert_eq!(info["agent"], s(&a.qga()));
+        let got: Vec<(&str, &str)> = info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["target"].as_str().unwrap(), x["source"].as_str().unwrap()))
+            .collect();
+        let want: Vec<(&str, &str)> = d.iter().map(|(t, p)| (*t, s(p))).collect();
+        assert_eq!(got, want, "the cdrom is not a disk to snapshot");
+        let list = vsnap(state, &["--json", "domain", "list"]).ok().json();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        assert_eq!(list[0]["state"], "running");
+        let xml = vsnap(state, &["domain", "dumpxml", "vm"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            xml.contains("<uuid>5f0c9a4e-2b7d-4c1a-9e3f-7a6b8c9d0e1f</uuid>"),
+            "{xml}"
+        );
+        assert!(xml.contains(s(&qa)) && xml.contains(s(&a.qga())), "{xml}");
+        let o = vsnap(state, &["domain", "define", s(&f), "--qmp", s(&qa)]);
+        assert_refused("define twice", &o, &["already defined", "undefine"]);
+        // Nothing snapshotted yet: no current snapshot (exit 1).
+        vsnap(state, &["snapshot", "current", "vm"]).expect_code(1);
+    });
+
+    // From here on guest A's block graph changes: the silent-agent case
+    // (another thread) must be over.
+    join_silent();
+
+    // The writer must be writing: its start line, and numbers on the disks.
+    a.wait_console("VSNAP-WRITER start", Duration::from_secs(60));
+    let pre = wait_for(
+        "the writer's numbers on vda",
+        Duration::from_secs(60),
+        || {
+            let q = image_seq(&img("vda.qcow2"), scratch);
+            (q.seq >= 10).then_some(q)
+        },
+    );
+
+    case("live_external_subset", || {
+        let o = vsnap(
+            state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vm",
+                "s1",
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        let created = o.ok().json();
+        assert_eq!(created["snapshot"]["state"], "disk-snapshot");
+        assert!(qmp_status(&qa).0, "the guest kept running");
+        // The files: an overlay for vda and vdb, none for vdc.
+        let names: BTreeSet<String> = std::fs::read_dir(disks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let want: BTreeSet<String> = [
+            "vda.qcow2",
+            "vdb.qcow2",
+            "vdc.qcow2",
+            "vda.s1.qcow2",
+            "vdb.s1.qcow2",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        assert_eq!(names, want);
+        // QEMU: vda and vdb on the overlays, vdc on its own image still.
+        let on = qemu_disks(&qa);
+        assert_eq!(on["vda"], img("vda.s1.qcow2"));
+        assert_eq!(on["vdb"], img("vdb.s1.qcow2"));
+        assert_eq!(
+            on["vdc"],
+            img("vdc.qcow2"),
+            "the excluded disk is still on its image"
+        );
+        for t in ["vda", "vdb"] {
+            let i = img_info(&img(&format!("{t}.s1.qcow2")));
+            assert_eq!(i["backing-filename"], s(&img(&format!("{t}.qcow2"))));
+        }
+        let vdc = img_info(&img("vdc.qcow2"));
+        assert!(
+            vdc.get("backing-filename").is_none(),
+            "vdc got a backing file: {vdc}"
+        );
+        assert!(
+            img_snapshots(&img("vdc.qcow2")).is_empty(),
+            "vdc got a snapshot"
+        );
+        // From the images alone: the frozen state files show one instant,
+        // taken while the writer ran.
+        let sa = image_seq(&img("vda.qcow2"), scratch);
+        let sb = image_seq(&img("vdb.qcow2"), scratch);
+        say!(
+            "s1 state: vda {} vdb {} (writer was at {} before)",
+            sa.seq,
+            sb.seq,
+            pre.seq
+        );
+        assert!(
+            sa.seq >= pre.seq,
+            "the snapshot is older than what the writer had written before it"
+        );
+        assert_one_instant("s1", &[("vda", &sa), ("vdb", &sb)]);
+        // The guest writes on, to the new overlays; the state files stay as they were.
+        wait_for(
+            "the writer to go on in the overlays",
+            Duration::from_secs(60),
+            || {
+                let a2 = image_seq(&img("vda.s1.qcow2"), scratch);
+                let b2 = image_seq(&img("vdb.s1.qcow2"), scratch);
+                (a2.seq > sa.seq + 10 && b2.seq > sb.seq + 10).then_some(())
+            },
+        );
+        for (t, q) in [("vda", &sa), ("vdb", &sb)] {
+            let m = img_info(&img(&format!("{t}.s1.qcow2")));
+            assert!(m["actual-size"].as_u64().unwrap() > 0);
+            assert_eq!(
+                &image_seq(&img(&format!("{t}.qcow2")), scratch),
+                q,
+                "{t}'s state file changed"
+            );
+        }
+        // ...and to vdc's own image, which the snapshot left alone.
+        let c = image_seq(&img("vdc.qcow2"), scratch);
+        assert!(
+            c.seq > sa.seq,
+            "vdc is written on its own image: {} <= {}",
+            c.seq,
+            sa.seq
+        );
+        // query-block equals the catalog.
+        let info = vsnap(state, &["--json", "domain", "info", "vm"])
+            .ok()
+            .json();
+        let on = qemu_disks(&qa);
+        for d in info["disks"].as_array().unwrap() {
+            assert_eq!(
+                on[d["target"].as_str().unwrap()],
+                Path::new(d["source"].as_str().unwrap())
+            );
+        }
+        assert_eq!(info["current_snapshot"], "s1");
+        vsnap(state, &["domain", "check", "vm"]).ok();
+        // The snapshot commands show it.
+        let list = vsnap(state, &["--json", "snapshot", "list", "vm"])
+            .ok()
+            .json();
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        let s1 = &list[0];
+        assert_eq!(s1["name"], "s1");
+        assert_eq!(s1["current"], true);
+        assert_eq!(s1["parent"], Value::Null);
+        assert_eq!(s1["quiesced"], false);
+        let modes: Vec<(&str, &str)> = s1["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["target"].as_str().unwrap(),
+                    d["snapshot"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [("vda", "external"), ("vdb", "external"), ("vdc", "no")]
+        );
+        assert_eq!(s1["disks"][0]["state_file"], s(&img("vda.qcow2")));
+        assert_eq!(s1["disks"][0]["overlay"], s(&img("vda.s1.qcow2")));
+        assert_eq!(
+            vsnap(state, &["snapshot", "current", "vm"])
+                .ok()
+                .stdout
+                .trim(),
+            "s1"
+        );
+        assert_eq!(
+            vsnap(state, &["--json", "snapshot", "current", "vm"])
+                .ok()
+                .json()["name"],
+            "s1"
+        );
+        let tl = vsnap(state, &["snapshot", "list", "vm"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            tl.lines()
+                .any(|l| l.starts_with("s1 ") && l.contains("vdc=no")),
+            "{tl}"
+        );
+        let info = vsnap(state, &["--json", "snapshot", "info", "vm", "s1"])
+            .ok()
+            .json();
+        assert_eq!(&info, s1);
+        let text = vsnap(state, &["snapshot", "info", "vm"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            text.contains("Name:        s1") && text.contains("State:       disk-snapshot"),
+            "{text}"
+        );
+        let xml = vsnap(state, &["snapshot", "dumpxml", "vm", "s1"])
+            .ok()
+            .stdout
+            .clone();
+        for want in [
+            "<name>s1</name>",
+            "<state>disk-snapshot</state>",
+            "<disk name='vdc' snapshot='no'/>",
+            &format!("<source file='{}'/>", img("vda.s1.qcow2").display()),
+            "<active>1</active>",
+        ] {
+            assert!(xml.contains(want), "dumpxml lacks {want}:\n{xml}");
+        }
+        assert_eq!(
+            vsnap(state, &["--json", "snapshot", "dumpxml", "vm"])
+                .ok()
+                .json()["xml"],
+            xml.as_str()
+        );
+        let o = vsnap(state, &["snapshot", "parent", "vm", "s1"]);
+        o.expect_code(1).stderr_has(&["no parent"]);
+    });
+
+    case("quiesce_frozen_window", || {
+        // The pivot's index, from the plan.
+        let dry = vsnap(
+            state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vm",
+                "q1",
+                "--live",
+                "--disk-only",
+                "--quiesce",
+                "--disk",
+                "vdc=no",
+                "--dry-run",
+            ],
+        )
+        .ok()
+        .json();
+        let steps: Vec<&str> = dry["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        let pivot = steps
+            .iter()
+            .position(|x| x.contains("[PIVOT"))
+            .expect("a pivot");
+        let freeze = steps
+            .iter()
+            .position(|x| x.contains("freeze"))
+            .expect("a freeze step");
+        assert!(
+            freeze < pivot && steps[pivot].contains("transaction"),
+            "{steps:#?}"
+        );
+        assert!(steps[pivot + 1].contains("thaw"), "{steps:#?}");
+        // Kill vsnap right after the pivot: the filesystems are frozen now.
+        let log = scratch.join("q1.failpoints");
+        let crash = format!("run.applied.{pivot}");
+        let (o, sig) = vsnap_env(
+            fp_vsnap,
+            state,
+            &[
+                "snapshot",
+                "create",
+                "vm",
+                "q1",
+                "--live",
+                "--disk-only",
+                "--quiesce",
+                "--disk",
+                "vdc=no",
+            ],
+            &[
+                ("VSNAP_FAILPOINT_LOG", log.as_path()),
+                ("VSNAP_CRASH_AT", Path::new(&crash)),
+            ],
+        );
+        assert_eq!(sig, Some(9), "vsnap was not killed at {crash}: {o:?}");
+        let points = std::fs::read_to_string(&log).unwrap();
+        let points: Vec<&str> = points.lines().collect();
+        assert_eq!(points.last(), Some(&crash.as_str()));
+        let at = |n: &str| {
+            points
+                .iter()
+                .position(|p| *p == n)
+                .unwrap_or_else(|| panic!("no {n} in {points:?}"))
+        };
+        assert!(at("step.agent-freeze.before") < at("step.qmp-transaction.after"));
+        // During the window: the agent says frozen, the disks are switched,
+        // and the writer stands still.
+        assert_eq!(agent(&a.qga(), "guest-fsfreeze-status"), "frozen");
+        let on = qemu_disks(&qa);
+        assert_eq!(on["vda"], img("vda.q1.qcow2"));
+        assert_eq!(on["vdb"], img("vdb.q1.qcow2"));
+        let f1 = image_seq(&img("vda.q1.qcow2"), scratch);
+        let f2 = image_seq(&img("vda.q1.qcow2"), scratch);
+        assert_eq!(f1, f2, "the writer moved while frozen");
+        assert!(
+            qmp_status(&qa).0,
+            "the guest runs (frozen filesystems, not stopped CPUs)"
+        );
+        // Recovery rolls forward and thaws.
+        let r = vsnap_recover(state, &["--json"]).ok().json();
+        assert_eq!(r["plans"].as_array().unwrap().len(), 1, "{r}");
+        assert_eq!(r["plans"][0]["outcome"], "committed", "{r}");
+        assert!(
+            r["plans"][0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("rolled forward"),
+            "{r}"
+        );
+        assert_eq!(agent(&a.qga(), "guest-fsfreeze-status"), "thawed");
+        wait_for(
+            "the writer to go on after the thaw",
+            Duration::from_secs(60),
+            || (image_seq(&img("vda.q1.qcow2"), scratch).seq > f1.seq + 5).then_some(()),
+        );
+        vsnap_recover(state, &[])
+            .ok()
+            .stdout_has(&["nothing to recover"]);
+        let q1 = vsnap(state, &["--json", "snapshot", "info", "vm", "q1"])
+            .ok()
+            .json();
+        assert_eq!(q1["quiesced"], true);
+        assert_eq!(q1["current"], true);
+        assert_eq!(q1["parent"], "s1");
+        assert_eq!(
+            vsnap(state, &["snapshot", "parent", "vm", "q1"])
+                .ok()
+                .stdout
+                .trim(),
+            "s1"
+        );
+        // The snapshot's filesystems are clean, and show one instant.
+        let mut seqs = Vec::new();
+        for d in q1["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["snapshot"] == "external")
+        {
+            let f = PathBuf::from(d["state_file"].as_str().unwrap());
+            let raw = raw_copy(&f, scratch);
+            let o = Out::from_command("e2fsck", &["-fn", s(&raw)]);
+            assert_eq!(
+                o.code,
+                0,
+                "e2fsck -fn of {} (a quiesced snapshot):\n{}{}",
+                f.display(),
+                o.stdout,
+                o.stderr
+            );
+            std::fs::remove_file(&raw).unwrap();
+            seqs.push((
+                d["target"].as_str().unwrap().to_string(),
+                image_seq(&f, scratch),
+            ));
+        }
+        assert_eq!(seqs.len(), 2);
+        assert_one_instant("q1", &[("vda", &seqs[0].1), ("vdb", &seqs[1].1)]);
+        vsnap(state, &["domain", "check", "vm"]).ok();
+    });
+
+    case("internal_with_memory", || {
+        let o = vsnap(
+            state,
+            &[
+                "--json", "snapshot", "create", "vm", "m1", "--live", "--memory", "internal",
+            ],
+        );
+        let m1 = o.ok().json();
+        assert_eq!(m1["snapshot"]["memory"], "internal");
+        assert_eq!(
+            qmp_status(&qa),
+            (true, "running".to_string()),
+            "the guest runs after snapshot-save"
+        );
+        let on = qemu_disks(&qa);
+        let mut vm_state = 0;
+        for t in TARGETS {
+            let i = img_info(&on[t]);
+            let snaps = i["snapshots"].as_array().cloned().unwrap_or_default();
+            let m = snaps.iter().find(|x| x["name"] == "m1");
+            let m = m.unwrap_or_else(|| {
+                panic!("{t} ({}) has no internal snapshot m1: {i}", on[t].display())
+            });
+            vm_state += m["vm-state-size"].as_u64().unwrap_or(0);
+        }
+        assert!(vm_state > 0, "no disk holds the memory state");
+        let info = vsnap(state, &["--json", "snapshot", "info", "vm", "m1"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "running");
+        assert!(info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["snapshot"] == "internal"));
+        vsnap(state, &["domain", "check", "vm"]).ok();
+    });
+
+    case("paused_guest_stays_paused", || {
+        qmp(&qa, "stop");
+        assert_eq!(qmp_status(&qa), (false, "paused".to_string()));
+        vsnap(
+            state,
+            &["snapshot", "create", "vm", "p1", "--live", "--disk-only"],
+        )
+        .ok();
+        assert_eq!(
+            qmp_status(&qa),
+            (false, "paused".to_string()),
+            "a paused guest stays paused"
+        );
+        let on = qemu_disks(&qa);
+        for t in TARGETS {
+            assert_eq!(on[t], img(&format!("{t}.p1.qcow2")));
+        }
+        assert_eq!(
+            vsnap(state, &["--json", "snapshot", "info", "vm", "p1"])
+                .ok()
+                .json()["state"],
+            "disk-snapshot"
+        );
+        vsnap(state, &["domain", "check", "vm"]).ok();
+        qmp(&qa, "cont");
+        assert!(qmp_status(&qa).0);
+    });
+
+    let world = || world_of(state, "vm", disks, Some(qa.as_path()));
+
+    case("bad_quiesce_without_agent_channel", || {
+        vsnap(state, &["domain", "attach", "noagent", "--qmp", s(&qa)]).ok();
+        let before = world_of(state, "noagent", disks, Some(qa.as_path()));
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "noagent",
+                "x",
+                "--live",
+                "--disk-only",
+                "--quiesce",
+            ],
+        );
+        assert_refused(
+            "--quiesce without an agent",
+            &o,
+            &["noagent", "agent", "--quiesce"],
+        );
+        assert_nothing_changed(
+            "--quiesce without an agent",
+            &before,
+            &world_of(state, "noagent", disks, Some(qa.as_path())),
+        );
+        vsnap(state, &["domain", "undefine", "noagent"]).ok();
+    });
+
+    case("bad_xml_disk_the_domain_lacks", || {
+        let f = root.join("vdz.xml");
+        std::fs::write(
+            &f,
+            "<domainsnapshot>\n  <name>z1</name>\n  <disks>\n    <disk name='vda' snapshot='external'/>\n    <disk name='vdz' snapshot='external'>\n      <source file='/var/tmp/nowhere.qcow2'/>\n    </disk>\n  </disks>\n</domainsnapshot>\n",
+        )
+        .unwrap();
+        let before = world();
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "vm",
+                "--xml",
+                s(&f),
+                "--live",
+                "--disk-only",
+            ],
+        );
+        assert_refused("<disk name='vdz'>", &o, &["vdz", "vda, vdb, vdc"]);
+        assert_nothing_changed("<disk name='vdz'>", &before, &world());
+    });
+
+    case("bad_overlay_path_exists", || {
+        let taken = img("taken.qcow2");
+        std::fs::write(&taken, b"not vsnap's").unwrap();
+        let before = world();
+        let spec = format!("vda=external:{}", taken.display());
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "vm",
+                "e1",
+                "--live",
+                "--disk-only",
+                "--disk",
+                &spec,
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        assert_refused("existing overlay", &o, &[s(&taken), "already exists"]);
+        assert_nothing_changed("existing overlay", &before, &world());
+        assert_eq!(std::fs::read(&taken).unwrap(), b"not vsnap's");
+        soft.check(
+            !o.stderr.contains("--file"),
+            format!("existing overlay: the error tells the user to use --file, which `vsnap snapshot create` does not have (it is --disk TARGET=external:PATH): {}", o.stderr.trim()),
+        );
+        std::fs::remove_file(&taken).unwrap();
+    });
+
+    case("bad_name_clash", || {
+        let before = world();
+        let o = vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "vm",
+                "s1",
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        assert_refused(
+            "name clash",
+            &o,
+            &["\"s1\"", "already has a snapshot", "another name"],
+        );
+        assert_nothing_changed("name clash", &before, &world());
+    });
+
+    case("bad_read_only_image_directory", || {
+        let before = world();
+        let o = {
+            let m = Mount::bind(disks, disks);
+            m.remount_ro_bind();
+            assert!(
+                std::fs::write(img("probe"), b"x").is_err(),
+                "the bind mount is not read-only"
+            );
+            let o = vsnap(
+                state,
+                &[
+                    "snapshot",
+                    "create",
+                    "vm",
+                    "r1",
+                    "--live",
+                    "--disk-only",
+                    "--disk",
+                    "vdc=no",
+                ],
+            );
+            assert!(
+                qmp_status(&qa).0,
+                "the guest runs under the read-only mount"
+            );
+            o
+        };
+        assert_refused("read-only directory", &o, &[s(disks), "not writable"]);
+        assert_nothing_changed("read-only directory", &before, &world());
+        soft.check(
+            !o.stderr.contains("--file"),
+            format!("read-only directory: the error mentions --file, which `vsnap snapshot create` does not have (it is --disk TARGET=external:PATH): {}", o.stderr.trim()),
+        );
+    });
+
+    case("offline_internal_and_external", || {
+        // A clean shutdown through the agent: the guest unmounts, QEMU exits.
+        agent(&a.qga(), "guest-shutdown");
+        wait_for("guest A's QEMU to exit", Duration::from_secs(60), || {
+            (!a.alive()).then_some(())
+        });
+        let info = vsnap(state, &["--json", "domain", "info", "vm"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "shutoff");
+        let tops: Vec<PathBuf> = info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| PathBuf::from(d["source"].as_str().unwrap()))
+            .collect();
+        assert_eq!(tops, TARGETS.map(|t| img(&format!("{t}.p1.qcow2"))));
+        let o = vsnap(
+            state,
+            &["snapshot", "create", "vm", "--live", "off0", "--disk-only"],
+        );
+        assert_refused("--live on a shut-off guest", &o, &["not running", "--live"]);
+        // Internal (qcow2's default offline).
+        let off1 = vsnap(state, &["--json", "snapshot", "create", "vm", "off1"])
+            .ok()
+            .json();
+        assert_eq!(off1["snapshot"]["state"], "shutoff");
+        for t in &tops {
+            assert!(
+                img_snapshots(t).contains(&"off1".to_string()),
+                "{} lacks off1",
+                t.display()
+            );
+        }
+        // External, every disk.
+        vsnap(
+            state,
+            &[
+                "snapshot",
+                "create",
+                "vm",
+                "off2",
+                "--disk",
+                "vda=external",
+                "--disk",
+                "vdb=external",
+                "--disk",
+                "vdc=external",
+            ],
+        )
+        .ok();
+        let info = vsnap(state, &["--json", "domain", "info", "vm"])
+            .ok()
+            .json();
+        for (d, t) in info["disks"].as_array().unwrap().iter().zip(&tops) {
+            let src = PathBuf::from(d["source"].as_str().unwrap());
+            assert_eq!(
+                src,
+                img(&format!("{}.off2.qcow2", d["target"].as_str().unwrap()))
+            );
+            assert_eq!(img_info(&src)["backing-filename"], s(t));
+        }
+        assert_eq!(info["current_snapshot"], "off2");
+        vsnap(state, &["domain", "check", "vm"]).ok();
+        let names = vsnap(state, &["snapshot", "list", "vm", "--name"])
+            .ok()
+            .stdout
+            .clone();
+        assert_eq!(
+            names.lines().collect::<Vec<_>>(),
+            ["s1", "q1", "m1", "p1", "off1", "off2"]
+        );
+        let tree = vsnap(state, &["snapshot", "list", "vm", "--tree"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(tree.contains("off2  (current)"), "{tree}");
+        // The guest shut down cleanly: its filesystems are clean.
+        for t in TARGETS {
+            let raw = raw_copy(&img(&format!("{t}.off2.qcow2")), scratch);
+            let o = Out::from_command("e2fsck", &["-fn", s(&raw)]);
+            assert_eq!(
+                o.code, 0,
+                "e2fsck -fn {t} after a clean shutdown:\n{}{}",
+                o.stdout, o.stderr
+            );
+            std::fs::remove_file(&raw).unwrap();
+        }
+    });
+}
