@@ -254,6 +254,13 @@ pub fn block_key(entry: &Value) -> String {
     }
 }
 
+/// A path as given, made absolute against the current directory (sockets
+/// and images are used later from any directory).
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p)
+        .map_err(|e| EngineError::Invalid(format!("cannot make {} absolute: {e}", p.display())))
+}
+
 impl Engine {
     /// A domain by name.
     pub fn domain(&self, name: &str) -> Result<DomainRec> {
@@ -286,6 +293,11 @@ impl Engine {
         let mut d = parse_domain_xml(xml)?;
         if qmp.is_some() {
             d.qmp = qmp;
+        }
+        d.qmp = d.qmp.as_deref().map(absolute).transpose()?;
+        d.agent = d.agent.as_deref().map(absolute).transpose()?;
+        for disk in &mut d.disks {
+            disk.source = absolute(&disk.source)?;
         }
         if self.domain_exists(&d.name)? {
             return Err(EngineError::Invalid(format!(
@@ -330,6 +342,11 @@ impl Engine {
                     "disk {target}: QEMU names its image {file:?}, not a plain file; define the domain from XML instead"
                 )));
             }
+            if !Path::new(file).is_absolute() {
+                return Err(EngineError::Invalid(format!(
+                    "disk {target}: QEMU names its image {file:?}, a relative path (relative to QEMU's own directory); start QEMU with absolute image paths, or define the domain from XML"
+                )));
+            }
             let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("");
             disks.push(DomDisk {
                 target: target.clone(),
@@ -343,8 +360,8 @@ impl Engine {
             name: name.into(),
             uuid: None,
             disks,
-            qmp: Some(qmp.to_path_buf()),
-            agent: agent.map(Path::to_path_buf),
+            qmp: Some(absolute(qmp)?),
+            agent: agent.map(absolute).transpose()?,
             current: None,
             next_seq: 0,
         };

@@ -341,6 +341,15 @@ fn default_overlay(source: &Path, snap: &str, earlier: &[DomSnapshot]) -> PathBu
         .join(format!("{stem}.{snap}.qcow2"))
 }
 
+fn writable_for(dir: &Path, target: &str) -> Result<()> {
+    crate::volume::check_writable(dir).map_err(|_| {
+        EngineError::Invalid(format!(
+            "disk {target}: directory {} is not writable; choose a writable place with --disk {target}=external:PATH",
+            dir.display()
+        ))
+    })
+}
+
 /// One chosen disk, resolved at plan time.
 struct Chosen {
     target: String,
@@ -414,7 +423,7 @@ impl Engine {
             }
             let Some(agent) = &d.agent else {
                 return Err(EngineError::Invalid(format!(
-                    "--quiesce: domain {:?} has no guest-agent channel (org.qemu.guest_agent.0); add one, or drop --quiesce",
+                    "--quiesce: domain {:?} has no guest-agent channel; give one (`vsnap domain attach --agent SOCKET`, or a <channel type='unix'> with target name org.qemu.guest_agent.0 in the domain XML), or drop --quiesce",
                     d.name
                 )));
             };
@@ -536,7 +545,13 @@ impl Engine {
                         )));
                     }
                 } else if exists {
-                    return Err(EngineError::Exists { path: o });
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: overlay {} already exists; vsnap never overwrites a file it did not create: \
+                         choose another snapshot name or --disk {}=external:PATH",
+                        c.target,
+                        o.display(),
+                        c.target
+                    )));
                 }
                 let dir = o.parent().unwrap_or(Path::new("/")).to_path_buf();
                 if !dir.is_dir() {
@@ -546,7 +561,7 @@ impl Engine {
                         c.target
                     )));
                 }
-                crate::volume::check_writable(&dir)?;
+                writable_for(&dir, &c.target)?;
                 c.overlay = Some(o);
             } else if !live_guest {
                 // Offline: the image must not be held by some QEMU we do not know of.
@@ -559,7 +574,7 @@ impl Engine {
                         c.source.display()
                     )));
                 }
-                crate::volume::check_writable(c.source.parent().unwrap_or(Path::new("/")))?;
+                writable_for(c.source.parent().unwrap_or(Path::new("/")), &c.target)?;
             }
         }
 
