@@ -160,6 +160,37 @@ impl SledSink {
     }
 }
 
+/// How long [`open_sled`] waits for a previous sled instance of this
+/// process to let go of its file.
+const SLED_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Open sled at `path`. sled takes its own lock on `db/db`; we already
+/// hold the state lock, so a sled lock still taken can only be a closed
+/// journal's sled of this same process whose background task (an
+/// asynchronous file truncation + fsync that recovery starts) still holds
+/// the file. It lets go when that task ends: wait for it, bounded.
+fn open_sled(path: &Path) -> Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(path)
+        // We flush ourselves, once per batch; a timer flush on top would
+        // only compete with ours for the disk.
+        .flush_every_ms(None);
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && start.elapsed() < SLED_LOCK_WAIT_MAX =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -275,12 +306,7 @@ impl Journal {
     pub fn open(state_dir: &Path) -> Result<Journal> {
         prepare_state_dir(state_dir)?;
         let lock = StateLock::acquire(state_dir)?;
-        let db = sled::Config::new()
-            .path(state_dir.join("db"))
-            // We flush ourselves, once per batch; a timer flush on top
-            // would only compete with ours for the disk.
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_sled(&state_dir.join("db"))?;
         let plans = db.open_tree(PLANS)?;
         let records = db.open_tree(RECORDS)?;
         let finished = db.open_tree(FINISHED)?;

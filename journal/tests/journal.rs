@@ -485,3 +485,27 @@ fn records_without_a_plan_are_corrupt() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+#[test]
+fn close_and_reopen_at_once_many_times() {
+    // sled can hold its own file lock a moment after it is dropped (a
+    // background task of its recovery); open waits for it.
+    let dir = tempfile::tempdir().unwrap();
+    let id = Journal::open(dir.path())
+        .unwrap()
+        .begin(header("p", 1, 0), vec![])
+        .unwrap();
+    for i in 0..40 {
+        let j = Journal::open(dir.path()).unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+        j.append(id, Record::Started(i)).unwrap();
+    }
+    assert_eq!(
+        Journal::open(dir.path())
+            .unwrap()
+            .plan(id)
+            .unwrap()
+            .records
+            .len(),
+        40
+    );
+}
