@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use vsnap_journal::*;
 
 const WRITERS: usize = 32;
+const ROUNDS: usize = 5;
 
 struct Stats {
     p50: Duration,
@@ -26,13 +27,26 @@ struct Stats {
     ops_per_s: f64,
 }
 
-fn stats(mut lat: Vec<Duration>, total: Duration) -> Stats {
-    lat.sort_unstable();
-    let at = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
-    Stats {
-        p50: at(0.50),
-        p99: at(0.99),
-        ops_per_s: lat.len() as f64 / total.as_secs_f64(),
+/// Latencies and busy time of one measurement, gathered over rounds.
+#[derive(Default)]
+struct Samples {
+    lat: Vec<Duration>,
+    busy: Duration,
+}
+
+impl Samples {
+    fn add(&mut self, (lat, busy): (Vec<Duration>, Duration)) {
+        self.lat.extend(lat);
+        self.busy += busy;
+    }
+    fn stats(mut self) -> Stats {
+        self.lat.sort_unstable();
+        let at = |q: f64| self.lat[((self.lat.len() as f64 * q) as usize).min(self.lat.len() - 1)];
+        Stats {
+            p50: at(0.50),
+            p99: at(0.99),
+            ops_per_s: self.lat.len() as f64 / self.busy.as_secs_f64(),
+        }
     }
 }
 
@@ -55,7 +69,7 @@ fn fs_type(dir: &Path) -> String {
 
 /// (a) 4 KiB write + fdatasync, `n` times; `append` grows the file (as a
 /// log does), otherwise the same 4 KiB are overwritten.
-fn floor(dir: &Path, n: usize, append: bool) -> Stats {
+fn floor(dir: &Path, n: usize, append: bool) -> (Vec<Duration>, Duration) {
     let path = dir.join(if append {
         "floor-append"
     } else {
@@ -80,9 +94,9 @@ fn floor(dir: &Path, n: usize, append: bool) -> Stats {
         f.sync_data().unwrap();
         lat.push(t.elapsed());
     }
-    let s = stats(lat, t0.elapsed());
+    let busy = t0.elapsed();
     std::fs::remove_file(path).unwrap();
-    s
+    (lat, busy)
 }
 
 fn header() -> PlanHeader {
@@ -96,7 +110,7 @@ fn header() -> PlanHeader {
 }
 
 /// (b) one writer, `n` appends, each timed.
-fn one_writer(j: &Journal, n: usize) -> Stats {
+fn one_writer(j: &Journal, n: usize) -> (Vec<Duration>, Duration) {
     let id = j.begin(header(), vec![0; 512]).unwrap();
     let mut lat = Vec::with_capacity(n);
     let t0 = Instant::now();
@@ -105,11 +119,11 @@ fn one_writer(j: &Journal, n: usize) -> Stats {
         j.append(id, Record::Started(i as u32)).unwrap();
         lat.push(t.elapsed());
     }
-    stats(lat, t0.elapsed())
+    (lat, t0.elapsed())
 }
 
 /// (c) 32 writers, `n` appends each.
-fn many_writers(j: &Arc<Journal>, n: usize) -> Stats {
+fn many_writers(j: &Arc<Journal>, n: usize) -> (Vec<Duration>, Duration) {
     let barrier = Arc::new(Barrier::new(WRITERS + 1));
     let threads: Vec<_> = (0..WRITERS)
         .map(|_| {
@@ -133,7 +147,7 @@ fn many_writers(j: &Arc<Journal>, n: usize) -> Stats {
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
-    stats(lat, t0.elapsed())
+    (lat, t0.elapsed())
 }
 
 fn ms(d: Duration) -> String {
@@ -159,26 +173,39 @@ fn main() {
         .unwrap();
     let dir = base.path();
     println!(
-        "journal bench: {n} ops per measurement, in {} ({})",
+        "journal bench: {n} ops per measurement in {ROUNDS} interleaved rounds, in {} ({}), load average {}",
         dir.display(),
-        fs_type(dir)
+        fs_type(dir),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
 
-    let floor_append = floor(dir, n, true);
-    let floor_overwrite = floor(dir, n, false);
     let j = Arc::new(Journal::open(&dir.join("state")).unwrap());
     // Warm up: the first writes create sled's files.
     one_writer(&j, 50);
-    let one = one_writer(&j, n);
-    let per_writer = (n / 4).max(20);
-    let many = many_writers(&j, per_writer);
+    // The measurements take turns, ROUNDS times, so that each sees the
+    // same disk and the same neighbours (the machine may be shared).
+    let per_round = (n / ROUNDS).max(10);
+    let per_writer = (per_round / 4).max(5);
+    let (mut fa, mut fo, mut one, mut many) = Default::default();
+    for _ in 0..ROUNDS {
+        Samples::add(&mut fa, floor(dir, per_round, true));
+        Samples::add(&mut fo, floor(dir, per_round, false));
+        Samples::add(&mut one, one_writer(&j, per_round));
+        Samples::add(&mut many, many_writers(&j, per_writer));
+    }
+    let (floor_append, floor_overwrite, one, many): (Stats, Stats, Stats, Stats) = (
+        Samples::stats(fa),
+        Samples::stats(fo),
+        Samples::stats(one),
+        Samples::stats(many),
+    );
 
     println!();
-    println!("| measurement                         |       p50 |       p99 |      ops/s |");
-    println!("|-------------------------------------|-----------|-----------|------------|");
+    println!("| measurement                              |       p50 |       p99 |      ops/s |");
+    println!("|------------------------------------------|-----------|-----------|------------|");
     let row = |name: &str, s: &Stats| {
         println!(
-            "| {name:<35} | {:>9} | {:>9} | {:>10.0} |",
+            "| {name:<40} | {:>9} | {:>9} | {:>10.0} |",
             ms(s.p50),
             ms(s.p99),
             s.ops_per_s
