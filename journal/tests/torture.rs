@@ -40,22 +40,63 @@ const BODY_LEN_MAX: usize = 16 * 1024;
 const CATALOG_TREE: &str = "torture";
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--list") {
-        println!("torture: test");
-        return;
-    }
-    // A name filter that does not select us (`cargo test -p vsnap-journal round_trip`).
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if !filters.is_empty() && !filters.iter().any(|f| "torture".contains(f.as_str())) {
-        println!("torture: filtered out");
-        return;
-    }
     if let Some(dir) = std::env::var_os(CHILD_ENV) {
         child(Path::new(&dir));
         return;
     }
+    if !selected(std::env::args().skip(1).collect()) {
+        return;
+    }
     std::process::exit(parent());
+}
+
+/// Honour the libtest arguments `cargo test` may pass: `--list`, name
+/// filters (`cargo test -p vsnap-journal round_trip` must not start a
+/// three-minute run), `--exact`, `--skip NAME`, `--ignored`.
+fn selected(args: Vec<String>) -> bool {
+    const NAME: &str = "torture";
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--skip",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+    ];
+    let (mut filters, mut skips, mut exact) = (Vec::new(), Vec::new(), false);
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--list" => {
+                println!("{NAME}: test");
+                return false;
+            }
+            "--ignored" => {
+                println!("{NAME}: not ignored, not run (--ignored)");
+                return false;
+            }
+            "--exact" => exact = true,
+            "--skip" => skips.extend(it.next()),
+            _ if WITH_VALUE.contains(&a.as_str()) => {
+                it.next();
+            }
+            _ if a.starts_with("--skip=") => skips.push(a["--skip=".len()..].to_string()),
+            _ if a.starts_with('-') => {}
+            _ => filters.push(a),
+        }
+    }
+    let matches = |f: &String| {
+        if exact {
+            f == NAME
+        } else {
+            NAME.contains(f.as_str())
+        }
+    };
+    if (!filters.is_empty() && !filters.iter().any(matches)) || skips.iter().any(matches) {
+        println!("{NAME}: filtered out");
+        return false;
+    }
+    true
 }
 
 // ---------------------------------------------------------------- the writes
