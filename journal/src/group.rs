@@ -500,6 +500,16 @@ mod tests {
         }
         let gc = GroupCommit::start(Boom);
         assert_eq!(gc.submit(()), Err(CommitError::Abandoned));
+        // Queued while the flusher unwinds (Abandoned) or after (Closed):
+        // either way an answer, not a hang.
+        for _ in 0..3 {
+            let r = gc.submit(());
+            assert!(
+                matches!(r, Err(CommitError::Closed | CommitError::Abandoned)),
+                "{r:?}"
+            );
+        }
+        gc.close();
         assert_eq!(gc.submit(()), Err(CommitError::Closed));
     }
 }
