@@ -1,0 +1,1431 @@
+//! vsnap's live crash suite: domain snapshots of the real test guest
+//! (`guest/`), with its writer running, killed at every crash point they
+//! pass, recovered, and checked against DESIGN.md section 5; `vsnap-recover`
+//! itself killed mid-way (a sample); QEMU killed with vsnap around the pivot
+//! (a host-crash stand-in).
+//!
+//! ```text
+//! cargo build -p vsnap-cli --features vsnap-cli/failpoints
+//! cargo test -p vsnap-crash --test live_crash
+//! ```
+//!
+//! One guest at a time (three 32 MiB ext4 disks made on the host) serves
+//! every crash point of a scenario: after a crash and its recovery the
+//! guest is consistent, and the next point simply takes another snapshot
+//! under a new name. Scenarios, in order:
+//!
+//! * domain `ga` (vda raw, vdb, vdc qcow2): `a` live external disk-only,
+//!   quiesced, vda+vdb (`--disk vdc=no`), the DESIGN.md example;
+//! * domain `gb` (same disks, new): `b` live external disk-only, not
+//!   quiesced, all disks; then, on the images the catalog names after b's
+//!   QEMU kills (the guest rebooted on them), `c` live internal with memory
+//!   (`--memory internal`, QEMU's `snapshot-save`);
+//! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
+//!   wrote every disk, then is shut off): `d-int` offline internal
+//!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
+//!   end the guest boots on the images the catalog names and is checked.
+//!
+//! A new domain per group keeps the domain check (which reads every file
+//! of every snapshot of the domain, a qemu-img run each) from slowing
+//! every later point down.
+//!
+//! For each crash point: vsnap dies there by SIGKILL; `vsnap-recover`
+//! exits 0; then `Engine::domain_check` (QEMU runs on the catalog's images,
+//! no stale vsnap block node, agent thawed, snapshots on disk both ways, no
+//! orphan or temporary file, no unfinished plan) has no violation; the
+//! guest is running (query-status) and thawed (agent); the snapshot is in
+//! the catalog exactly when the journal's `Finished` record says
+//! `Committed`, and the outcome is the one the point's position requires
+//! (before the pivot took effect: rolled back; after: rolled forward); the
+//! domain record is the old one (rolled back) or points at the new
+//! overlays (rolled forward); no file that existed before is gone; a
+//! committed snapshot's state files hold the writer's sequence numbers in
+//! agreement across its disks and no older than what the guest had written
+//! before the snapshot began; a second `vsnap-recover` says "nothing to
+//! recover".
+//!
+//! QEMU killed (with vsnap) around the pivot: `vsnap-recover` exits 1 with
+//! a `needs-attention` line naming what it saw, or rolls back cleanly
+//! (exit 0, only where the pivot had not happened); in every case nothing
+//! is deleted (the disks' directory listing and the images' internal
+//! snapshots before and after recovery). The harness then does the
+//! operator's part (removes the files and internal snapshot the plan made,
+//! which nothing references) and boots the guest on the catalog's images.
+//!
+//! Environment:
+//! * `VSNAP_BIN_DIR` — where `vsnap` and `vsnap-recover` are (default
+//!   `<workspace>/target/debug`); they must have crash points.
+//! * `VSNAP_CRASH_QUICK=1` — a sample of the points (every 4th, plus all
+//!   around the pivot), one recovery-kill exploration and one QEMU kill per
+//!   scenario.
+//! * `VSNAP_CRASH_KEEP=1` — keep the scratch directory (printed).
+//! * A free argument runs only the scenarios whose key contains it (the
+//!   others of the same group still run once, uncrashed, to build the
+//!   state the selected ones start from).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use vsnap_crash::{diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, Inject, Listing, Run};
+use vsnap_engine::domain::DomainRec;
+use vsnap_engine::domsnap::{DiskMode, DomSnapshot};
+use vsnap_engine::{Engine, Format};
+use vsnap_steps::{live, qemu_img};
+
+/// Size of each guest disk.
+const DISK_MB: u64 = 32;
+/// No vsnap or vsnap-recover run may take longer (they have timeouts of
+/// their own on every wait; this catches a hang).
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+/// Boot to VSNAP-GUEST-READY, on a busy machine.
+const BOOT_LIMIT: Duration = Duration::from_secs(240);
+/// A bound on `vsnap-recover` kills per exploration: more is a loop.
+const RECOVERY_KILLS_MAX: usize = 300;
+
+fn os(s: impl AsRef<OsStr>) -> OsString {
+    s.as_ref().to_owned()
+}
+
+// --- running the binaries, with a time limit --------------------------------
+
+/// A run of a binary; `timed_out` when the harness had to kill it.
+struct Ran {
+    run: Run,
+    timed_out: bool,
+}
+
+impl Ran {
+    fn describe(&self) -> String {
+        let d = self.run.describe();
+        if self.timed_out {
+            format!("{d} [HUNG: killed by the harness after {} s]", RUN_LIMIT.as_secs())
+        } else {
+            d
+        }
+    }
+    fn killed_by_crash_point(&self) -> bool {
+        !self.timed_out && self.run.killed()
+    }
+    fn code(&self) -> Option<i32> {
+        if self.timed_out {
+            None
+        } else {
+            self.run.code()
+        }
+    }
+}
+
+fn run_timed(program: &Path, args: &[OsString], inject: &Inject) -> Ran {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("VSNAP_CRASH_AT")
+        .env_remove("VSNAP_FAILPOINT_LOG")
+        .env_remove("VSNAP_STATE_DIR")
+        .env("LC_ALL", "C");
+    let mut cmdline = program.file_name().unwrap_or(program.as_os_str()).to_string_lossy().into_owned();
+    for a in args {
+        cmdline.push(' ');
+        cmdline.push_str(&a.to_string_lossy());
+    }
+    match inject {
+        Inject::None => {}
+        Inject::CrashAt(spec) => {
+            cmd.env("VSNAP_CRASH_AT", spec);
+            cmdline = format!("VSNAP_CRASH_AT={spec} {cmdline}");
+        }
+        Inject::Log(file) => {
+            cmd.env("VSNAP_FAILPOINT_LOG", file);
+        }
+    }
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let mut so = child.stdout.take().expect("piped stdout");
+    let mut se = child.stderr.take().expect("piped stderr");
+    let ro = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let re = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                let _ = child.kill();
+                break child.wait().expect("wait for a killed child");
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("waiting for {cmdline}: {e}"),
+        }
+    };
+    let stdout = String::from_utf8_lossy(&ro.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&re.join().unwrap_or_default()).into_owned();
+    Ran { run: Run { cmdline, status, stdout, stderr }, timed_out }
+}
+
+// --- the guest ------------------------------------------------------------------
+
+fn proc_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let t = Instant::now();
+    while proc_alive(pid) {
+        if t.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// The test guest's QEMU; killed (SIGKILL) on drop, also while a panic
+/// unwinds.
+struct Guest {
+    dir: PathBuf,
+    pid: Option<u32>,
+    boots: Vec<f64>,
+}
+
+impl Guest {
+    fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    fn qga(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
+
+    /// Boot on `disks` (vda, vdb, ... in order) and wait for the READY line.
+    fn boot(&mut self, disks: &[(PathBuf, Format)]) -> Result<f64, String> {
+        self.kill()?;
+        let t = Instant::now();
+        let mut cmd = Command::new(workspace_root().join("guest/run.sh"));
+        cmd.arg("-d").arg(&self.dir).stdin(Stdio::null());
+        for (p, f) in disks {
+            cmd.arg(format!("{}:{}", p.display(), f.as_str()));
+        }
+        let out = cmd.output().map_err(|e| format!("cannot run guest/run.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "guest/run.sh failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let pidfile = self.dir.join("qemu.pid");
+        let pid: u32 = std::fs::read_to_string(&pidfile)
+            .map_err(|e| format!("reading {}: {e}", pidfile.display()))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{}: {e}", pidfile.display()))?;
+        self.pid = Some(pid);
+        let log = self.dir.join("console.log");
+        loop {
+            let text = std::fs::read(&log).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            if text.contains("VSNAP-GUEST-READY") {
+                break;
+            }
+            if text.contains("Kernel panic") {
+                return Err(format!("the guest panicked: see {}", log.display()));
+            }
+            if !proc_alive(pid) {
+                return Err(format!("QEMU (pid {pid}) exited during boot: see {}", log.display()));
+            }
+            if t.elapsed() > BOOT_LIMIT {
+                return Err(format!("no VSNAP-GUEST-READY in {} after {} s", log.display(), BOOT_LIMIT.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let s = t.elapsed().as_secs_f64();
+        self.boots.push(s);
+        Ok(s)
+    }
+
+    /// SIGKILL QEMU and wait until it is gone.
+    fn kill(&mut self) -> Result<(), String> {
+        let Some(pid) = self.pid.take() else {
+            return Ok(());
+        };
+        if proc_alive(pid) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+        }
+        if wait_gone(pid, Duration::from_secs(30)) {
+            Ok(())
+        } else {
+            Err(format!("QEMU pid {pid} still alive 30 s after SIGKILL"))
+        }
+    }
+
+    /// QMP `quit` (a shut-off guest), falling back to SIGKILL.
+    fn quit(&mut self) -> Result<(), String> {
+        let Some(pid) = self.pid else {
+            return Ok(());
+        };
+        let r = live::qmp(&self.qmp()).and_then(|mut q| q.quit());
+        if r.is_ok() && wait_gone(pid, Duration::from_secs(30)) {
+            self.pid = None;
+            return Ok(());
+        }
+        self.kill()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill() {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+// --- reading the writer's sequence numbers ------------------------------------
+
+/// The highest writer record of `image` (`snapshot`: an internal snapshot
+/// of it): (seq, the disk name the guest wrote in it).
+fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u64, String), String> {
+    let fmt = qemu_img::detect_format(image).map_err(|e| e.to_string())?;
+    let tmp = scratch.join("seq-read.raw");
+    let raw = if fmt == Format::Raw && snapshot.is_none() {
+        image.to_path_buf()
+    } else {
+        let _ = std::fs::remove_file(&tmp);
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-U", "-f", fmt.as_str()]);
+        if let Some(s) = snapshot {
+            c.arg("-l").arg(format!("snapshot.name={s}"));
+        }
+        c.args(["-O", "raw"]).arg(image).arg(&tmp);
+        let out = c.output().map_err(|e| format!("cannot run qemu-img: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img convert of {}{}: {}",
+                image.display(),
+                snapshot.map(|s| format!(" (snapshot {s})")).unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        tmp.clone()
+    };
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /seq"])
+        .arg(&raw)
+        .output()
+        .map_err(|e| format!("cannot run debugfs: {e}"))?;
+    let _ = std::fs::remove_file(&tmp);
+    let data = out.stdout;
+    let mut best: Option<(u64, String)> = None;
+    for slot in data.chunks(512).take(64) {
+        let Some(rest) = slot.strip_prefix(b"VSNAPSEQ seq=") else { continue };
+        if rest.len() < 20 {
+            continue;
+        }
+        let Some(seq) = std::str::from_utf8(&rest[..20]).ok().and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let tail = String::from_utf8_lossy(&rest[20..]);
+        let disk = tail
+            .strip_prefix(" disk=")
+            .and_then(|t| t.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        if best.as_ref().is_none_or(|(b, _)| seq > *b) {
+            best = Some((seq, disk));
+        }
+    }
+    best.ok_or_else(|| {
+        format!(
+            "no writer record in /seq of {}{} ({} bytes read; debugfs: {})",
+            image.display(),
+            snapshot.map(|s| format!(" (snapshot {s})")).unwrap_or_default(),
+            data.len(),
+            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " | ")
+        )
+    })
+}
+
+// --- scenarios -------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    LiveExternal,
+    LiveMemory,
+    Offline,
+}
+
+struct Scenario {
+    key: &'static str,
+    title: &'static str,
+    kind: Kind,
+    /// `snapshot create` arguments after the snapshot's name.
+    flags: &'static [&'static str],
+    /// Points where QEMU is killed too (by name; `{pivot}` is replaced).
+    qemu_kills: &'static [&'static str],
+    qemu_kills_quick: &'static [&'static str],
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            key: "a",
+            title: "live external disk-only, quiesced, vda+vdb (vdc=no)",
+            kind: Kind::LiveExternal,
+            flags: &["--live", "--disk-only", "--quiesce", "--disk", "vdc=no"],
+            qemu_kills: &["run.done.{before}#1", "step.qmp-transaction.before#1", "step.qmp-transaction.after#1", "run.applied.{pivot}#1"],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
+            key: "b",
+            title: "live external disk-only, not quiesced, all disks",
+            kind: Kind::LiveExternal,
+            flags: &["--live", "--disk-only"],
+            qemu_kills: &["step.qmp-transaction.before#1", "step.qmp-transaction.after#1", "run.applied.{pivot}#1"],
+            qemu_kills_quick: &["run.applied.{pivot}#1"],
+        },
+        Scenario {
+            key: "c",
+            title: "live internal with memory (snapshot-save), all disks",
+            kind: Kind::LiveMemory,
+            flags: &["--live", "--memory", "internal"],
+            qemu_kills: &["step.snapshot-save.before#1", "run.applied.{pivot}#1"],
+            qemu_kills_quick: &["run.applied.{pivot}#1"],
+        },
+        Scenario {
+            key: "d-ext",
+            title: "offline external, all disks (guest shut off)",
+            kind: Kind::Offline,
+            flags: &["--disk", "vda=external", "--disk", "vdb=external", "--disk", "vdc=external"],
+            qemu_kills: &[],
+            qemu_kills_quick: &[],
+        },
+        Scenario {
+            key: "d-int",
+            title: "offline internal, vda+vdb (vdc=no; guest shut off)",
+            kind: Kind::Offline,
+            flags: &["--disk", "vda=internal", "--disk", "vdb=internal", "--disk", "vdc=no"],
+            qemu_kills: &[],
+            qemu_kills_quick: &[],
+        },
+    ]
+}
+
+/// What recovery must do after a crash at a point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Back,
+    Forward,
+    /// Between the pivot's sled transaction and its flush, for a pivot
+    /// that cannot be probed (the catalog write): either is correct.
+    Either,
+}
+
+/// The points of one uncrashed run, and where the pivot lies among them.
+struct PointMap {
+    points: Vec<String>,
+    pivot: u32,
+    /// First point at which the pivot has taken effect.
+    effect: usize,
+    /// The pivot's `run.done` point.
+    done: usize,
+    probeable: bool,
+}
+
+impl PointMap {
+    fn new(log: &str, kind: Kind) -> Result<PointMap, String> {
+        let points = expand_points(log);
+        let pos = |p: &str| points.iter().position(|x| x == p);
+        let commit = pos("journal.pivot.committed#1").ok_or("no journal.pivot.committed point in the run")?;
+        let pivot: u32 = points[..commit]
+            .iter()
+            .rev()
+            .find_map(|p| p.strip_prefix("run.started.").and_then(|r| r.split('#').next()).and_then(|n| n.parse().ok()))
+            .ok_or("no run.started point before the pivot's commit")?;
+        let done = points
+            .iter()
+            .enumerate()
+            .skip(commit)
+            .find(|(_, p)| p.starts_with(&format!("run.done.{pivot}#")))
+            .map(|(i, _)| i)
+            .ok_or("no run.done point of the pivot")?;
+        let (effect, probeable) = match kind {
+            Kind::LiveExternal => (pos("step.qmp-transaction.after#1").ok_or("no step.qmp-transaction.after point")?, true),
+            Kind::LiveMemory => (pos(&format!("run.applied.{pivot}#1")).ok_or("no run.applied point of the pivot")?, true),
+            Kind::Offline => (commit, false),
+        };
+        Ok(PointMap { points, pivot, effect, done, probeable })
+    }
+
+    fn expect(&self, i: usize) -> Expect {
+        if i < self.effect {
+            Expect::Back
+        } else if i >= self.done || self.probeable {
+            Expect::Forward
+        } else {
+            Expect::Either
+        }
+    }
+
+    /// `{pivot}` / `{before}` (the step before the pivot) filled in.
+    fn resolve(&self, p: &str) -> String {
+        p.replace("{pivot}", &self.pivot.to_string())
+            .replace("{before}", &self.pivot.saturating_sub(1).to_string())
+    }
+
+    fn index(&self, p: &str) -> Option<usize> {
+        self.points.iter().position(|x| x == p)
+    }
+
+    /// The points to crash at.
+    fn selection(&self, quick: bool) -> Vec<usize> {
+        (0..self.points.len())
+            .filter(|&i| !quick || i % 4 == 0 || (i + 2 >= self.effect && i <= self.done + 1) || i + 1 == self.points.len())
+            .collect()
+    }
+
+    /// The points where vsnap-recover is killed too.
+    fn recovery_sample(&self, quick: bool) -> BTreeSet<usize> {
+        let mut s = BTreeSet::new();
+        s.insert(self.effect);
+        if !quick {
+            s.insert(self.effect.saturating_sub(1));
+            s.insert(self.effect.saturating_sub(1) / 2);
+            s.insert(self.done);
+        }
+        s
+    }
+}
+
+// --- the state seen before a run --------------------------------------------------
+
+struct Before {
+    dom: DomainRec,
+    snaps: Vec<DomSnapshot>,
+    plans: usize,
+    listing: Listing,
+    /// The writer's seq on each disk's current image, read before the run.
+    seq: BTreeMap<String, u64>,
+}
+
+/// A violation: where, and what.
+struct Violation {
+    at: String,
+    what: Vec<String>,
+}
+
+struct ScenarioReport {
+    key: &'static str,
+    points: usize,
+    recovery_kills: usize,
+    qemu_kills: usize,
+    committed: usize,
+    rolled_back: usize,
+    failed: usize,
+    seconds: f64,
+    notes: Vec<String>,
+}
+
+struct Suite {
+    /// Seconds spent per phase (for the report and for tuning).
+    phases: BTreeMap<&'static str, f64>,
+    bins: Bins,
+    root: PathBuf,
+    /// The domain of the current group, and its disks' directory.
+    dom: String,
+    disks: PathBuf,
+    state: PathBuf,
+    guest: Guest,
+    quick: bool,
+    counter: usize,
+    violations: Vec<Violation>,
+    /// Per disk target, the highest seq a committed snapshot held so far.
+    last_seq: BTreeMap<String, u64>,
+    /// What the last seq check read (for the report).
+    last_seq_note: String,
+}
+
+impl Suite {
+    /// Add the time since `t` to `phase`.
+    fn took(&mut self, phase: &'static str, t: Instant) {
+        *self.phases.entry(phase).or_insert(0.0) += t.elapsed().as_secs_f64();
+    }
+
+    fn vsnap<S: AsRef<OsStr>>(&self, args: &[S], inject: &Inject) -> Ran {
+        let mut a = vec![os("--state-dir"), os(&self.state)];
+        a.extend(args.iter().map(os));
+        run_timed(&self.bins.vsnap, &a, inject)
+    }
+
+    fn recover(&self, inject: &Inject) -> Ran {
+        run_timed(&self.bins.recover, &[os("--state-dir"), os(&self.state)], inject)
+    }
+
+    fn engine(&self) -> Result<Engine, String> {
+        Engine::open_without_recovery(&self.state).map_err(|e| format!("opening the engine: {e}"))
+    }
+
+    fn domain(&self) -> Result<(DomainRec, Vec<DomSnapshot>, usize), String> {
+        let e = self.engine()?;
+        let d = e.domain(&self.dom).map_err(|e| format!("reading domain {}: {e}", self.dom))?;
+        let s = e.domain_snapshot_list(&self.dom).map_err(|e| format!("reading snapshots: {e}"))?;
+        let p = e.plans().map_err(|e| format!("reading plans: {e}"))?.len();
+        Ok((d, s, p))
+    }
+
+    fn boot_catalog(&mut self) -> Result<f64, String> {
+        let (d, _, _) = self.domain()?;
+        let disks: Vec<(PathBuf, Format)> = d.disks.iter().map(|x| (x.source.clone(), x.format)).collect();
+        self.guest.boot(&disks)
+    }
+
+    /// The state before a run; the writer's numbers only with `want_seq`
+    /// (they matter only when the snapshot may commit).
+    fn before(&mut self, live: bool, chosen: &[String], want_seq: bool) -> Result<Before, String> {
+        let t = Instant::now();
+        let (dom, snaps, plans) = self.domain()?;
+        let listing = listing(&self.disks)?;
+        let mut seq = BTreeMap::new();
+        for disk in dom.disks.iter().filter(|x| want_seq && chosen.contains(&x.target)) {
+            // A live image is read with -U: a stale but never too new view.
+            if let Ok((s, _)) = image_seq(&self.root, &disk.source, None) {
+                seq.insert(disk.target.clone(), s);
+            } else if !live {
+                return Err(format!("cannot read the writer's records from {}", disk.source.display()));
+            }
+        }
+        self.took("before", t);
+        Ok(Before { dom, snaps, plans, listing, seq })
+    }
+
+    fn next_name(&mut self, key: &str) -> String {
+        self.counter += 1;
+        format!("{key}-{:03}", self.counter)
+    }
+
+    fn create_args(&self, sc: &Scenario, name: &str) -> Vec<String> {
+        let mut a: Vec<String> = ["snapshot", "create", &self.dom, name].iter().map(|s| s.to_string()).collect();
+        a.extend(sc.flags.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// The targets a scenario snapshots, in writer order.
+    fn chosen(&self, sc: &Scenario) -> Result<Vec<String>, String> {
+        let (d, _, _) = self.domain()?;
+        Ok(d
+            .disks
+            .iter()
+            .map(|x| x.target.clone())
+            .filter(|t| !sc.flags.windows(2).any(|w| w[0] == "--disk" && w[1] == format!("{t}=no")))
+            .collect())
+    }
+
+    /// Everything checked after a recovery that must leave the domain
+    /// consistent. Returns the problems and the outcome
+    /// (`Some(true)` committed, `Some(false)` rolled back).
+    fn verify(&mut self, sc: &Scenario, name: &str, before: &Before, expect: Option<Expect>) -> (Vec<String>, Option<bool>) {
+        let mut v = Vec::new();
+        let live = sc.kind != Kind::Offline;
+        let t = Instant::now();
+        let engine = match self.engine() {
+            Ok(e) => e,
+            Err(e) => return (vec![e], None),
+        };
+        match engine.domain_check(&self.dom) {
+            Ok(r) => v.extend(r.violations.iter().map(|x| format!("domain check: {x}"))),
+            Err(e) => v.push(format!("domain check failed: {e}")),
+        }
+        self.took("domain check", t);
+        let (dom, snaps, plans) = match (engine.domain(&self.dom), engine.domain_snapshot_list(&self.dom), engine.plans()) {
+            (Ok(d), Ok(s), Ok(p)) => (d, s, p),
+            (d, s, p) => {
+                v.push(format!(
+                    "reading the catalog: {:?} {:?} {:?}",
+                    d.err().map(|e| e.to_string()),
+                    s.err().map(|e| e.to_string()),
+                    p.err().map(|e| e.to_string())
+                ));
+                return (v, None);
+            }
+        };
+        drop(engine);
+        let quoted = format!("{name:?}");
+        let plan = plans.iter().skip(before.plans).find(|p| p.header.summary.contains(&quoted));
+        let outcome = plan.map(|p| p.outcome().map(|o| format!("{o:?}")));
+        let snap = snaps.iter().find(|s| s.name == name);
+        let committed = match &outcome {
+            None => {
+                if snap.is_some() {
+                    v.push(format!("catalog has snapshot {name} but the journal has no plan for it"));
+                }
+                false
+            }
+            Some(None) => {
+                v.push(format!("inv7: plan {} for {name} has no Finished record after recovery", plan.map_or(0, |p| p.id.0)));
+                snap.is_some()
+            }
+            Some(Some(o)) if o == "Committed" => {
+                if snap.is_none() {
+                    v.push(format!("journal says Committed but snapshot {name} is not in the catalog"));
+                }
+                true
+            }
+            Some(Some(o)) if o == "RolledBack" => {
+                if snap.is_some() {
+                    v.push(format!("journal says RolledBack but snapshot {name} is in the catalog"));
+                }
+                false
+            }
+            Some(Some(o)) => {
+                v.push(format!("plan for {name} ended {o} (a crash of vsnap alone must be recovered without a person)"));
+                snap.is_some()
+            }
+        };
+        match (expect, committed) {
+            (Some(Expect::Back), true) => v.push("rolled forward, but the crash was before the pivot took effect".into()),
+            (Some(Expect::Forward), false) => v.push("rolled back, but the crash was after the pivot took effect".into()),
+            _ => {}
+        }
+        // Earlier snapshots untouched.
+        for s in &before.snaps {
+            match snaps.iter().find(|x| x.name == s.name) {
+                Some(x) if x == s => {}
+                Some(_) => v.push(format!("snapshot {} changed in the catalog", s.name)),
+                None => v.push(format!("snapshot {} disappeared from the catalog", s.name)),
+            }
+        }
+        // The domain record.
+        if committed {
+            if let Some(s) = snap {
+                if dom.current.as_deref() != Some(name) {
+                    v.push(format!("current snapshot is {:?}, not {name}", dom.current));
+                }
+                for sd in &s.disks {
+                    let now = dom.disks.iter().find(|x| x.target == sd.target).map(|x| x.source.clone());
+                    let old = before.dom.disks.iter().find(|x| x.target == sd.target).map(|x| x.source.clone());
+                    let want = match (sd.mode, &sd.overlay) {
+                        (DiskMode::External, Some(o)) => Some(o.clone()),
+                        _ => old.clone(),
+                    };
+                    if now != want {
+                        v.push(format!("disk {}: the catalog's source is {:?}, expected {:?}", sd.target, now, want));
+                    }
+                    if sd.mode != DiskMode::No && old.as_ref() != Some(&sd.state_file) {
+                        v.push(format!("disk {}: snapshot state file {} is not the image it had ({:?})", sd.target, sd.state_file.display(), old));
+                    }
+                }
+            }
+        } else if dom != before.dom {
+            v.push(format!("rolled back, but the domain record changed: {:?} -> {:?}", before.dom, dom));
+        }
+        // Nothing that existed before is gone.
+        match listing(&self.disks) {
+            Ok(after) => {
+                for line in diff_listing(&before.listing, &after) {
+                    if line.ends_with("disappeared") {
+                        v.push(format!("a file that existed before the snapshot is gone: {line}"));
+                    }
+                }
+            }
+            Err(e) => v.push(e),
+        }
+        // The guest.
+        let t = Instant::now();
+        if live {
+            match live::qmp(&self.guest.qmp()).and_then(|mut q| q.query_status()) {
+                Ok((true, _)) => {}
+                Ok((false, st)) => v.push(format!("inv1: the guest is {st}, not running")),
+                Err(e) => v.push(format!("inv1: query-status: {e}")),
+            }
+            match live::agent(&self.guest.qga()).and_then(|mut a| a.fsfreeze_status()) {
+                Ok(s) if s == "thawed" => {}
+                Ok(s) => v.push(format!("inv2: the agent says {s}")),
+                Err(e) => v.push(format!("inv2: fsfreeze-status: {e}")),
+            }
+        }
+        self.took("guest status", t);
+        // Data: the snapshot's disks show one instant, no older than the run's start.
+        let t = Instant::now();
+        if let (true, Some(s)) = (committed, snap) {
+            v.extend(self.check_seqs(s, before));
+        }
+        self.took("seq read", t);
+        // Recovery again: a no-op.
+        let t = Instant::now();
+        let r = self.recover(&Inject::None);
+        self.took("second recovery", t);
+        if r.code() != Some(0) || !r.run.stdout.contains("nothing to recover") {
+            v.push(format!("inv7: a second vsnap-recover is not a no-op: {}", r.describe()));
+        }
+        (v, Some(committed))
+    }
+
+    fn check_seqs(&mut self, s: &DomSnapshot, before: &Before) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut seqs: Vec<(String, u64)> = Vec::new();
+        for sd in s.disks.iter().filter(|d| d.mode != DiskMode::No) {
+            let snapshot = (sd.mode == DiskMode::Internal).then_some(s.name.as_str());
+            match image_seq(&self.root, &sd.state_file, snapshot) {
+                Ok((seq, disk)) => {
+                    if disk != sd.target {
+                        v.push(format!("inv6: disk {}'s state holds the records of {disk}", sd.target));
+                    }
+                    if let Some(&pre) = before.seq.get(&sd.target) {
+                        if seq < pre {
+                            v.push(format!(
+                                "inv6: disk {}: the snapshot holds seq {seq}, but the guest had written {pre} before it began",
+                                sd.target
+                            ));
+                        }
+                    }
+                    if let Some(&last) = self.last_seq.get(&sd.target) {
+                        if seq < last {
+                            v.push(format!("inv6: disk {}: seq {seq} is older than an earlier snapshot's {last}", sd.target));
+                        }
+                    }
+                    seqs.push((sd.target.clone(), seq));
+                }
+                Err(e) => v.push(format!("inv6: {e}")),
+            }
+        }
+        // Writer order: seq(d1) >= seq(d2) >= ... >= seq(dk) >= seq(d1) - 1.
+        let agree = seqs.windows(2).all(|w| w[0].1 >= w[1].1)
+            && match (seqs.first(), seqs.last()) {
+                (Some(f), Some(l)) => l.1 + 1 >= f.1,
+                _ => true,
+            };
+        if !agree {
+            v.push(format!("inv6: the disks of snapshot {} show different instants: {seqs:?}", s.name));
+        }
+        self.last_seq_note = format!(
+            "{} state: {}; before the run the guest had written {}",
+            s.name,
+            seqs.iter().map(|(t, q)| format!("{t} seq {q}")).collect::<Vec<_>>().join(", "),
+            before.seq.iter().map(|(t, q)| format!("{t} {q}")).collect::<Vec<_>>().join(", ")
+        );
+        if v.is_empty() {
+            for (t, q) in seqs {
+                self.last_seq.insert(t, q);
+            }
+        }
+        v
+    }
+
+    fn violation(&mut self, at: String, what: Vec<String>) {
+        println!("VIOLATION at {at}:");
+        for w in &what {
+            println!("    {w}");
+        }
+        self.violations.push(Violation { at, what });
+    }
+
+    /// vsnap killed at `point` (and `vsnap-recover` at every k-th point
+    /// in turn when `kill_recovery`), recovered, verified.
+    fn crash_point(&mut self, sc: &Scenario, map: &PointMap, i: usize, kill_recovery: bool, rep: &mut ScenarioReport) {
+        let point = map.points[i].clone();
+        let name = self.next_name(sc.key);
+        let at = format!("{} {point} (snapshot {name})", sc.key);
+        let mut v = Vec::new();
+        let chosen = match self.chosen(sc) {
+            Ok(c) => c,
+            Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
+        };
+        let expect = map.expect(i);
+        let before = match self.before(sc.kind != Kind::Offline, &chosen, expect != Expect::Back) {
+            Ok(b) => b,
+            Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
+        };
+        let t = Instant::now();
+        let r = self.vsnap(&self.create_args(sc, &name), &Inject::CrashAt(point.clone()));
+        self.took("vsnap (crashed)", t);
+        rep.points += 1;
+        if !r.killed_by_crash_point() {
+            v.push(format!("vsnap did not die by SIGKILL at {point}: {}", r.describe()));
+        }
+        let t = Instant::now();
+        let rec = if kill_recovery {
+            let mut k = 0;
+            loop {
+                k += 1;
+                let rr = self.recover(&Inject::CrashAt(format!("*#{k}")));
+                if !rr.killed_by_crash_point() {
+                    break rr;
+                }
+                rep.recovery_kills += 1;
+                if k >= RECOVERY_KILLS_MAX {
+                    v.push(format!("vsnap-recover still passing crash points after {k} kills"));
+                    break self.recover(&Inject::None);
+                }
+            }
+        } else {
+            self.recover(&Inject::None)
+        };
+        self.took(if kill_recovery { "recovery (with kills)" } else { "recovery" }, t);
+        if rec.code() != Some(0) {
+            v.push(format!("vsnap-recover: {}", rec.describe()));
+        }
+        let (problems, outcome) = self.verify(sc, &name, &before, Some(expect));
+        v.extend(problems);
+        match outcome {
+            Some(true) => rep.committed += 1,
+            Some(false) => rep.rolled_back += 1,
+            None => {}
+        }
+        if !v.is_empty() {
+            rep.failed += 1;
+            self.violation(at, v);
+        }
+    }
+
+    /// vsnap killed at `point` and QEMU killed too; recovery must end
+    /// `needs attention` or roll back cleanly, and delete nothing.
+    fn qemu_kill_point(&mut self, sc: &Scenario, map: &PointMap, point: &str, rep: &mut ScenarioReport) {
+        let t = Instant::now();
+        self.qemu_kill_point_inner(sc, map, point, rep);
+        self.took("QEMU kills (with reboots)", t);
+    }
+
+    fn qemu_kill_point_inner(&mut self, sc: &Scenario, map: &PointMap, point: &str, rep: &mut ScenarioReport) {
+        let name = self.next_name(sc.key);
+        let at = format!("{} {point} + QEMU killed (snapshot {name})", sc.key);
+        let mut v = Vec::new();
+        let Some(i) = map.index(point) else {
+            return self.violation(at, vec![format!("harness: the run never passes {point}")]);
+        };
+        let chosen = match self.chosen(sc) {
+            Ok(c) => c,
+            Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
+        };
+        let before = match self.before(true, &chosen, false) {
+            Ok(b) => b,
+            Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
+        };
+        let r = self.vsnap(&self.create_args(sc, &name), &Inject::CrashAt(point.to_string()));
+        rep.qemu_kills += 1;
+        if !r.killed_by_crash_point() {
+            v.push(format!("vsnap did not die by SIGKILL at {point}: {}", r.describe()));
+        }
+        if let Err(e) = self.guest.kill() {
+            return self.violation(at, vec![format!("harness: {e}")]);
+        }
+        let internal = |d: &DomainRec| -> BTreeMap<PathBuf, Vec<String>> {
+            d.disks
+                .iter()
+                .filter(|x| x.format == Format::Qcow2)
+                .map(|x| (x.source.clone(), qemu_img::snapshot_names(&x.source, true).unwrap_or_default()))
+                .collect()
+        };
+        let crashed = listing(&self.disks).unwrap_or_default();
+        let internal_crashed = internal(&before.dom);
+        let rec = self.recover(&Inject::None);
+        let out = rec.run.stdout.clone();
+        let rolled_back_cleanly = match rec.code() {
+            Some(1) => {
+                if !out.contains("needs-attention") {
+                    v.push(format!("exit 1 without a needs-attention line: {}", rec.describe()));
+                }
+                false
+            }
+            Some(0) if out.contains("rolled-back") => {
+                if i >= map.effect {
+                    v.push(format!("rolled back although the pivot had happened: {}", rec.describe()));
+                }
+                true
+            }
+            _ => {
+                v.push(format!("expected exit 1 (needs attention) or a clean rollback: {}", rec.describe()));
+                false
+            }
+        };
+        let seen = out.lines().find(|l| l.contains("needs-attention") || l.contains("rolled-back")).unwrap_or("").to_string();
+        // Nothing deleted.
+        let after = listing(&self.disks).unwrap_or_default();
+        let created: BTreeSet<&String> = crashed.keys().filter(|k| !before.listing.contains_key(*k)).collect();
+        for line in diff_listing(&crashed, &after) {
+            if line.ends_with("disappeared") {
+                let file = line.split(" (").next().unwrap_or("").to_string();
+                if !(rolled_back_cleanly && created.contains(&file)) {
+                    v.push(format!("recovery deleted a file: {line}"));
+                }
+            }
+        }
+        let internal_after = internal(&before.dom);
+        if internal_after != internal_crashed {
+            v.push(format!("recovery changed the images' internal snapshots: {internal_crashed:?} -> {internal_after:?}"));
+        }
+        // The journal and the catalog.
+        match self.domain() {
+            Ok((dom, snaps, _)) => {
+                if snaps.iter().any(|s| s.name == name) {
+                    v.push(format!("snapshot {name} is in the catalog"));
+                }
+                if dom != before.dom {
+                    v.push(format!("the domain record changed: {:?} -> {:?}", before.dom, dom));
+                }
+            }
+            Err(e) => v.push(e),
+        }
+        match self.engine().and_then(|e| e.journal().unfinished().map(|u| u.len()).map_err(|e| e.to_string())) {
+            Ok(0) => {}
+            Ok(n) => v.push(format!("inv7: {n} unfinished plan(s) after recovery")),
+            Err(e) => v.push(e),
+        }
+        let r2 = self.recover(&Inject::None);
+        if r2.code() != Some(0) || !r2.run.stdout.contains("nothing to recover") {
+            v.push(format!("inv7: a second vsnap-recover is not a no-op: {}", r2.describe()));
+        }
+        // The operator's part: what the plan made and nothing references.
+        let mut removed = Vec::new();
+        for f in after.keys().filter(|k| !before.listing.contains_key(*k)) {
+            let p = self.disks.join(f);
+            if std::fs::remove_file(&p).is_ok() {
+                removed.push(f.clone());
+            }
+        }
+        for (img, names) in &internal_after {
+            if names.iter().any(|n| n == &name) {
+                match qemu_img::snapshot(img, qemu_img::SnapshotOp::Delete, &name) {
+                    Ok(()) => removed.push(format!("{}@{name}", img.file_name().unwrap_or_default().to_string_lossy())),
+                    Err(e) => v.push(format!("harness: deleting internal snapshot {name} from {}: {e}", img.display())),
+                }
+            }
+        }
+        // A QEMU killed mid-write may leak clusters in the images it had
+        // open (qcow2 allocates before it references): after a host crash
+        // the operator repairs leaks before the next start.
+        let mut repaired = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&self.disks) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if qemu_img::detect_format(&p).ok() != Some(Format::Qcow2) {
+                    continue;
+                }
+                if let Ok(r) = qemu_img::check(&p, Format::Qcow2) {
+                    if !r.clean && r.corruptions == 0 {
+                        let ok = Command::new("qemu-img").args(["check", "-q", "-r", "leaks"]).arg(&p).output().is_ok_and(|o| o.status.success());
+                        if ok {
+                            repaired.push(e.file_name().to_string_lossy().into_owned());
+                        } else {
+                            v.push(format!("harness: qemu-img check -r leaks {} failed", p.display()));
+                        }
+                    } else if r.corruptions > 0 {
+                        v.push(format!("{} is corrupt ({} corruption(s)) after QEMU was killed", p.display(), r.corruptions));
+                    }
+                }
+            }
+        }
+        if !repaired.is_empty() {
+            removed.push(format!("repaired leaks in {}", repaired.join(", ")));
+        }
+        let detail = ["needs-attention: ", "rolled-back: "]
+            .iter()
+            .find_map(|w| seen.split_once(w).map(|(_, d)| format!("{w}{d}")))
+            .unwrap_or_else(|| seen.clone());
+        // "Naming what was seen": the monitor or agent socket it could not reach.
+        if !(rolled_back_cleanly || detail.contains("qmp.sock") || detail.contains("qga.sock")) {
+            v.push(format!("the needs-attention line does not name the monitor or agent it found dead: {detail}"));
+        }
+        rep.notes.push(format!(
+            "QEMU killed at {point}: vsnap-recover exit {:?}: {detail}{}",
+            rec.code(),
+            if removed.is_empty() { String::new() } else { format!(" [then the operator: removed {}]", removed.join(", ")) }
+        ));
+        // Boot again on the catalog's images: consistent.
+        match self.boot_catalog() {
+            Ok(_) => match self.engine().and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string())) {
+                Ok(r) => v.extend(r.violations.iter().map(|x| format!("after reboot: domain check: {x}"))),
+                Err(e) => v.push(format!("after reboot: {e}")),
+            },
+            Err(e) => v.push(format!("harness: reboot: {e}")),
+        }
+        if !v.is_empty() {
+            rep.failed += 1;
+            self.violation(at, v);
+        }
+    }
+
+    /// The writer goes on, on the catalog's images (read with -U), within 60 s.
+    fn writer_progress(&self) -> Result<String, String> {
+        let (d, _, _) = self.domain()?;
+        let disk = d.disks.first().ok_or("no disk")?;
+        let (s0, _) = image_seq(&self.root, &disk.source, None)?;
+        let t = Instant::now();
+        loop {
+            let (s, _) = image_seq(&self.root, &disk.source, None)?;
+            if s > s0 {
+                return Ok(format!("writer on {}: seq {s0} -> {s}", disk.source.display()));
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!("the guest's writer made no progress on {} in 60 s (seq {s0})", disk.source.display()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn run_scenario(&mut self, sc: &Scenario) -> ScenarioReport {
+        let t0 = Instant::now();
+        let mut rep = ScenarioReport {
+            key: sc.key,
+            points: 0,
+            recovery_kills: 0,
+            qemu_kills: 0,
+            committed: 0,
+            rolled_back: 0,
+            failed: 0,
+            seconds: 0.0,
+            notes: Vec::new(),
+        };
+        // An uncrashed run lists the points; it is checked like the others.
+        let name = self.next_name(sc.key);
+        let log = self.root.join(format!("points-{}.log", sc.key));
+        let _ = std::fs::remove_file(&log);
+        let chosen = self.chosen(sc).unwrap_or_default();
+        let map = match self.before(sc.kind != Kind::Offline, &chosen, true) {
+            Ok(before) => {
+                let t = Instant::now();
+                let r = self.vsnap(&self.create_args(sc, &name), &Inject::Log(log.clone()));
+                rep.notes.push(format!("uncrashed snapshot took {:.2} s", t.elapsed().as_secs_f64()));
+                let mut v = Vec::new();
+                if r.code() != Some(0) {
+                    v.push(format!("the uncrashed run failed: {}", r.describe()));
+                }
+                let (problems, outcome) = self.verify(sc, &name, &before, Some(Expect::Forward));
+                v.extend(problems);
+                rep.notes.push(format!("uncrashed snapshot {}", self.last_seq_note));
+                if outcome == Some(true) {
+                    rep.committed += 1;
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let map = PointMap::new(&text, sc.kind);
+                if let Err(e) = &map {
+                    v.push(format!("harness: {e}; points: {text:?}"));
+                }
+                if !v.is_empty() {
+                    rep.failed += 1;
+                    self.violation(format!("{} uncrashed (snapshot {name})", sc.key), v);
+                }
+                map.ok()
+            }
+            Err(e) => {
+                rep.failed += 1;
+                self.violation(format!("{} setup", sc.key), vec![format!("harness: {e}")]);
+                None
+            }
+        };
+        let Some(map) = map else {
+            rep.seconds = t0.elapsed().as_secs_f64();
+            return rep;
+        };
+        let sel = map.selection(self.quick);
+        let sample = map.recovery_sample(self.quick);
+        rep.notes.push(format!(
+            "{} crash points in the run (pivot: step {}, takes effect at {}){}; vsnap-recover killed mid-way after: {}",
+            map.points.len(),
+            map.pivot,
+            map.points[map.effect],
+            if sel.len() < map.points.len() { format!(", {} sampled", sel.len()) } else { String::new() },
+            sample.iter().map(|&i| map.points[i].as_str()).collect::<Vec<_>>().join(", ")
+        ));
+        for i in sel {
+            self.crash_point(sc, &map, i, sample.contains(&i), &mut rep);
+        }
+        if sc.kind != Kind::Offline {
+            match self.writer_progress() {
+                Ok(s) => rep.notes.push(s),
+                Err(e) => {
+                    rep.failed += 1;
+                    self.violation(format!("{} after its points", sc.key), vec![e]);
+                }
+            }
+            let kills = if self.quick { sc.qemu_kills_quick } else { sc.qemu_kills };
+            for p in kills {
+                let p = map.resolve(p);
+                self.qemu_kill_point(sc, &map, &p, &mut rep);
+            }
+        }
+        rep.seconds = t0.elapsed().as_secs_f64();
+        rep
+    }
+}
+
+// --- setup ---------------------------------------------------------------------------
+
+fn sh(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// vda raw (qcow2 with `all_qcow2`), vdb and vdc qcow2: ext4 made on
+/// the host (the guest formats nothing).
+fn make_disks(dir: &Path, all_qcow2: bool) -> Result<Vec<(PathBuf, Format)>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for (t, mut fmt) in [("vda", Format::Raw), ("vdb", Format::Qcow2), ("vdc", Format::Qcow2)] {
+        if all_qcow2 {
+            fmt = Format::Qcow2;
+        }
+        let raw = dir.join(format!("{t}.raw"));
+        let f = std::fs::File::create(&raw).map_err(|e| format!("create {}: {e}", raw.display()))?;
+        f.set_len(DISK_MB << 20).map_err(|e| format!("truncate {}: {e}", raw.display()))?;
+        drop(f);
+        sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw))?;
+        if fmt == Format::Qcow2 {
+            let q = dir.join(format!("{t}.qcow2"));
+            sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q))?;
+            std::fs::remove_file(&raw).map_err(|e| format!("rm {}: {e}", raw.display()))?;
+            out.push((q, fmt));
+        } else {
+            out.push((raw, fmt));
+        }
+    }
+    Ok(out)
+}
+
+/// Scenarios share a domain within a group; each group starts a new
+/// domain on new disks (the domain check reads every file of a domain's
+/// snapshots, so one domain for all would slow every later point).
+struct Group {
+    dom: &'static str,
+    scenarios: &'static [&'static str],
+    /// vda is raw, except in the offline group (its internal snapshots need qcow2).
+    all_qcow2: bool,
+    /// The guest is shut off (after its writer wrote to every disk) before the scenarios.
+    offline: bool,
+}
+
+const GROUPS: &[Group] = &[
+    Group { dom: "ga", scenarios: &["a"], all_qcow2: false, offline: false },
+    Group { dom: "gb", scenarios: &["b", "c"], all_qcow2: false, offline: false },
+    Group { dom: "gd", scenarios: &["d-int", "d-ext"], all_qcow2: true, offline: true },
+];
+
+impl Suite {
+    /// A new domain on new disks: boot, attach; for an offline group, wait
+    /// until the writer wrote every disk, then shut the guest off.
+    fn start_group(&mut self, g: &Group) -> Result<(), String> {
+        self.guest.kill()?;
+        self.dom = g.dom.to_string();
+        self.disks = self.root.join(format!("disks-{}", g.dom));
+        self.guest.dir = self.root.join(g.dom);
+        self.last_seq.clear();
+        let disks = make_disks(&self.disks, g.all_qcow2)?;
+        let s = self.guest.boot(&disks)?;
+        println!("group {}: guest booted in {s:.1} s on new disks in {}", g.dom, self.disks.display());
+        let attach = self.vsnap(
+            &[os("domain"), os("attach"), os(&self.dom), os("--qmp"), os(self.guest.qmp()), os("--agent"), os(self.guest.qga())],
+            &Inject::None,
+        );
+        if attach.code() != Some(0) {
+            return Err(format!("attaching the domain: {}", attach.describe()));
+        }
+        if g.offline {
+            let t = Instant::now();
+            let mut last;
+            loop {
+                let seqs: Result<Vec<u64>, String> =
+                    disks.iter().map(|(p, _)| image_seq(&self.root, p, None).map(|(s, _)| s)).collect();
+                match seqs {
+                    Ok(v) if v.iter().all(|&s| s > 0) => break,
+                    Ok(v) => last = format!("{v:?}"),
+                    Err(e) => last = e,
+                }
+                if t.elapsed() > Duration::from_secs(60) {
+                    return Err(format!("the writer wrote nothing to some disk in 60 s: {last}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            self.guest.quit()?;
+        }
+        Ok(())
+    }
+
+    /// The end of an offline group: boot on the catalog's images; consistent, and the writer goes on.
+    fn final_boot(&mut self) -> Vec<String> {
+        let tb = Instant::now();
+        let mut v = Vec::new();
+        match self.boot_catalog() {
+            Ok(_) => {
+                match self.engine().and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string())) {
+                    Ok(r) => v.extend(r.violations.iter().map(|x| format!("domain check: {x}"))),
+                    Err(e) => v.push(e),
+                }
+                match self.writer_progress() {
+                    Ok(s) => println!(
+                        "group {}: boot on the catalog's images: consistent; {s} ({:.1} s)",
+                        self.dom,
+                        tb.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => v.push(e),
+                }
+            }
+            Err(e) => v.push(format!("boot on the catalog's images: {e}")),
+        }
+        v
+    }
+}
+
+fn main() -> ExitCode {
+    let t0 = Instant::now();
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let quick = std::env::var("VSNAP_CRASH_QUICK").is_ok_and(|v| v == "1");
+    let fail = |e: String| {
+        eprintln!("live crash suite: FAILED: {e}");
+        println!("live crash points explored: 0, invariant violations: 1");
+        println!("0 passed, 1 failed");
+        ExitCode::FAILURE
+    };
+    let bins = match Bins::locate() {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    for prog in ["qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+            .unwrap_or(false);
+        if !found {
+            return fail(format!("{prog} is not installed (needed for the real guest)"));
+        }
+    }
+    let scratch = match scratch_dir("vsnap-live.") {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot make a directory under /var/tmp: {e}")),
+    };
+    let root = std::fs::canonicalize(scratch.path()).expect("scratch dir is canonicalizable");
+    if let Err(e) = bins.require_failpoints(&root) {
+        return fail(e);
+    }
+    // The guest: built (cached) by the one command the suite calls.
+    let tb = Instant::now();
+    if let Err(e) = sh(&mut Command::new(workspace_root().join("guest/build.sh"))) {
+        return fail(format!("building the test guest: {e}"));
+    }
+    let build_s = tb.elapsed().as_secs_f64();
+    let mut suite = Suite {
+        phases: BTreeMap::new(),
+        bins,
+        root: root.clone(),
+        dom: String::new(),
+        disks: root.clone(),
+        state: root.join("state"),
+        guest: Guest { dir: root.clone(), pid: None, boots: Vec::new() },
+        quick,
+        counter: 0,
+        violations: Vec::new(),
+        last_seq: BTreeMap::new(),
+        last_seq_note: String::new(),
+    };
+    println!(
+        "live crash suite{}: binaries from {}, scratch {}, guest build {:.1} s",
+        if quick { " (VSNAP_CRASH_QUICK=1: sampled)" } else { "" },
+        suite.bins.dir.display(),
+        root.display(),
+        build_s
+    );
+
+    let all = scenarios();
+    let mut reports = Vec::new();
+    let mut harness_failures = 0;
+    for g in GROUPS {
+        let wanted = |k: &str| filter.as_deref().is_none_or(|f| k.contains(f));
+        if !g.scenarios.iter().any(|k| wanted(k)) {
+            continue;
+        }
+        if let Err(e) = suite.start_group(g) {
+            return fail(format!("group {}: {e}", g.dom));
+        }
+        for key in g.scenarios {
+            let sc = all.iter().find(|s| s.key == *key).expect("every group's scenario exists");
+            if !wanted(key) {
+                // Build the state the next scenarios start from, no crash.
+                let name = suite.next_name(sc.key);
+                let r = suite.vsnap(&suite.create_args(sc, &name), &Inject::None);
+                if r.code() != Some(0) {
+                    harness_failures += 1;
+                    suite.violation(format!("{} (not selected) setup", sc.key), vec![r.describe()]);
+                }
+                continue;
+            }
+            let rep = suite.run_scenario(sc);
+            println!(
+                "scenario {:<6} {:<54} points {:>3}  recovery kills {:>3}  QEMU kills {}  committed {:>3}  rolled back {:>3}  failed {:>2}  {:>6.1} s",
+                rep.key, sc.title, rep.points, rep.recovery_kills, rep.qemu_kills, rep.committed, rep.rolled_back, rep.failed, rep.seconds
+            );
+            for n in &rep.notes {
+                println!("    {n}");
+            }
+            reports.push(rep);
+        }
+        if g.offline {
+            let v = suite.final_boot();
+            if !v.is_empty() {
+                harness_failures += 1;
+                suite.violation(format!("group {}: final boot", g.dom), v);
+            }
+        }
+        if let Err(e) = suite.guest.quit() {
+            eprintln!("warning: {e}");
+        }
+    }
+    if let Err(e) = suite.guest.kill() {
+        eprintln!("warning: {e}");
+    }
+
+    let points: usize = reports.iter().map(|r| r.points).sum();
+    let rk: usize = reports.iter().map(|r| r.recovery_kills).sum();
+    let qk: usize = reports.iter().map(|r| r.qemu_kills).sum();
+    let failed: usize = reports.iter().map(|r| r.failed).sum::<usize>() + harness_failures;
+    let n = points + rk + qk;
+    println!();
+    println!(
+        "{points} vsnap crash points + {rk} vsnap-recover crash points + {qk} QEMU kills; {} guest boot(s) ({} s); run time {:.1} s",
+        suite.guest.boots.len(),
+        suite.guest.boots.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(" "),
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "time per phase: {}",
+        suite.phases.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", ")
+    );
+    if !suite.violations.is_empty() {
+        println!("violations:");
+        for v in &suite.violations {
+            println!("  at {}:", v.at);
+            for w in &v.what {
+                println!("      {w}");
+            }
+        }
+    }
+    drop(suite);
+    if failed > 0 || std::env::var("VSNAP_CRASH_KEEP").is_ok_and(|v| v == "1") {
+        let kept = scratch.keep();
+        println!("scratch directory kept: {}", kept.display());
+    }
+    println!("live crash points explored: {n}, invariant violations: {failed}");
+    println!("{} passed, {failed} failed", n.saturating_sub(failed));
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
