@@ -278,6 +278,9 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
                     println!("  {v}");
                 }
             }
+            for n in &r.notes {
+                println!("  note: {n}");
+            }
             return Ok(if r.violations.is_empty() {
                 EXIT_OK
             } else {

@@ -289,6 +289,9 @@ fn try_main(cli: &Cli) -> anyhow::Result<u8> {
                     println!("  {v}");
                 }
             }
+            for n in &r.notes {
+                println!("  note: {n}");
+            }
             Ok(if r.violations.is_empty() {
                 EXIT_OK
             } else {

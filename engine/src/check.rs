@@ -29,6 +29,7 @@ pub struct Observation {
     pub look_alike: Vec<PathBuf>,
     /// Files a running process holds, so `qemu-img check` could not run.
     pub in_use: Vec<PathBuf>,
+    pub notes: Vec<String>,
 }
 
 /// The result of a check: empty `violations` means consistent.
@@ -38,6 +39,41 @@ pub struct CheckReport {
     pub snapshots: usize,
     pub unfinished_plans: usize,
     pub violations: Vec<String>,
+    /// Not violations: leaked clusters, files in use that could not be checked.
+    pub notes: Vec<String>,
+}
+
+/// `qemu-img check` of one file. Corruptions are damage; leaked clusters
+/// are only a note (a killed writer leaves them; they waste space, lose
+/// nothing, and `qemu-img check -r leaks` frees them). Returns whether the
+/// file is held by a running process and could not be checked.
+fn check_image(f: &Path, fmt: Format, damage: &mut Vec<String>, notes: &mut Vec<String>) -> bool {
+    match qemu_img::check(f, fmt) {
+        Ok(r) if r.corruptions > 0 || (!r.clean && r.leaks == 0) => {
+            damage.push(format!(
+                "{}: qemu-img check: {} corruption(s): {}",
+                f.display(),
+                r.corruptions,
+                r.output.trim()
+            ));
+            false
+        }
+        Ok(r) => {
+            if r.leaks > 0 {
+                notes.push(format!(
+                    "{}: {} leaked cluster(s) (harmless; `qemu-img check -r leaks` frees them)",
+                    f.display(),
+                    r.leaks
+                ));
+            }
+            false
+        }
+        Err(vsnap_steps::StepError::InUse { .. }) => true,
+        Err(e) => {
+            damage.push(format!("{}: qemu-img check failed: {e}", f.display()));
+            false
+        }
+    }
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -105,19 +141,8 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
             Err(e) => o.damage.push(format!("{}: {e}", f.display())),
         }
         if fmt == Format::Qcow2 {
-            match qemu_img::check(&f, fmt) {
-                Ok(r) if r.clean => {}
-                // A running QEMU holds it: not damage, just not checkable now.
-                Err(vsnap_steps::StepError::InUse { .. }) => o.in_use.push(f.clone()),
-                Ok(r) => o.damage.push(format!(
-                    "{}: qemu-img check: {} corruption(s), {} leak(s)",
-                    f.display(),
-                    r.corruptions,
-                    r.leaks
-                )),
-                Err(e) => o
-                    .damage
-                    .push(format!("{}: qemu-img check failed: {e}", f.display())),
+            if check_image(&f, fmt, &mut o.damage, &mut o.notes) {
+                o.in_use.push(f.clone());
             }
         }
     }
@@ -282,11 +307,18 @@ impl Engine {
                 "inv7: {unfinished} unfinished plan(s) in the journal; run vsnap-recover"
             ));
         }
+        let mut notes = obs.notes.clone();
+        notes.extend(
+            obs.in_use
+                .iter()
+                .map(|f| format!("{}: in use by a running process, not checked", f.display())),
+        );
         Ok(CheckReport {
             image: canon_image,
             snapshots: snaps.len(),
             unfinished_plans: unfinished,
             violations,
+            notes,
         })
     }
 }
@@ -309,6 +341,7 @@ pub struct DomainObservation {
     /// Files that exist among those the catalog names.
     pub existing: BTreeSet<PathBuf>,
     pub damage: Vec<String>,
+    pub notes: Vec<String>,
     pub temp_files: Vec<PathBuf>,
     /// `<stem>.<x>.qcow2` files beside the disks' images.
     pub look_alike: Vec<PathBuf>,
@@ -434,18 +467,7 @@ pub fn observe_domain(
             Err(e) => o.damage.push(format!("{}: {e}", f.display())),
         }
         if !live && fmt == Format::Qcow2 {
-            match qemu_img::check(f, fmt) {
-                Ok(r) if r.clean => {}
-                Ok(r) => o.damage.push(format!(
-                    "{}: qemu-img check: {} corruption(s), {} leak(s)",
-                    f.display(),
-                    r.corruptions,
-                    r.leaks
-                )),
-                Err(e) => o
-                    .damage
-                    .push(format!("{}: qemu-img check failed: {e}", f.display())),
-            }
+            check_image(f, fmt, &mut o.damage, &mut o.notes);
         }
     }
     for dir in dirs {
@@ -608,6 +630,7 @@ impl Engine {
             snapshots: snaps.len(),
             unfinished_plans: unfinished,
             violations,
+            notes: obs.notes,
         })
     }
 }

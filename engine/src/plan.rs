@@ -374,6 +374,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             }
         }
         Decision::NeedsAttention(reason) => {
+            let reason = reason.replace(
+                "vsnap plan show ID",
+                &format!("vsnap plan show {}", stored.id),
+            );
             report.outcome = "needs-attention".into();
             report.detail = reason.clone();
             if !dry_run {
