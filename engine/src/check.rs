@@ -140,10 +140,8 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
             }
             Err(e) => o.damage.push(format!("{}: {e}", f.display())),
         }
-        if fmt == Format::Qcow2 {
-            if check_image(&f, fmt, &mut o.damage, &mut o.notes) {
-                o.in_use.push(f.clone());
-            }
+        if fmt == Format::Qcow2 && check_image(&f, fmt, &mut o.damage, &mut o.notes) {
+            o.in_use.push(f.clone());
         }
     }
     let stem = image
