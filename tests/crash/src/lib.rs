@@ -449,7 +449,8 @@ impl Fixture {
         check_content(&self.image, expected)
     }
 
-    /// Replace every path under the fixture's root by `root/…` for messages.
+    /// `text` with the fixture's root directory (and the `/` after it)
+    /// removed from every path in it, for shorter messages.
     pub fn short(&self, text: &str) -> String {
         text.replace(&format!("{}/", self.root.display()), "")
     }
@@ -747,8 +748,8 @@ pub fn replace_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
     copy_tree(src, dst)
 }
 
-/// A directory for test data under /var/tmp (a real disk, not tmpfs: qemu
-/// and `O_DIRECT`-free fsyncs behave as in production), removed on drop.
+/// A directory for test data under /var/tmp (a real disk, not tmpfs: fsync
+/// and file cloning behave as in production), removed on drop.
 pub fn scratch_dir(prefix: &str) -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new()
         .prefix(prefix)

@@ -606,6 +606,51 @@ fn list_only() -> bool {
     std::env::var("VSNAP_CRASH_LIST").is_ok_and(|v| v == "1")
 }
 
+/// Negative controls, run once per scenario: the checks must see a world
+/// known to be broken, else a clean result would mean nothing. (1) A
+/// crash at the middle crash point left without recovery: an unfinished
+/// plan. (2) The uncrashed operation, then a foreign pattern written over
+/// region 0 of the image: wrong data.
+fn negative_controls(pr: &Prepared) -> Vec<String> {
+    let mut out = Vec::new();
+    let fx = &pr.fx;
+    let mid = &pr.points[pr.points.len() / 2];
+    match crash_op(pr, mid) {
+        Err(e) => out.push(e),
+        Ok(()) => {
+            let (_, p) = verify(fx, &pr.expect);
+            if !p.iter().any(|x| x.starts_with("(a) inv7")) {
+                out.push(format!(
+                    "harness: the checks are blind: a crash at {mid} left without recovery was not reported as an unfinished plan (found: {p:?})"
+                ));
+            }
+        }
+    }
+    if let Err(e) = replace_tree(&pr.template, &fx.root) {
+        out.push(format!("harness: laying the world anew: {e}"));
+        return out;
+    }
+    let r = fx.vsnap(&pr.expect.op.args(fx), &Inject::None);
+    if !r.success() {
+        out.push(format!(
+            "harness: the uncrashed operation failed: {}",
+            fx.short(&r.describe())
+        ));
+        return out;
+    }
+    if let Err(e) = write_region(&fx.image, 0, 0x3f) {
+        out.push(format!("harness: writing a foreign pattern: {e}"));
+        return out;
+    }
+    let (_, p) = verify(fx, &pr.expect);
+    if !p.iter().any(|x| x.starts_with("(c) image")) {
+        out.push(format!(
+            "harness: the checks are blind: a foreign pattern written over the image after the operation was not reported (found: {p:?})"
+        ));
+    }
+    out
+}
+
 /// Whether recovery crashes are explored after operation crash point
 /// `i` of `points`. `VSNAP_CRASH_FULL=1`: after every point. Default: after
 /// every point except the `journal.*` points strictly between the first
@@ -663,6 +708,12 @@ fn run_scenario(s: &Scenario, base: &Path, bins: &Bins) -> ScenarioReport {
         println!("    recovery: {}", sampled.join(" "));
         rep.seconds = t0.elapsed().as_secs_f64();
         return rep;
+    }
+    let blind = negative_controls(&pr);
+    if !blind.is_empty() {
+        rep.failed += 1;
+        rep.violations
+            .push(violation("none (negative controls)", blind));
     }
     // What a crash of the operation left, kept to start each recovery
     // crash trial of that point from (the same bytes a new crash at the
@@ -841,13 +892,35 @@ fn worker(args: &[String]) -> ExitCode {
     }
 }
 
+/// The first free argument: not a flag, nor the value of one of libtest's
+/// flags that take one (`cargo test -- --test-threads 1` must not filter).
+fn scenario_filter(args: &[String]) -> Option<String> {
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--skip",
+        "--format",
+        "--color",
+        "--logfile",
+        "-Z",
+    ];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if WITH_VALUE.contains(&a.as_str()) {
+            it.next();
+        } else if !a.starts_with('-') {
+            return Some(a.clone());
+        }
+    }
+    None
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--worker") {
         return worker(&args);
     }
     let t0 = Instant::now();
-    let filter: Option<String> = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let filter = scenario_filter(&args);
     let quick = std::env::var("VSNAP_CRASH_QUICK").is_ok_and(|v| v == "1");
     let bins = match Bins::locate() {
         Ok(b) => b,
