@@ -6,11 +6,14 @@
 #        against the bare qemu-img command each wraps; p50/p90 and the
 #        ratio vsnap/floor (target <= 1.5x). cargo builds the release
 #        vsnap (target/release/vsnap) for it.
-#   2. cargo bench -p vsnap-journal
+#   2. cargo bench -p vsnap-cli --bench pause
+#        the pause window of a live snapshot on the real test guest (1, 4,
+#        16 disks) against its QMP floor (stop/transaction/cont).
+#   3. cargo bench -p vsnap-journal
 #        the journal's own benchmarks (group commit), if the crate has any.
 #
-# Environment for the create bench: VSNAP_BENCH_ITERS (default 40),
-# VSNAP_BENCH_WARMUP (default 5), VSNAP_BENCH_DIR (default /var/tmp).
+# Environment: VSNAP_BENCH_ITERS, VSNAP_BENCH_WARMUP, VSNAP_BENCH_DIR
+# (default /var/tmp); see the top comment of each bench for the rest.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,7 +24,9 @@ status=0
 
 printf '\n==== cargo bench -p vsnap-cli --bench create ====\n'
 cargo bench -p vsnap-cli --bench create || status=1
-printf '\n==== cargo bench -p vsnap-cli --bench pause ====\n'; cargo bench -p vsnap-cli --bench pause || status=1  # live snapshot pause window vs its QMP floor, test guest, 1/4/16 disks
+
+printf '\n==== cargo bench -p vsnap-cli --bench pause ====\n'
+cargo bench -p vsnap-cli --bench pause || status=1
 
 printf '\n==== cargo bench -p vsnap-journal ====\n'
 if compgen -G 'journal/benches/*.rs' >/dev/null || grep -q '^\[\[bench\]\]' journal/Cargo.toml; then
