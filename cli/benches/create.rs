@@ -138,6 +138,14 @@ fn image_opts(path: &Path) -> String {
     )
 }
 
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Internal,
@@ -234,6 +242,8 @@ fn main() {
     let dir = base.join(format!("vsnap-bench-create.{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    // Removed at the end, and on a panic too (unwinding runs the drop).
+    let _cleanup = RemoveOnDrop(dir.clone());
     probe_snapshot_f(&dir);
     let qemu = Command::new("qemu-img").arg("--version").output().map(|o| {
         String::from_utf8_lossy(&o.stdout)
@@ -310,5 +320,4 @@ fn main() {
     for v in verdicts {
         println!("bench create: {v}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
