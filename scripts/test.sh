@@ -73,8 +73,10 @@ summary() {
         local torture crash
         torture=$(grep -E '^kills: [0-9]+' "$LOG_DIR/test.log" || true)
         crash=$(grep -E '^crash points explored: [0-9]+' "$LOG_DIR/test.log" || true)
+        live=$(grep -E '^live crash points explored: [0-9]+' "$LOG_DIR/test.log" || true)
         printf 'torture:     %s\n' "${torture:-no summary line seen (journal torture test absent?)}"
         printf 'crash suite: %s\n' "${crash:-no summary line seen (crash suite absent?)}"
+        printf 'live crash:  %s\n' "${live:-no summary line seen (live crash suite absent?)}"
     fi
     if [ -f "$LOG_DIR/loom.log" ]; then
         printf 'loom:        %s\n' "$(grep -E '^test result:' "$LOG_DIR/loom.log" | tail -n1 || echo 'no result line')"
