@@ -112,6 +112,15 @@ pub struct PlanReport {
     pub detail: String,
 }
 
+/// End a plan `NeedsAttention(reason)` and return the error that says so.
+fn needs_attention(j: &Journal, id: PlanId, reason: String) -> vsnap_journal::Result<EngineError> {
+    j.append(
+        id,
+        Record::Finished(Outcome::NeedsAttention(reason.clone())),
+    )?;
+    Ok(EngineError::NeedsAttention { plan: id.0, reason })
+}
+
 fn step_failed(plan: PlanId, i: u32, step: &Step, e: StepError) -> EngineError {
     EngineError::Step {
         plan: plan.0,
@@ -187,29 +196,20 @@ fn forward(
                         }
                         Ok(Probe::Applied) => {}
                         Ok(Probe::Unknown(why)) => {
-                            let reason = format!("the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}", step.describe());
-                            j.append(
-                                id,
-                                Record::Finished(Outcome::NeedsAttention(reason.clone())),
-                            )?;
-                            return Err(Forward::Fatal(EngineError::NeedsAttention {
-                                plan: id.0,
-                                reason,
-                            }));
+                            return Err(Forward::Fatal(needs_attention(j, id, format!(
+                                "the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}",
+                                step.describe()
+                            ))?));
                         }
                         Err(pe) => {
-                            let reason = format!(
-                                "the pivot ({}) failed ({e}) and probing it failed too ({pe})",
-                                step.describe()
-                            );
-                            j.append(
+                            return Err(Forward::Fatal(needs_attention(
+                                j,
                                 id,
-                                Record::Finished(Outcome::NeedsAttention(reason.clone())),
-                            )?;
-                            return Err(Forward::Fatal(EngineError::NeedsAttention {
-                                plan: id.0,
-                                reason,
-                            }));
+                                format!(
+                                    "the pivot ({}) failed ({e}) and probing it failed too ({pe})",
+                                    step.describe()
+                                ),
+                            )?));
                         }
                     }
                 }
@@ -251,17 +251,11 @@ fn retry_after_pivot(
     }
     let e = last.expect("at least one attempt");
     let reason = format!(
-        "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; fix the cause and run vsnap-recover, or finish it by hand",
+        "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; \
+         fix the cause and do that step by hand (`vsnap plan show {id}` lists the plan)",
         step.describe()
     );
-    j.append(
-        id,
-        Record::Finished(Outcome::NeedsAttention(reason.clone())),
-    )?;
-    Err(Forward::Fatal(EngineError::NeedsAttention {
-        plan: id.0,
-        reason,
-    }))
+    Err(Forward::Fatal(needs_attention(j, id, reason)?))
 }
 
 /// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
@@ -280,12 +274,12 @@ fn rollback(
     for &i in undo {
         let step = &plan.steps[i as usize];
         if let Err(e) = step.undo(cx) {
-            let reason = format!("rolling back, the undo of step {i} ({}) failed: {e}; nothing else was removed; fix the cause and run vsnap-recover", step.describe());
-            j.append(
-                id,
-                Record::Finished(Outcome::NeedsAttention(reason.clone())),
-            )?;
-            return Err(EngineError::NeedsAttention { plan: id.0, reason });
+            let reason = format!(
+                "rolling back, the undo of step {i} ({}) failed: {e}; nothing else was removed; \
+                 fix the cause and undo the remaining steps by hand, newest first (`vsnap plan show {id}` lists them)",
+                step.describe()
+            );
+            return Err(needs_attention(j, id, reason)?);
         }
         failpoint::hit(&format!("rollback.undone.{i}"));
         j.append(id, Record::Undone(i))?;

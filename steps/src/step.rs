@@ -3,6 +3,20 @@ use crate::*;
 use std::path::{Path, PathBuf};
 use vsnap_journal::failpoint;
 
+/// `qemu-img snapshot -d NAME` unless the image or the snapshot is gone
+/// (the undo of InternalCreate, the apply of InternalDelete).
+fn delete_internal_if_present(image: &Path, name: &str) -> StepResult<()> {
+    if !fsops::exists(image)?
+        || !qemu_img::snapshot_names(image, false)?
+            .iter()
+            .any(|n| n == name)
+    {
+        return Ok(());
+    }
+    failpoint::hit("step.internal.before");
+    qemu_img::snapshot(image, SnapshotOp::Delete, name)
+}
+
 /// What a probe saw in the real world.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
@@ -457,17 +471,7 @@ impl Step {
                 failpoint::hit("step.internal.before");
                 qemu_img::snapshot(image, SnapshotOp::Apply, name)
             }
-            Step::InternalDelete { image, name } => {
-                if !fsops::exists(image)?
-                    || !qemu_img::snapshot_names(image, false)?
-                        .iter()
-                        .any(|n| n == name)
-                {
-                    return Ok(());
-                }
-                failpoint::hit("step.internal.before");
-                qemu_img::snapshot(image, SnapshotOp::Delete, name)
-            }
+            Step::InternalDelete { image, name } => delete_internal_if_present(image, name),
             Step::HardLink { src, dst } => {
                 link_or_same(src, dst)?;
                 failpoint::hit("step.hard-link.before-dirsync");
@@ -592,17 +596,7 @@ impl Step {
             )));
         }
         match self {
-            Step::InternalCreate { image, name } => {
-                if !fsops::exists(image)?
-                    || !qemu_img::snapshot_names(image, false)?
-                        .iter()
-                        .any(|n| n == name)
-                {
-                    return Ok(());
-                }
-                failpoint::hit("step.internal.before");
-                qemu_img::snapshot(image, SnapshotOp::Delete, name)
-            }
+            Step::InternalCreate { image, name } => delete_internal_if_present(image, name),
             // the plan removes the temporary copy it applied the snapshot to
             Step::InternalApply { .. } => Ok(()),
             Step::HardLink { src, dst } => {
