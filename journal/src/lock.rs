@@ -21,6 +21,9 @@ pub struct StateLock {
     path: PathBuf,
 }
 
+/// How long a lock held by this same process is waited for (see `acquire`).
+const OWN_PID_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl StateLock {
     /// Take the exclusive lock of `state_dir` (which must exist), without
     /// waiting: when another holder has it, [`JournalError::Locked`] names
@@ -41,24 +44,37 @@ impl StateLock {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(err)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let pid = pid.trim();
-                let pid = if pid.is_empty() {
-                    "unknown (it is just starting)".to_string()
-                } else {
-                    pid.to_string()
-                };
-                return Err(JournalError::Locked {
-                    dir: state_dir.to_path_buf(),
-                    lock: path,
-                    pid,
-                });
+        // A holder that is this very process gets a short grace: between
+        // fork and exec, a child that another thread of ours is starting
+        // (qemu-img, say) holds a copy of the descriptor, and so the lock of
+        // an engine we just dropped. Another process's lock fails at once.
+        let deadline = std::time::Instant::now() + OWN_PID_GRACE;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(TryLockError::WouldBlock) => {
+                    let mut pid = String::new();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut pid);
+                    let pid = pid.trim().to_string();
+                    if pid == std::process::id().to_string() && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    let pid = if pid.is_empty() {
+                        "unknown (it is just starting)".to_string()
+                    } else {
+                        pid
+                    };
+                    return Err(JournalError::Locked {
+                        dir: state_dir.to_path_buf(),
+                        lock: path,
+                        pid,
+                    });
+                }
+                Err(TryLockError::Error(e)) => return Err(err(e)),
             }
-            Err(TryLockError::Error(e)) => return Err(err(e)),
         }
         let meta = file.metadata().map_err(err)?;
         if meta.permissions().mode() & 0o077 != 0 {
