@@ -119,7 +119,7 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
                 continue;
             }
         };
-        match qemu_img::info(&f, fmt, true) {
+        match qemu_img::image_info(&f, fmt, true) {
             Ok(info) => {
                 if let Some(b) = &info.backing {
                     if !b.exists() {
@@ -440,7 +440,7 @@ pub fn observe_domain(
         let Ok(fmt) = qemu_img::detect_format(f) else {
             continue;
         };
-        match qemu_img::info(f, fmt, true) {
+        match qemu_img::image_info(f, fmt, true) {
             Ok(info) => {
                 if let Some(b) = &info.backing {
                     if !b.exists() {

@@ -533,8 +533,8 @@ impl Engine {
                             c.target
                         )));
                     }
-                    let info =
-                        qemu_img::info(&o, Format::Qcow2, true).map_err(EngineError::Check)?;
+                    let info = qemu_img::image_info(&o, Format::Qcow2, true)
+                        .map_err(EngineError::Check)?;
                     if info.backing.as_deref().map(canon) != Some(canon(&c.source)) {
                         return Err(EngineError::Invalid(format!(
                             "--reuse-external: overlay {} is backed by {:?}, not by disk {}'s image {}",
@@ -566,7 +566,7 @@ impl Engine {
             } else if !live_guest {
                 // Offline: the image must not be held by some QEMU we do not know of.
                 let info =
-                    qemu_img::info(&c.source, c.format, false).map_err(EngineError::Check)?;
+                    qemu_img::image_info(&c.source, c.format, false).map_err(EngineError::Check)?;
                 if info.snapshots.contains(&name) {
                     return Err(EngineError::Invalid(format!(
                         "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",

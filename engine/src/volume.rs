@@ -220,8 +220,8 @@ impl Engine {
     fn load_volume(&self, image: &Path) -> Result<Vol> {
         let image = canonical_image(image)?;
         let format = qemu_img::detect_format(&image).map_err(EngineError::Check)?;
-        // Without -U: fails with InUse while a QEMU holds the image.
-        let info = qemu_img::info(&image, format, false).map_err(EngineError::Check)?;
+        // Not force-shared: InUse while a QEMU holds the image (its locks).
+        let info = qemu_img::image_info(&image, format, false).map_err(EngineError::Check)?;
         let j = self.journal();
         let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec {
             path: image.clone(),
@@ -587,7 +587,8 @@ impl Engine {
             }
             SnapKind::External => {
                 let file = snap.file.clone().expect("external snapshot has a file");
-                let info = qemu_img::info(&file, snap.format, false).map_err(EngineError::Check)?;
+                let info =
+                    qemu_img::image_info(&file, snap.format, false).map_err(EngineError::Check)?;
                 let new_backing = match (info.backing, info.backing_format) {
                     (Some(b), Some(f)) => Some((b, f)),
                     (Some(b), None) => {
@@ -611,7 +612,7 @@ impl Engine {
                     }
                 }
                 for (path, fmt) in candidates {
-                    let i = qemu_img::info(&path, fmt, false).map_err(EngineError::Check)?;
+                    let i = qemu_img::image_info(&path, fmt, false).map_err(EngineError::Check)?;
                     if let Some(b) = &i.backing {
                         if doomed_files.iter().any(|d| same_path(b, d)) {
                             before.push(Step::Rebase {

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod clone;
 pub mod fsops;
 pub mod live;
+pub mod qcow2;
 pub mod qemu_img;
 pub mod qmp;
 mod step;

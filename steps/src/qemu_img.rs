@@ -267,9 +267,67 @@ pub fn create_overlay(path: &Path, backing: &Path, backing_format: Format) -> St
     run(QEMU_IMG, &args, path, &[]).map(drop)
 }
 
-/// Internal snapshot names of a qcow2 image.
+/// Internal snapshot names of a qcow2 image, read natively
+/// ([`crate::qcow2`]; `qemu-img info` only for an image that reader does
+/// not handle). Without `force_share`, an image a running QEMU holds is
+/// [`StepError::InUse`], as `qemu-img info` without `-U` would say.
 pub fn snapshot_names(path: &Path, force_share: bool) -> StepResult<Vec<String>> {
-    Ok(info(path, Format::Qcow2, force_share)?.snapshots)
+    Ok(image_info(path, Format::Qcow2, force_share)?.snapshots)
+}
+
+/// What [`info`] says, read natively where it can be: the qcow2 header
+/// and snapshot table by [`crate::qcow2`], a raw file's size by `stat`;
+/// `qemu-img info -U` for images that reader does not handle. Without
+/// `force_share` the image must not be held by a running QEMU (its image
+/// locks, [`crate::qcow2::qemu_holds`]): [`StepError::InUse`] otherwise.
+///
+/// Same answer as [`info`] (tested against it), without the 7-12 ms of a
+/// `qemu-img` process.
+pub fn image_info(path: &Path, format: Format, force_share: bool) -> StepResult<ImageInfo> {
+    let f = std::fs::File::open(path).map_err(|e| crate::fsops::io_err("open", path, e))?;
+    if !force_share
+        && crate::qcow2::qemu_holds_file(&f)
+            .map_err(|e| crate::fsops::io_err("test the image locks of", path, e))?
+    {
+        return Err(StepError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    match format {
+        Format::Raw => {
+            let len = f
+                .metadata()
+                .map_err(|e| crate::fsops::io_err("stat", path, e))?
+                .len();
+            Ok(ImageInfo {
+                format: "raw".into(),
+                // QEMU rounds a raw file's size up to whole sectors.
+                virtual_size: len.div_ceil(512) * 512,
+                backing: None,
+                backing_format: None,
+                snapshots: Vec::new(),
+            })
+        }
+        Format::Qcow2 => match crate::qcow2::read_file(&f) {
+            Ok(h) if !h.backing.as_deref().is_some_and(|b| b.contains(':')) => Ok(ImageInfo {
+                format: "qcow2".into(),
+                virtual_size: h.virtual_size,
+                backing: h.backing.map(|b| {
+                    let b = PathBuf::from(b);
+                    if b.is_absolute() {
+                        b
+                    } else {
+                        crate::fsops::parent_dir(path).join(b)
+                    }
+                }),
+                backing_format: h.backing_format.as_deref().and_then(Format::parse),
+                snapshots: h.snapshots,
+            }),
+            // A backing name with a protocol prefix (`json:`, `nbd:`) or
+            // an image the reader does not handle: qemu-img knows.
+            _ => info(path, format, true),
+        },
+    }
 }
 
 /// What `qemu-img snapshot` does.

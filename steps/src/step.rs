@@ -341,7 +341,7 @@ impl Step {
                 if !fsops::exists(path)? {
                     return Ok(Probe::NotApplied);
                 }
-                match qemu_img::info(path, Format::Qcow2, true) {
+                match qemu_img::image_info(path, Format::Qcow2, true) {
                     Ok(info) => Ok(match info.backing {
                         Some(b) if same_path(&b, backing) => Probe::Applied,
                         _ => Probe::NotApplied,
@@ -402,7 +402,7 @@ impl Step {
                         image.display()
                     )));
                 }
-                let info = qemu_img::info(image, *format, true)?;
+                let info = qemu_img::image_info(image, *format, true)?;
                 Ok(
                     if backing_is(&info, new_backing.as_ref().map(|(p, _)| p.as_path())) {
                         Probe::Applied
@@ -549,7 +549,10 @@ impl Step {
             } => {
                 let new = new_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
                 if fsops::exists(image)?
-                    && backing_is(&qemu_img::info(image, *format, true)?, new.map(|(p, _)| p))
+                    && backing_is(
+                        &qemu_img::image_info(image, *format, true)?,
+                        new.map(|(p, _)| p),
+                    )
                 {
                     return Ok(());
                 }
@@ -635,7 +638,10 @@ impl Step {
                 ..
             } => {
                 let old = old_backing.as_ref().map(|(p, f)| (p.as_path(), *f));
-                if backing_is(&qemu_img::info(image, *format, true)?, old.map(|(p, _)| p)) {
+                if backing_is(
+                    &qemu_img::image_info(image, *format, true)?,
+                    old.map(|(p, _)| p),
+                ) {
                     return Ok(());
                 }
                 qemu_img::rebase(image, *format, old, true)

@@ -7,7 +7,7 @@ use common::*;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use vsnap_steps::{clone, fsops, qemu_img, CloneMode, Format, Probe, Step, StepError};
+use vsnap_steps::{clone, fsops, qcow2, qemu_img, CloneMode, Format, Probe, Step, StepError};
 
 #[test]
 fn detect_format_reads_the_magic_only() {
@@ -197,7 +197,21 @@ fn lock_conflict_is_in_use() {
         backing: base.clone(),
         backing_format: Format::Qcow2,
     });
+    assert!(!qcow2::qemu_holds(&img).unwrap());
+    assert!(!qcow2::qemu_holds(&base).unwrap());
     let holder = Holder::start(&img);
+    // QEMU's image locks, seen natively: the image (written) and its
+    // backing file (read, writes not shared) are both held.
+    assert!(qcow2::qemu_holds(&img).unwrap());
+    assert!(qcow2::qemu_holds(&base).unwrap());
+    assert!(matches!(
+        qemu_img::image_info(&img, Format::Qcow2, false),
+        Err(StepError::InUse { path }) if path == img
+    ));
+    assert!(matches!(
+        qemu_img::snapshot_names(&img, false),
+        Err(StepError::InUse { .. })
+    ));
 
     let e = qemu_img::info(&img, Format::Qcow2, false).unwrap_err();
     assert!(
@@ -256,8 +270,96 @@ fn lock_conflict_is_in_use() {
     undo(&overlay);
     drop(holder);
 
+    assert!(!qcow2::qemu_holds(&img).unwrap());
+    assert!(!qcow2::qemu_holds(&base).unwrap());
     apply(&rebase);
     assert_eq!(probe(&rebase), Probe::Applied);
+}
+
+/// The native reader gives what `qemu-img info` gives, on the images vsnap
+/// meets: fresh, v2 (compat 0.10) and v3, with internal snapshots (long,
+/// odd and many names), overlays with absolute and relative backing names,
+/// and raw files. (qemu-img 7.2 makes no overlay without a backing
+/// format any more.)
+#[test]
+fn native_image_info_matches_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    let v3 = d.path().join("v3.qcow2");
+    qcow2(&v3, 3 * MIB);
+    images.push((v3.clone(), Format::Qcow2));
+    let v2 = d.path().join("v2.qcow2");
+    run_ok(
+        qemu_img::child_command("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10,cluster_size=4096",
+            ])
+            .arg(&v2)
+            .arg("5M"),
+    );
+    let long = "l".repeat(300);
+    for img in [&v3, &v2] {
+        for name in ["s1", "with space", "ünïcode", long.as_str(), "a,b"] {
+            qemu_img::snapshot(img, qemu_img::SnapshotOp::Create, name).unwrap();
+        }
+    }
+    images.push((v2.clone(), Format::Qcow2));
+    let many = d.path().join("many.qcow2");
+    qcow2(&many, MIB);
+    for i in 0..150 {
+        qemu_img::snapshot(&many, qemu_img::SnapshotOp::Create, &format!("snap-{i}")).unwrap();
+    }
+    qemu_img::snapshot(&many, qemu_img::SnapshotOp::Delete, "snap-7").unwrap();
+    images.push((many, Format::Qcow2));
+    let abs = d.path().join("abs.qcow2");
+    qemu_img::create_overlay(&abs, &v3, Format::Qcow2).unwrap();
+    images.push((abs, Format::Qcow2));
+    let rel = d.path().join("rel.qcow2");
+    run_ok(
+        qemu_img::child_command("qemu-img")
+            .current_dir(d.path())
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "v2.qcow2",
+                "-F",
+                "qcow2",
+                "rel.qcow2",
+            ]),
+    );
+    images.push((rel, Format::Qcow2));
+    let raw = d.path().join("r.raw");
+    qemu_img::create(&raw, Format::Raw, 7 * MIB + 512).unwrap();
+    images.push((raw.clone(), Format::Raw));
+    images.push((v3.clone(), Format::Raw));
+
+    for (img, fmt) in &images {
+        let want = qemu_img::info(img, *fmt, true).unwrap();
+        let got = qemu_img::image_info(img, *fmt, false).unwrap();
+        assert_eq!(got, want, "{} as {fmt:?}", img.display());
+    }
+    // QEMU keeps 255 bytes of a name (vsnap's names stop at 200).
+    assert_eq!(
+        qemu_img::snapshot_names(&v2, false).unwrap(),
+        ["s1", "with space", "ünïcode", &long[..255], "a,b"]
+    );
+}
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
