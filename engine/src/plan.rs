@@ -130,20 +130,104 @@ fn step_failed(plan: PlanId, i: u32, step: &Step, e: StepError) -> EngineError {
     }
 }
 
+/// The runner's journal writes. Records that may wait are held until the
+/// next write that must be durable, and go with it in one transaction
+/// (one flush): `Done(i)` goes with `Started(i + 1)`, the plan itself with
+/// `Started(0)`, the last `Done` with `Finished`. Nothing happens between
+/// two records written together, so recovery reads the same sequence it
+/// would have read had each been flushed alone; a crash keeps all of a
+/// batch or none. Each record's crash point is passed once it is durable.
+struct Writer<'a> {
+    j: &'a Journal,
+    /// A plan not yet in the journal: it goes in with the first batch.
+    new: Option<(PlanHeader, Vec<u8>)>,
+    id: Option<PlanId>,
+    pending: Vec<Record>,
+    points: Vec<String>,
+}
+
+impl<'a> Writer<'a> {
+    fn new_plan(j: &'a Journal, plan: &Plan) -> Writer<'a> {
+        Writer {
+            j,
+            new: Some((plan.header(), codec::encode(plan))),
+            id: None,
+            pending: Vec::new(),
+            points: vec!["run.begun".into()],
+        }
+    }
+
+    fn existing(j: &'a Journal, id: PlanId) -> Writer<'a> {
+        Writer {
+            j,
+            new: None,
+            id: Some(id),
+            pending: Vec::new(),
+            points: Vec::new(),
+        }
+    }
+
+    /// The plan's id (it is in the journal once a batch was written).
+    fn id(&self) -> PlanId {
+        self.id.expect("the plan was written with its first record")
+    }
+
+    /// Hold `r`; `point` is passed once it is durable.
+    fn push(&mut self, r: Record, point: String) {
+        self.pending.push(r);
+        self.points.push(point);
+    }
+
+    /// Write what is held, with `ops`, in one transaction; durable on return.
+    fn flush(&mut self, ops: &[CatalogOp]) -> vsnap_journal::Result<()> {
+        let records = std::mem::take(&mut self.pending);
+        match self.new.take() {
+            Some((header, body)) => {
+                self.id = Some(if ops.is_empty() {
+                    self.j.begin_with(header, body, &records)?
+                } else {
+                    let id = self.j.begin_with(header, body, &[])?;
+                    self.j.append_all(id, &records, ops)?;
+                    id
+                })
+            }
+            None => self.j.append_all(self.id(), &records, ops)?,
+        }
+        for p in std::mem::take(&mut self.points) {
+            failpoint::hit(&p);
+        }
+        Ok(())
+    }
+
+    /// End the plan `NeedsAttention(reason)` (with what is held).
+    fn needs_attention(&mut self, reason: String) -> Forward {
+        self.push(
+            Record::Finished(Outcome::NeedsAttention(reason.clone())),
+            "run.needs-attention".into(),
+        );
+        match self.flush(&[]) {
+            Ok(()) => Forward::Fatal(EngineError::NeedsAttention {
+                plan: self.id().0,
+                reason,
+            }),
+            Err(e) => e.into(),
+        }
+    }
+}
+
 /// Run a new plan journal-first. On a failure before the pivot the plan is
 /// rolled back and the step's error returned.
 pub fn run(j: &Journal, plan: &Plan, cx: &Cx) -> Result<PlanId> {
     plan.assert_well_formed();
-    let id = j.begin(plan.header(), codec::encode(plan))?;
-    failpoint::hit("run.begun");
-    match forward(j, id, plan, 0, false, cx) {
-        Ok(()) => Ok(id),
+    let mut w = Writer::new_plan(j, plan);
+    match forward(&mut w, plan, 0, false, cx) {
+        Ok(()) => Ok(w.id()),
         Err(Forward::BeforePivot(i, err)) => {
             // Step i was Started: it may have partly happened; undo it too.
             // The pivot has no undo: it reaches here only when its probe
             // said it did not happen.
             let undo: Vec<u32> = (0..=i).rev().filter(|&k| k != plan.pivot).collect();
-            rollback(j, id, plan, &undo, false, cx)?;
+            rollback(j, w.id(), plan, &undo, false, cx)?;
             Err(err)
         }
         Err(Forward::Fatal(err)) => Err(err),
@@ -167,8 +251,7 @@ impl From<vsnap_journal::JournalError> for Forward {
 /// positive probe of a `Started` pivot) the pivot is not run again: only
 /// its commit transaction is written.
 fn forward(
-    j: &Journal,
-    id: PlanId,
+    w: &mut Writer,
     plan: &Plan,
     from: u32,
     pivot_applied: bool,
@@ -177,64 +260,73 @@ fn forward(
     let n = plan.steps.len() as u32;
     for i in from..n {
         let step = &plan.steps[i as usize];
+        let last = i + 1 == n;
         if i < plan.pivot {
-            j.append(id, Record::Started(i))?;
-            failpoint::hit(&format!("run.started.{i}"));
+            w.push(Record::Started(i), format!("run.started.{i}"));
+            w.flush(&[])?;
             step.apply(cx)
-                .map_err(|e| Forward::BeforePivot(i, step_failed(id, i, step, e)))?;
+                .map_err(|e| Forward::BeforePivot(i, step_failed(w.id(), i, step, e)))?;
             failpoint::hit(&format!("run.applied.{i}"));
-            j.append(id, Record::Done(i))?;
+            w.push(Record::Done(i), format!("run.done.{i}"));
         } else if i == plan.pivot {
             if !pivot_applied {
-                j.append(id, Record::Started(i))?;
-                failpoint::hit(&format!("run.started.{i}"));
-                if let Err(e) = step.apply(cx) {
-                    // Did the pivot happen anyway? Only a probe can tell.
-                    match step.probe(cx) {
-                        Ok(Probe::NotApplied) => {
-                            return Err(Forward::BeforePivot(i, step_failed(id, i, step, e)))
-                        }
-                        Ok(Probe::Applied) => {}
-                        Ok(Probe::Unknown(why)) => {
-                            return Err(Forward::Fatal(needs_attention(j, id, format!(
-                                "the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}",
-                                step.describe()
-                            ))?));
-                        }
-                        Err(pe) => {
-                            return Err(Forward::Fatal(needs_attention(
-                                j,
-                                id,
-                                format!(
-                                    "the pivot ({}) failed ({e}) and probing it failed too ({pe})",
-                                    step.describe()
-                                ),
-                            )?));
-                        }
-                    }
+                w.push(Record::Started(i), format!("run.started.{i}"));
+                if matches!(step, Step::Catalog) {
+                    // No effect outside the journal: Started, Done and
+                    // the catalog go in one transaction.
+                    w.points.push(format!("run.applied.{i}"));
+                } else {
+                    w.flush(&[])?;
+                    pivot(w, step, i, cx)?;
+                    failpoint::hit(&format!("run.applied.{i}"));
                 }
-                failpoint::hit(&format!("run.applied.{i}"));
             }
-            j.commit_pivot(id, i, &plan.catalog)?;
+            w.push(Record::Done(i), format!("run.done.{i}"));
+            if last {
+                w.push(Record::Finished(Outcome::Committed), "run.finished".into());
+            }
+            w.flush(&plan.catalog)?;
         } else {
-            retry_after_pivot(j, id, plan, i, cx)?;
+            retry_after_pivot(w, plan, i, cx)?;
+            if last {
+                w.push(Record::Finished(Outcome::Committed), "run.finished".into());
+                w.flush(&[])?;
+            }
         }
-        failpoint::hit(&format!("run.done.{i}"));
     }
-    j.append(id, Record::Finished(Outcome::Committed))?;
     Ok(())
 }
 
+/// Apply the pivot (its `Started` is durable). A failure is a rollback
+/// only when the probe says the pivot did not happen.
+fn pivot(w: &mut Writer, step: &Step, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+    let Err(e) = step.apply(cx) else {
+        return Ok(());
+    };
+    // Did the pivot happen anyway? Only a probe can tell.
+    match step.probe(cx) {
+        Ok(Probe::NotApplied) => Err(Forward::BeforePivot(i, step_failed(w.id(), i, step, e))),
+        Ok(Probe::Applied) => Ok(()),
+        Ok(Probe::Unknown(why)) => Err(w.needs_attention(format!(
+            "the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}",
+            step.describe()
+        ))),
+        Err(pe) => Err(w.needs_attention(format!(
+            "the pivot ({}) failed ({e}) and probing it failed too ({pe})",
+            step.describe()
+        ))),
+    }
+}
+
 fn retry_after_pivot(
-    j: &Journal,
-    id: PlanId,
+    w: &mut Writer,
     plan: &Plan,
     i: u32,
     cx: &Cx,
 ) -> std::result::Result<(), Forward> {
     let step = &plan.steps[i as usize];
-    j.append(id, Record::Started(i))?;
-    failpoint::hit(&format!("run.started.{i}"));
+    w.push(Record::Started(i), format!("run.started.{i}"));
+    w.flush(&[])?;
     let mut last = None;
     for attempt in 0..RETRIABLE_TRIES_MAX {
         if attempt > 0 {
@@ -243,19 +335,19 @@ fn retry_after_pivot(
         match step.apply(cx) {
             Ok(()) => {
                 failpoint::hit(&format!("run.applied.{i}"));
-                j.append(id, Record::Done(i))?;
+                w.push(Record::Done(i), format!("run.done.{i}"));
                 return Ok(());
             }
             Err(e) => last = Some(e),
         }
     }
     let e = last.expect("at least one attempt");
-    let reason = format!(
+    let id = w.id();
+    Err(w.needs_attention(format!(
         "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; \
          fix the cause and do that step by hand (`vsnap plan show {id}` lists the plan)",
         step.describe()
-    );
-    Err(Forward::Fatal(needs_attention(j, id, reason)?))
+    )))
 }
 
 /// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
@@ -353,7 +445,8 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 plan.steps.len()
             );
             if !dry_run {
-                let r = forward(j, stored.id, &plan, from, from == plan.pivot, cx);
+                let mut w = Writer::existing(j, stored.id);
+                let r = forward(&mut w, &plan, from, from == plan.pivot, cx);
                 match r {
                     Ok(()) => {}
                     Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {

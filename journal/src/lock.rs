@@ -8,8 +8,8 @@
 //! by SIGKILL, so no stale lock ever needs clearing by hand.
 use crate::{JournalError, Result};
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Name of the lock file inside the state directory.
@@ -23,6 +23,12 @@ pub struct StateLock {
 
 /// How long a lock held by this same process is waited for (see `acquire`).
 const OWN_PID_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The lock file's content: the holder's pid, padded to a fixed width so
+/// that one write replaces any earlier pid.
+fn pid_text(pid: u32) -> String {
+    format!("{pid:<19}\n")
+}
 
 impl StateLock {
     /// Take the exclusive lock of `state_dir` (which must exist), without
@@ -81,11 +87,16 @@ impl StateLock {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(err)?;
         }
-        file.set_len(0).map_err(err)?;
-        file.seek(SeekFrom::Start(0)).map_err(err)?;
-        file.write_all(format!("{}\n", std::process::id()).as_bytes())
-            .map_err(err)?;
-        file.sync_all().map_err(err)?;
+        // One fixed-width write over the whole content (no truncate: it
+        // costs a metadata update). Not synced: the pid only names the
+        // holder to another process, and a crash that could lose it also
+        // releases the lock.
+        let text = pid_text(std::process::id());
+        file.write_all_at(text.as_bytes(), 0).map_err(err)?;
+        if meta.len() > text.len() as u64 {
+            // Longer content of some other writer: cut it.
+            file.set_len(text.len() as u64).map_err(err)?;
+        }
         Ok(StateLock { _file: file, path })
     }
 
@@ -105,7 +116,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lock = StateLock::acquire(dir.path()).unwrap();
         let text = std::fs::read_to_string(lock.path()).unwrap();
-        assert_eq!(text, format!("{}\n", std::process::id()));
+        assert_eq!(text, pid_text(std::process::id()));
+        assert_eq!(text.trim(), std::process::id().to_string());
         assert_eq!(
             std::fs::metadata(lock.path()).unwrap().mode() & 0o777,
             0o600
@@ -138,7 +150,7 @@ mod tests {
         let lock = StateLock::acquire(dir.path()).unwrap();
         assert_eq!(
             std::fs::read_to_string(lock.path()).unwrap(),
-            format!("{}\n", std::process::id())
+            pid_text(std::process::id())
         );
         drop(lock);
         StateLock::acquire(dir.path()).unwrap();
@@ -176,7 +188,7 @@ mod tests {
         // The loser must not have wiped the holder's pid.
         assert_eq!(
             std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(),
-            format!("{}\n", std::process::id())
+            pid_text(std::process::id())
         );
     }
 }

@@ -278,11 +278,14 @@ fn committed(r: Result<(), CommitError<sled::Error>>) -> Result<()> {
 }
 
 /// Create the state directory 0700 if missing; tighten a looser mode.
-fn prepare_state_dir(dir: &Path) -> Result<()> {
+/// Create `dir` (0700) if missing; true when it had no journal yet (its
+/// entries must then be made durable once sled has created them).
+fn prepare_state_dir(dir: &Path) -> Result<bool> {
     let err = |source: std::io::Error| JournalError::StateDir {
         dir: dir.to_path_buf(),
         source,
     };
+    let fresh = !dir.join("db").exists();
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
@@ -297,14 +300,14 @@ fn prepare_state_dir(dir: &Path) -> Result<()> {
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
-    Ok(())
+    Ok(fresh)
 }
 
 impl Journal {
     /// Create the state directory (mode 0700) if missing, take its lock
     /// (`lock` file, holder pid written inside), open sled at `db/`.
     pub fn open(state_dir: &Path) -> Result<Journal> {
-        prepare_state_dir(state_dir)?;
+        let fresh = prepare_state_dir(state_dir)?;
         let lock = StateLock::acquire(state_dir)?;
         let db = open_sled(&state_dir.join("db"))?;
         let plans = db.open_tree(PLANS)?;
@@ -320,10 +323,13 @@ impl Journal {
                 source,
             }
         })?;
-        sync_dir(state_dir).map_err(|source| JournalError::StateDir {
-            dir: state_dir.to_path_buf(),
-            source,
-        })?;
+        if fresh {
+            // The lock file and db/ were just created.
+            sync_dir(state_dir).map_err(|source| JournalError::StateDir {
+                dir: state_dir.to_path_buf(),
+                source,
+            })?;
+        }
         let commit = GroupCommit::start(sink);
         failpoint::hit("journal.opened");
         Ok(Journal {
@@ -400,23 +406,97 @@ impl Journal {
 
     /// `Done(pivot)` and `ops` in one sled transaction; durable on return.
     pub fn commit_pivot(&self, plan: PlanId, pivot: u32, ops: &[CatalogOp]) -> Result<()> {
-        self.must_exist(plan)?;
-        let key = IVec::from(&record_key(plan, self.db.generate_id()?));
-        let value = IVec::from(codec::encode(&Record::Done(pivot)));
-        let (mut trees, mut writes) = (
-            vec![self.records.clone()],
-            vec![Write {
-                tree: 0,
-                key,
-                value: Some(value),
-            }],
+        self.append_all(plan, &[Record::Done(pivot)], ops)
+    }
+
+    /// A new plan and its first records, in one sled transaction: one
+    /// flush where [`begin`](Self::begin) and [`append`](Self::append)
+    /// take two. Durable on return.
+    pub fn begin_with(
+        &self,
+        header: PlanHeader,
+        body: Vec<u8>,
+        records: &[Record],
+    ) -> Result<PlanId> {
+        if records.is_empty() {
+            return self.begin(header, body);
+        }
+        let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
+        let (mut trees, mut writes) = (Vec::new(), Vec::new());
+        self.record_writes(id, records, &mut trees, &mut writes)?;
+        trees.push(self.plans.clone());
+        writes.insert(
+            0,
+            Write {
+                tree: trees.len() - 1,
+                key: IVec::from(&plan_key(id)),
+                value: Some(IVec::from(encode_plan(&header, &body))),
+            },
         );
-        self.catalog_writes(ops, &mut trees, &mut writes)?;
         committed(self.commit.submit(Op::Txn {
             trees,
             writes,
-            point: "journal.pivot.committed",
+            point: "journal.begin.inserted",
+        }))?;
+        Ok(id)
+    }
+
+    /// Several progress records, in order, and the catalog changes `ops`,
+    /// all in one sled transaction: a crash keeps all or none of them.
+    /// The records must be a legal continuation of the plan's sequence
+    /// with nothing done between them (recovery reads them one by one).
+    /// Durable on return.
+    pub fn append_all(&self, plan: PlanId, records: &[Record], ops: &[CatalogOp]) -> Result<()> {
+        match (records, ops.is_empty()) {
+            ([], true) => return Ok(()),
+            ([one], true) => return self.append(plan, one.clone()),
+            _ => {}
+        }
+        self.must_exist(plan)?;
+        let (mut trees, mut writes) = (Vec::new(), Vec::new());
+        self.record_writes(plan, records, &mut trees, &mut writes)?;
+        self.catalog_writes(ops, &mut trees, &mut writes)?;
+        let point = if !ops.is_empty() {
+            "journal.pivot.committed"
+        } else if records.iter().any(|r| matches!(r, Record::Finished(_))) {
+            "journal.finished.inserted"
+        } else {
+            "journal.append.inserted"
+        };
+        committed(self.commit.submit(Op::Txn {
+            trees,
+            writes,
+            point,
         }))
+    }
+
+    /// The writes of `records` (keys in order), and the finished marker
+    /// if one of them is `Finished`.
+    fn record_writes(
+        &self,
+        plan: PlanId,
+        records: &[Record],
+        trees: &mut Vec<Tree>,
+        writes: &mut Vec<Write>,
+    ) -> Result<()> {
+        let base = trees.len();
+        trees.push(self.records.clone());
+        for r in records {
+            writes.push(Write {
+                tree: base,
+                key: IVec::from(&record_key(plan, self.db.generate_id()?)),
+                value: Some(IVec::from(codec::encode(r))),
+            });
+            if matches!(r, Record::Finished(_)) {
+                trees.push(self.finished.clone());
+                writes.push(Write {
+                    tree: trees.len() - 1,
+                    key: IVec::from(&plan_key(plan)),
+                    value: Some(IVec::default()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Catalog changes outside any plan, one transaction; durable on return.

@@ -509,3 +509,73 @@ fn close_and_reopen_at_once_many_times() {
         40
     );
 }
+
+/// Batches: a plan with its first records, and several records with
+/// catalog changes and `Finished`, each in one transaction, read back in
+/// order after a reopen; a finished batch takes the plan off `unfinished`.
+#[test]
+fn batches_are_written_in_order_and_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (a, b);
+    {
+        let j = Journal::open(&state).unwrap();
+        a = j
+            .begin_with(header("a", 3, 2), b"a".to_vec(), &[Record::Started(0)])
+            .unwrap();
+        j.append_all(a, &[Record::Done(0), Record::Started(1)], &[])
+            .unwrap();
+        b = j.begin_with(header("b", 1, 0), vec![], &[]).unwrap();
+        j.append_all(
+            a,
+            &[
+                Record::Done(1),
+                Record::Started(2),
+                Record::Done(2),
+                Record::Finished(Outcome::Committed),
+            ],
+            &[put("cat", b"k", "v")],
+        )
+        .unwrap();
+        assert_eq!(
+            j.unfinished()
+                .unwrap()
+                .iter()
+                .map(|p| p.id)
+                .collect::<Vec<_>>(),
+            vec![b]
+        );
+        assert!(matches!(
+            j.append_all(PlanId(99), &[Record::Started(0), Record::Done(0)], &[]),
+            Err(JournalError::NoSuchPlan(_))
+        ));
+    }
+    let j = Journal::open(&state).unwrap();
+    let pa = j.plan(a).unwrap();
+    assert_eq!(
+        pa.records,
+        vec![
+            Record::Started(0),
+            Record::Done(0),
+            Record::Started(1),
+            Record::Done(1),
+            Record::Started(2),
+            Record::Done(2),
+            Record::Finished(Outcome::Committed)
+        ]
+    );
+    assert_eq!(pa.body, b"a");
+    assert!(j.plan(b).unwrap().records.is_empty());
+    assert_eq!(
+        j.catalog_get("cat", b"k").unwrap(),
+        Some(codec::encode(&"v".to_string()))
+    );
+    assert_eq!(
+        j.unfinished()
+            .unwrap()
+            .iter()
+            .map(|p| p.id)
+            .collect::<Vec<_>>(),
+        vec![b]
+    );
+}
