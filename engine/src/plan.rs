@@ -286,14 +286,16 @@ fn forward(
                 w.push(Record::Finished(Outcome::Committed), "run.finished".into());
             }
             w.flush(&plan.catalog)?;
+            if last {
+                return Ok(());
+            }
         } else {
             retry_after_pivot(w, plan, i, cx)?;
-            if last {
-                w.push(Record::Finished(Outcome::Committed), "run.finished".into());
-                w.flush(&[])?;
-            }
         }
     }
+    // The last Done (held), or nothing when recovery found every step done.
+    w.push(Record::Finished(Outcome::Committed), "run.finished".into());
+    w.flush(&[])?;
     Ok(())
 }
 

@@ -1176,3 +1176,43 @@ fn second_open_of_a_state_dir_names_the_holder() {
     drop(first);
     Engine::open(&dir).expect("the lock is released with the first engine");
 }
+
+/// A plan whose every step is `Done` but which has no `Finished` (a crash
+/// after the last `Done` of a journal written one record per flush) is
+/// finished by recovery, and a second recovery finds nothing to do.
+#[test]
+fn recovery_finishes_a_plan_with_every_step_done() {
+    use vsnap_journal::{codec, Journal, Outcome, Record};
+    let d = tmpdir();
+    let state = d.path().join("state");
+    let plan = vsnap_engine::Plan {
+        op: "test.catalog-only".into(),
+        summary: "every step done, not finished".into(),
+        steps: vec![vsnap_steps::Step::Catalog],
+        pivot: 0,
+        catalog: vec![],
+    };
+    let id = {
+        let j = Journal::open(&state).unwrap();
+        let id = j.begin(plan.header(), codec::encode(&plan)).unwrap();
+        j.append(id, Record::Started(0)).unwrap();
+        j.commit_pivot(id, 0, &[]).unwrap();
+        id
+    };
+    let (engine, reports) = Engine::open(&state).unwrap();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].outcome, "committed", "{reports:?}");
+    let stored = engine.journal().plan(id).unwrap();
+    assert_eq!(stored.outcome(), Some(&Outcome::Committed));
+    assert_eq!(
+        stored.records,
+        vec![
+            Record::Started(0),
+            Record::Done(0),
+            Record::Finished(Outcome::Committed)
+        ]
+    );
+    drop(engine);
+    let (_engine, reports) = Engine::open(&state).unwrap();
+    assert!(reports.is_empty(), "{reports:?}");
+}
