@@ -14,6 +14,7 @@ pub mod live;
 pub mod qcow2;
 pub mod qemu_img;
 pub mod qmp;
+pub mod spawn;
 mod step;
 
 pub use step::*;

@@ -95,12 +95,14 @@ fn is_lock_conflict(stderr: &str) -> bool {
 
 /// Run `program args...` about image `path`; Ok(output) when it exited 0
 /// (or with one of `ok_codes`).
+/// Started with [`crate::spawn`] (vfork-like, with the same death signal
+/// and environment as [`child_command`]).
 fn run(program: &str, args: &[&OsStr], path: &Path, ok_codes: &[i32]) -> StepResult<Output> {
-    let mut cmd = child_command(program);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = cmd.output().map_err(|source| StepError::Spawn {
-        program: program.to_string(),
-        source,
+    let out = crate::spawn::output(program, args, &[("LC_ALL", "C")]).map_err(|source| {
+        StepError::Spawn {
+            program: program.to_string(),
+            source,
+        }
     })?;
     let code = out.status.code();
     if out.status.success() || code.is_some_and(|c| ok_codes.contains(&c)) {
