@@ -7,6 +7,8 @@
 //! | `plans`    | plan id, u64 BE                       | codec(`(PlanHeader, body)`)            |
 //! | `records`  | plan id u64 BE ++ record seq u64 BE   | codec(`Record`)                        |
 //! | `finished` | plan id, u64 BE                       | empty: the plan has a `Finished` record |
+//! | `active`   | plan id, u64 BE                       | empty: the plan has no `Finished` record yet |
+//! | `meta`     | `active-index`                        | present once `active` is complete      |
 //! | `cat/NAME` | the engine's key                      | the engine's value (a codec envelope)  |
 //!
 //! Record sequence numbers come from sled's `generate_id`, which is
@@ -52,6 +54,11 @@ use std::sync::Mutex;
 const PLANS: &str = "plans";
 const RECORDS: &str = "records";
 const FINISHED: &str = "finished";
+/// The index of unfinished plans: `unfinished` reads it instead of every
+/// plan ever run (a manager's journal grows with its history).
+const ACTIVE: &str = "active";
+const META: &str = "meta";
+const META_ACTIVE_INDEX: &[u8] = b"active-index";
 /// Catalog trees are named `cat/<caller's name>` so that no caller's name
 /// can clash with a journal tree.
 const CATALOG_PREFIX: &str = "cat/";
@@ -63,6 +70,7 @@ pub struct Journal {
     plans: Tree,
     records: Tree,
     finished: Tree,
+    active: Tree,
     catalog: Mutex<HashMap<String, Tree>>,
     next_plan: AtomicU64,
     db: sled::Db,
@@ -191,6 +199,27 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
     }
 }
 
+/// Build the `active` index of a journal written before it existed: every
+/// plan without a finished marker. The `meta` mark goes in last; sled
+/// recovers a prefix of its log, so a mark that survives a crash has the
+/// whole index before it (no flush needed: without the mark, the next open
+/// builds it again).
+fn build_active_index(db: &sled::Db, plans: &Tree, finished: &Tree, active: &Tree) -> Result<()> {
+    let meta = db.open_tree(META)?;
+    if meta.contains_key(META_ACTIVE_INDEX)? {
+        return Ok(());
+    }
+    active.clear()?;
+    for kv in plans.iter() {
+        let (k, _) = kv?;
+        if !finished.contains_key(&k)? {
+            active.insert(k, IVec::default())?;
+        }
+    }
+    meta.insert(META_ACTIVE_INDEX, IVec::from(&[1u8][..]))?;
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -313,6 +342,8 @@ impl Journal {
         let plans = db.open_tree(PLANS)?;
         let records = db.open_tree(RECORDS)?;
         let finished = db.open_tree(FINISHED)?;
+        let active = db.open_tree(ACTIVE)?;
+        build_active_index(&db, &plans, &finished, &active)?;
         let next_plan = match plans.last()? {
             Some((k, _)) => key_plan(&k)?.0 + 1,
             None => 1,
@@ -337,6 +368,7 @@ impl Journal {
             plans,
             records,
             finished,
+            active,
             catalog: Mutex::new(HashMap::new()),
             next_plan: AtomicU64::new(next_plan),
             db,
@@ -359,11 +391,11 @@ impl Journal {
     /// Append a new plan (state `Planned`); durable on return.
     pub fn begin(&self, header: PlanHeader, body: Vec<u8>) -> Result<PlanId> {
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
-        let value = encode_plan(&header, &body);
-        committed(self.commit.submit(Op::Insert {
-            tree: self.plans.clone(),
-            key: IVec::from(&plan_key(id)),
-            value: IVec::from(value),
+        let (mut trees, mut writes) = (Vec::new(), Vec::new());
+        self.plan_writes(id, &header, &body, &mut trees, &mut writes);
+        committed(self.commit.submit(Op::Txn {
+            trees,
+            writes,
             point: "journal.begin.inserted",
         }))?;
         Ok(id)
@@ -375,22 +407,13 @@ impl Journal {
         let key = IVec::from(&record_key(plan, self.db.generate_id()?));
         let value = IVec::from(codec::encode(&record));
         let op = if matches!(record, Record::Finished(_)) {
-            // The marker lets `unfinished` skip finished plans; it is
-            // written atomically with the record it stands for.
+            // The finished marker and the end of the active mark are
+            // written atomically with the record they stand for.
+            let (mut trees, mut writes) = (Vec::new(), Vec::new());
+            self.record_writes(plan, &[record], &mut trees, &mut writes)?;
             Op::Txn {
-                trees: vec![self.records.clone(), self.finished.clone()],
-                writes: vec![
-                    Write {
-                        tree: 0,
-                        key,
-                        value: Some(value),
-                    },
-                    Write {
-                        tree: 1,
-                        key: IVec::from(&plan_key(plan)),
-                        value: Some(IVec::default()),
-                    },
-                ],
+                trees,
+                writes,
                 point: "journal.finished.inserted",
             }
         } else {
@@ -423,16 +446,8 @@ impl Journal {
         }
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
         let (mut trees, mut writes) = (Vec::new(), Vec::new());
+        self.plan_writes(id, &header, &body, &mut trees, &mut writes);
         self.record_writes(id, records, &mut trees, &mut writes)?;
-        trees.push(self.plans.clone());
-        writes.insert(
-            0,
-            Write {
-                tree: trees.len() - 1,
-                key: IVec::from(&plan_key(id)),
-                value: Some(IVec::from(encode_plan(&header, &body))),
-            },
-        );
         committed(self.commit.submit(Op::Txn {
             trees,
             writes,
@@ -470,8 +485,32 @@ impl Journal {
         }))
     }
 
+    /// The writes of a new plan: its header and body, its `active` mark.
+    fn plan_writes(
+        &self,
+        id: PlanId,
+        header: &PlanHeader,
+        body: &[u8],
+        trees: &mut Vec<Tree>,
+        writes: &mut Vec<Write>,
+    ) {
+        let key = IVec::from(&plan_key(id));
+        trees.push(self.plans.clone());
+        writes.push(Write {
+            tree: trees.len() - 1,
+            key: key.clone(),
+            value: Some(IVec::from(encode_plan(header, body))),
+        });
+        trees.push(self.active.clone());
+        writes.push(Write {
+            tree: trees.len() - 1,
+            key,
+            value: Some(IVec::default()),
+        });
+    }
+
     /// The writes of `records` (keys in order), and the finished marker
-    /// if one of them is `Finished`.
+    /// (and the end of the `active` mark) if one of them is `Finished`.
     fn record_writes(
         &self,
         plan: PlanId,
@@ -493,6 +532,12 @@ impl Journal {
                     tree: trees.len() - 1,
                     key: IVec::from(&plan_key(plan)),
                     value: Some(IVec::default()),
+                });
+                trees.push(self.active.clone());
+                writes.push(Write {
+                    tree: trees.len() - 1,
+                    key: IVec::from(&plan_key(plan)),
+                    value: None,
                 });
             }
         }
@@ -575,15 +620,21 @@ impl Journal {
         Ok(out)
     }
 
-    /// Plans with no `Finished` record, oldest first.
+    /// Plans with no `Finished` record, oldest first (from the `active`
+    /// index: the cost does not grow with the journal's history).
     pub fn unfinished(&self) -> Result<Vec<StoredPlan>> {
         let mut out = Vec::new();
-        for kv in self.plans.iter() {
-            let (k, v) = kv?;
-            if self.finished.contains_key(&k)? {
-                continue;
-            }
-            let plan = decode_plan(key_plan(&k)?, &v, self.records.scan_prefix(&k))?;
+        for kv in self.active.iter() {
+            let (k, _) = kv?;
+            let id = key_plan(&k)?;
+            let Some(v) = self.plans.get(&k)? else {
+                return Err(JournalError::Corrupt {
+                    plan: id,
+                    what: "active index".into(),
+                    reason: "it names a plan the journal does not have".into(),
+                });
+            };
+            let plan = decode_plan(id, &v, self.records.scan_prefix(&k))?;
             if plan.outcome().is_none() {
                 out.push(plan);
             }

@@ -579,3 +579,47 @@ fn batches_are_written_in_order_and_together() {
         vec![b]
     );
 }
+
+/// `unfinished` reads the `active` index: finished plans leave it in the
+/// same transaction as their `Finished`; a journal written before the
+/// index existed (no `meta` mark, no `active` tree) gets it built at open.
+#[test]
+fn active_index_tracks_unfinished_plans_and_is_built_for_old_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (done, open1, open2);
+    {
+        let j = Journal::open(&state).unwrap();
+        open1 = j.begin(header("a", 1, 0), vec![]).unwrap();
+        done = j
+            .begin_with(header("b", 1, 0), vec![], &[Record::Started(0)])
+            .unwrap();
+        j.append_all(
+            done,
+            &[Record::Done(0), Record::Finished(Outcome::Committed)],
+            &[],
+        )
+        .unwrap();
+        open2 = j
+            .begin_with(header("c", 2, 1), vec![], &[Record::Started(0)])
+            .unwrap();
+        for _ in 0..50 {
+            let id = j.begin(header("x", 1, 0), vec![]).unwrap();
+            j.append(id, Record::Finished(Outcome::RolledBack)).unwrap();
+        }
+        let ids: Vec<_> = j.unfinished().unwrap().iter().map(|p| p.id).collect();
+        assert_eq!(ids, vec![open1, open2]);
+    }
+    // As an older vsnap left it: no index, no mark.
+    damage(&state, "active", |t| t.clear().unwrap());
+    damage(&state, "meta", |t| t.clear().unwrap());
+    let j = Journal::open(&state).unwrap();
+    let ids: Vec<_> = j.unfinished().unwrap().iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![open1, open2]);
+    j.append(open1, Record::Finished(Outcome::RolledBack))
+        .unwrap();
+    drop(j);
+    let j = Journal::open(&state).unwrap();
+    let ids: Vec<_> = j.unfinished().unwrap().iter().map(|p| p.id).collect();
+    assert_eq!(ids, vec![open2]);
+}
