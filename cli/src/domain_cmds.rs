@@ -94,7 +94,9 @@ pub enum SnapCmd {
         /// internal (memory inside the disks, QEMU's snapshot-save) or external:PATH.
         #[arg(long, value_name = "internal|external:PATH")]
         memory: Option<String>,
-        /// Per disk: TARGET=external[:PATH]|internal|no (TARGET or the image's path).
+        /// Per disk: TARGET=external[:PATH]|reflink[:PATH]|internal|no (TARGET or the
+        /// image's path). reflink: a copy-on-write clone of a raw image
+        /// (btrfs, xfs), taken while a running guest is paused.
         #[arg(long = "disk", value_name = "TARGET=SPEC")]
         disks: Vec<String>,
         /// Take the request from <domainsnapshot> XML (libvirt's format);
@@ -110,7 +112,8 @@ pub enum SnapCmd {
         /// Use overlays that already exist (backed by the disks' images).
         #[arg(long)]
         reuse_external: bool,
-        /// Stop the guest afterwards (not supported yet).
+        /// Shut the guest off after the snapshot (QMP quit; a running guest
+        /// is paused for the snapshot and never resumed).
         #[arg(long)]
         halt: bool,
         /// Print the plan; change nothing.
@@ -304,15 +307,20 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
 
 fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
     let Some((who, spec)) = s.split_once('=') else {
-        bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no");
+        bail!("--disk {s:?}: expected TARGET=external[:PATH]|reflink[:PATH]|internal|no");
     };
     let choice = match spec {
         "no" => DiskChoice::No,
         "internal" => DiskChoice::Internal,
         "external" => DiskChoice::External(None),
-        _ => match spec.strip_prefix("external:") {
-            Some(p) if !p.is_empty() => DiskChoice::External(Some(PathBuf::from(p))),
-            _ => bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no"),
+        "reflink" => DiskChoice::Reflink(None),
+        _ => match (
+            spec.strip_prefix("external:"),
+            spec.strip_prefix("reflink:"),
+        ) {
+            (Some(p), _) if !p.is_empty() => DiskChoice::External(Some(PathBuf::from(p))),
+            (_, Some(p)) if !p.is_empty() => DiskChoice::Reflink(Some(PathBuf::from(p))),
+            _ => bail!("--disk {s:?}: expected TARGET=external[:PATH]|reflink[:PATH]|internal|no"),
         },
     };
     Ok((who.to_string(), choice))

@@ -1002,6 +1002,11 @@ fn live_domains() {
         );
     });
 
+    // Guest C runs alone: A and B are done.
+    guest_a.kill();
+    guest_b.kill();
+    guest_c_cases(&root, &scratch);
+
     let took = t0.elapsed();
     say!("all cases done in {:.1} s", took.as_secs_f64());
     let problems = soft.0.lock().unwrap().clone();
@@ -2035,4 +2040,414 @@ fn guest_a_cases(
             std::fs::remove_file(&raw).unwrap();
         }
     });
+}
+
+/// The `STOP` and `RESUME` events a second monitor saw: the pause window
+/// (QEMU's own timestamps), or None when the guest was not paused.
+fn pause_window(mon: &mut vsnap_steps::qmp::Qmp) -> Option<Duration> {
+    let ev = mon.poll_events().expect("events on the second monitor");
+    let stop = ev.iter().find(|e| e.name == "STOP")?;
+    let resume = ev.iter().find(|e| e.name == "RESUME").unwrap_or_else(|| {
+        panic!(
+            "STOP without RESUME: {:?}",
+            ev.iter().map(|e| &e.name).collect::<Vec<_>>()
+        )
+    });
+    Some(resume.timestamp.since(&stop.timestamp))
+}
+
+/// Guest C: vda and vdc raw, vdb qcow2, all on a loop-mounted btrfs, the
+/// writer running. Reflink clones of the raw disks inside one pause
+/// (with vdb's external overlay switched in the same pause), a paused
+/// guest that stays paused, bad input, and `--halt` last (QEMU exits).
+fn guest_c_cases(root: &Path, scratch: &Path) {
+    let mnt = root.join("c-btrfs");
+    let _m = Mount::btrfs(&root.join("c-btrfs.img"), &mnt, "512M");
+    let disks = mnt.join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let img = |name: &str| disks.join(name);
+    for t in ["vda", "vdc"] {
+        let raw = img(&format!("{t}.raw"));
+        run_ok("truncate", &["-s", "64M", s(&raw)]);
+        run_ok("mkfs.ext4", &["-q", "-F", s(&raw)]);
+    }
+    make_ext4_qcow2(&img("vdb.qcow2"));
+    let a = img("vda.raw");
+    let b = img("vdb.qcow2");
+    let c = img("vdc.raw");
+    let guest = Guest::start(
+        "C",
+        &root.join("c-run"),
+        &["--qmp2"],
+        &[
+            Path::new(&format!("{}:raw", s(&a))),
+            b.as_path(),
+            Path::new(&format!("{}:raw", s(&c))),
+        ],
+    );
+    let state = root.join("state-c");
+    let qc = guest.qmp();
+    let boot = guest.wait_console("VSNAP-WRITER start", Duration::from_secs(180));
+    say!("guest C writing (waited {:.1} s)", boot.as_secs_f64());
+    vsnap(
+        &state,
+        &[
+            "domain",
+            "attach",
+            "vmc",
+            "--qmp",
+            s(&qc),
+            "--agent",
+            s(&guest.qga()),
+        ],
+    )
+    .ok();
+    let pre = wait_for(
+        "the writer's numbers on vda",
+        Duration::from_secs(60),
+        || {
+            let q = image_seq(&a, scratch);
+            (q.seq >= 10).then_some(q)
+        },
+    );
+    let files = || -> BTreeSet<String> {
+        std::fs::read_dir(&disks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+
+    case("reflink_live_quiesced_with_external", || {
+        let args = [
+            "snapshot",
+            "create",
+            "vmc",
+            "r1",
+            "--live",
+            "--disk-only",
+            "--quiesce",
+            "--disk",
+            "vda=reflink",
+            "--disk",
+            "vdc=reflink",
+        ];
+        // The plan: overlay work first, then freeze, stop, the clones,
+        // the transaction as the pivot, cont, thaw.
+        let mut dry_args = vec!["--json"];
+        dry_args.extend_from_slice(&args);
+        dry_args.push("--dry-run");
+        let dry = vsnap(&state, &dry_args).ok().json();
+        let steps: Vec<&str> = dry["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        let at = |w: &str| {
+            steps
+                .iter()
+                .position(|x| x.contains(w))
+                .unwrap_or_else(|| panic!("no step with {w:?}: {steps:#?}"))
+        };
+        let pivot = at("[PIVOT");
+        assert!(steps[pivot].contains("transaction"), "{steps:#?}");
+        assert!(
+            at("blockdev-add") < at("freeze")
+                && at("freeze") < at("(stop)")
+                && at("(stop)") < at("reflink")
+                && at("rename") < pivot
+                && pivot < at("(cont)")
+                && at("(cont)") < at("thaw"),
+            "{steps:#?}"
+        );
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let t = Instant::now();
+        vsnap(&state, &args).ok();
+        let took = t.elapsed();
+        let window = pause_window(&mut mon).expect("the guest was paused (STOP, RESUME)");
+        say!(
+            "r1: pause window (STOP to RESUME, QEMU's clock) {:.1} ms; whole command {:.0} ms",
+            window.as_secs_f64() * 1000.0,
+            took.as_secs_f64() * 1000.0
+        );
+        assert!(window < Duration::from_secs(5), "pause window {window:?}");
+        assert!(qmp_status(&qc).0, "the guest runs again");
+        assert_eq!(agent(&guest.qga(), "guest-fsfreeze-status"), "thawed");
+        let want: BTreeSet<String> = [
+            "vda.raw",
+            "vdb.qcow2",
+            "vdc.raw",
+            "vda.r1.raw",
+            "vdb.r1.qcow2",
+            "vdc.r1.raw",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        assert_eq!(files(), want, "the clones, the overlay, no temporary file");
+        // QEMU: the raw disks stay on their images, vdb is on its overlay.
+        let on = qemu_disks(&qc);
+        assert_eq!(on["vda"], a);
+        assert_eq!(on["vdb"], img("vdb.r1.qcow2"));
+        assert_eq!(on["vdc"], c);
+        // One instant across the clones and vdb's frozen state, taken while
+        // the writer ran; clean filesystems (quiesced).
+        let sa = image_seq(&img("vda.r1.raw"), scratch);
+        let sb = image_seq(&b, scratch);
+        let sc = image_seq(&img("vdc.r1.raw"), scratch);
+        say!(
+            "r1 state: vda {} vdb {} vdc {} (writer was at {} before)",
+            sa.seq,
+            sb.seq,
+            sc.seq,
+            pre.seq
+        );
+        assert!(sa.seq >= pre.seq);
+        assert_one_instant("r1", &[("vda", &sa), ("vdb", &sb), ("vdc", &sc)]);
+        for clone in ["vda.r1.raw", "vdc.r1.raw"] {
+            let o = Out::from_command("e2fsck", &["-n", "-f", s(&img(clone))]);
+            assert_eq!(o.code, 0, "e2fsck -n {clone}:\n{}{}", o.stdout, o.stderr);
+        }
+        // The writer goes on, on the raw images and the overlay; the clones stay.
+        wait_for("the writer to go on", Duration::from_secs(60), || {
+            let a2 = image_seq(&a, scratch);
+            let b2 = image_seq(&img("vdb.r1.qcow2"), scratch);
+            (a2.seq > sa.seq + 10 && b2.seq > sb.seq + 10).then_some(())
+        });
+        assert_eq!(
+            image_seq(&img("vda.r1.raw"), scratch),
+            sa,
+            "the clone changed"
+        );
+        // The catalog.
+        let info = vsnap(&state, &["--json", "snapshot", "info", "vmc", "r1"])
+            .ok()
+            .json();
+        let modes: Vec<(&str, &str, &str)> = info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["target"].as_str().unwrap(),
+                    d["snapshot"].as_str().unwrap(),
+                    d["state_file"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("vda", "reflink", s(&img("vda.r1.raw"))),
+                ("vdb", "external", s(&b)),
+                ("vdc", "reflink", s(&img("vdc.r1.raw"))),
+            ]
+        );
+        let dom = vsnap(&state, &["--json", "domain", "info", "vmc"])
+            .ok()
+            .json();
+        let sources: Vec<&str> = dom["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["source"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, [s(&a), s(&img("vdb.r1.qcow2")), s(&c)]);
+        let xml = vsnap(&state, &["snapshot", "dumpxml", "vmc", "r1"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            xml.contains("<kind>reflink</kind>") && xml.contains(s(&img("vda.r1.raw"))),
+            "{xml}"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+
+    case("reflink_paused_guest_stays_paused", || {
+        qmp(&qc, "stop");
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let o = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "r2",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        let j = o.ok().json();
+        let steps = j["steps"].to_string();
+        assert!(
+            !steps.contains("(stop)") && !steps.contains("(cont)"),
+            "a paused guest needs no stop/cont: {steps}"
+        );
+        assert_eq!(qmp_status(&qc), (false, "paused".into()), "still paused");
+        assert!(
+            pause_window(&mut mon).is_none(),
+            "vsnap paused or resumed the guest"
+        );
+        assert!(img("vda.r2.raw").is_file());
+        assert_eq!(
+            image_seq(&img("vda.r2.raw"), scratch),
+            image_seq(&a, scratch),
+            "a paused guest's clone is its image"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+        qmp(&qc, "cont");
+    });
+
+    case("reflink_bad_input", || {
+        let before = world_of(&state, "vmc", &disks, Some(&qc));
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                "vdb=reflink",
+            ],
+        );
+        assert_refused(
+            "reflink of a qcow2 disk",
+            &o,
+            &["vdb", "raw", "--disk vdb=external"],
+        );
+        let elsewhere = scratch.join("vda.x1.raw");
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                &format!("vda=reflink:{}", s(&elsewhere)),
+            ],
+        );
+        assert_refused(
+            "a clone on another filesystem",
+            &o,
+            &["vda", "reflink", "--disk vda=external"],
+        );
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk",
+                "vda=reflink",
+                "--memory",
+                "internal",
+            ],
+        );
+        assert_refused(
+            "reflink with a memory snapshot",
+            &o,
+            &["vda", "--disk-only"],
+        );
+        assert!(!elsewhere.exists());
+        assert_nothing_changed(
+            "bad reflink input",
+            &before,
+            &world_of(&state, "vmc", &disks, Some(&qc)),
+        );
+        std::fs::write(img("vda.x1.raw"), b"not ours").unwrap();
+        let before = world_of(&state, "vmc", &disks, Some(&qc));
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+            ],
+        );
+        assert_refused(
+            "the clone's name exists",
+            &o,
+            &["vda.x1.raw", "already exists", "reflink:PATH"],
+        );
+        assert_nothing_changed(
+            "the clone's name exists",
+            &before,
+            &world_of(&state, "vmc", &disks, Some(&qc)),
+        );
+        std::fs::remove_file(img("vda.x1.raw")).unwrap();
+    });
+
+    case("halt", || {
+        let o = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "h1",
+                "--disk-only",
+                "--halt",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        let j = o.ok().json();
+        let steps: Vec<String> = j["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            steps.last().unwrap().contains("retriable") && steps.last().unwrap().contains("quits"),
+            "{steps:#?}"
+        );
+        assert!(!steps.iter().any(|x| x.contains("(cont)")), "{steps:#?}");
+        wait_for("QEMU to exit after --halt", Duration::from_secs(30), || {
+            (!guest.alive()).then_some(())
+        });
+        let info = vsnap(&state, &["--json", "domain", "info", "vmc"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "shutoff");
+        assert_eq!(info["current_snapshot"], "h1");
+        // Paused before the snapshot and never resumed: what the images
+        // hold now is exactly the snapshot's instant.
+        let ha = image_seq(&img("vda.h1.raw"), scratch);
+        let hb = image_seq(&img("vdb.r1.qcow2"), scratch);
+        assert_one_instant("h1", &[("vda", &ha), ("vdb", &hb)]);
+        assert_eq!(image_seq(&a, scratch), ha, "vda changed after the snapshot");
+        assert_eq!(
+            image_seq(&img("vdb.h1.qcow2"), scratch),
+            hb,
+            "vdb changed after the snapshot"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+    drop(guest);
 }

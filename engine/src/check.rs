@@ -477,16 +477,20 @@ pub fn observe_domain(
             let path = dir.join(&name);
             if fsops::is_vsnap_temp(&name) {
                 o.temp_files.push(path);
-            } else if name.ends_with(".qcow2")
-                && name.matches('.').count() >= 2
-                && !files.contains(&path)
-            {
-                // `<stem>.<snapshot>.qcow2` beside a disk: vsnap's overlay naming.
+            } else if name.matches('.').count() >= 2 && !files.contains(&path) {
+                // `<stem>.<snapshot>.qcow2` (an overlay) or
+                // `<stem>.<snapshot>.<ext>` (a reflink clone) beside a
+                // disk: vsnap's naming.
                 let stem = name.split('.').next().unwrap_or("");
+                let ext = name.rsplit('.').next().unwrap_or("");
                 if d.disks.iter().any(|x| {
                     x.source
                         .file_stem()
                         .is_some_and(|s| s.to_string_lossy().split('.').next() == Some(stem))
+                        && (ext == "qcow2"
+                            || x.source
+                                .extension()
+                                .is_some_and(|e| e.to_string_lossy() == ext))
                 }) {
                     o.look_alike.push(path);
                 }
@@ -555,6 +559,16 @@ pub fn compare_domain(
                             s.name,
                             sd.state_file.display(),
                             sd.target
+                        ));
+                    }
+                }
+                DiskMode::Reflink => {
+                    if !o.existing.contains(&sd.state_file) {
+                        v.push(format!(
+                            "inv3: {} (reflink clone of disk {} in snapshot {:?}) is missing",
+                            sd.state_file.display(),
+                            sd.target,
+                            s.name
                         ));
                     }
                 }

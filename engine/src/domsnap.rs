@@ -25,7 +25,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::live::LiveDisk;
-use vsnap_steps::{live, qemu_img, Format, Step};
+use vsnap_steps::{fsops, live, qemu_img, CloneMode, Format, Step};
 
 pub const DOMSNAPS: &str = "domsnaps";
 
@@ -35,6 +35,10 @@ pub enum DiskMode {
     No,
     Internal,
     External,
+    /// A whole-file copy-on-write clone (FICLONE) of a raw image, taken
+    /// outside QEMU while the guest is paused; the image stays the active
+    /// disk. (Appended: the catalog stores this enum with bincode.)
+    Reflink,
 }
 
 impl DiskMode {
@@ -43,6 +47,7 @@ impl DiskMode {
             DiskMode::No => "no",
             DiskMode::Internal => "internal",
             DiskMode::External => "external",
+            DiskMode::Reflink => "reflink",
         }
     }
 }
@@ -54,6 +59,7 @@ pub struct DomSnapDisk {
     pub mode: DiskMode,
     /// Internal: the image holding the snapshot. External: the frozen image
     /// (the disk's source before the snapshot), which holds its state.
+    /// Reflink: the clone.
     pub state_file: PathBuf,
     /// External: the overlay that became the disk's active image.
     pub overlay: Option<PathBuf>,
@@ -85,6 +91,8 @@ pub enum DiskChoice {
     Internal,
     /// The overlay's path (default: `<stem>.<snapshot>.qcow2` beside the image).
     External(Option<PathBuf>),
+    /// The clone's path (default: `<stem>.<snapshot>.<ext>` beside the image).
+    Reflink(Option<PathBuf>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -237,10 +245,12 @@ pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
                 "no" => DiskChoice::No,
                 "internal" => DiskChoice::Internal,
                 "external" => DiskChoice::External(file),
+                "reflink" => DiskChoice::Reflink(file),
                 "default" => continue,
                 other => {
                     return Err(EngineError::Xml(format!(
-                        "disk {name}: snapshot='{other}': expected no, internal or external"
+                        "disk {name}: snapshot='{other}': expected no, internal or external \
+                         (or a nested <volsnapshot><kind>reflink</kind></volsnapshot>)"
                     )))
                 }
             };
@@ -286,6 +296,15 @@ pub fn domainsnapshot_to_xml(s: &DomSnapshot, current: bool) -> String {
                     esc(&o.to_string_lossy())
                 ));
                 x.push_str("    </disk>\n");
+            }
+            (DiskMode::Reflink, _) => {
+                // libvirt's 'manual' (made outside libvirt); the seed's
+                // <volsnapshot> says how, and where the clone is.
+                x.push_str(&format!(
+                    "    <disk name='{}' snapshot='manual'>\n      <volsnapshot>\n        <kind>reflink</kind>\n        <file>{}</file>\n      </volsnapshot>\n    </disk>\n",
+                    esc(&d.target),
+                    esc(&d.state_file.to_string_lossy())
+                ));
             }
             (mode, _) => x.push_str(&format!(
                 "    <disk name='{}' snapshot='{}'/>\n",
@@ -341,6 +360,19 @@ fn default_overlay(source: &Path, snap: &str, earlier: &[DomSnapshot]) -> PathBu
         .join(format!("{stem}.{snap}.qcow2"))
 }
 
+/// `<stem>.<snapshot>.<ext>` beside the image (a reflink clone).
+fn default_clone(source: &Path, snap: &str) -> PathBuf {
+    let stem = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match source.extension() {
+        Some(e) => format!("{stem}.{snap}.{}", e.to_string_lossy()),
+        None => format!("{stem}.{snap}"),
+    };
+    source.parent().unwrap_or(Path::new("/")).join(name)
+}
+
 fn writable_for(dir: &Path, target: &str) -> Result<()> {
     crate::volume::check_writable(dir).map_err(|_| {
         EngineError::Invalid(format!(
@@ -359,6 +391,25 @@ struct Chosen {
     overlay: Option<PathBuf>,
 }
 
+/// The reflink disks' steps: clone to a temporary name beside the clone,
+/// then move it (never clobbering) to the clone's name.
+fn push_clones(steps: &mut Vec<Step>, chosen: &[Chosen], tag: &str) {
+    for c in chosen.iter().filter(|c| c.mode == DiskMode::Reflink) {
+        let dst = c.overlay.clone().expect("reflink disks have a clone path");
+        let tmp = fsops::temp_path(&dst, tag);
+        steps.push(Step::Clone {
+            src: canon(&c.source),
+            dst: tmp.clone(),
+            mode: CloneMode::Reflink,
+        });
+        steps.push(Step::Rename {
+            from: tmp,
+            to: dst,
+            replace: false,
+        });
+    }
+}
+
 impl Engine {
     /// Compile a domain snapshot (nothing is touched).
     pub fn plan_domain_snapshot(
@@ -374,11 +425,6 @@ impl Engine {
                 "domain {:?} already has a snapshot named {name:?}; choose another name",
                 d.name
             )));
-        }
-        if req.halt {
-            return Err(EngineError::Invalid(
-                "--halt is not supported yet; stop the guest yourself after the snapshot".into(),
-            ));
         }
         if let Some(MemoryChoice::External(_)) = req.memory {
             return Err(EngineError::Invalid(
@@ -476,6 +522,7 @@ impl Engine {
                 DiskChoice::No => (DiskMode::No, None),
                 DiskChoice::Internal => (DiskMode::Internal, None),
                 DiskChoice::External(p) => (DiskMode::External, p.clone()),
+                DiskChoice::Reflink(p) => (DiskMode::Reflink, p.clone()),
             };
         }
         chosen.retain(|c| c.mode != DiskMode::No);
@@ -484,6 +531,7 @@ impl Engine {
                 "no disk is selected for the snapshot".into(),
             ));
         }
+        let has_reflink = chosen.iter().any(|c| c.mode == DiskMode::Reflink);
         for c in &mut chosen {
             if !c.source.exists() {
                 return Err(EngineError::Invalid(format!(
@@ -514,7 +562,70 @@ impl Engine {
                         c.target
                     )))
                 }
+                DiskMode::Reflink if memory => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: a memory snapshot keeps every disk internally; add --disk-only for a reflink clone of it",
+                        c.target
+                    )))
+                }
+                DiskMode::Reflink if c.format != Format::Raw => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: reflink clones are for raw images; {} is {}: use --disk {}=external (or internal)",
+                        c.target,
+                        c.source.display(),
+                        c.format,
+                        c.target
+                    )))
+                }
                 _ => {}
+            }
+            if c.mode == DiskMode::Reflink {
+                let dst = match &c.overlay {
+                    Some(p) if p.is_absolute() => p.clone(),
+                    Some(p) => std::env::current_dir()
+                        .map(|d| d.join(p))
+                        .unwrap_or_else(|_| p.clone()),
+                    None => default_clone(&c.source, &name),
+                };
+                if std::fs::symlink_metadata(&dst).is_ok() {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: {} already exists; vsnap never overwrites a file it did not create: \
+                         choose another snapshot name or --disk {}=reflink:PATH",
+                        c.target,
+                        dst.display(),
+                        c.target
+                    )));
+                }
+                let dir = dst.parent().unwrap_or(Path::new("/")).to_path_buf();
+                if !dir.is_dir() {
+                    return Err(EngineError::Invalid(format!(
+                        "directory {} for disk {}'s clone does not exist",
+                        dir.display(),
+                        c.target
+                    )));
+                }
+                writable_for(&dir, &c.target)?;
+                use std::os::unix::fs::MetadataExt;
+                let same_fs = match (std::fs::metadata(&dir), std::fs::metadata(&c.source)) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev(),
+                    _ => false,
+                };
+                if !same_fs || !vsnap_steps::clone::reflink_supported(&dir) {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: {} cannot hold a reflink clone of {} ({}); reflinks need one \
+                         filesystem that can clone (btrfs, xfs): use --disk {}=external",
+                        c.target,
+                        dir.display(),
+                        c.source.display(),
+                        if same_fs {
+                            "its filesystem cannot clone"
+                        } else {
+                            "another filesystem"
+                        },
+                        c.target
+                    )));
+                }
+                c.overlay = Some(dst);
             }
             if c.mode == DiskMode::External {
                 let o = match &c.overlay {
@@ -628,6 +739,12 @@ impl Engine {
                     }
                 }
                 let devices: Vec<String> = found.iter().map(|(_, n)| n.clone()).collect();
+                // --halt: paused first, so the guest never runs past the snapshot.
+                let pause = req.halt && state == DomState::Running;
+                if pause {
+                    steps.push(Step::QmpStop { qmp: qmp.clone() });
+                }
+                pivot = steps.len() as u32;
                 steps.push(Step::QmpSnapshotSave {
                     qmp: qmp.clone(),
                     job: format!("vsnap-{tag}"),
@@ -635,11 +752,16 @@ impl Engine {
                     vmstate: devices[0].clone(),
                     devices,
                 });
-                pivot = 0;
+                if req.halt {
+                    steps.push(Step::QmpQuit { qmp: qmp.clone() });
+                }
                 snap_state = state.as_str().to_string();
             } else {
                 let mut live_disks = Vec::new();
                 for (i, (c, (dev, node))) in chosen.iter().zip(&found).enumerate() {
+                    if c.mode != DiskMode::External {
+                        continue;
+                    }
                     let overlay = c.overlay.clone().expect("external disks have an overlay");
                     if !req.reuse_external {
                         steps.push(Step::CreateOverlay {
@@ -669,13 +791,35 @@ impl Engine {
                 if let Some(a) = &agent {
                     steps.push(Step::AgentFreeze { agent: a.clone() });
                 }
+                // Raw disks cloned outside QEMU, and --halt, need the
+                // guest's CPUs stopped (QEMU drains and flushes every disk
+                // on `stop`); a paused guest is paused already.
+                let pause = state == DomState::Running && (has_reflink || req.halt);
+                if pause {
+                    steps.push(Step::QmpStop { qmp: qmp.clone() });
+                }
+                push_clones(&mut steps, &chosen, &tag);
                 pivot = steps.len() as u32;
-                steps.push(Step::QmpSnapshotTransaction {
-                    qmp: qmp.clone(),
-                    disks: tx,
-                });
-                if let Some(a) = agent {
-                    steps.push(Step::AgentThaw { agent: a });
+                if tx.is_empty() {
+                    steps.push(Step::Catalog);
+                } else {
+                    steps.push(Step::QmpSnapshotTransaction {
+                        qmp: qmp.clone(),
+                        disks: tx,
+                    });
+                }
+                if req.halt {
+                    // The guest stays paused and QEMU exits: a frozen
+                    // guest that never runs again needs no thaw (and a
+                    // paused guest's agent could not answer one).
+                    steps.push(Step::QmpQuit { qmp: qmp.clone() });
+                } else {
+                    if pause {
+                        steps.push(Step::QmpCont { qmp: qmp.clone() });
+                    }
+                    if let Some(a) = agent {
+                        steps.push(Step::AgentThaw { agent: a });
+                    }
                 }
                 snap_state = "disk-snapshot".into();
             }
@@ -694,6 +838,7 @@ impl Engine {
                     _ => {}
                 }
             }
+            push_clones(&mut steps, &chosen, &tag);
             pivot = steps.len() as u32;
             steps.push(Step::Catalog);
             snap_state = "shutoff".into();
@@ -726,6 +871,12 @@ impl Engine {
                 .iter()
                 .map(
                     |disk| match chosen.iter().find(|c| c.target == disk.target) {
+                        Some(c) if c.mode == DiskMode::Reflink => DomSnapDisk {
+                            target: c.target.clone(),
+                            mode: c.mode,
+                            state_file: c.overlay.clone().expect("reflink disks have a clone path"),
+                            overlay: None,
+                        },
                         Some(c) => DomSnapDisk {
                             target: c.target.clone(),
                             mode: c.mode,
@@ -757,10 +908,15 @@ impl Engine {
         } else {
             "offline snapshot"
         };
+        let halt = if req.halt && live_guest {
+            ", then QEMU quits (--halt)"
+        } else {
+            ""
+        };
         let plan = Plan {
             op: "domain.snapshot.create".into(),
             summary: format!(
-                "{kind} {name:?} of domain {} ({})",
+                "{kind} {name:?} of domain {} ({}){halt}",
                 d.name,
                 chosen
                     .iter()
@@ -858,6 +1014,42 @@ mod tests {
         );
         assert_eq!(r.disks[1], ("vdb".into(), DiskChoice::No));
         assert_eq!(r.disks[2], ("/vm/c.qcow2".into(), DiskChoice::Internal));
+    }
+
+    #[test]
+    fn reflink_disks_round_trip_through_xml() {
+        let snap = DomSnapshot {
+            name: "r1".into(),
+            domain: "d".into(),
+            description: None,
+            creation_time: 1,
+            parent: None,
+            seq: 0,
+            state: "disk-snapshot".into(),
+            memory_internal: false,
+            quiesced: false,
+            disks: vec![DomSnapDisk {
+                target: "vdb".into(),
+                mode: DiskMode::Reflink,
+                state_file: "/vm/vdb.r1.raw".into(),
+                overlay: None,
+            }],
+            domain_xml: String::new(),
+        };
+        let x = domainsnapshot_to_xml(&snap, true);
+        assert!(x.contains("<disk name='vdb' snapshot='manual'>"), "{x}");
+        let r = parse_domainsnapshot(&x).unwrap();
+        assert_eq!(
+            r.disks,
+            vec![(
+                "vdb".to_string(),
+                DiskChoice::Reflink(Some("/vm/vdb.r1.raw".into()))
+            )]
+        );
+        assert_eq!(
+            default_clone(Path::new("/vm/vdb.raw"), "s1"),
+            Path::new("/vm/vdb.s1.raw")
+        );
     }
 
     #[test]

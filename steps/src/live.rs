@@ -183,6 +183,60 @@ pub fn cont(qmp_path: &Path) -> StepResult<()> {
     Ok(())
 }
 
+/// The undo of a `stop`: `cont`, unless QEMU is gone (a dead guest is not
+/// left paused; the rollback goes on and leaves the files as they were).
+pub fn cont_unless_gone(qmp_path: &Path) -> StepResult<()> {
+    match cont(qmp_path) {
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+// --- halt: QEMU quits -------------------------------------------------------
+
+/// Whether no QEMU answers on `qmp_path` any more (socket missing or
+/// refusing connections).
+pub fn gone(qmp_path: &Path) -> StepResult<bool> {
+    match qmp(qmp_path) {
+        Ok(_) => Ok(false),
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long QEMU may take to go away after `quit`.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// QMP `quit`, then wait until the monitor no longer answers. A QEMU that
+/// is gone already is success (the step is retried after a crash).
+pub fn quit(qmp_path: &Path) -> StepResult<()> {
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    failpoint::hit("step.qmp-quit.before");
+    match q.quit() {
+        Ok(()) => {}
+        // Closed under us: it is going away.
+        Err(e) if qmp_error_is_gone(&e) => {}
+        Err(e) => return Err(e),
+    }
+    drop(q);
+    let deadline = std::time::Instant::now() + QUIT_TIMEOUT;
+    while !gone(qmp_path)? {
+        if std::time::Instant::now() > deadline {
+            return Err(StepError::Invalid(format!(
+                "QEMU still answers on {} {} s after quit",
+                qmp_path.display(),
+                QUIT_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 // --- quiesce ----------------------------------------------------------------
 
 pub fn frozen(agent_path: &Path) -> StepResult<bool> {

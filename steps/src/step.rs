@@ -119,7 +119,8 @@ pub enum Step {
     /// Guest agent `guest-fsfreeze-thaw`; retriable. Probe: not frozen.
     AgentThaw { agent: PathBuf },
     /// QMP `stop` (only in plans whose guest was running). Probe: paused.
-    /// Undo: `cont`.
+    /// Undo: `cont`; a QEMU that is gone (socket missing or refusing) is
+    /// not paused, so there is nothing to resume.
     QmpStop { qmp: PathBuf },
     /// QMP `cont`; retriable. Probe: running.
     QmpCont { qmp: PathBuf },
@@ -142,6 +143,10 @@ pub enum Step {
         vmstate: String,
         devices: Vec<String>,
     },
+    /// QMP `quit`: QEMU exits (`--halt`: the domain is shut off after the
+    /// snapshot). Retriable: a monitor that no longer answers (socket
+    /// missing or refusing) means done. Probe: Applied when no QEMU answers.
+    QmpQuit { qmp: PathBuf },
 }
 
 impl Step {
@@ -166,6 +171,7 @@ impl Step {
             Step::QmpCont { .. } => "qmp-cont",
             Step::QmpSnapshotTransaction { .. } => "qmp-transaction",
             Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
+            Step::QmpQuit { .. } => "qmp-quit",
         }
     }
 
@@ -178,7 +184,8 @@ impl Step {
             | Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
-            | Step::QmpSnapshotSave { .. } => false,
+            | Step::QmpSnapshotSave { .. }
+            | Step::QmpQuit { .. } => false,
             Step::Rename { replace, .. } => !replace,
             Step::Rebase { unsafe_, .. } => !unsafe_,
             _ => true,
@@ -297,6 +304,7 @@ impl Step {
                 qmp.display(),
                 devices.join(", ")
             ),
+            Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
         }
     }
 
@@ -451,6 +459,11 @@ impl Step {
                 devices,
                 ..
             } => crate::live::snapshot_save_probe(qmp, job, tag, devices),
+            Step::QmpQuit { qmp } => Ok(if crate::live::gone(qmp)? {
+                Probe::Applied
+            } else {
+                Probe::NotApplied
+            }),
         }
     }
 
@@ -582,6 +595,7 @@ impl Step {
                 vmstate,
                 devices,
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
+            Step::QmpQuit { qmp } => crate::live::quit(qmp),
         }
     }
 
@@ -643,11 +657,12 @@ impl Step {
             Step::Catalog => Ok(()),
             Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_del(qmp, node),
             Step::AgentFreeze { agent } => crate::live::thaw(agent),
-            Step::QmpStop { qmp } => crate::live::cont(qmp),
+            Step::QmpStop { qmp } => crate::live::cont_unless_gone(qmp),
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
-            | Step::QmpSnapshotSave { .. } => unreachable!("irreversible steps return above"),
+            | Step::QmpSnapshotSave { .. }
+            | Step::QmpQuit { .. } => unreachable!("irreversible steps return above"),
             Step::InternalDelete { .. }
             | Step::Commit { .. }
             | Step::RemoveFile { .. }

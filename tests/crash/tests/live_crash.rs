@@ -20,6 +20,12 @@
 //!   quiesced, all disks; then, on the images the catalog names after b's
 //!   QEMU kills (the guest rebooted on them), `c` live internal with memory
 //!   (`--memory internal`, QEMU's `snapshot-save`);
+//! * domain `gr` (vda raw, vdb, vdc qcow2, all on a loop-mounted btrfs,
+//!   new): `r-mix` live, vda a reflink clone and vdb an external overlay
+//!   inside one pause (stop, clone, rename, the transaction as the pivot,
+//!   cont); `r-only` live, vda a reflink clone alone (the pivot is the
+//!   catalog write). After every point the guest must be running (not
+//!   left paused) and no temporary clone left;
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -70,7 +76,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use vsnap_crash::{
-    diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, Inject, Listing, Run,
+    diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, BtrfsLoop, Inject,
+    Listing, Run,
 };
 use vsnap_engine::domain::DomainRec;
 use vsnap_engine::domsnap::{DiskMode, DomSnapshot};
@@ -423,6 +430,9 @@ fn image_seq(
 enum Kind {
     LiveExternal,
     LiveMemory,
+    /// A running guest whose pivot is the catalog write (reflink clones
+    /// only: stop, clone, rename, catalog, cont).
+    LiveCatalog,
     Offline,
 }
 
@@ -471,6 +481,42 @@ fn scenarios() -> Vec<Scenario> {
             flags: &["--live", "--memory", "internal"],
             qemu_kills: &["step.snapshot-save.before#1", "run.applied.{pivot}#1"],
             qemu_kills_quick: &["run.applied.{pivot}#1"],
+        },
+        Scenario {
+            key: "r-mix",
+            title: "live, vda raw reflink + vdb external, one pause (vdc=no)",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &[
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+                "run.applied.{pivot}#1",
+            ],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
+            key: "r-only",
+            title: "live, vda raw reflink only (pause, clone, resume)",
+            kind: Kind::LiveCatalog,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &["run.done.{before}#1", "run.started.{pivot}#1"],
+            qemu_kills_quick: &["run.started.{pivot}#1"],
         },
         Scenario {
             key: "d-ext",
@@ -558,7 +604,7 @@ impl PointMap {
                     .ok_or("no run.applied point of the pivot")?,
                 true,
             ),
-            Kind::Offline => (commit, false),
+            Kind::Offline | Kind::LiveCatalog => (commit, false),
         };
         Ok(PointMap {
             points,
@@ -660,6 +706,9 @@ struct Suite {
     last_seq: BTreeMap<String, u64>,
     /// What the last seq check read (for the report).
     last_seq_note: String,
+    /// The btrfs of the current group, if it has one (after `guest`:
+    /// unmounted once QEMU is gone).
+    btrfs: Option<BtrfsLoop>,
 }
 
 impl Suite {
@@ -896,7 +945,21 @@ impl Suite {
                             sd.target, now, want
                         ));
                     }
-                    if sd.mode != DiskMode::No && old.as_ref() != Some(&sd.state_file) {
+                    if sd.mode == DiskMode::Reflink {
+                        let clone_dir = sd.state_file.parent().map(Path::to_path_buf);
+                        let img_dir = old.as_ref().and_then(|o| o.parent().map(Path::to_path_buf));
+                        if !(sd.state_file.is_file()
+                            && old.as_ref() != Some(&sd.state_file)
+                            && clone_dir == img_dir)
+                        {
+                            v.push(format!(
+                                "disk {}: reflink clone {} is not a new file beside {:?}",
+                                sd.target,
+                                sd.state_file.display(),
+                                old
+                            ));
+                        }
+                    } else if sd.mode != DiskMode::No && old.as_ref() != Some(&sd.state_file) {
                         v.push(format!(
                             "disk {}: snapshot state file {} is not the image it had ({:?})",
                             sd.target,
@@ -1533,6 +1596,8 @@ fn make_disks(dir: &Path, all_qcow2: bool) -> Result<Vec<(PathBuf, Format)>, Str
 /// snapshots, so one domain for all would slow every later point).
 struct Group {
     dom: &'static str,
+    /// The disks on a loop-mounted btrfs (reflink clones).
+    btrfs: bool,
     scenarios: &'static [&'static str],
     /// vda is raw, except in the offline group (its internal snapshots need qcow2).
     all_qcow2: bool,
@@ -1543,18 +1608,28 @@ struct Group {
 const GROUPS: &[Group] = &[
     Group {
         dom: "ga",
+        btrfs: false,
         scenarios: &["a"],
         all_qcow2: false,
         offline: false,
     },
     Group {
         dom: "gb",
+        btrfs: false,
         scenarios: &["b", "c"],
         all_qcow2: false,
         offline: false,
     },
     Group {
+        dom: "gr",
+        btrfs: true,
+        scenarios: &["r-mix", "r-only"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
         dom: "gd",
+        btrfs: false,
         scenarios: &["d-int", "d-ext"],
         all_qcow2: true,
         offline: true,
@@ -1566,8 +1641,16 @@ impl Suite {
     /// until the writer wrote every disk, then shut the guest off.
     fn start_group(&mut self, g: &Group) -> Result<(), String> {
         self.guest.kill()?;
+        self.btrfs = None;
         self.dom = g.dom.to_string();
-        self.disks = self.root.join(format!("disks-{}", g.dom));
+        self.disks = if g.btrfs {
+            let b = BtrfsLoop::create(&self.root, 1 << 30)?;
+            let d = b.mount.join(format!("disks-{}", g.dom));
+            self.btrfs = Some(b);
+            d
+        } else {
+            self.root.join(format!("disks-{}", g.dom))
+        };
         self.guest.dir = self.root.join(g.dom);
         self.last_seq.clear();
         let disks = make_disks(&self.disks, g.all_qcow2)?;
@@ -1700,6 +1783,7 @@ fn main() -> ExitCode {
         violations: Vec::new(),
         last_seq: BTreeMap::new(),
         last_seq_note: String::new(),
+        btrfs: None,
     };
     println!(
         "live crash suite{}: binaries from {}, scratch {}, guest build {:.1} s",
