@@ -329,7 +329,7 @@ fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
 fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
     json!({
         "name": s.name, "domain": s.domain, "description": s.description, "creation_time": s.creation_time,
-        "parent": s.parent, "state": s.state, "memory": if s.memory_internal { "internal" } else { "no" },
+        "parent": s.parent, "state": s.state, "memory": if s.memory_file.is_some() { "external" } else if s.memory_internal { "internal" } else { "no" }, "memory_file": s.memory_file,
         "quiesced": s.quiesced, "current": current,
         "disks": s.disks.iter().map(|d| json!({"target": d.target, "snapshot": d.mode.as_str(), "state_file": d.state_file, "overlay": d.overlay})).collect::<Vec<_>>(),
     })
@@ -509,10 +509,13 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
                 println!("State:       {}", s.state);
                 println!("Parent:      {}", s.parent.as_deref().unwrap_or("-"));
                 println!("Current:     {}", if cur { "yes" } else { "no" });
-                println!(
-                    "Memory:      {}",
-                    if s.memory_internal { "internal" } else { "no" }
-                );
+                match &s.memory_file {
+                    Some(f) => println!("Memory:      external ({})", f.display()),
+                    None => println!(
+                        "Memory:      {}",
+                        if s.memory_internal { "internal" } else { "no" }
+                    ),
+                }
                 println!("Quiesced:    {}", if s.quiesced { "yes" } else { "no" });
                 for d in &s.disks {
                     let o = d

@@ -2399,6 +2399,179 @@ fn guest_c_cases(root: &Path, scratch: &Path) {
         std::fs::remove_file(img("vda.x1.raw")).unwrap();
     });
 
+    case("memory_external_with_reflink_and_external", || {
+        let mem = disks.join("m1.mem");
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x2",
+                "--disk-only",
+                "--memory",
+                &format!("external:{}", s(&mem)),
+            ],
+        );
+        assert_refused(
+            "--disk-only with --memory external",
+            &o,
+            &["--disk-only", "--memory external"],
+        );
+        let taken = scratch.join("taken.mem");
+        std::fs::write(&taken, b"not ours").unwrap();
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x2",
+                "--memory",
+                &format!("external:{}", s(&taken)),
+            ],
+        );
+        assert_refused(
+            "an existing memory file",
+            &o,
+            &["taken.mem", "already exists", "--memory external:PATH"],
+        );
+        assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
+        assert!(qmp_status(&qc).0, "a refusal leaves the guest running");
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let pre = image_seq(&a, scratch);
+        let t = Instant::now();
+        let j = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "m1",
+                "--memory",
+                &format!("external:{}", s(&mem)),
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=reflink",
+            ],
+        )
+        .ok()
+        .json();
+        let took = t.elapsed();
+        let window = pause_window(&mut mon).expect("the guest was paused (STOP, RESUME)");
+        say!(
+            "m1: pause window {:.1} ms (memory {} MB to a file, 2 clones, 1 overlay); whole command {:.0} ms",
+            window.as_secs_f64() * 1000.0,
+            std::fs::metadata(&mem).map(|m| m.len() >> 20).unwrap_or(0),
+            took.as_secs_f64() * 1000.0
+        );
+        let steps = j["steps"].to_string();
+        assert!(steps.contains("memory state"), "{steps}");
+        assert_eq!(j["snapshot"]["memory"], "external");
+        assert_eq!(j["snapshot"]["memory_file"], s(&mem));
+        assert_eq!(j["snapshot"]["state"], "running");
+        assert!(qmp_status(&qc).0, "the guest runs again");
+        // A real migration stream, private to root.
+        let head = std::fs::read(&mem).unwrap();
+        assert_eq!(&head[..4], b"QEVM", "QEMU's migration magic");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&mem).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !files().iter().any(|f| f.starts_with(".vsnap-")),
+            "{:?}",
+            files()
+        );
+        let sa = image_seq(&img("vda.m1.raw"), scratch);
+        let sb = image_seq(&img("vdb.r1.qcow2"), scratch);
+        let sc = image_seq(&img("vdc.m1.raw"), scratch);
+        assert!(sa.seq >= pre.seq);
+        assert_one_instant("m1", &[("vda", &sa), ("vdb", &sb), ("vdc", &sc)]);
+        let xml = vsnap(&state, &["snapshot", "dumpxml", "vmc", "m1"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            xml.contains(&format!("<memory snapshot='external' file='{}'/>", s(&mem))),
+            "{xml}"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+        // The memory and the disks are one state: a new QEMU started from
+        // copies of the snapshot's disks and the memory file resumes the
+        // guest where it was (no boot), and its writer goes on from the
+        // snapshot's numbers, in the same boot.
+        let rdir = root.join("c-restore");
+        std::fs::create_dir(&rdir).unwrap();
+        let (ra, rb, rc) = (
+            rdir.join("vda.raw"),
+            rdir.join("vdb.qcow2"),
+            rdir.join("vdc.raw"),
+        );
+        run_ok("cp", &["--reflink=auto", s(&img("vda.m1.raw")), s(&ra)]);
+        run_ok("cp", &["--reflink=auto", s(&img("vdc.m1.raw")), s(&rc)]);
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-U",
+                "-O",
+                "qcow2",
+                s(&img("vdb.r1.qcow2")),
+                s(&rb),
+            ],
+        );
+        let restored = Guest::start(
+            "C-restored",
+            &root.join("c-restore-run"),
+            &["--qmp2", "--incoming", &format!("exec:cat {}", s(&mem))],
+            &[
+                Path::new(&format!("{}:raw", s(&ra))),
+                rb.as_path(),
+                Path::new(&format!("{}:raw", s(&rc))),
+            ],
+        );
+        let rq = restored.qmp();
+        wait_for("the memory state to load", Duration::from_secs(60), || {
+            qmp_try(&rq, "query-status", Value::Null)
+                .ok()
+                .filter(|v| v["status"] == "paused")
+        });
+        qmp(&rq, "cont");
+        let r = wait_for(
+            "the restored writer to go on",
+            Duration::from_secs(60),
+            || {
+                let q = image_seq(&ra, scratch);
+                (q.seq > sa.seq + 5).then_some(q)
+            },
+        );
+        assert_eq!(
+            r.boot, sa.boot,
+            "the restored guest booted again instead of resuming"
+        );
+        assert!(
+            !restored.console().contains("VSNAP-GUEST-READY"),
+            "the restored guest booted: {}",
+            restored.console()
+        );
+        let rb2 = image_seq(&rb, scratch);
+        assert!(rb2.seq > sb.seq, "vdb: {} <= {}", rb2.seq, sb.seq);
+        say!(
+            "m1 restored: writer went on from vda {} to {} (boot {})",
+            sa.seq,
+            r.seq,
+            r.boot
+        );
+        restored.kill();
+    });
+
     case("halt", || {
         let o = vsnap(
             &state,
@@ -2439,7 +2612,7 @@ fn guest_c_cases(root: &Path, scratch: &Path) {
         // Paused before the snapshot and never resumed: what the images
         // hold now is exactly the snapshot's instant.
         let ha = image_seq(&img("vda.h1.raw"), scratch);
-        let hb = image_seq(&img("vdb.r1.qcow2"), scratch);
+        let hb = image_seq(&img("vdb.m1.qcow2"), scratch);
         assert_one_instant("h1", &[("vda", &ha), ("vdb", &hb)]);
         assert_eq!(image_seq(&a, scratch), ha, "vda changed after the snapshot");
         assert_eq!(

@@ -418,7 +418,18 @@ pub fn observe_domain(
         }
     }
     let mut files: BTreeSet<PathBuf> = d.disks.iter().map(|x| x.source.clone()).collect();
+    let mut dirs = BTreeSet::new();
+    let mut memory_files = BTreeSet::new();
     for s in snaps {
+        if let Some(m) = &s.memory_file {
+            memory_files.insert(m.clone());
+            if let Some(p) = m.parent() {
+                dirs.insert(p.to_path_buf());
+            }
+            if m.is_file() {
+                o.existing.insert(m.clone());
+            }
+        }
         for sd in &s.disks {
             files.insert(sd.state_file.clone());
             if let Some(ov) = &sd.overlay {
@@ -426,7 +437,6 @@ pub fn observe_domain(
             }
         }
     }
-    let mut dirs = BTreeSet::new();
     for f in &files {
         if f.is_file() {
             o.existing.insert(f.clone());
@@ -541,6 +551,15 @@ pub fn compare_domain(
     }
     let mut internal_expected: BTreeMap<PathBuf, BTreeSet<&str>> = BTreeMap::new();
     for s in snaps {
+        if let Some(m) = &s.memory_file {
+            if !o.existing.contains(m) {
+                v.push(format!(
+                    "inv3: memory file {} of snapshot {:?} is missing",
+                    m.display(),
+                    s.name
+                ));
+            }
+        }
         for sd in &s.disks {
             match sd.mode {
                 DiskMode::No => {}

@@ -82,6 +82,46 @@ pub struct DomSnapshot {
     pub disks: Vec<DomSnapDisk>,
     /// The domain as it was when the snapshot was taken.
     pub domain_xml: String,
+    /// `--memory external:PATH`: the file holding the guest's memory state
+    /// (QEMU's migration stream). Appended: records written before it
+    /// existed are read as [`DomSnapshotV1`].
+    pub memory_file: Option<PathBuf>,
+}
+
+/// The layout of [`DomSnapshot`] before `memory_file` (still read).
+#[derive(Deserialize)]
+struct DomSnapshotV1 {
+    name: String,
+    domain: String,
+    description: Option<String>,
+    creation_time: i64,
+    parent: Option<String>,
+    seq: u64,
+    state: String,
+    memory_internal: bool,
+    quiesced: bool,
+    disks: Vec<DomSnapDisk>,
+    domain_xml: String,
+}
+
+fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
+    codec::decode::<DomSnapshot>(v).or_else(|e| {
+        let o: DomSnapshotV1 = codec::decode(v).map_err(|_| e)?;
+        Ok(DomSnapshot {
+            name: o.name,
+            domain: o.domain,
+            description: o.description,
+            creation_time: o.creation_time,
+            parent: o.parent,
+            seq: o.seq,
+            state: o.state,
+            memory_internal: o.memory_internal,
+            quiesced: o.quiesced,
+            disks: o.disks,
+            domain_xml: o.domain_xml,
+            memory_file: None,
+        })
+    })
 }
 
 /// What to do with one disk, as asked.
@@ -150,7 +190,7 @@ pub fn snapshots(j: &Journal, domain: &str) -> Result<Vec<DomSnapshot>> {
     prefix.push(0);
     let mut out: Vec<DomSnapshot> = Vec::new();
     for (k, v) in j.catalog_scan(DOMSNAPS, &prefix)? {
-        out.push(codec::decode(&v).map_err(|e| {
+        out.push(decode_snapshot(&v).map_err(|e| {
             EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
                 tree: DOMSNAPS.into(),
                 key: String::from_utf8_lossy(&k).replace('\0', "/"),
@@ -278,10 +318,16 @@ pub fn domainsnapshot_to_xml(s: &DomSnapshot, current: bool) -> String {
         "  <creationTime>{}</creationTime>\n",
         s.creation_time
     ));
-    x.push_str(&format!(
-        "  <memory snapshot='{}'/>\n",
-        if s.memory_internal { "internal" } else { "no" }
-    ));
+    match &s.memory_file {
+        Some(f) => x.push_str(&format!(
+            "  <memory snapshot='external' file='{}'/>\n",
+            esc(&f.to_string_lossy())
+        )),
+        None => x.push_str(&format!(
+            "  <memory snapshot='{}'/>\n",
+            if s.memory_internal { "internal" } else { "no" }
+        )),
+    }
     x.push_str("  <disks>\n");
     for d in &s.disks {
         match (&d.mode, &d.overlay) {
@@ -426,11 +472,6 @@ impl Engine {
                 d.name
             )));
         }
-        if let Some(MemoryChoice::External(_)) = req.memory {
-            return Err(EngineError::Invalid(
-                "external memory snapshots are not supported yet; use --memory internal, or --disk-only".into(),
-            ));
-        }
         let state = self.domain_state(&d)?;
         let live_guest = state != DomState::Shutoff;
         if req.live && !live_guest {
@@ -453,11 +494,31 @@ impl Engine {
                 )))
             }
             (Some(MemoryChoice::Internal), true, false) => true,
+            (Some(MemoryChoice::External(_)), _, true) => {
+                return Err(EngineError::Invalid(
+                    "--disk-only and --memory external:PATH contradict each other".into(),
+                ))
+            }
+            (Some(MemoryChoice::External(_)), false, _) => {
+                return Err(EngineError::Invalid(format!(
+                    "a memory snapshot needs a running guest; domain {:?} is shut off",
+                    d.name
+                )))
+            }
             (None, true, false) => true, // libvirt's default for a running guest: a full checkpoint
             _ => false,
         };
+        let memory_file: Option<PathBuf> = match &req.memory {
+            Some(MemoryChoice::External(p)) if p.is_absolute() => Some(p.clone()),
+            Some(MemoryChoice::External(p)) => Some(
+                std::env::current_dir()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|_| p.clone()),
+            ),
+            _ => None,
+        };
         if req.quiesce {
-            if memory {
+            if memory || memory_file.is_some() {
                 return Err(EngineError::Invalid("--quiesce needs --disk-only (a memory snapshot of a frozen guest would restore it frozen)".into()));
             }
             if state != DomState::Running {
@@ -689,6 +750,54 @@ impl Engine {
             }
         }
 
+        if let Some(mf) = &memory_file {
+            if std::fs::symlink_metadata(mf).is_ok() {
+                return Err(EngineError::Invalid(format!(
+                    "memory file {} already exists; vsnap never overwrites a file it did not create: \
+                     choose another --memory external:PATH",
+                    mf.display()
+                )));
+            }
+            if chosen
+                .iter()
+                .any(|c| c.overlay.as_deref() == Some(mf.as_path()))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "memory file {} is also a disk's new file; choose another --memory external:PATH",
+                    mf.display()
+                )));
+            }
+            let dir = mf.parent().unwrap_or(Path::new("/"));
+            if !dir.is_dir() {
+                return Err(EngineError::Invalid(format!(
+                    "directory {} for the memory file does not exist",
+                    dir.display()
+                )));
+            }
+            crate::volume::check_writable(dir).map_err(|_| {
+                EngineError::Invalid(format!(
+                    "directory {} for the memory file is not writable; choose another --memory external:PATH",
+                    dir.display()
+                ))
+            })?;
+            let qmp = d.qmp.clone().expect("a live guest has a monitor");
+            let ram = live::qmp(&qmp)
+                .and_then(|mut q| q.execute("query-memory-size-summary", Value::Null))
+                .map_err(EngineError::Check)?["base-memory"]
+                .as_u64()
+                .unwrap_or(0);
+            let free = vsnap_steps::clone::available_space(dir).map_err(EngineError::Check)?;
+            if free < ram {
+                return Err(EngineError::Invalid(format!(
+                    "the memory file needs up to {} MiB (the guest's RAM) and {} has {} MiB free; \
+                     choose another --memory external:PATH",
+                    ram >> 20,
+                    dir.display(),
+                    free >> 20
+                )));
+            }
+        }
+
         let tag = temp_tag8();
         let mut steps = Vec::new();
         let pivot;
@@ -794,9 +903,25 @@ impl Engine {
                 // Raw disks cloned outside QEMU, and --halt, need the
                 // guest's CPUs stopped (QEMU drains and flushes every disk
                 // on `stop`); a paused guest is paused already.
-                let pause = state == DomState::Running && (has_reflink || req.halt);
+                let pause = state == DomState::Running
+                    && (has_reflink || req.halt || memory_file.is_some());
                 if pause {
                     steps.push(Step::QmpStop { qmp: qmp.clone() });
+                }
+                if let Some(mf) = &memory_file {
+                    // The paused guest's memory, then the disks at the
+                    // same instant (nothing runs in between).
+                    let tmp = fsops::temp_path(mf, &tag);
+                    steps.push(Step::QmpMigrateToFile {
+                        qmp: qmp.clone(),
+                        fdname: format!("vsnap-{tag}"),
+                        path: tmp.clone(),
+                    });
+                    steps.push(Step::Rename {
+                        from: tmp,
+                        to: mf.clone(),
+                        replace: false,
+                    });
                 }
                 push_clones(&mut steps, &chosen, &tag);
                 pivot = steps.len() as u32;
@@ -821,7 +946,11 @@ impl Engine {
                         steps.push(Step::AgentThaw { agent: a });
                     }
                 }
-                snap_state = "disk-snapshot".into();
+                snap_state = if memory_file.is_some() {
+                    state.as_str().to_string()
+                } else {
+                    "disk-snapshot".into()
+                };
             }
         } else {
             for c in &chosen {
@@ -893,6 +1022,7 @@ impl Engine {
                 )
                 .collect(),
             domain_xml: domain_to_xml(&d),
+            memory_file: memory_file.clone(),
         };
         let mut catalog = Vec::new();
         if !req.no_metadata {
@@ -903,6 +1033,8 @@ impl Engine {
         catalog.push(put_domain(&new_dom));
         let kind = if memory {
             "internal snapshot with memory"
+        } else if memory_file.is_some() {
+            "live snapshot with external memory"
         } else if live_guest {
             "live disk-only snapshot"
         } else {
@@ -1035,6 +1167,7 @@ mod tests {
                 overlay: None,
             }],
             domain_xml: String::new(),
+            memory_file: None,
         };
         let x = domainsnapshot_to_xml(&snap, true);
         assert!(x.contains("<disk name='vdb' snapshot='manual'>"), "{x}");
@@ -1050,6 +1183,43 @@ mod tests {
             default_clone(Path::new("/vm/vdb.raw"), "s1"),
             Path::new("/vm/vdb.s1.raw")
         );
+    }
+
+    #[test]
+    fn reads_snapshots_written_before_memory_file() {
+        #[derive(Serialize)]
+        struct Old {
+            name: String,
+            domain: String,
+            description: Option<String>,
+            creation_time: i64,
+            parent: Option<String>,
+            seq: u64,
+            state: String,
+            memory_internal: bool,
+            quiesced: bool,
+            disks: Vec<DomSnapDisk>,
+            domain_xml: String,
+        }
+        let old = Old {
+            name: "s1".into(),
+            domain: "d".into(),
+            description: None,
+            creation_time: 7,
+            parent: None,
+            seq: 3,
+            state: "disk-snapshot".into(),
+            memory_internal: false,
+            quiesced: true,
+            disks: vec![],
+            domain_xml: "<domain/>".into(),
+        };
+        let s = decode_snapshot(&codec::encode(&old)).unwrap();
+        assert_eq!((s.name.as_str(), s.seq, s.quiesced), ("s1", 3, true));
+        assert_eq!(s.memory_file, None);
+        let mut new = s.clone();
+        new.memory_file = Some("/vm/m.mem".into());
+        assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
     }
 
     #[test]

@@ -147,6 +147,17 @@ pub enum Step {
     /// snapshot). Retriable: a monitor that no longer answers (socket
     /// missing or refusing) means done. Probe: Applied when no QEMU answers.
     QmpQuit { qmp: PathBuf },
+    /// The memory state of the (paused) guest into `path`, a new file of
+    /// mode 0600 (a temporary name: a later Rename moves it into place):
+    /// QMP `getfd` `fdname` with the file's descriptor over the socket,
+    /// `migrate` to `fd:<fdname>`, wait for `completed`, fsync.
+    /// Probe: `path` starts with `QEVM` and QEMU's migration is completed.
+    /// Undo: cancel a migration still going on, remove `path`.
+    QmpMigrateToFile {
+        qmp: PathBuf,
+        fdname: String,
+        path: PathBuf,
+    },
 }
 
 impl Step {
@@ -172,6 +183,7 @@ impl Step {
             Step::QmpSnapshotTransaction { .. } => "qmp-transaction",
             Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
             Step::QmpQuit { .. } => "qmp-quit",
+            Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
         }
     }
 
@@ -305,6 +317,11 @@ impl Step {
                 devices.join(", ")
             ),
             Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QmpMigrateToFile { qmp, path, .. } => format!(
+                "QMP {}: memory state (migration stream) to {}",
+                qmp.display(),
+                path.display()
+            ),
         }
     }
 
@@ -459,6 +476,9 @@ impl Step {
                 devices,
                 ..
             } => crate::live::snapshot_save_probe(qmp, job, tag, devices),
+            Step::QmpMigrateToFile { qmp, path, .. } => {
+                crate::live::migrate_to_file_probe(qmp, path)
+            }
             Step::QmpQuit { qmp } => Ok(if crate::live::gone(qmp)? {
                 Probe::Applied
             } else {
@@ -596,6 +616,9 @@ impl Step {
                 devices,
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
             Step::QmpQuit { qmp } => crate::live::quit(qmp),
+            Step::QmpMigrateToFile { qmp, fdname, path } => {
+                crate::live::migrate_to_file(qmp, fdname, path)
+            }
         }
     }
 
@@ -658,6 +681,9 @@ impl Step {
             Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_del(qmp, node),
             Step::AgentFreeze { agent } => crate::live::thaw(agent),
             Step::QmpStop { qmp } => crate::live::cont_unless_gone(qmp),
+            Step::QmpMigrateToFile { qmp, fdname, path } => {
+                crate::live::migrate_to_file_undo(qmp, fdname, path)
+            }
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }

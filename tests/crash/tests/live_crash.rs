@@ -26,6 +26,11 @@
 //!   cont); `r-only` live, vda a reflink clone alone (the pivot is the
 //!   catalog write). After every point the guest must be running (not
 //!   left paused) and no temporary clone left;
+//! * domain `gm` (as `ga`, new): `mem` live with the memory state to a
+//!   file (`--memory external:PATH`: stop, QEMU's migration stream to a
+//!   temporary file through `getfd` + `migrate fd:`, rename, the
+//!   transaction as the pivot, cont), vda+vdb; the memory file is checked
+//!   with the snapshot (present when committed, no temporary left);
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -519,6 +524,23 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["run.started.{pivot}#1"],
         },
         Scenario {
+            key: "mem",
+            title: "live, memory to a file (migrate to fd:), vda+vdb external",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--memory",
+                "external:{disks}/{name}.mem",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &[
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+            ],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
             key: "d-ext",
             title: "offline external, all disks (guest shut off)",
             kind: Kind::Offline,
@@ -799,7 +821,11 @@ impl Suite {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        a.extend(sc.flags.iter().map(|s| s.to_string()));
+        // `{disks}`: the group's disks directory; `{name}`: the snapshot's name.
+        a.extend(sc.flags.iter().map(|s| {
+            s.replace("{disks}", &self.disks.to_string_lossy())
+                .replace("{name}", name)
+        }));
         a
     }
 
@@ -1624,6 +1650,13 @@ const GROUPS: &[Group] = &[
         dom: "gr",
         btrfs: true,
         scenarios: &["r-mix", "r-only"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gm",
+        btrfs: false,
+        scenarios: &["mem"],
         all_qcow2: false,
         offline: false,
     },
