@@ -19,7 +19,16 @@
 //!   kernel runs (no CPU): it is attached (`-blockdev` names), snapshotted
 //!   while paused (it stays paused), then killed for the dead-socket case.
 //!
-//! Both QEMUs are killed (SIGKILL) by a drop guard, even on panic.
+//! * guest C (after A and B are killed: raw vda and vdc, qcow2 vdb, all on
+//!   a loop-mounted btrfs, the writer running) carries the reflink cases
+//!   (clones and an overlay inside one pause, its window read from QEMU's
+//!   STOP/RESUME events on a second monitor; a paused guest; bad input),
+//!   `--memory external:PATH` (the file restored into a new QEMU with
+//!   `-incoming`, which resumes the guest without a boot), and `--halt`
+//!   (vsnap killed before the quit, recovery finishes it), then offline
+//!   reflink clones of the shut-off guest.
+//!
+//! Every QEMU is killed (SIGKILL) by a drop guard, even on panic.
 //!
 //! Problems that need not stop the other cases (an error message that
 //! names a flag the command does not have) are collected and fail the test
@@ -1005,7 +1014,7 @@ fn live_domains() {
     // Guest C runs alone: A and B are done.
     guest_a.kill();
     guest_b.kill();
-    guest_c_cases(&root, &scratch);
+    guest_c_cases(&root, &scratch, &fp_vsnap);
 
     let took = t0.elapsed();
     say!("all cases done in {:.1} s", took.as_secs_f64());
@@ -2060,7 +2069,7 @@ fn pause_window(mon: &mut vsnap_steps::qmp::Qmp) -> Option<Duration> {
 /// writer running. Reflink clones of the raw disks inside one pause
 /// (with vdb's external overlay switched in the same pause), a paused
 /// guest that stays paused, bad input, and `--halt` last (QEMU exits).
-fn guest_c_cases(root: &Path, scratch: &Path) {
+fn guest_c_cases(root: &Path, scratch: &Path, fp_vsnap: &Path) {
     let mnt = root.join("c-btrfs");
     let _m = Mount::btrfs(&root.join("c-btrfs.img"), &mnt, "512M");
     let disks = mnt.join("disks");
@@ -2572,25 +2581,24 @@ fn guest_c_cases(root: &Path, scratch: &Path) {
         restored.kill();
     });
 
-    case("halt", || {
-        let o = vsnap(
-            &state,
-            &[
-                "--json",
-                "snapshot",
-                "create",
-                "vmc",
-                "h1",
-                "--disk-only",
-                "--halt",
-                "--disk",
-                "vda=reflink",
-                "--disk",
-                "vdc=no",
-            ],
-        );
-        let j = o.ok().json();
-        let steps: Vec<String> = j["steps"]
+    case("halt_killed_before_quit_then_recovered", || {
+        let args = [
+            "snapshot",
+            "create",
+            "vmc",
+            "h1",
+            "--disk-only",
+            "--halt",
+            "--disk",
+            "vda=reflink",
+            "--disk",
+            "vdc=no",
+        ];
+        let mut dry_args = vec!["--json"];
+        dry_args.extend_from_slice(&args);
+        dry_args.push("--dry-run");
+        let dry = vsnap(&state, &dry_args).ok().json();
+        let steps: Vec<String> = dry["steps"]
             .as_array()
             .unwrap()
             .iter()
@@ -2600,10 +2608,31 @@ fn guest_c_cases(root: &Path, scratch: &Path) {
             steps.last().unwrap().contains("retriable") && steps.last().unwrap().contains("quits"),
             "{steps:#?}"
         );
+        assert!(steps.iter().any(|x| x.contains("(stop)")), "{steps:#?}");
         assert!(!steps.iter().any(|x| x.contains("(cont)")), "{steps:#?}");
+        // vsnap dies after the pivot, just before QEMU is told to quit:
+        // the snapshot is taken, the guest paused; recovery finishes the halt.
+        let (o, sig) = vsnap_env(
+            fp_vsnap,
+            &state,
+            &args,
+            &[("VSNAP_CRASH_AT", Path::new("step.qmp-quit.before"))],
+        );
+        assert_eq!(sig, Some(9), "vsnap was not killed before quit: {o:?}");
+        assert!(guest.alive());
+        assert_eq!(
+            qmp_status(&qc),
+            (false, "paused".into()),
+            "paused, not resumed"
+        );
+        let r = vsnap_recover(&state, &["--json"]).ok().json();
+        assert_eq!(r["plans"][0]["outcome"], "committed", "{r}");
         wait_for("QEMU to exit after --halt", Duration::from_secs(30), || {
             (!guest.alive()).then_some(())
         });
+        vsnap_recover(&state, &[])
+            .ok()
+            .stdout_has(&["nothing to recover"]);
         let info = vsnap(&state, &["--json", "domain", "info", "vmc"])
             .ok()
             .json();
@@ -2620,6 +2649,42 @@ fn guest_c_cases(root: &Path, scratch: &Path) {
             hb,
             "vdb changed after the snapshot"
         );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+
+    case("offline_reflink_and_halt_on_a_shut_off_guest", || {
+        let j = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "h2",
+                "--halt",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=reflink",
+            ],
+        )
+        .ok()
+        .json();
+        let steps = j["steps"].to_string();
+        assert!(
+            !steps.contains("QMP") && steps.contains("reflink"),
+            "an offline plan: {steps}"
+        );
+        assert_eq!(j["snapshot"]["state"], "shutoff");
+        for (clone, img0) in [("vda.h2.raw", &a), ("vdc.h2.raw", &c)] {
+            assert_eq!(
+                std::fs::read(img(clone)).unwrap(),
+                std::fs::read(img0).unwrap(),
+                "{clone} is not a copy of its image"
+            );
+        }
         vsnap(&state, &["domain", "check", "vmc"]).ok();
     });
     drop(guest);
