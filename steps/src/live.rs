@@ -343,21 +343,29 @@ pub const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// QMP `quit`, then wait until the monitor no longer answers. A QEMU that
 /// is gone already is success (the step is retried after a crash).
 pub fn quit(qmp_path: &Path) -> StepResult<()> {
-    let mut q = match qmp(qmp_path) {
-        Ok(q) => q,
+    match qmp(qmp_path) {
+        Ok(mut q) => {
+            failpoint::hit("step.qmp-quit.before");
+            match q.quit() {
+                Ok(()) => {}
+                // Closed under us: it is going away.
+                Err(e) if qmp_error_is_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    failpoint::hit("step.qmp-quit.before");
-    match q.quit() {
-        Ok(()) => {}
-        // Closed under us: it is going away.
-        Err(e) if qmp_error_is_gone(&e) => {}
+        // Accepted and closed before a greeting: QEMU is exiting already.
+        Err(StepError::QmpClosed { .. }) => {}
         Err(e) => return Err(e),
     }
-    drop(q);
     let deadline = std::time::Instant::now() + QUIT_TIMEOUT;
-    while !gone(qmp_path)? {
+    loop {
+        match gone(qmp_path) {
+            Ok(true) => break,
+            // While QEMU exits it may still accept and then close.
+            Ok(false) | Err(StepError::QmpClosed { .. }) => {}
+            Err(e) => return Err(e),
+        }
         if std::time::Instant::now() > deadline {
             return Err(StepError::Invalid(format!(
                 "QEMU still answers on {} {} s after quit",
