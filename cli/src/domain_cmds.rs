@@ -71,9 +71,12 @@ pub enum SnapCmd {
     /// Snapshot a domain: all chosen disks at one instant.
     ///
     /// A running guest: with --disk-only, external overlays switched by one
-    /// atomic QMP transaction (the guest keeps running); without it, an
-    /// internal snapshot with memory (QEMU's snapshot-save). A shut-off
-    /// guest: qemu-img per disk (internal for qcow2, external for raw).
+    /// atomic QMP transaction (the guest keeps running; --disk T=reflink
+    /// clones a raw disk on btrfs/xfs inside a short pause instead); without
+    /// it, an internal snapshot with memory (QEMU's snapshot-save), or with
+    /// --memory external:PATH the memory state to PATH and the disks at the
+    /// same instant. A shut-off guest: qemu-img per disk (internal for
+    /// qcow2, external for raw).
     Create {
         /// The domain's name.
         domain: String,
