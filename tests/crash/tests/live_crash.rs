@@ -24,8 +24,11 @@
 //!   new): `r-mix` live, vda a reflink clone and vdb an external overlay
 //!   inside one pause (stop, clone, rename, the transaction as the pivot,
 //!   cont); `r-only` live, vda a reflink clone alone (the pivot is the
-//!   catalog write). After every point the guest must be running (not
-//!   left paused) and no temporary clone left;
+//!   catalog write); `r-halt` live `--halt` (vda reflink, vdb external:
+//!   stop, clone, the transaction, QMP quit). After every point the guest
+//!   must be running (not left paused) and no temporary clone left, except
+//!   after a committed `--halt`: then QEMU must be gone (it is booted again
+//!   on the catalog's images for the next point);
 //! * domain `gm` (as `ga`, new): `mem` live with the memory state to a
 //!   file (`--memory external:PATH`: stop, QEMU's migration stream to a
 //!   temporary file through `getfd` + `migrate fd:`, rename, the
@@ -524,6 +527,22 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["run.started.{pivot}#1"],
         },
         Scenario {
+            key: "r-halt",
+            title: "live --halt, vda reflink + vdb external (stop, ..., quit)",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--halt",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &["step.qmp-transaction.after#1"],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
             key: "mem",
             title: "live, memory to a file (migrate to fd:), vda+vdb external",
             kind: Kind::LiveExternal,
@@ -782,6 +801,9 @@ impl Suite {
     /// The state before a run; the writer's numbers only with `want_seq`
     /// (they matter only when the snapshot may commit).
     fn before(&mut self, live: bool, chosen: &[String], want_seq: bool) -> Result<Before, String> {
+        if live {
+            self.ensure_guest()?;
+        }
         let t = Instant::now();
         let (dom, snaps, plans) = self.domain()?;
         let listing = listing(&self.disks)?;
@@ -1016,7 +1038,25 @@ impl Suite {
         }
         // The guest.
         let t = Instant::now();
-        if live {
+        if live && committed && sc.flags.contains(&"--halt") {
+            // --halt: shut off afterwards (QEMU quit), never left paused.
+            match self.guest.pid {
+                Some(pid) if proc_alive(pid) && !wait_gone(pid, Duration::from_secs(30)) => v.push(
+                    format!("inv1: --halt committed, but QEMU (pid {pid}) still runs"),
+                ),
+                _ => {}
+            }
+            match live::qmp(&self.guest.qmp()) {
+                Err(
+                    vsnap_steps::StepError::QmpNoSocket { .. }
+                    | vsnap_steps::StepError::QmpConnect { .. },
+                ) => {}
+                Ok(_) => {
+                    v.push("inv1: --halt committed, but QEMU still answers on its monitor".into())
+                }
+                Err(e) => v.push(format!("inv1: after --halt: {e}")),
+            }
+        } else if live {
             match live::qmp(&self.guest.qmp()).and_then(|mut q| q.query_status()) {
                 Ok((true, _)) => {}
                 Ok((false, st)) => v.push(format!("inv1: the guest is {st}, not running")),
@@ -1446,8 +1486,22 @@ impl Suite {
         }
     }
 
+    /// A guest that a committed `--halt` shut off boots again on the
+    /// catalog's images (the next point needs a running guest).
+    fn ensure_guest(&mut self) -> Result<(), String> {
+        if self.guest.pid.is_some_and(proc_alive) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.guest.pid = None;
+        self.boot_catalog()?;
+        self.took("reboots after --halt", t);
+        Ok(())
+    }
+
     /// The writer goes on, on the catalog's images (read with -U), within 60 s.
-    fn writer_progress(&self) -> Result<String, String> {
+    fn writer_progress(&mut self) -> Result<String, String> {
+        self.ensure_guest()?;
         let (d, _, _) = self.domain()?;
         let disk = d.disks.first().ok_or("no disk")?;
         let (s0, _) = image_seq(&self.root, &disk.source, None)?;
@@ -1649,7 +1703,7 @@ const GROUPS: &[Group] = &[
     Group {
         dom: "gr",
         btrfs: true,
-        scenarios: &["r-mix", "r-only"],
+        scenarios: &["r-mix", "r-only", "r-halt"],
         all_qcow2: false,
         offline: false,
     },
