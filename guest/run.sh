@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boot the vsnap test guest in the background.
 #
-#   guest/run.sh [-d DIR] [--blockdev] [-m MB] [--append 'ARGS'] [--qmp2] DISK...
+#   guest/run.sh [-d DIR] [--blockdev] [-m MB] [--append 'ARGS'] [--qmp2] [--incoming URI] DISK...
 #
 # DISK is PATH or PATH:FORMAT (raw|qcow2; default: qcow2 when the file has
 # the qcow2 magic, else raw). Disks become vda, vdb, ... in the order given.
@@ -25,6 +25,9 @@
 # Kernel options: console=ttyS0 quiet panic=-1 (a panic ends QEMU, with
 # -no-reboot) cryptomgr.notests (skips the crypto self-tests: ~1 s less boot
 # under TCG), then --append's.
+# --incoming URI: QEMU's -incoming (e.g. 'exec:cat FILE' for a memory state
+# vsnap saved with --memory external:FILE): the guest resumes from that
+# state instead of booting (same -m and disks as when it was saved).
 # Does not wait for the guest: poll console.log for VSNAP-GUEST-READY.
 set -euo pipefail
 
@@ -62,7 +65,7 @@ disk_name() { # 0 -> vda, 25 -> vdz, 26 -> vdaa (as Linux names them)
     echo "vd$s"
 }
 
-DIR="" BLOCKDEV=0 MEM=256 APPEND="" QMP2=0
+DIR="" BLOCKDEV=0 MEM=256 APPEND="" QMP2=0 INCOMING=""
 DISKS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -71,6 +74,7 @@ while [ $# -gt 0 ]; do
     --blockdev) BLOCKDEV=1; shift ;;
     --append) APPEND=$2; shift 2 ;;
     --qmp2) QMP2=1; shift ;;
+    --incoming) INCOMING=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) DISKS+=("$1"); shift ;;
@@ -140,6 +144,7 @@ for spec in "${DISKS[@]}"; do
     fi
     i=$((i + 1))
 done
+[ -n "$INCOMING" ] && args+=(-incoming "$INCOMING")
 args+=(-pidfile "$DIR/qemu.pid" -daemonize)
 
 printf '%q ' "${args[@]}" >"$DIR/cmdline"

@@ -71,9 +71,12 @@ pub enum SnapCmd {
     /// Snapshot a domain: all chosen disks at one instant.
     ///
     /// A running guest: with --disk-only, external overlays switched by one
-    /// atomic QMP transaction (the guest keeps running); without it, an
-    /// internal snapshot with memory (QEMU's snapshot-save). A shut-off
-    /// guest: qemu-img per disk (internal for qcow2, external for raw).
+    /// atomic QMP transaction (the guest keeps running; --disk T=reflink
+    /// clones a raw disk on btrfs/xfs inside a short pause instead); without
+    /// it, an internal snapshot with memory (QEMU's snapshot-save), or with
+    /// --memory external:PATH the memory state to PATH and the disks at the
+    /// same instant. A shut-off guest: qemu-img per disk (internal for
+    /// qcow2, external for raw).
     Create {
         /// The domain's name.
         domain: String,
@@ -94,7 +97,9 @@ pub enum SnapCmd {
         /// internal (memory inside the disks, QEMU's snapshot-save) or external:PATH.
         #[arg(long, value_name = "internal|external:PATH")]
         memory: Option<String>,
-        /// Per disk: TARGET=external[:PATH]|internal|no (TARGET or the image's path).
+        /// Per disk: TARGET=external[:PATH]|reflink[:PATH]|internal|no (TARGET or the
+        /// image's path). reflink: a copy-on-write clone of a raw image
+        /// (btrfs, xfs), taken while a running guest is paused.
         #[arg(long = "disk", value_name = "TARGET=SPEC")]
         disks: Vec<String>,
         /// Take the request from <domainsnapshot> XML (libvirt's format);
@@ -110,7 +115,8 @@ pub enum SnapCmd {
         /// Use overlays that already exist (backed by the disks' images).
         #[arg(long)]
         reuse_external: bool,
-        /// Stop the guest afterwards (not supported yet).
+        /// Shut the guest off after the snapshot (QMP quit; a running guest
+        /// is paused for the snapshot and never resumed).
         #[arg(long)]
         halt: bool,
         /// Print the plan; change nothing.
@@ -304,15 +310,20 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
 
 fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
     let Some((who, spec)) = s.split_once('=') else {
-        bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no");
+        bail!("--disk {s:?}: expected TARGET=external[:PATH]|reflink[:PATH]|internal|no");
     };
     let choice = match spec {
         "no" => DiskChoice::No,
         "internal" => DiskChoice::Internal,
         "external" => DiskChoice::External(None),
-        _ => match spec.strip_prefix("external:") {
-            Some(p) if !p.is_empty() => DiskChoice::External(Some(PathBuf::from(p))),
-            _ => bail!("--disk {s:?}: expected TARGET=external[:PATH]|internal|no"),
+        "reflink" => DiskChoice::Reflink(None),
+        _ => match (
+            spec.strip_prefix("external:"),
+            spec.strip_prefix("reflink:"),
+        ) {
+            (Some(p), _) if !p.is_empty() => DiskChoice::External(Some(PathBuf::from(p))),
+            (_, Some(p)) if !p.is_empty() => DiskChoice::Reflink(Some(PathBuf::from(p))),
+            _ => bail!("--disk {s:?}: expected TARGET=external[:PATH]|reflink[:PATH]|internal|no"),
         },
     };
     Ok((who.to_string(), choice))
@@ -321,7 +332,7 @@ fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
 fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
     json!({
         "name": s.name, "domain": s.domain, "description": s.description, "creation_time": s.creation_time,
-        "parent": s.parent, "state": s.state, "memory": if s.memory_internal { "internal" } else { "no" },
+        "parent": s.parent, "state": s.state, "memory": if s.memory_file.is_some() { "external" } else if s.memory_internal { "internal" } else { "no" }, "memory_file": s.memory_file,
         "quiesced": s.quiesced, "current": current,
         "disks": s.disks.iter().map(|d| json!({"target": d.target, "snapshot": d.mode.as_str(), "state_file": d.state_file, "overlay": d.overlay})).collect::<Vec<_>>(),
     })
@@ -501,10 +512,13 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
                 println!("State:       {}", s.state);
                 println!("Parent:      {}", s.parent.as_deref().unwrap_or("-"));
                 println!("Current:     {}", if cur { "yes" } else { "no" });
-                println!(
-                    "Memory:      {}",
-                    if s.memory_internal { "internal" } else { "no" }
-                );
+                match &s.memory_file {
+                    Some(f) => println!("Memory:      external ({})", f.display()),
+                    None => println!(
+                        "Memory:      {}",
+                        if s.memory_internal { "internal" } else { "no" }
+                    ),
+                }
                 println!("Quiesced:    {}", if s.quiesced { "yes" } else { "no" });
                 for d in &s.disks {
                     let o = d

@@ -19,7 +19,16 @@
 //!   kernel runs (no CPU): it is attached (`-blockdev` names), snapshotted
 //!   while paused (it stays paused), then killed for the dead-socket case.
 //!
-//! Both QEMUs are killed (SIGKILL) by a drop guard, even on panic.
+//! * guest C (after A and B are killed: raw vda and vdc, qcow2 vdb, all on
+//!   a loop-mounted btrfs, the writer running) carries the reflink cases
+//!   (clones and an overlay inside one pause, its window read from QEMU's
+//!   STOP/RESUME events on a second monitor; a paused guest; bad input),
+//!   `--memory external:PATH` (the file restored into a new QEMU with
+//!   `-incoming`, which resumes the guest without a boot), and `--halt`
+//!   (vsnap killed before the quit, recovery finishes it), then offline
+//!   reflink clones of the shut-off guest.
+//!
+//! Every QEMU is killed (SIGKILL) by a drop guard, even on panic.
 //!
 //! Problems that need not stop the other cases (an error message that
 //! names a flag the command does not have) are collected and fail the test
@@ -1001,6 +1010,11 @@ fn live_domains() {
             join_silent,
         );
     });
+
+    // Guest C runs alone: A and B are done.
+    guest_a.kill();
+    guest_b.kill();
+    guest_c_cases(&root, &scratch, &fp_vsnap);
 
     let took = t0.elapsed();
     say!("all cases done in {:.1} s", took.as_secs_f64());
@@ -2035,4 +2049,643 @@ fn guest_a_cases(
             std::fs::remove_file(&raw).unwrap();
         }
     });
+}
+
+/// The `STOP` and `RESUME` events a second monitor saw: the pause window
+/// (QEMU's own timestamps), or None when the guest was not paused.
+fn pause_window(mon: &mut vsnap_steps::qmp::Qmp) -> Option<Duration> {
+    let ev = mon.poll_events().expect("events on the second monitor");
+    let stop = ev.iter().find(|e| e.name == "STOP")?;
+    let resume = ev.iter().find(|e| e.name == "RESUME").unwrap_or_else(|| {
+        panic!(
+            "STOP without RESUME: {:?}",
+            ev.iter().map(|e| &e.name).collect::<Vec<_>>()
+        )
+    });
+    Some(resume.timestamp.since(&stop.timestamp))
+}
+
+/// Guest C: vda and vdc raw, vdb qcow2, all on a loop-mounted btrfs, the
+/// writer running. Reflink clones of the raw disks inside one pause
+/// (with vdb's external overlay switched in the same pause), a paused
+/// guest that stays paused, bad input, and `--halt` last (QEMU exits).
+fn guest_c_cases(root: &Path, scratch: &Path, fp_vsnap: &Path) {
+    let mnt = root.join("c-btrfs");
+    let _m = Mount::btrfs(&root.join("c-btrfs.img"), &mnt, "512M");
+    let disks = mnt.join("disks");
+    std::fs::create_dir(&disks).unwrap();
+    let img = |name: &str| disks.join(name);
+    for t in ["vda", "vdc"] {
+        let raw = img(&format!("{t}.raw"));
+        run_ok("truncate", &["-s", "64M", s(&raw)]);
+        run_ok("mkfs.ext4", &["-q", "-F", s(&raw)]);
+    }
+    make_ext4_qcow2(&img("vdb.qcow2"));
+    let a = img("vda.raw");
+    let b = img("vdb.qcow2");
+    let c = img("vdc.raw");
+    let guest = Guest::start(
+        "C",
+        &root.join("c-run"),
+        &["--qmp2"],
+        &[
+            Path::new(&format!("{}:raw", s(&a))),
+            b.as_path(),
+            Path::new(&format!("{}:raw", s(&c))),
+        ],
+    );
+    let state = root.join("state-c");
+    let qc = guest.qmp();
+    let boot = guest.wait_console("VSNAP-WRITER start", Duration::from_secs(180));
+    say!("guest C writing (waited {:.1} s)", boot.as_secs_f64());
+    vsnap(
+        &state,
+        &[
+            "domain",
+            "attach",
+            "vmc",
+            "--qmp",
+            s(&qc),
+            "--agent",
+            s(&guest.qga()),
+        ],
+    )
+    .ok();
+    let pre = wait_for(
+        "the writer's numbers on vda",
+        Duration::from_secs(60),
+        || {
+            let q = image_seq(&a, scratch);
+            (q.seq >= 10).then_some(q)
+        },
+    );
+    let files = || -> BTreeSet<String> {
+        std::fs::read_dir(&disks)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+
+    case("reflink_live_quiesced_with_external", || {
+        let args = [
+            "snapshot",
+            "create",
+            "vmc",
+            "r1",
+            "--live",
+            "--disk-only",
+            "--quiesce",
+            "--disk",
+            "vda=reflink",
+            "--disk",
+            "vdc=reflink",
+        ];
+        // The plan: overlay work first, then freeze, stop, the clones,
+        // the transaction as the pivot, cont, thaw.
+        let mut dry_args = vec!["--json"];
+        dry_args.extend_from_slice(&args);
+        dry_args.push("--dry-run");
+        let dry = vsnap(&state, &dry_args).ok().json();
+        let steps: Vec<&str> = dry["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
+        let at = |w: &str| {
+            steps
+                .iter()
+                .position(|x| x.contains(w))
+                .unwrap_or_else(|| panic!("no step with {w:?}: {steps:#?}"))
+        };
+        let pivot = at("[PIVOT");
+        assert!(steps[pivot].contains("transaction"), "{steps:#?}");
+        assert!(
+            at("blockdev-add") < at("freeze")
+                && at("freeze") < at("(stop)")
+                && at("(stop)") < at("reflink")
+                && at("rename") < pivot
+                && pivot < at("(cont)")
+                && at("(cont)") < at("thaw"),
+            "{steps:#?}"
+        );
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let t = Instant::now();
+        vsnap(&state, &args).ok();
+        let took = t.elapsed();
+        let window = pause_window(&mut mon).expect("the guest was paused (STOP, RESUME)");
+        say!(
+            "r1: pause window (STOP to RESUME, QEMU's clock) {:.1} ms; whole command {:.0} ms",
+            window.as_secs_f64() * 1000.0,
+            took.as_secs_f64() * 1000.0
+        );
+        assert!(window < Duration::from_secs(5), "pause window {window:?}");
+        assert!(qmp_status(&qc).0, "the guest runs again");
+        assert_eq!(agent(&guest.qga(), "guest-fsfreeze-status"), "thawed");
+        let want: BTreeSet<String> = [
+            "vda.raw",
+            "vdb.qcow2",
+            "vdc.raw",
+            "vda.r1.raw",
+            "vdb.r1.qcow2",
+            "vdc.r1.raw",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        assert_eq!(files(), want, "the clones, the overlay, no temporary file");
+        // QEMU: the raw disks stay on their images, vdb is on its overlay.
+        let on = qemu_disks(&qc);
+        assert_eq!(on["vda"], a);
+        assert_eq!(on["vdb"], img("vdb.r1.qcow2"));
+        assert_eq!(on["vdc"], c);
+        // One instant across the clones and vdb's frozen state, taken while
+        // the writer ran; clean filesystems (quiesced).
+        let sa = image_seq(&img("vda.r1.raw"), scratch);
+        let sb = image_seq(&b, scratch);
+        let sc = image_seq(&img("vdc.r1.raw"), scratch);
+        say!(
+            "r1 state: vda {} vdb {} vdc {} (writer was at {} before)",
+            sa.seq,
+            sb.seq,
+            sc.seq,
+            pre.seq
+        );
+        assert!(sa.seq >= pre.seq);
+        assert_one_instant("r1", &[("vda", &sa), ("vdb", &sb), ("vdc", &sc)]);
+        for clone in ["vda.r1.raw", "vdc.r1.raw"] {
+            let o = Out::from_command("e2fsck", &["-n", "-f", s(&img(clone))]);
+            assert_eq!(o.code, 0, "e2fsck -n {clone}:\n{}{}", o.stdout, o.stderr);
+        }
+        // The writer goes on, on the raw images and the overlay; the clones stay.
+        wait_for("the writer to go on", Duration::from_secs(60), || {
+            let a2 = image_seq(&a, scratch);
+            let b2 = image_seq(&img("vdb.r1.qcow2"), scratch);
+            (a2.seq > sa.seq + 10 && b2.seq > sb.seq + 10).then_some(())
+        });
+        assert_eq!(
+            image_seq(&img("vda.r1.raw"), scratch),
+            sa,
+            "the clone changed"
+        );
+        // The catalog.
+        let info = vsnap(&state, &["--json", "snapshot", "info", "vmc", "r1"])
+            .ok()
+            .json();
+        let modes: Vec<(&str, &str, &str)> = info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["target"].as_str().unwrap(),
+                    d["snapshot"].as_str().unwrap(),
+                    d["state_file"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("vda", "reflink", s(&img("vda.r1.raw"))),
+                ("vdb", "external", s(&b)),
+                ("vdc", "reflink", s(&img("vdc.r1.raw"))),
+            ]
+        );
+        let dom = vsnap(&state, &["--json", "domain", "info", "vmc"])
+            .ok()
+            .json();
+        let sources: Vec<&str> = dom["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["source"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, [s(&a), s(&img("vdb.r1.qcow2")), s(&c)]);
+        let xml = vsnap(&state, &["snapshot", "dumpxml", "vmc", "r1"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            xml.contains("<kind>reflink</kind>") && xml.contains(s(&img("vda.r1.raw"))),
+            "{xml}"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+
+    case("reflink_paused_guest_stays_paused", || {
+        qmp(&qc, "stop");
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let o = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "r2",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        let j = o.ok().json();
+        let steps = j["steps"].to_string();
+        assert!(
+            !steps.contains("(stop)") && !steps.contains("(cont)"),
+            "a paused guest needs no stop/cont: {steps}"
+        );
+        assert_eq!(qmp_status(&qc), (false, "paused".into()), "still paused");
+        assert!(
+            pause_window(&mut mon).is_none(),
+            "vsnap paused or resumed the guest"
+        );
+        assert!(img("vda.r2.raw").is_file());
+        assert_eq!(
+            image_seq(&img("vda.r2.raw"), scratch),
+            image_seq(&a, scratch),
+            "a paused guest's clone is its image"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+        qmp(&qc, "cont");
+    });
+
+    case("reflink_bad_input", || {
+        let before = world_of(&state, "vmc", &disks, Some(&qc));
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                "vdb=reflink",
+            ],
+        );
+        assert_refused(
+            "reflink of a qcow2 disk",
+            &o,
+            &["vdb", "raw", "--disk vdb=external"],
+        );
+        let elsewhere = scratch.join("vda.x1.raw");
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                &format!("vda=reflink:{}", s(&elsewhere)),
+            ],
+        );
+        assert_refused(
+            "a clone on another filesystem",
+            &o,
+            &["vda", "reflink", "--disk vda=external"],
+        );
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk",
+                "vda=reflink",
+                "--memory",
+                "internal",
+            ],
+        );
+        assert_refused(
+            "reflink with a memory snapshot",
+            &o,
+            &["vda", "--disk-only"],
+        );
+        assert!(!elsewhere.exists());
+        assert_nothing_changed(
+            "bad reflink input",
+            &before,
+            &world_of(&state, "vmc", &disks, Some(&qc)),
+        );
+        std::fs::write(img("vda.x1.raw"), b"not ours").unwrap();
+        let before = world_of(&state, "vmc", &disks, Some(&qc));
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x1",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+            ],
+        );
+        assert_refused(
+            "the clone's name exists",
+            &o,
+            &["vda.x1.raw", "already exists", "reflink:PATH"],
+        );
+        assert_nothing_changed(
+            "the clone's name exists",
+            &before,
+            &world_of(&state, "vmc", &disks, Some(&qc)),
+        );
+        std::fs::remove_file(img("vda.x1.raw")).unwrap();
+    });
+
+    case("memory_external_with_reflink_and_external", || {
+        let mem = disks.join("m1.mem");
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x2",
+                "--disk-only",
+                "--memory",
+                &format!("external:{}", s(&mem)),
+            ],
+        );
+        assert_refused(
+            "--disk-only with --memory external",
+            &o,
+            &["--disk-only", "--memory external"],
+        );
+        let taken = scratch.join("taken.mem");
+        std::fs::write(&taken, b"not ours").unwrap();
+        let o = vsnap(
+            &state,
+            &[
+                "snapshot",
+                "create",
+                "vmc",
+                "x2",
+                "--memory",
+                &format!("external:{}", s(&taken)),
+            ],
+        );
+        assert_refused(
+            "an existing memory file",
+            &o,
+            &["taken.mem", "already exists", "--memory external:PATH"],
+        );
+        assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
+        assert!(qmp_status(&qc).0, "a refusal leaves the guest running");
+        let mut mon =
+            vsnap_steps::qmp::Qmp::connect(&guest.dir.join("qmp2.sock"), Duration::from_secs(10))
+                .expect("guest C's second monitor");
+        mon.poll_events().unwrap();
+        let pre = image_seq(&a, scratch);
+        let t = Instant::now();
+        let j = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "m1",
+                "--memory",
+                &format!("external:{}", s(&mem)),
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=reflink",
+            ],
+        )
+        .ok()
+        .json();
+        let took = t.elapsed();
+        let window = pause_window(&mut mon).expect("the guest was paused (STOP, RESUME)");
+        say!(
+            "m1: pause window {:.1} ms (memory {} MB to a file, 2 clones, 1 overlay); whole command {:.0} ms",
+            window.as_secs_f64() * 1000.0,
+            std::fs::metadata(&mem).map(|m| m.len() >> 20).unwrap_or(0),
+            took.as_secs_f64() * 1000.0
+        );
+        let steps = j["steps"].to_string();
+        assert!(steps.contains("memory state"), "{steps}");
+        assert_eq!(j["snapshot"]["memory"], "external");
+        assert_eq!(j["snapshot"]["memory_file"], s(&mem));
+        assert_eq!(j["snapshot"]["state"], "running");
+        assert!(qmp_status(&qc).0, "the guest runs again");
+        // A real migration stream, private to root.
+        let head = std::fs::read(&mem).unwrap();
+        assert_eq!(&head[..4], b"QEVM", "QEMU's migration magic");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&mem).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            !files().iter().any(|f| f.starts_with(".vsnap-")),
+            "{:?}",
+            files()
+        );
+        let sa = image_seq(&img("vda.m1.raw"), scratch);
+        let sb = image_seq(&img("vdb.r1.qcow2"), scratch);
+        let sc = image_seq(&img("vdc.m1.raw"), scratch);
+        assert!(sa.seq >= pre.seq);
+        assert_one_instant("m1", &[("vda", &sa), ("vdb", &sb), ("vdc", &sc)]);
+        let xml = vsnap(&state, &["snapshot", "dumpxml", "vmc", "m1"])
+            .ok()
+            .stdout
+            .clone();
+        assert!(
+            xml.contains(&format!("<memory snapshot='external' file='{}'/>", s(&mem))),
+            "{xml}"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+        // The memory and the disks are one state: a new QEMU started from
+        // copies of the snapshot's disks and the memory file resumes the
+        // guest where it was (no boot), and its writer goes on from the
+        // snapshot's numbers, in the same boot.
+        let rdir = root.join("c-restore");
+        std::fs::create_dir(&rdir).unwrap();
+        let (ra, rb, rc) = (
+            rdir.join("vda.raw"),
+            rdir.join("vdb.qcow2"),
+            rdir.join("vdc.raw"),
+        );
+        run_ok("cp", &["--reflink=auto", s(&img("vda.m1.raw")), s(&ra)]);
+        run_ok("cp", &["--reflink=auto", s(&img("vdc.m1.raw")), s(&rc)]);
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-U",
+                "-O",
+                "qcow2",
+                s(&img("vdb.r1.qcow2")),
+                s(&rb),
+            ],
+        );
+        let restored = Guest::start(
+            "C-restored",
+            &root.join("c-restore-run"),
+            &["--qmp2", "--incoming", &format!("exec:cat {}", s(&mem))],
+            &[
+                Path::new(&format!("{}:raw", s(&ra))),
+                rb.as_path(),
+                Path::new(&format!("{}:raw", s(&rc))),
+            ],
+        );
+        let rq = restored.qmp();
+        wait_for("the memory state to load", Duration::from_secs(60), || {
+            qmp_try(&rq, "query-status", Value::Null)
+                .ok()
+                .filter(|v| v["status"] == "paused")
+        });
+        qmp(&rq, "cont");
+        let r = wait_for(
+            "the restored writer to go on",
+            Duration::from_secs(60),
+            || {
+                let q = image_seq(&ra, scratch);
+                (q.seq > sa.seq + 5).then_some(q)
+            },
+        );
+        assert_eq!(
+            r.boot, sa.boot,
+            "the restored guest booted again instead of resuming"
+        );
+        assert!(
+            !restored.console().contains("VSNAP-GUEST-READY"),
+            "the restored guest booted: {}",
+            restored.console()
+        );
+        let rb2 = image_seq(&rb, scratch);
+        assert!(rb2.seq > sb.seq, "vdb: {} <= {}", rb2.seq, sb.seq);
+        say!(
+            "m1 restored: writer went on from vda {} to {} (boot {})",
+            sa.seq,
+            r.seq,
+            r.boot
+        );
+        restored.kill();
+    });
+
+    case("halt_killed_before_quit_then_recovered", || {
+        let args = [
+            "snapshot",
+            "create",
+            "vmc",
+            "h1",
+            "--disk-only",
+            "--halt",
+            "--disk",
+            "vda=reflink",
+            "--disk",
+            "vdc=no",
+        ];
+        let mut dry_args = vec!["--json"];
+        dry_args.extend_from_slice(&args);
+        dry_args.push("--dry-run");
+        let dry = vsnap(&state, &dry_args).ok().json();
+        let steps: Vec<String> = dry["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect();
+        assert!(
+            steps.last().unwrap().contains("retriable") && steps.last().unwrap().contains("quits"),
+            "{steps:#?}"
+        );
+        assert!(steps.iter().any(|x| x.contains("(stop)")), "{steps:#?}");
+        assert!(!steps.iter().any(|x| x.contains("(cont)")), "{steps:#?}");
+        // vsnap dies after the pivot, just before QEMU is told to quit:
+        // the snapshot is taken, the guest paused; recovery finishes the halt.
+        let (o, sig) = vsnap_env(
+            fp_vsnap,
+            &state,
+            &args,
+            &[("VSNAP_CRASH_AT", Path::new("step.qmp-quit.before"))],
+        );
+        assert_eq!(sig, Some(9), "vsnap was not killed before quit: {o:?}");
+        assert!(guest.alive());
+        assert_eq!(
+            qmp_status(&qc),
+            (false, "paused".into()),
+            "paused, not resumed"
+        );
+        let r = vsnap_recover(&state, &["--json"]).ok().json();
+        assert_eq!(r["plans"][0]["outcome"], "committed", "{r}");
+        wait_for("QEMU to exit after --halt", Duration::from_secs(30), || {
+            (!guest.alive()).then_some(())
+        });
+        vsnap_recover(&state, &[])
+            .ok()
+            .stdout_has(&["nothing to recover"]);
+        let info = vsnap(&state, &["--json", "domain", "info", "vmc"])
+            .ok()
+            .json();
+        assert_eq!(info["state"], "shutoff");
+        assert_eq!(info["current_snapshot"], "h1");
+        // Paused before the snapshot and never resumed: what the images
+        // hold now is exactly the snapshot's instant.
+        let ha = image_seq(&img("vda.h1.raw"), scratch);
+        let hb = image_seq(&img("vdb.m1.qcow2"), scratch);
+        assert_one_instant("h1", &[("vda", &ha), ("vdb", &hb)]);
+        assert_eq!(image_seq(&a, scratch), ha, "vda changed after the snapshot");
+        assert_eq!(
+            image_seq(&img("vdb.h1.qcow2"), scratch),
+            hb,
+            "vdb changed after the snapshot"
+        );
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+
+    case("offline_reflink_and_halt_on_a_shut_off_guest", || {
+        let j = vsnap(
+            &state,
+            &[
+                "--json",
+                "snapshot",
+                "create",
+                "vmc",
+                "h2",
+                "--halt",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=reflink",
+            ],
+        )
+        .ok()
+        .json();
+        let steps = j["steps"].to_string();
+        assert!(
+            !steps.contains("QMP") && steps.contains("reflink"),
+            "an offline plan: {steps}"
+        );
+        assert_eq!(j["snapshot"]["state"], "shutoff");
+        for (clone, img0) in [("vda.h2.raw", &a), ("vdc.h2.raw", &c)] {
+            assert_eq!(
+                std::fs::read(img(clone)).unwrap(),
+                std::fs::read(img0).unwrap(),
+                "{clone} is not a copy of its image"
+            );
+        }
+        vsnap(&state, &["domain", "check", "vmc"]).ok();
+    });
+    drop(guest);
 }

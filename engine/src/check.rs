@@ -418,7 +418,18 @@ pub fn observe_domain(
         }
     }
     let mut files: BTreeSet<PathBuf> = d.disks.iter().map(|x| x.source.clone()).collect();
+    let mut dirs = BTreeSet::new();
+    let mut memory_files = BTreeSet::new();
     for s in snaps {
+        if let Some(m) = &s.memory_file {
+            memory_files.insert(m.clone());
+            if let Some(p) = m.parent() {
+                dirs.insert(p.to_path_buf());
+            }
+            if m.is_file() {
+                o.existing.insert(m.clone());
+            }
+        }
         for sd in &s.disks {
             files.insert(sd.state_file.clone());
             if let Some(ov) = &sd.overlay {
@@ -426,7 +437,6 @@ pub fn observe_domain(
             }
         }
     }
-    let mut dirs = BTreeSet::new();
     for f in &files {
         if f.is_file() {
             o.existing.insert(f.clone());
@@ -477,16 +487,20 @@ pub fn observe_domain(
             let path = dir.join(&name);
             if fsops::is_vsnap_temp(&name) {
                 o.temp_files.push(path);
-            } else if name.ends_with(".qcow2")
-                && name.matches('.').count() >= 2
-                && !files.contains(&path)
-            {
-                // `<stem>.<snapshot>.qcow2` beside a disk: vsnap's overlay naming.
+            } else if name.matches('.').count() >= 2 && !files.contains(&path) {
+                // `<stem>.<snapshot>.qcow2` (an overlay) or
+                // `<stem>.<snapshot>.<ext>` (a reflink clone) beside a
+                // disk: vsnap's naming.
                 let stem = name.split('.').next().unwrap_or("");
+                let ext = name.rsplit('.').next().unwrap_or("");
                 if d.disks.iter().any(|x| {
                     x.source
                         .file_stem()
                         .is_some_and(|s| s.to_string_lossy().split('.').next() == Some(stem))
+                        && (ext == "qcow2"
+                            || x.source
+                                .extension()
+                                .is_some_and(|e| e.to_string_lossy() == ext))
                 }) {
                     o.look_alike.push(path);
                 }
@@ -537,6 +551,15 @@ pub fn compare_domain(
     }
     let mut internal_expected: BTreeMap<PathBuf, BTreeSet<&str>> = BTreeMap::new();
     for s in snaps {
+        if let Some(m) = &s.memory_file {
+            if !o.existing.contains(m) {
+                v.push(format!(
+                    "inv3: memory file {} of snapshot {:?} is missing",
+                    m.display(),
+                    s.name
+                ));
+            }
+        }
         for sd in &s.disks {
             match sd.mode {
                 DiskMode::No => {}
@@ -555,6 +578,16 @@ pub fn compare_domain(
                             s.name,
                             sd.state_file.display(),
                             sd.target
+                        ));
+                    }
+                }
+                DiskMode::Reflink => {
+                    if !o.existing.contains(&sd.state_file) {
+                        v.push(format!(
+                            "inv3: {} (reflink clone of disk {} in snapshot {:?}) is missing",
+                            sd.state_file.display(),
+                            sd.target,
+                            s.name
                         ));
                     }
                 }

@@ -25,7 +25,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::live::LiveDisk;
-use vsnap_steps::{live, qemu_img, Format, Step};
+use vsnap_steps::{fsops, live, qemu_img, CloneMode, Format, Step};
 
 pub const DOMSNAPS: &str = "domsnaps";
 
@@ -35,6 +35,10 @@ pub enum DiskMode {
     No,
     Internal,
     External,
+    /// A whole-file copy-on-write clone (FICLONE) of a raw image, taken
+    /// outside QEMU while the guest is paused; the image stays the active
+    /// disk. (Appended: the catalog stores this enum with bincode.)
+    Reflink,
 }
 
 impl DiskMode {
@@ -43,6 +47,7 @@ impl DiskMode {
             DiskMode::No => "no",
             DiskMode::Internal => "internal",
             DiskMode::External => "external",
+            DiskMode::Reflink => "reflink",
         }
     }
 }
@@ -54,6 +59,7 @@ pub struct DomSnapDisk {
     pub mode: DiskMode,
     /// Internal: the image holding the snapshot. External: the frozen image
     /// (the disk's source before the snapshot), which holds its state.
+    /// Reflink: the clone.
     pub state_file: PathBuf,
     /// External: the overlay that became the disk's active image.
     pub overlay: Option<PathBuf>,
@@ -76,6 +82,46 @@ pub struct DomSnapshot {
     pub disks: Vec<DomSnapDisk>,
     /// The domain as it was when the snapshot was taken.
     pub domain_xml: String,
+    /// `--memory external:PATH`: the file holding the guest's memory state
+    /// (QEMU's migration stream). Appended: records written before it
+    /// existed are read as [`DomSnapshotV1`].
+    pub memory_file: Option<PathBuf>,
+}
+
+/// The layout of [`DomSnapshot`] before `memory_file` (still read).
+#[derive(Deserialize)]
+struct DomSnapshotV1 {
+    name: String,
+    domain: String,
+    description: Option<String>,
+    creation_time: i64,
+    parent: Option<String>,
+    seq: u64,
+    state: String,
+    memory_internal: bool,
+    quiesced: bool,
+    disks: Vec<DomSnapDisk>,
+    domain_xml: String,
+}
+
+fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
+    codec::decode::<DomSnapshot>(v).or_else(|e| {
+        let o: DomSnapshotV1 = codec::decode(v).map_err(|_| e)?;
+        Ok(DomSnapshot {
+            name: o.name,
+            domain: o.domain,
+            description: o.description,
+            creation_time: o.creation_time,
+            parent: o.parent,
+            seq: o.seq,
+            state: o.state,
+            memory_internal: o.memory_internal,
+            quiesced: o.quiesced,
+            disks: o.disks,
+            domain_xml: o.domain_xml,
+            memory_file: None,
+        })
+    })
 }
 
 /// What to do with one disk, as asked.
@@ -85,6 +131,8 @@ pub enum DiskChoice {
     Internal,
     /// The overlay's path (default: `<stem>.<snapshot>.qcow2` beside the image).
     External(Option<PathBuf>),
+    /// The clone's path (default: `<stem>.<snapshot>.<ext>` beside the image).
+    Reflink(Option<PathBuf>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +190,7 @@ pub fn snapshots(j: &Journal, domain: &str) -> Result<Vec<DomSnapshot>> {
     prefix.push(0);
     let mut out: Vec<DomSnapshot> = Vec::new();
     for (k, v) in j.catalog_scan(DOMSNAPS, &prefix)? {
-        out.push(codec::decode(&v).map_err(|e| {
+        out.push(decode_snapshot(&v).map_err(|e| {
             EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
                 tree: DOMSNAPS.into(),
                 key: String::from_utf8_lossy(&k).replace('\0', "/"),
@@ -237,10 +285,12 @@ pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
                 "no" => DiskChoice::No,
                 "internal" => DiskChoice::Internal,
                 "external" => DiskChoice::External(file),
+                "reflink" => DiskChoice::Reflink(file),
                 "default" => continue,
                 other => {
                     return Err(EngineError::Xml(format!(
-                        "disk {name}: snapshot='{other}': expected no, internal or external"
+                        "disk {name}: snapshot='{other}': expected no, internal or external \
+                         (or a nested <volsnapshot><kind>reflink</kind></volsnapshot>)"
                     )))
                 }
             };
@@ -268,10 +318,16 @@ pub fn domainsnapshot_to_xml(s: &DomSnapshot, current: bool) -> String {
         "  <creationTime>{}</creationTime>\n",
         s.creation_time
     ));
-    x.push_str(&format!(
-        "  <memory snapshot='{}'/>\n",
-        if s.memory_internal { "internal" } else { "no" }
-    ));
+    match &s.memory_file {
+        Some(f) => x.push_str(&format!(
+            "  <memory snapshot='external' file='{}'/>\n",
+            esc(&f.to_string_lossy())
+        )),
+        None => x.push_str(&format!(
+            "  <memory snapshot='{}'/>\n",
+            if s.memory_internal { "internal" } else { "no" }
+        )),
+    }
     x.push_str("  <disks>\n");
     for d in &s.disks {
         match (&d.mode, &d.overlay) {
@@ -286,6 +342,15 @@ pub fn domainsnapshot_to_xml(s: &DomSnapshot, current: bool) -> String {
                     esc(&o.to_string_lossy())
                 ));
                 x.push_str("    </disk>\n");
+            }
+            (DiskMode::Reflink, _) => {
+                // libvirt's 'manual' (made outside libvirt); the seed's
+                // <volsnapshot> says how, and where the clone is.
+                x.push_str(&format!(
+                    "    <disk name='{}' snapshot='manual'>\n      <volsnapshot>\n        <kind>reflink</kind>\n        <file>{}</file>\n      </volsnapshot>\n    </disk>\n",
+                    esc(&d.target),
+                    esc(&d.state_file.to_string_lossy())
+                ));
             }
             (mode, _) => x.push_str(&format!(
                 "    <disk name='{}' snapshot='{}'/>\n",
@@ -341,6 +406,19 @@ fn default_overlay(source: &Path, snap: &str, earlier: &[DomSnapshot]) -> PathBu
         .join(format!("{stem}.{snap}.qcow2"))
 }
 
+/// `<stem>.<snapshot>.<ext>` beside the image (a reflink clone).
+fn default_clone(source: &Path, snap: &str) -> PathBuf {
+    let stem = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match source.extension() {
+        Some(e) => format!("{stem}.{snap}.{}", e.to_string_lossy()),
+        None => format!("{stem}.{snap}"),
+    };
+    source.parent().unwrap_or(Path::new("/")).join(name)
+}
+
 fn writable_for(dir: &Path, target: &str) -> Result<()> {
     crate::volume::check_writable(dir).map_err(|_| {
         EngineError::Invalid(format!(
@@ -359,6 +437,25 @@ struct Chosen {
     overlay: Option<PathBuf>,
 }
 
+/// The reflink disks' steps: clone to a temporary name beside the clone,
+/// then move it (never clobbering) to the clone's name.
+fn push_clones(steps: &mut Vec<Step>, chosen: &[Chosen], tag: &str) {
+    for c in chosen.iter().filter(|c| c.mode == DiskMode::Reflink) {
+        let dst = c.overlay.clone().expect("reflink disks have a clone path");
+        let tmp = fsops::temp_path(&dst, tag);
+        steps.push(Step::Clone {
+            src: canon(&c.source),
+            dst: tmp.clone(),
+            mode: CloneMode::Reflink,
+        });
+        steps.push(Step::Rename {
+            from: tmp,
+            to: dst,
+            replace: false,
+        });
+    }
+}
+
 impl Engine {
     /// Compile a domain snapshot (nothing is touched).
     pub fn plan_domain_snapshot(
@@ -374,16 +471,6 @@ impl Engine {
                 "domain {:?} already has a snapshot named {name:?}; choose another name",
                 d.name
             )));
-        }
-        if req.halt {
-            return Err(EngineError::Invalid(
-                "--halt is not supported yet; stop the guest yourself after the snapshot".into(),
-            ));
-        }
-        if let Some(MemoryChoice::External(_)) = req.memory {
-            return Err(EngineError::Invalid(
-                "external memory snapshots are not supported yet; use --memory internal, or --disk-only".into(),
-            ));
         }
         let state = self.domain_state(&d)?;
         let live_guest = state != DomState::Shutoff;
@@ -407,11 +494,31 @@ impl Engine {
                 )))
             }
             (Some(MemoryChoice::Internal), true, false) => true,
+            (Some(MemoryChoice::External(_)), _, true) => {
+                return Err(EngineError::Invalid(
+                    "--disk-only and --memory external:PATH contradict each other".into(),
+                ))
+            }
+            (Some(MemoryChoice::External(_)), false, _) => {
+                return Err(EngineError::Invalid(format!(
+                    "a memory snapshot needs a running guest; domain {:?} is shut off",
+                    d.name
+                )))
+            }
             (None, true, false) => true, // libvirt's default for a running guest: a full checkpoint
             _ => false,
         };
+        let memory_file: Option<PathBuf> = match &req.memory {
+            Some(MemoryChoice::External(p)) if p.is_absolute() => Some(p.clone()),
+            Some(MemoryChoice::External(p)) => Some(
+                std::env::current_dir()
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|_| p.clone()),
+            ),
+            _ => None,
+        };
         if req.quiesce {
-            if memory {
+            if memory || memory_file.is_some() {
                 return Err(EngineError::Invalid("--quiesce needs --disk-only (a memory snapshot of a frozen guest would restore it frozen)".into()));
             }
             if state != DomState::Running {
@@ -476,6 +583,7 @@ impl Engine {
                 DiskChoice::No => (DiskMode::No, None),
                 DiskChoice::Internal => (DiskMode::Internal, None),
                 DiskChoice::External(p) => (DiskMode::External, p.clone()),
+                DiskChoice::Reflink(p) => (DiskMode::Reflink, p.clone()),
             };
         }
         chosen.retain(|c| c.mode != DiskMode::No);
@@ -484,6 +592,7 @@ impl Engine {
                 "no disk is selected for the snapshot".into(),
             ));
         }
+        let has_reflink = chosen.iter().any(|c| c.mode == DiskMode::Reflink);
         for c in &mut chosen {
             if !c.source.exists() {
                 return Err(EngineError::Invalid(format!(
@@ -514,7 +623,70 @@ impl Engine {
                         c.target
                     )))
                 }
+                DiskMode::Reflink if memory => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: a memory snapshot keeps every disk internally; add --disk-only for a reflink clone of it",
+                        c.target
+                    )))
+                }
+                DiskMode::Reflink if c.format != Format::Raw => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: reflink clones are for raw images; {} is {}: use --disk {}=external (or internal)",
+                        c.target,
+                        c.source.display(),
+                        c.format,
+                        c.target
+                    )))
+                }
                 _ => {}
+            }
+            if c.mode == DiskMode::Reflink {
+                let dst = match &c.overlay {
+                    Some(p) if p.is_absolute() => p.clone(),
+                    Some(p) => std::env::current_dir()
+                        .map(|d| d.join(p))
+                        .unwrap_or_else(|_| p.clone()),
+                    None => default_clone(&c.source, &name),
+                };
+                if std::fs::symlink_metadata(&dst).is_ok() {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: {} already exists; vsnap never overwrites a file it did not create: \
+                         choose another snapshot name or --disk {}=reflink:PATH",
+                        c.target,
+                        dst.display(),
+                        c.target
+                    )));
+                }
+                let dir = dst.parent().unwrap_or(Path::new("/")).to_path_buf();
+                if !dir.is_dir() {
+                    return Err(EngineError::Invalid(format!(
+                        "directory {} for disk {}'s clone does not exist",
+                        dir.display(),
+                        c.target
+                    )));
+                }
+                writable_for(&dir, &c.target)?;
+                use std::os::unix::fs::MetadataExt;
+                let same_fs = match (std::fs::metadata(&dir), std::fs::metadata(&c.source)) {
+                    (Ok(a), Ok(b)) => a.dev() == b.dev(),
+                    _ => false,
+                };
+                if !same_fs || !vsnap_steps::clone::reflink_supported(&dir) {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: {} cannot hold a reflink clone of {} ({}); reflinks need one \
+                         filesystem that can clone (btrfs, xfs): use --disk {}=external",
+                        c.target,
+                        dir.display(),
+                        c.source.display(),
+                        if same_fs {
+                            "its filesystem cannot clone"
+                        } else {
+                            "another filesystem"
+                        },
+                        c.target
+                    )));
+                }
+                c.overlay = Some(dst);
             }
             if c.mode == DiskMode::External {
                 let o = match &c.overlay {
@@ -578,6 +750,54 @@ impl Engine {
             }
         }
 
+        if let Some(mf) = &memory_file {
+            if std::fs::symlink_metadata(mf).is_ok() {
+                return Err(EngineError::Invalid(format!(
+                    "memory file {} already exists; vsnap never overwrites a file it did not create: \
+                     choose another --memory external:PATH",
+                    mf.display()
+                )));
+            }
+            if chosen
+                .iter()
+                .any(|c| c.overlay.as_deref() == Some(mf.as_path()))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "memory file {} is also a disk's new file; choose another --memory external:PATH",
+                    mf.display()
+                )));
+            }
+            let dir = mf.parent().unwrap_or(Path::new("/"));
+            if !dir.is_dir() {
+                return Err(EngineError::Invalid(format!(
+                    "directory {} for the memory file does not exist",
+                    dir.display()
+                )));
+            }
+            crate::volume::check_writable(dir).map_err(|_| {
+                EngineError::Invalid(format!(
+                    "directory {} for the memory file is not writable; choose another --memory external:PATH",
+                    dir.display()
+                ))
+            })?;
+            let qmp = d.qmp.clone().expect("a live guest has a monitor");
+            let ram = live::qmp(&qmp)
+                .and_then(|mut q| q.execute("query-memory-size-summary", Value::Null))
+                .map_err(EngineError::Check)?["base-memory"]
+                .as_u64()
+                .unwrap_or(0);
+            let free = vsnap_steps::clone::available_space(dir).map_err(EngineError::Check)?;
+            if free < ram {
+                return Err(EngineError::Invalid(format!(
+                    "the memory file needs up to {} MiB (the guest's RAM) and {} has {} MiB free; \
+                     choose another --memory external:PATH",
+                    ram >> 20,
+                    dir.display(),
+                    free >> 20
+                )));
+            }
+        }
+
         let tag = temp_tag8();
         let mut steps = Vec::new();
         let pivot;
@@ -628,6 +848,12 @@ impl Engine {
                     }
                 }
                 let devices: Vec<String> = found.iter().map(|(_, n)| n.clone()).collect();
+                // --halt: paused first, so the guest never runs past the snapshot.
+                let pause = req.halt && state == DomState::Running;
+                if pause {
+                    steps.push(Step::QmpStop { qmp: qmp.clone() });
+                }
+                pivot = steps.len() as u32;
                 steps.push(Step::QmpSnapshotSave {
                     qmp: qmp.clone(),
                     job: format!("vsnap-{tag}"),
@@ -635,11 +861,16 @@ impl Engine {
                     vmstate: devices[0].clone(),
                     devices,
                 });
-                pivot = 0;
+                if req.halt {
+                    steps.push(Step::QmpQuit { qmp: qmp.clone() });
+                }
                 snap_state = state.as_str().to_string();
             } else {
                 let mut live_disks = Vec::new();
                 for (i, (c, (dev, node))) in chosen.iter().zip(&found).enumerate() {
+                    if c.mode != DiskMode::External {
+                        continue;
+                    }
                     let overlay = c.overlay.clone().expect("external disks have an overlay");
                     if !req.reuse_external {
                         steps.push(Step::CreateOverlay {
@@ -669,15 +900,57 @@ impl Engine {
                 if let Some(a) = &agent {
                     steps.push(Step::AgentFreeze { agent: a.clone() });
                 }
-                pivot = steps.len() as u32;
-                steps.push(Step::QmpSnapshotTransaction {
-                    qmp: qmp.clone(),
-                    disks: tx,
-                });
-                if let Some(a) = agent {
-                    steps.push(Step::AgentThaw { agent: a });
+                // Raw disks cloned outside QEMU, and --halt, need the
+                // guest's CPUs stopped (QEMU drains and flushes every disk
+                // on `stop`); a paused guest is paused already.
+                let pause = state == DomState::Running
+                    && (has_reflink || req.halt || memory_file.is_some());
+                if pause {
+                    steps.push(Step::QmpStop { qmp: qmp.clone() });
                 }
-                snap_state = "disk-snapshot".into();
+                if let Some(mf) = &memory_file {
+                    // The paused guest's memory, then the disks at the
+                    // same instant (nothing runs in between).
+                    let tmp = fsops::temp_path(mf, &tag);
+                    steps.push(Step::QmpMigrateToFile {
+                        qmp: qmp.clone(),
+                        fdname: format!("vsnap-{tag}"),
+                        path: tmp.clone(),
+                    });
+                    steps.push(Step::Rename {
+                        from: tmp,
+                        to: mf.clone(),
+                        replace: false,
+                    });
+                }
+                push_clones(&mut steps, &chosen, &tag);
+                pivot = steps.len() as u32;
+                if tx.is_empty() {
+                    steps.push(Step::Catalog);
+                } else {
+                    steps.push(Step::QmpSnapshotTransaction {
+                        qmp: qmp.clone(),
+                        disks: tx,
+                    });
+                }
+                if req.halt {
+                    // The guest stays paused and QEMU exits: a frozen
+                    // guest that never runs again needs no thaw (and a
+                    // paused guest's agent could not answer one).
+                    steps.push(Step::QmpQuit { qmp: qmp.clone() });
+                } else {
+                    if pause {
+                        steps.push(Step::QmpCont { qmp: qmp.clone() });
+                    }
+                    if let Some(a) = agent {
+                        steps.push(Step::AgentThaw { agent: a });
+                    }
+                }
+                snap_state = if memory_file.is_some() {
+                    state.as_str().to_string()
+                } else {
+                    "disk-snapshot".into()
+                };
             }
         } else {
             for c in &chosen {
@@ -694,6 +967,7 @@ impl Engine {
                     _ => {}
                 }
             }
+            push_clones(&mut steps, &chosen, &tag);
             pivot = steps.len() as u32;
             steps.push(Step::Catalog);
             snap_state = "shutoff".into();
@@ -726,6 +1000,12 @@ impl Engine {
                 .iter()
                 .map(
                     |disk| match chosen.iter().find(|c| c.target == disk.target) {
+                        Some(c) if c.mode == DiskMode::Reflink => DomSnapDisk {
+                            target: c.target.clone(),
+                            mode: c.mode,
+                            state_file: c.overlay.clone().expect("reflink disks have a clone path"),
+                            overlay: None,
+                        },
                         Some(c) => DomSnapDisk {
                             target: c.target.clone(),
                             mode: c.mode,
@@ -742,6 +1022,7 @@ impl Engine {
                 )
                 .collect(),
             domain_xml: domain_to_xml(&d),
+            memory_file: memory_file.clone(),
         };
         let mut catalog = Vec::new();
         if !req.no_metadata {
@@ -752,15 +1033,22 @@ impl Engine {
         catalog.push(put_domain(&new_dom));
         let kind = if memory {
             "internal snapshot with memory"
+        } else if memory_file.is_some() {
+            "live snapshot with external memory"
         } else if live_guest {
             "live disk-only snapshot"
         } else {
             "offline snapshot"
         };
+        let halt = if req.halt && live_guest {
+            ", then QEMU quits (--halt)"
+        } else {
+            ""
+        };
         let plan = Plan {
             op: "domain.snapshot.create".into(),
             summary: format!(
-                "{kind} {name:?} of domain {} ({})",
+                "{kind} {name:?} of domain {} ({}){halt}",
                 d.name,
                 chosen
                     .iter()
@@ -858,6 +1146,80 @@ mod tests {
         );
         assert_eq!(r.disks[1], ("vdb".into(), DiskChoice::No));
         assert_eq!(r.disks[2], ("/vm/c.qcow2".into(), DiskChoice::Internal));
+    }
+
+    #[test]
+    fn reflink_disks_round_trip_through_xml() {
+        let snap = DomSnapshot {
+            name: "r1".into(),
+            domain: "d".into(),
+            description: None,
+            creation_time: 1,
+            parent: None,
+            seq: 0,
+            state: "disk-snapshot".into(),
+            memory_internal: false,
+            quiesced: false,
+            disks: vec![DomSnapDisk {
+                target: "vdb".into(),
+                mode: DiskMode::Reflink,
+                state_file: "/vm/vdb.r1.raw".into(),
+                overlay: None,
+            }],
+            domain_xml: String::new(),
+            memory_file: None,
+        };
+        let x = domainsnapshot_to_xml(&snap, true);
+        assert!(x.contains("<disk name='vdb' snapshot='manual'>"), "{x}");
+        let r = parse_domainsnapshot(&x).unwrap();
+        assert_eq!(
+            r.disks,
+            vec![(
+                "vdb".to_string(),
+                DiskChoice::Reflink(Some("/vm/vdb.r1.raw".into()))
+            )]
+        );
+        assert_eq!(
+            default_clone(Path::new("/vm/vdb.raw"), "s1"),
+            Path::new("/vm/vdb.s1.raw")
+        );
+    }
+
+    #[test]
+    fn reads_snapshots_written_before_memory_file() {
+        #[derive(Serialize)]
+        struct Old {
+            name: String,
+            domain: String,
+            description: Option<String>,
+            creation_time: i64,
+            parent: Option<String>,
+            seq: u64,
+            state: String,
+            memory_internal: bool,
+            quiesced: bool,
+            disks: Vec<DomSnapDisk>,
+            domain_xml: String,
+        }
+        let old = Old {
+            name: "s1".into(),
+            domain: "d".into(),
+            description: None,
+            creation_time: 7,
+            parent: None,
+            seq: 3,
+            state: "disk-snapshot".into(),
+            memory_internal: false,
+            quiesced: true,
+            disks: vec![],
+            domain_xml: "<domain/>".into(),
+        };
+        let s = decode_snapshot(&codec::encode(&old)).unwrap();
+        assert_eq!((s.name.as_str(), s.seq, s.quiesced), ("s1", 3, true));
+        assert_eq!(s.memory_file, None);
+        let mut new = s.clone();
+        new.memory_file = Some("/vm/m.mem".into());
+        assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
     }
 
     #[test]

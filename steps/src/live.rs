@@ -183,6 +183,201 @@ pub fn cont(qmp_path: &Path) -> StepResult<()> {
     Ok(())
 }
 
+/// The undo of a `stop`: `cont`, unless QEMU is gone (a dead guest is not
+/// left paused; the rollback goes on and leaves the files as they were).
+pub fn cont_unless_gone(qmp_path: &Path) -> StepResult<()> {
+    match cont(qmp_path) {
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+// --- memory state to a file: migrate to fd:NAME ---------------------------
+
+/// Migration states in which a migration is still going on.
+fn migration_active(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+    )
+}
+
+/// Cancel a migration still going on and wait (bounded) until it ended.
+fn migration_settle(q: &mut Qmp) -> StepResult<String> {
+    let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+    let mut cancelled = false;
+    loop {
+        let (status, _) = q.query_migrate()?;
+        if !migration_active(&status) {
+            return Ok(status);
+        }
+        if !cancelled {
+            q.execute("migrate_cancel", Value::Null)?;
+            cancelled = true;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StepError::Invalid(format!(
+                "a migration in QEMU ({}) is still {status} {} s after migrate_cancel",
+                q.path().display(),
+                JOB_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The memory state (QEMU's migration stream) of a paused guest into
+/// `path`, a new file (mode 0600) handed to QEMU over the monitor socket
+/// (`getfd` with `SCM_RIGHTS`, `migrate` to `fd:NAME`: QEMU 7.2 has no
+/// `file:` URI); waits for `completed`, then fsyncs the file. Idempotent:
+/// a migration still going on (from a process that died) is cancelled
+/// first; a completed one whose file is there is only fsynced again.
+/// After it, QEMU's block nodes are inactive (handed to a destination
+/// that never comes) until `cont` takes them back.
+pub fn migrate_to_file(qmp_path: &Path, fdname: &str, path: &Path) -> StepResult<()> {
+    let mut q = qmp(qmp_path)?;
+    let status = migration_settle(&mut q)?;
+    let (_, run) = q.query_status()?;
+    if status == "completed" && run == "postmigrate" && crate::fsops::exists(path)? {
+        return crate::fsops::fsync_file(path);
+    }
+    crate::fsops::remove_if_exists(path)?;
+    // A name left by a process that died before its migrate consumed it.
+    let _ = q.closefd(fdname);
+    let file = crate::fsops::create_excl_mode(path, 0o600)?;
+    q.getfd(fdname, &file)?;
+    drop(file);
+    failpoint::hit("step.migrate.before");
+    q.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("fd:{fdname}") }),
+    )?;
+    let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+    loop {
+        let (status, err) = q.query_migrate()?;
+        match status.as_str() {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(StepError::Invalid(format!(
+                    "QEMU's migration of the memory state to {} {status}: {}",
+                    path.display(),
+                    err.unwrap_or_else(|| "no reason given".into())
+                )))
+            }
+            _ if std::time::Instant::now() > deadline => {
+                return Err(StepError::Invalid(format!(
+                    "the memory state to {} is not written after {} s (migration {status})",
+                    path.display(),
+                    JOB_TIMEOUT.as_secs()
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    failpoint::hit("step.migrate.before-fsync");
+    crate::fsops::fsync_file(path)?;
+    crate::fsops::fsync_parent(path)
+}
+
+/// The undo of [`migrate_to_file`]: a migration still going on is
+/// cancelled, the descriptor name dropped, the file removed. A QEMU that
+/// is gone holds nothing: the file is removed all the same.
+pub fn migrate_to_file_undo(qmp_path: &Path, fdname: &str, path: &Path) -> StepResult<()> {
+    match qmp(qmp_path) {
+        Ok(mut q) => {
+            migration_settle(&mut q)?;
+            let _ = q.closefd(fdname);
+        }
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    crate::fsops::unlink_if_exists(path)?;
+    crate::fsops::fsync_parent(path)
+}
+
+/// Whether `path` holds a complete migration stream as far as a probe
+/// can tell: it exists, starts with QEMU's `QEVM` magic, and no migration
+/// is going on.
+pub fn migrate_to_file_probe(qmp_path: &Path, path: &Path) -> StepResult<Probe> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let have = match std::fs::File::open(path) {
+        Ok(mut f) => f.read_exact(&mut magic).is_ok() && &magic == b"QEVM",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Probe::NotApplied),
+        Err(e) => return Err(crate::fsops::io_err("open", path, e)),
+    };
+    if !have {
+        return Ok(Probe::NotApplied);
+    }
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(e) => {
+            return Ok(Probe::Unknown(format!(
+                "cannot ask QEMU whether the memory state in {} is complete: {e}",
+                path.display()
+            )))
+        }
+    };
+    Ok(match q.query_migrate()?.0.as_str() {
+        "completed" => Probe::Applied,
+        s if migration_active(s) => Probe::Unknown(format!("the migration is still {s}")),
+        _ => Probe::NotApplied,
+    })
+}
+
+// --- halt: QEMU quits -------------------------------------------------------
+
+/// Whether no QEMU answers on `qmp_path` any more (socket missing or
+/// refusing connections).
+pub fn gone(qmp_path: &Path) -> StepResult<bool> {
+    match qmp(qmp_path) {
+        Ok(_) => Ok(false),
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long QEMU may take to go away after `quit`.
+pub const QUIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// QMP `quit`, then wait until the monitor no longer answers. A QEMU that
+/// is gone already is success (the step is retried after a crash).
+pub fn quit(qmp_path: &Path) -> StepResult<()> {
+    match qmp(qmp_path) {
+        Ok(mut q) => {
+            failpoint::hit("step.qmp-quit.before");
+            match q.quit() {
+                Ok(()) => {}
+                // Closed under us: it is going away.
+                Err(e) if qmp_error_is_gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => return Ok(()),
+        // Accepted and closed before a greeting: QEMU is exiting already.
+        Err(StepError::QmpClosed { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    let deadline = std::time::Instant::now() + QUIT_TIMEOUT;
+    loop {
+        match gone(qmp_path) {
+            Ok(true) => break,
+            // While QEMU exits it may still accept and then close.
+            Ok(false) | Err(StepError::QmpClosed { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StepError::Invalid(format!(
+                "QEMU still answers on {} {} s after quit",
+                qmp_path.display(),
+                QUIT_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 // --- quiesce ----------------------------------------------------------------
 
 pub fn frozen(agent_path: &Path) -> StepResult<bool> {

@@ -289,6 +289,17 @@ impl Qmp {
     }
 
     fn run(&mut self, cmd: &str, args: Value, timeout: Duration, quit: bool) -> StepResult<Value> {
+        self.run_fd(cmd, args, timeout, quit, None)
+    }
+
+    fn run_fd(
+        &mut self,
+        cmd: &str,
+        args: Value,
+        timeout: Duration,
+        quit: bool,
+        fd: Option<std::os::unix::io::RawFd>,
+    ) -> StepResult<Value> {
         let deadline = Instant::now() + timeout;
         if self.conn.is_closed() {
             return Err(fail_to_error(&self.path, wire::Fail::Closed, cmd, timeout));
@@ -311,9 +322,11 @@ impl Qmp {
         msg.insert("id".into(), json!(id));
         let mut bytes = serde_json::to_vec(&Value::Object(msg)).expect("JSON of a JSON value");
         bytes.push(b'\n');
-        self.conn
-            .send(&bytes, deadline)
-            .map_err(|f| fail_to_error(&self.path, f, cmd, timeout))?;
+        match fd {
+            None => self.conn.send(&bytes, deadline),
+            Some(fd) => self.conn.send_with_fd(&bytes, fd, deadline),
+        }
+        .map_err(|f| fail_to_error(&self.path, f, cmd, timeout))?;
         loop {
             let msg = match self.read_msg(deadline) {
                 Ok(m) => m,
@@ -503,6 +516,43 @@ impl Qmp {
         self.run("quit", Value::Null, timeout, true)?;
         self.conn.close();
         Ok(())
+    }
+
+    /// `getfd`: hands `fd` (a duplicate, sent with `SCM_RIGHTS`) to QEMU
+    /// under `name`, for a later `fd:NAME` (a migration's target). The
+    /// caller keeps and closes its own descriptor.
+    pub fn getfd(&mut self, name: &str, fd: &impl std::os::unix::io::AsRawFd) -> StepResult<()> {
+        let timeout = self.timeout;
+        self.run_fd(
+            "getfd",
+            json!({ "fdname": name }),
+            timeout,
+            false,
+            Some(fd.as_raw_fd()),
+        )?;
+        Ok(())
+    }
+
+    /// `closefd`: drops a descriptor handed over with [`Qmp::getfd`]
+    /// (an error when QEMU has none of that name).
+    pub fn closefd(&mut self, name: &str) -> StepResult<()> {
+        self.execute("closefd", json!({ "fdname": name }))?;
+        Ok(())
+    }
+
+    /// `query-migrate`: the migration's `status` ("none" when none ran)
+    /// and QEMU's `error-desc`, if any.
+    pub fn query_migrate(&mut self) -> StepResult<(String, Option<String>)> {
+        let r = self.execute("query-migrate", Value::Null)?;
+        Ok((
+            r.get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string(),
+            r.get("error-desc")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ))
     }
 
     /// `query-jobs`: every job QEMU has (running or concluded and not yet
@@ -982,6 +1032,61 @@ pub(crate) mod wire {
                 self.buf.clear();
                 self.fill(deadline)?;
             }
+        }
+
+        /// Like [`Conn::send`], with `fd` passed along with the first byte
+        /// (`SCM_RIGHTS`: QMP `getfd` takes the descriptor that arrives
+        /// with its command).
+        pub(crate) fn send_with_fd(
+            &mut self,
+            data: &[u8],
+            fd: std::os::unix::io::RawFd,
+            deadline: Instant,
+        ) -> Result<(), Fail> {
+            let s = self.stream()?;
+            let left = remaining(deadline).ok_or(Fail::Timeout)?;
+            s.set_write_timeout(Some(left)).map_err(Fail::Io)?;
+            // The first byte goes alone with the descriptor; the rest as usual.
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: 1,
+            };
+            // SAFETY: CMSG_SPACE is a pure size computation.
+            let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
+            let mut cbuf = vec![0u8; space as usize];
+            // SAFETY: msghdr is plain data; every pointer set below stays
+            // valid for the sendmsg call (iov, cbuf live until it returns).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = space as _;
+            // SAFETY: msg_control points at `space` bytes, enough for one
+            // header carrying one int (CMSG_SPACE above).
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd);
+            }
+            loop {
+                // SAFETY: see above.
+                let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+                if n >= 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    _ if closed_kind(&e) => {
+                        self.eof = true;
+                        return Err(Fail::Closed);
+                    }
+                    _ => return Err(Fail::Io(e)),
+                }
+            }
+            self.send(&data[1..], deadline)
         }
 
         /// Writes all of `data` by `deadline` (MSG_NOSIGNAL: a closed peer

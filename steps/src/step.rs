@@ -119,7 +119,8 @@ pub enum Step {
     /// Guest agent `guest-fsfreeze-thaw`; retriable. Probe: not frozen.
     AgentThaw { agent: PathBuf },
     /// QMP `stop` (only in plans whose guest was running). Probe: paused.
-    /// Undo: `cont`.
+    /// Undo: `cont`; a QEMU that is gone (socket missing or refusing) is
+    /// not paused, so there is nothing to resume.
     QmpStop { qmp: PathBuf },
     /// QMP `cont`; retriable. Probe: running.
     QmpCont { qmp: PathBuf },
@@ -141,6 +142,21 @@ pub enum Step {
         tag: String,
         vmstate: String,
         devices: Vec<String>,
+    },
+    /// QMP `quit`: QEMU exits (`--halt`: the domain is shut off after the
+    /// snapshot). Retriable: a monitor that no longer answers (socket
+    /// missing or refusing) means done. Probe: Applied when no QEMU answers.
+    QmpQuit { qmp: PathBuf },
+    /// The memory state of the (paused) guest into `path`, a new file of
+    /// mode 0600 (a temporary name: a later Rename moves it into place):
+    /// QMP `getfd` `fdname` with the file's descriptor over the socket,
+    /// `migrate` to `fd:<fdname>`, wait for `completed`, fsync.
+    /// Probe: `path` starts with `QEVM` and QEMU's migration is completed.
+    /// Undo: cancel a migration still going on, remove `path`.
+    QmpMigrateToFile {
+        qmp: PathBuf,
+        fdname: String,
+        path: PathBuf,
     },
 }
 
@@ -166,6 +182,8 @@ impl Step {
             Step::QmpCont { .. } => "qmp-cont",
             Step::QmpSnapshotTransaction { .. } => "qmp-transaction",
             Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
+            Step::QmpQuit { .. } => "qmp-quit",
+            Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
         }
     }
 
@@ -178,7 +196,8 @@ impl Step {
             | Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
-            | Step::QmpSnapshotSave { .. } => false,
+            | Step::QmpSnapshotSave { .. }
+            | Step::QmpQuit { .. } => false,
             Step::Rename { replace, .. } => !replace,
             Step::Rebase { unsafe_, .. } => !unsafe_,
             _ => true,
@@ -296,6 +315,12 @@ impl Step {
                 "QMP {}: snapshot-save {tag:?} (memory in {vmstate}; disks {})",
                 qmp.display(),
                 devices.join(", ")
+            ),
+            Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QmpMigrateToFile { qmp, path, .. } => format!(
+                "QMP {}: memory state (migration stream) to {}",
+                qmp.display(),
+                path.display()
             ),
         }
     }
@@ -451,6 +476,14 @@ impl Step {
                 devices,
                 ..
             } => crate::live::snapshot_save_probe(qmp, job, tag, devices),
+            Step::QmpMigrateToFile { qmp, path, .. } => {
+                crate::live::migrate_to_file_probe(qmp, path)
+            }
+            Step::QmpQuit { qmp } => Ok(if crate::live::gone(qmp)? {
+                Probe::Applied
+            } else {
+                Probe::NotApplied
+            }),
         }
     }
 
@@ -585,6 +618,10 @@ impl Step {
                 vmstate,
                 devices,
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
+            Step::QmpQuit { qmp } => crate::live::quit(qmp),
+            Step::QmpMigrateToFile { qmp, fdname, path } => {
+                crate::live::migrate_to_file(qmp, fdname, path)
+            }
         }
     }
 
@@ -649,11 +686,15 @@ impl Step {
             Step::Catalog => Ok(()),
             Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_del(qmp, node),
             Step::AgentFreeze { agent } => crate::live::thaw(agent),
-            Step::QmpStop { qmp } => crate::live::cont(qmp),
+            Step::QmpStop { qmp } => crate::live::cont_unless_gone(qmp),
+            Step::QmpMigrateToFile { qmp, fdname, path } => {
+                crate::live::migrate_to_file_undo(qmp, fdname, path)
+            }
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
-            | Step::QmpSnapshotSave { .. } => unreachable!("irreversible steps return above"),
+            | Step::QmpSnapshotSave { .. }
+            | Step::QmpQuit { .. } => unreachable!("irreversible steps return above"),
             Step::InternalDelete { .. }
             | Step::Commit { .. }
             | Step::RemoveFile { .. }

@@ -518,3 +518,76 @@ fn a_monitor_serves_one_client_at_a_time_and_connect_is_bounded() {
     let mut second = vm.qmp();
     assert_eq!(second.query_status().unwrap().1, "prelaunch");
 }
+
+#[test]
+fn migrate_to_file_step_writes_a_stream_is_idempotent_and_undoes() {
+    use vsnap_steps::{Cx, Probe, Step};
+    let vm = Vm::start();
+    let mem = vm.dir.path().join(".vsnap-t.mem.tmp");
+    let step = Step::QmpMigrateToFile {
+        qmp: vm.sock.clone(),
+        fdname: "vsnap-t".into(),
+        path: mem.clone(),
+    };
+    let cx = Cx::quiet();
+    assert_eq!(step.probe(&cx).unwrap(), Probe::NotApplied);
+    step.apply(&cx).unwrap();
+    let data = std::fs::read(&mem).unwrap();
+    assert_eq!(&data[..4], b"QEVM", "QEMU's migration magic");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&mem).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(step.probe(&cx).unwrap(), Probe::Applied);
+    let mut q = vm.qmp();
+    assert_eq!(q.query_migrate().unwrap().0, "completed");
+    assert_eq!(q.query_status().unwrap().1, "postmigrate");
+    drop(q);
+    // Again: the same file, not a second migration.
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&mem).unwrap());
+    step.apply(&cx).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&mem).unwrap()),
+        ino
+    );
+    // The descriptor was consumed by the migration: no name is left.
+    let mut q = vm.qmp();
+    assert!(matches!(q.closefd("vsnap-t"), Err(StepError::Qmp { .. })));
+    drop(q);
+    step.undo(&cx).unwrap();
+    assert!(!mem.exists());
+    step.undo(&cx).unwrap();
+    assert_eq!(step.probe(&cx).unwrap(), Probe::NotApplied);
+    // cont takes the block nodes back after the migration.
+    let mut q = vm.qmp();
+    q.cont().unwrap();
+    assert_eq!(q.query_status().unwrap().1, "running");
+}
+
+#[test]
+fn quit_step_is_retriable_and_probes_a_gone_qemu() {
+    use vsnap_steps::{Cx, Probe, Step};
+    let mut vm = Vm::start();
+    let step = Step::QmpQuit {
+        qmp: vm.sock.clone(),
+    };
+    let cx = Cx::quiet();
+    assert!(!step.reversible());
+    assert_eq!(step.probe(&cx).unwrap(), Probe::NotApplied);
+    step.apply(&cx).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "QEMU did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(step.probe(&cx).unwrap(), Probe::Applied);
+    step.apply(&cx).unwrap();
+    // The undo of a stop: a QEMU that is gone is not paused.
+    Step::QmpStop {
+        qmp: vm.sock.clone(),
+    }
+    .undo(&cx)
+    .unwrap();
+    vm.kill();
+}

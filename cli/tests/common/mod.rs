@@ -280,6 +280,18 @@ impl Mount {
         }
     }
 
+    /// A `size` btrfs on a loop device, mounted at `mnt` (created); the
+    /// image file is `img`. btrfs can reflink (FICLONE).
+    pub fn btrfs(img: &Path, mnt: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(mnt).unwrap();
+        run("truncate", &["-s", size, s(img)]);
+        run("mkfs.btrfs", &["-q", "-f", s(img)]);
+        run("mount", &["-o", "loop", s(img), s(mnt)]);
+        Mount {
+            mnt: mnt.to_path_buf(),
+        }
+    }
+
     /// `mount --bind src mnt` (mnt created).
     pub fn bind(src: &Path, mnt: &Path) -> Mount {
         std::fs::create_dir_all(mnt).unwrap();

@@ -20,6 +20,20 @@
 //!   quiesced, all disks; then, on the images the catalog names after b's
 //!   QEMU kills (the guest rebooted on them), `c` live internal with memory
 //!   (`--memory internal`, QEMU's `snapshot-save`);
+//! * domain `gr` (vda raw, vdb, vdc qcow2, all on a loop-mounted btrfs,
+//!   new): `r-mix` live, vda a reflink clone and vdb an external overlay
+//!   inside one pause (stop, clone, rename, the transaction as the pivot,
+//!   cont); `r-only` live, vda a reflink clone alone (the pivot is the
+//!   catalog write); `r-halt` live `--halt` (vda reflink, vdb external:
+//!   stop, clone, the transaction, QMP quit). After every point the guest
+//!   must be running (not left paused) and no temporary clone left, except
+//!   after a committed `--halt`: then QEMU must be gone (it is booted again
+//!   on the catalog's images for the next point);
+//! * domain `gm` (as `ga`, new): `mem` live with the memory state to a
+//!   file (`--memory external:PATH`: stop, QEMU's migration stream to a
+//!   temporary file through `getfd` + `migrate fd:`, rename, the
+//!   transaction as the pivot, cont), vda+vdb; the memory file is checked
+//!   with the snapshot (present when committed, no temporary left);
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -69,7 +83,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
-use vsnap_crash::{diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, Inject, Listing, Run};
+use vsnap_crash::{
+    diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, BtrfsLoop, Inject,
+    Listing, Run,
+};
 use vsnap_engine::domain::DomainRec;
 use vsnap_engine::domsnap::{DiskMode, DomSnapshot};
 use vsnap_engine::{Engine, Format};
@@ -101,7 +118,10 @@ impl Ran {
     fn describe(&self) -> String {
         let d = self.run.describe();
         if self.timed_out {
-            format!("{d} [HUNG: killed by the harness after {} s]", RUN_LIMIT.as_secs())
+            format!(
+                "{d} [HUNG: killed by the harness after {} s]",
+                RUN_LIMIT.as_secs()
+            )
         } else {
             d
         }
@@ -128,7 +148,11 @@ fn run_timed(program: &Path, args: &[OsString], inject: &Inject) -> Ran {
         .env_remove("VSNAP_FAILPOINT_LOG")
         .env_remove("VSNAP_STATE_DIR")
         .env("LC_ALL", "C");
-    let mut cmdline = program.file_name().unwrap_or(program.as_os_str()).to_string_lossy().into_owned();
+    let mut cmdline = program
+        .file_name()
+        .unwrap_or(program.as_os_str())
+        .to_string_lossy()
+        .into_owned();
     for a in args {
         cmdline.push(' ');
         cmdline.push_str(&a.to_string_lossy());
@@ -143,7 +167,9 @@ fn run_timed(program: &Path, args: &[OsString], inject: &Inject) -> Ran {
             cmd.env("VSNAP_FAILPOINT_LOG", file);
         }
     }
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     let mut so = child.stdout.take().expect("piped stdout");
     let mut se = child.stderr.take().expect("piped stderr");
     let ro = std::thread::spawn(move || {
@@ -172,7 +198,15 @@ fn run_timed(program: &Path, args: &[OsString], inject: &Inject) -> Ran {
     };
     let stdout = String::from_utf8_lossy(&ro.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&re.join().unwrap_or_default()).into_owned();
-    Ran { run: Run { cmdline, status, stdout, stderr }, timed_out }
+    Ran {
+        run: Run {
+            cmdline,
+            status,
+            stdout,
+            stderr,
+        },
+        timed_out,
+    }
 }
 
 // --- the guest ------------------------------------------------------------------
@@ -180,7 +214,13 @@ fn run_timed(program: &Path, args: &[OsString], inject: &Inject) -> Ran {
 fn proc_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
-            let state = s.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+            let state = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .chars()
+                .next();
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -223,7 +263,9 @@ impl Guest {
         for (p, f) in disks {
             cmd.arg(format!("{}:{}", p.display(), f.as_str()));
         }
-        let out = cmd.output().map_err(|e| format!("cannot run guest/run.sh: {e}"))?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot run guest/run.sh: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "guest/run.sh failed ({}): {}",
@@ -249,10 +291,17 @@ impl Guest {
                 return Err(format!("the guest panicked: see {}", log.display()));
             }
             if !proc_alive(pid) {
-                return Err(format!("QEMU (pid {pid}) exited during boot: see {}", log.display()));
+                return Err(format!(
+                    "QEMU (pid {pid}) exited during boot: see {}",
+                    log.display()
+                ));
             }
             if t.elapsed() > BOOT_LIMIT {
-                return Err(format!("no VSNAP-GUEST-READY in {} after {} s", log.display(), BOOT_LIMIT.as_secs()));
+                return Err(format!(
+                    "no VSNAP-GUEST-READY in {} after {} s",
+                    log.display(),
+                    BOOT_LIMIT.as_secs()
+                ));
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -267,7 +316,10 @@ impl Guest {
             return Ok(());
         };
         if proc_alive(pid) {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(Stdio::null()).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
         }
         if wait_gone(pid, Duration::from_secs(30)) {
             Ok(())
@@ -302,7 +354,11 @@ impl Drop for Guest {
 
 /// The highest writer record of `image` (`snapshot`: an internal snapshot
 /// of it): (seq, the disk name the guest wrote in it).
-fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u64, String), String> {
+fn image_seq(
+    scratch: &Path,
+    image: &Path,
+    snapshot: Option<&str>,
+) -> Result<(u64, String), String> {
     let fmt = qemu_img::detect_format(image).map_err(|e| e.to_string())?;
     let tmp = scratch.join("seq-read.raw");
     let raw = if fmt == Format::Raw && snapshot.is_none() {
@@ -315,12 +371,16 @@ fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u6
             c.arg("-l").arg(format!("snapshot.name={s}"));
         }
         c.args(["-O", "raw"]).arg(image).arg(&tmp);
-        let out = c.output().map_err(|e| format!("cannot run qemu-img: {e}"))?;
+        let out = c
+            .output()
+            .map_err(|e| format!("cannot run qemu-img: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "qemu-img convert of {}{}: {}",
                 image.display(),
-                snapshot.map(|s| format!(" (snapshot {s})")).unwrap_or_default(),
+                snapshot
+                    .map(|s| format!(" (snapshot {s})"))
+                    .unwrap_or_default(),
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
@@ -335,11 +395,16 @@ fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u6
     let data = out.stdout;
     let mut best: Option<(u64, String)> = None;
     for slot in data.chunks(512).take(64) {
-        let Some(rest) = slot.strip_prefix(b"VSNAPSEQ seq=") else { continue };
+        let Some(rest) = slot.strip_prefix(b"VSNAPSEQ seq=") else {
+            continue;
+        };
         if rest.len() < 20 {
             continue;
         }
-        let Some(seq) = std::str::from_utf8(&rest[..20]).ok().and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(seq) = std::str::from_utf8(&rest[..20])
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
             continue;
         };
         let tail = String::from_utf8_lossy(&rest[20..]);
@@ -356,9 +421,13 @@ fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u6
         format!(
             "no writer record in /seq of {}{} ({} bytes read; debugfs: {})",
             image.display(),
-            snapshot.map(|s| format!(" (snapshot {s})")).unwrap_or_default(),
+            snapshot
+                .map(|s| format!(" (snapshot {s})"))
+                .unwrap_or_default(),
             data.len(),
-            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " | ")
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .replace('\n', " | ")
         )
     })
 }
@@ -369,6 +438,9 @@ fn image_seq(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<(u6
 enum Kind {
     LiveExternal,
     LiveMemory,
+    /// A running guest whose pivot is the catalog write (reflink clones
+    /// only: stop, clone, rename, catalog, cont).
+    LiveCatalog,
     Offline,
 }
 
@@ -390,7 +462,12 @@ fn scenarios() -> Vec<Scenario> {
             title: "live external disk-only, quiesced, vda+vdb (vdc=no)",
             kind: Kind::LiveExternal,
             flags: &["--live", "--disk-only", "--quiesce", "--disk", "vdc=no"],
-            qemu_kills: &["run.done.{before}#1", "step.qmp-transaction.before#1", "step.qmp-transaction.after#1", "run.applied.{pivot}#1"],
+            qemu_kills: &[
+                "run.done.{before}#1",
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+                "run.applied.{pivot}#1",
+            ],
             qemu_kills_quick: &["step.qmp-transaction.after#1"],
         },
         Scenario {
@@ -398,7 +475,11 @@ fn scenarios() -> Vec<Scenario> {
             title: "live external disk-only, not quiesced, all disks",
             kind: Kind::LiveExternal,
             flags: &["--live", "--disk-only"],
-            qemu_kills: &["step.qmp-transaction.before#1", "step.qmp-transaction.after#1", "run.applied.{pivot}#1"],
+            qemu_kills: &[
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+                "run.applied.{pivot}#1",
+            ],
             qemu_kills_quick: &["run.applied.{pivot}#1"],
         },
         Scenario {
@@ -410,10 +491,86 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["run.applied.{pivot}#1"],
         },
         Scenario {
+            key: "r-mix",
+            title: "live, vda raw reflink + vdb external, one pause (vdc=no)",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &[
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+                "run.applied.{pivot}#1",
+            ],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
+            key: "r-only",
+            title: "live, vda raw reflink only (pause, clone, resume)",
+            kind: Kind::LiveCatalog,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &["run.done.{before}#1", "run.started.{pivot}#1"],
+            qemu_kills_quick: &["run.started.{pivot}#1"],
+        },
+        Scenario {
+            key: "r-halt",
+            title: "live --halt, vda reflink + vdb external (stop, ..., quit)",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--disk-only",
+                "--halt",
+                "--disk",
+                "vda=reflink",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &["step.qmp-transaction.after#1"],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
+            key: "mem",
+            title: "live, memory to a file (migrate to fd:), vda+vdb external",
+            kind: Kind::LiveExternal,
+            flags: &[
+                "--live",
+                "--memory",
+                "external:{disks}/{name}.mem",
+                "--disk",
+                "vdc=no",
+            ],
+            qemu_kills: &[
+                "step.qmp-transaction.before#1",
+                "step.qmp-transaction.after#1",
+            ],
+            qemu_kills_quick: &["step.qmp-transaction.after#1"],
+        },
+        Scenario {
             key: "d-ext",
             title: "offline external, all disks (guest shut off)",
             kind: Kind::Offline,
-            flags: &["--disk", "vda=external", "--disk", "vdb=external", "--disk", "vdc=external"],
+            flags: &[
+                "--disk",
+                "vda=external",
+                "--disk",
+                "vdb=external",
+                "--disk",
+                "vdc=external",
+            ],
             qemu_kills: &[],
             qemu_kills_quick: &[],
         },
@@ -421,7 +578,14 @@ fn scenarios() -> Vec<Scenario> {
             key: "d-int",
             title: "offline internal, vda+vdb (vdc=no; guest shut off)",
             kind: Kind::Offline,
-            flags: &["--disk", "vda=internal", "--disk", "vdb=internal", "--disk", "vdc=no"],
+            flags: &[
+                "--disk",
+                "vda=internal",
+                "--disk",
+                "vdb=internal",
+                "--disk",
+                "vdc=no",
+            ],
             qemu_kills: &[],
             qemu_kills_quick: &[],
         },
@@ -453,11 +617,16 @@ impl PointMap {
     fn new(log: &str, kind: Kind) -> Result<PointMap, String> {
         let points = expand_points(log);
         let pos = |p: &str| points.iter().position(|x| x == p);
-        let commit = pos("journal.pivot.committed#1").ok_or("no journal.pivot.committed point in the run")?;
+        let commit = pos("journal.pivot.committed#1")
+            .ok_or("no journal.pivot.committed point in the run")?;
         let pivot: u32 = points[..commit]
             .iter()
             .rev()
-            .find_map(|p| p.strip_prefix("run.started.").and_then(|r| r.split('#').next()).and_then(|n| n.parse().ok()))
+            .find_map(|p| {
+                p.strip_prefix("run.started.")
+                    .and_then(|r| r.split('#').next())
+                    .and_then(|n| n.parse().ok())
+            })
             .ok_or("no run.started point before the pivot's commit")?;
         let done = points
             .iter()
@@ -467,11 +636,24 @@ impl PointMap {
             .map(|(i, _)| i)
             .ok_or("no run.done point of the pivot")?;
         let (effect, probeable) = match kind {
-            Kind::LiveExternal => (pos("step.qmp-transaction.after#1").ok_or("no step.qmp-transaction.after point")?, true),
-            Kind::LiveMemory => (pos(&format!("run.applied.{pivot}#1")).ok_or("no run.applied point of the pivot")?, true),
-            Kind::Offline => (commit, false),
+            Kind::LiveExternal => (
+                pos("step.qmp-transaction.after#1").ok_or("no step.qmp-transaction.after point")?,
+                true,
+            ),
+            Kind::LiveMemory => (
+                pos(&format!("run.applied.{pivot}#1"))
+                    .ok_or("no run.applied point of the pivot")?,
+                true,
+            ),
+            Kind::Offline | Kind::LiveCatalog => (commit, false),
         };
-        Ok(PointMap { points, pivot, effect, done, probeable })
+        Ok(PointMap {
+            points,
+            pivot,
+            effect,
+            done,
+            probeable,
+        })
     }
 
     fn expect(&self, i: usize) -> Expect {
@@ -497,7 +679,12 @@ impl PointMap {
     /// The points to crash at.
     fn selection(&self, quick: bool) -> Vec<usize> {
         (0..self.points.len())
-            .filter(|&i| !quick || i % 4 == 0 || (i + 2 >= self.effect && i <= self.done + 1) || i + 1 == self.points.len())
+            .filter(|&i| {
+                !quick
+                    || i % 4 == 0
+                    || (i + 2 >= self.effect && i <= self.done + 1)
+                    || i + 1 == self.points.len()
+            })
             .collect()
     }
 
@@ -560,6 +747,9 @@ struct Suite {
     last_seq: BTreeMap<String, u64>,
     /// What the last seq check read (for the report).
     last_seq_note: String,
+    /// The btrfs of the current group, if it has one (after `guest`:
+    /// unmounted once QEMU is gone).
+    btrfs: Option<BtrfsLoop>,
 }
 
 impl Suite {
@@ -575,7 +765,11 @@ impl Suite {
     }
 
     fn recover(&self, inject: &Inject) -> Ran {
-        run_timed(&self.bins.recover, &[os("--state-dir"), os(&self.state)], inject)
+        run_timed(
+            &self.bins.recover,
+            &[os("--state-dir"), os(&self.state)],
+            inject,
+        )
     }
 
     fn engine(&self) -> Result<Engine, String> {
@@ -584,35 +778,59 @@ impl Suite {
 
     fn domain(&self) -> Result<(DomainRec, Vec<DomSnapshot>, usize), String> {
         let e = self.engine()?;
-        let d = e.domain(&self.dom).map_err(|e| format!("reading domain {}: {e}", self.dom))?;
-        let s = e.domain_snapshot_list(&self.dom).map_err(|e| format!("reading snapshots: {e}"))?;
+        let d = e
+            .domain(&self.dom)
+            .map_err(|e| format!("reading domain {}: {e}", self.dom))?;
+        let s = e
+            .domain_snapshot_list(&self.dom)
+            .map_err(|e| format!("reading snapshots: {e}"))?;
         let p = e.plans().map_err(|e| format!("reading plans: {e}"))?.len();
         Ok((d, s, p))
     }
 
     fn boot_catalog(&mut self) -> Result<f64, String> {
         let (d, _, _) = self.domain()?;
-        let disks: Vec<(PathBuf, Format)> = d.disks.iter().map(|x| (x.source.clone(), x.format)).collect();
+        let disks: Vec<(PathBuf, Format)> = d
+            .disks
+            .iter()
+            .map(|x| (x.source.clone(), x.format))
+            .collect();
         self.guest.boot(&disks)
     }
 
     /// The state before a run; the writer's numbers only with `want_seq`
     /// (they matter only when the snapshot may commit).
     fn before(&mut self, live: bool, chosen: &[String], want_seq: bool) -> Result<Before, String> {
+        if live {
+            self.ensure_guest()?;
+        }
         let t = Instant::now();
         let (dom, snaps, plans) = self.domain()?;
         let listing = listing(&self.disks)?;
         let mut seq = BTreeMap::new();
-        for disk in dom.disks.iter().filter(|x| want_seq && chosen.contains(&x.target)) {
+        for disk in dom
+            .disks
+            .iter()
+            .filter(|x| want_seq && chosen.contains(&x.target))
+        {
             // A live image is read with -U: a stale but never too new view.
             if let Ok((s, _)) = image_seq(&self.root, &disk.source, None) {
                 seq.insert(disk.target.clone(), s);
             } else if !live {
-                return Err(format!("cannot read the writer's records from {}", disk.source.display()));
+                return Err(format!(
+                    "cannot read the writer's records from {}",
+                    disk.source.display()
+                ));
             }
         }
         self.took("before", t);
-        Ok(Before { dom, snaps, plans, listing, seq })
+        Ok(Before {
+            dom,
+            snaps,
+            plans,
+            listing,
+            seq,
+        })
     }
 
     fn next_name(&mut self, key: &str) -> String {
@@ -621,26 +839,42 @@ impl Suite {
     }
 
     fn create_args(&self, sc: &Scenario, name: &str) -> Vec<String> {
-        let mut a: Vec<String> = ["snapshot", "create", &self.dom, name].iter().map(|s| s.to_string()).collect();
-        a.extend(sc.flags.iter().map(|s| s.to_string()));
+        let mut a: Vec<String> = ["snapshot", "create", &self.dom, name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        // `{disks}`: the group's disks directory; `{name}`: the snapshot's name.
+        a.extend(sc.flags.iter().map(|s| {
+            s.replace("{disks}", &self.disks.to_string_lossy())
+                .replace("{name}", name)
+        }));
         a
     }
 
     /// The targets a scenario snapshots, in writer order.
     fn chosen(&self, sc: &Scenario) -> Result<Vec<String>, String> {
         let (d, _, _) = self.domain()?;
-        Ok(d
-            .disks
+        Ok(d.disks
             .iter()
             .map(|x| x.target.clone())
-            .filter(|t| !sc.flags.windows(2).any(|w| w[0] == "--disk" && w[1] == format!("{t}=no")))
+            .filter(|t| {
+                !sc.flags
+                    .windows(2)
+                    .any(|w| w[0] == "--disk" && w[1] == format!("{t}=no"))
+            })
             .collect())
     }
 
     /// Everything checked after a recovery that must leave the domain
     /// consistent. Returns the problems and the outcome
     /// (`Some(true)` committed, `Some(false)` rolled back).
-    fn verify(&mut self, sc: &Scenario, name: &str, before: &Before, expect: Option<Expect>) -> (Vec<String>, Option<bool>) {
+    fn verify(
+        &mut self,
+        sc: &Scenario,
+        name: &str,
+        before: &Before,
+        expect: Option<Expect>,
+    ) -> (Vec<String>, Option<bool>) {
         let mut v = Vec::new();
         let live = sc.kind != Kind::Offline;
         let t = Instant::now();
@@ -653,7 +887,11 @@ impl Suite {
             Err(e) => v.push(format!("domain check failed: {e}")),
         }
         self.took("domain check", t);
-        let (dom, snaps, plans) = match (engine.domain(&self.dom), engine.domain_snapshot_list(&self.dom), engine.plans()) {
+        let (dom, snaps, plans) = match (
+            engine.domain(&self.dom),
+            engine.domain_snapshot_list(&self.dom),
+            engine.plans(),
+        ) {
             (Ok(d), Ok(s), Ok(p)) => (d, s, p),
             (d, s, p) => {
                 v.push(format!(
@@ -667,29 +905,41 @@ impl Suite {
         };
         drop(engine);
         let quoted = format!("{name:?}");
-        let plan = plans.iter().skip(before.plans).find(|p| p.header.summary.contains(&quoted));
+        let plan = plans
+            .iter()
+            .skip(before.plans)
+            .find(|p| p.header.summary.contains(&quoted));
         let outcome = plan.map(|p| p.outcome().map(|o| format!("{o:?}")));
         let snap = snaps.iter().find(|s| s.name == name);
         let committed = match &outcome {
             None => {
                 if snap.is_some() {
-                    v.push(format!("catalog has snapshot {name} but the journal has no plan for it"));
+                    v.push(format!(
+                        "catalog has snapshot {name} but the journal has no plan for it"
+                    ));
                 }
                 false
             }
             Some(None) => {
-                v.push(format!("inv7: plan {} for {name} has no Finished record after recovery", plan.map_or(0, |p| p.id.0)));
+                v.push(format!(
+                    "inv7: plan {} for {name} has no Finished record after recovery",
+                    plan.map_or(0, |p| p.id.0)
+                ));
                 snap.is_some()
             }
             Some(Some(o)) if o == "Committed" => {
                 if snap.is_none() {
-                    v.push(format!("journal says Committed but snapshot {name} is not in the catalog"));
+                    v.push(format!(
+                        "journal says Committed but snapshot {name} is not in the catalog"
+                    ));
                 }
                 true
             }
             Some(Some(o)) if o == "RolledBack" => {
                 if snap.is_some() {
-                    v.push(format!("journal says RolledBack but snapshot {name} is in the catalog"));
+                    v.push(format!(
+                        "journal says RolledBack but snapshot {name} is in the catalog"
+                    ));
                 }
                 false
             }
@@ -699,8 +949,12 @@ impl Suite {
             }
         };
         match (expect, committed) {
-            (Some(Expect::Back), true) => v.push("rolled forward, but the crash was before the pivot took effect".into()),
-            (Some(Expect::Forward), false) => v.push("rolled back, but the crash was after the pivot took effect".into()),
+            (Some(Expect::Back), true) => {
+                v.push("rolled forward, but the crash was before the pivot took effect".into())
+            }
+            (Some(Expect::Forward), false) => {
+                v.push("rolled back, but the crash was after the pivot took effect".into())
+            }
             _ => {}
         }
         // Earlier snapshots untouched.
@@ -718,29 +972,65 @@ impl Suite {
                     v.push(format!("current snapshot is {:?}, not {name}", dom.current));
                 }
                 for sd in &s.disks {
-                    let now = dom.disks.iter().find(|x| x.target == sd.target).map(|x| x.source.clone());
-                    let old = before.dom.disks.iter().find(|x| x.target == sd.target).map(|x| x.source.clone());
+                    let now = dom
+                        .disks
+                        .iter()
+                        .find(|x| x.target == sd.target)
+                        .map(|x| x.source.clone());
+                    let old = before
+                        .dom
+                        .disks
+                        .iter()
+                        .find(|x| x.target == sd.target)
+                        .map(|x| x.source.clone());
                     let want = match (sd.mode, &sd.overlay) {
                         (DiskMode::External, Some(o)) => Some(o.clone()),
                         _ => old.clone(),
                     };
                     if now != want {
-                        v.push(format!("disk {}: the catalog's source is {:?}, expected {:?}", sd.target, now, want));
+                        v.push(format!(
+                            "disk {}: the catalog's source is {:?}, expected {:?}",
+                            sd.target, now, want
+                        ));
                     }
-                    if sd.mode != DiskMode::No && old.as_ref() != Some(&sd.state_file) {
-                        v.push(format!("disk {}: snapshot state file {} is not the image it had ({:?})", sd.target, sd.state_file.display(), old));
+                    if sd.mode == DiskMode::Reflink {
+                        let clone_dir = sd.state_file.parent().map(Path::to_path_buf);
+                        let img_dir = old.as_ref().and_then(|o| o.parent().map(Path::to_path_buf));
+                        if !(sd.state_file.is_file()
+                            && old.as_ref() != Some(&sd.state_file)
+                            && clone_dir == img_dir)
+                        {
+                            v.push(format!(
+                                "disk {}: reflink clone {} is not a new file beside {:?}",
+                                sd.target,
+                                sd.state_file.display(),
+                                old
+                            ));
+                        }
+                    } else if sd.mode != DiskMode::No && old.as_ref() != Some(&sd.state_file) {
+                        v.push(format!(
+                            "disk {}: snapshot state file {} is not the image it had ({:?})",
+                            sd.target,
+                            sd.state_file.display(),
+                            old
+                        ));
                     }
                 }
             }
         } else if dom != before.dom {
-            v.push(format!("rolled back, but the domain record changed: {:?} -> {:?}", before.dom, dom));
+            v.push(format!(
+                "rolled back, but the domain record changed: {:?} -> {:?}",
+                before.dom, dom
+            ));
         }
         // Nothing that existed before is gone.
         match listing(&self.disks) {
             Ok(after) => {
                 for line in diff_listing(&before.listing, &after) {
                     if line.ends_with("disappeared") {
-                        v.push(format!("a file that existed before the snapshot is gone: {line}"));
+                        v.push(format!(
+                            "a file that existed before the snapshot is gone: {line}"
+                        ));
                     }
                 }
             }
@@ -748,7 +1038,25 @@ impl Suite {
         }
         // The guest.
         let t = Instant::now();
-        if live {
+        if live && committed && sc.flags.contains(&"--halt") {
+            // --halt: shut off afterwards (QEMU quit), never left paused.
+            match self.guest.pid {
+                Some(pid) if proc_alive(pid) && !wait_gone(pid, Duration::from_secs(30)) => v.push(
+                    format!("inv1: --halt committed, but QEMU (pid {pid}) still runs"),
+                ),
+                _ => {}
+            }
+            match live::qmp(&self.guest.qmp()) {
+                Err(
+                    vsnap_steps::StepError::QmpNoSocket { .. }
+                    | vsnap_steps::StepError::QmpConnect { .. },
+                ) => {}
+                Ok(_) => {
+                    v.push("inv1: --halt committed, but QEMU still answers on its monitor".into())
+                }
+                Err(e) => v.push(format!("inv1: after --halt: {e}")),
+            }
+        } else if live {
             match live::qmp(&self.guest.qmp()).and_then(|mut q| q.query_status()) {
                 Ok((true, _)) => {}
                 Ok((false, st)) => v.push(format!("inv1: the guest is {st}, not running")),
@@ -772,7 +1080,10 @@ impl Suite {
         let r = self.recover(&Inject::None);
         self.took("second recovery", t);
         if r.code() != Some(0) || !r.run.stdout.contains("nothing to recover") {
-            v.push(format!("inv7: a second vsnap-recover is not a no-op: {}", r.describe()));
+            v.push(format!(
+                "inv7: a second vsnap-recover is not a no-op: {}",
+                r.describe()
+            ));
         }
         (v, Some(committed))
     }
@@ -785,7 +1096,10 @@ impl Suite {
             match image_seq(&self.root, &sd.state_file, snapshot) {
                 Ok((seq, disk)) => {
                     if disk != sd.target {
-                        v.push(format!("inv6: disk {}'s state holds the records of {disk}", sd.target));
+                        v.push(format!(
+                            "inv6: disk {}'s state holds the records of {disk}",
+                            sd.target
+                        ));
                     }
                     if let Some(&pre) = before.seq.get(&sd.target) {
                         if seq < pre {
@@ -812,13 +1126,24 @@ impl Suite {
                 _ => true,
             };
         if !agree {
-            v.push(format!("inv6: the disks of snapshot {} show different instants: {seqs:?}", s.name));
+            v.push(format!(
+                "inv6: the disks of snapshot {} show different instants: {seqs:?}",
+                s.name
+            ));
         }
         self.last_seq_note = format!(
             "{} state: {}; before the run the guest had written {}",
             s.name,
-            seqs.iter().map(|(t, q)| format!("{t} seq {q}")).collect::<Vec<_>>().join(", "),
-            before.seq.iter().map(|(t, q)| format!("{t} {q}")).collect::<Vec<_>>().join(", ")
+            seqs.iter()
+                .map(|(t, q)| format!("{t} seq {q}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            before
+                .seq
+                .iter()
+                .map(|(t, q)| format!("{t} {q}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if v.is_empty() {
             for (t, q) in seqs {
@@ -838,7 +1163,14 @@ impl Suite {
 
     /// vsnap killed at `point` (and `vsnap-recover` at every k-th point
     /// in turn when `kill_recovery`), recovered, verified.
-    fn crash_point(&mut self, sc: &Scenario, map: &PointMap, i: usize, kill_recovery: bool, rep: &mut ScenarioReport) {
+    fn crash_point(
+        &mut self,
+        sc: &Scenario,
+        map: &PointMap,
+        i: usize,
+        kill_recovery: bool,
+        rep: &mut ScenarioReport,
+    ) {
         let point = map.points[i].clone();
         let name = self.next_name(sc.key);
         let at = format!("{} {point} (snapshot {name})", sc.key);
@@ -853,11 +1185,17 @@ impl Suite {
             Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
         };
         let t = Instant::now();
-        let r = self.vsnap(&self.create_args(sc, &name), &Inject::CrashAt(point.clone()));
+        let r = self.vsnap(
+            &self.create_args(sc, &name),
+            &Inject::CrashAt(point.clone()),
+        );
         self.took("vsnap (crashed)", t);
         rep.points += 1;
         if !r.killed_by_crash_point() {
-            v.push(format!("vsnap did not die by SIGKILL at {point}: {}", r.describe()));
+            v.push(format!(
+                "vsnap did not die by SIGKILL at {point}: {}",
+                r.describe()
+            ));
         }
         let t = Instant::now();
         let rec = if kill_recovery {
@@ -870,14 +1208,23 @@ impl Suite {
                 }
                 rep.recovery_kills += 1;
                 if k >= RECOVERY_KILLS_MAX {
-                    v.push(format!("vsnap-recover still passing crash points after {k} kills"));
+                    v.push(format!(
+                        "vsnap-recover still passing crash points after {k} kills"
+                    ));
                     break self.recover(&Inject::None);
                 }
             }
         } else {
             self.recover(&Inject::None)
         };
-        self.took(if kill_recovery { "recovery (with kills)" } else { "recovery" }, t);
+        self.took(
+            if kill_recovery {
+                "recovery (with kills)"
+            } else {
+                "recovery"
+            },
+            t,
+        );
         if rec.code() != Some(0) {
             v.push(format!("vsnap-recover: {}", rec.describe()));
         }
@@ -896,13 +1243,25 @@ impl Suite {
 
     /// vsnap killed at `point` and QEMU killed too; recovery must end
     /// `needs attention` or roll back cleanly, and delete nothing.
-    fn qemu_kill_point(&mut self, sc: &Scenario, map: &PointMap, point: &str, rep: &mut ScenarioReport) {
+    fn qemu_kill_point(
+        &mut self,
+        sc: &Scenario,
+        map: &PointMap,
+        point: &str,
+        rep: &mut ScenarioReport,
+    ) {
         let t = Instant::now();
         self.qemu_kill_point_inner(sc, map, point, rep);
         self.took("QEMU kills (with reboots)", t);
     }
 
-    fn qemu_kill_point_inner(&mut self, sc: &Scenario, map: &PointMap, point: &str, rep: &mut ScenarioReport) {
+    fn qemu_kill_point_inner(
+        &mut self,
+        sc: &Scenario,
+        map: &PointMap,
+        point: &str,
+        rep: &mut ScenarioReport,
+    ) {
         let name = self.next_name(sc.key);
         let at = format!("{} {point} + QEMU killed (snapshot {name})", sc.key);
         let mut v = Vec::new();
@@ -917,10 +1276,16 @@ impl Suite {
             Ok(b) => b,
             Err(e) => return self.violation(at, vec![format!("harness: {e}")]),
         };
-        let r = self.vsnap(&self.create_args(sc, &name), &Inject::CrashAt(point.to_string()));
+        let r = self.vsnap(
+            &self.create_args(sc, &name),
+            &Inject::CrashAt(point.to_string()),
+        );
         rep.qemu_kills += 1;
         if !r.killed_by_crash_point() {
-            v.push(format!("vsnap did not die by SIGKILL at {point}: {}", r.describe()));
+            v.push(format!(
+                "vsnap did not die by SIGKILL at {point}: {}",
+                r.describe()
+            ));
         }
         if let Err(e) = self.guest.kill() {
             return self.violation(at, vec![format!("harness: {e}")]);
@@ -929,7 +1294,12 @@ impl Suite {
             d.disks
                 .iter()
                 .filter(|x| x.format == Format::Qcow2)
-                .map(|x| (x.source.clone(), qemu_img::snapshot_names(&x.source, true).unwrap_or_default()))
+                .map(|x| {
+                    (
+                        x.source.clone(),
+                        qemu_img::snapshot_names(&x.source, true).unwrap_or_default(),
+                    )
+                })
                 .collect()
         };
         let crashed = listing(&self.disks).unwrap_or_default();
@@ -939,25 +1309,41 @@ impl Suite {
         let rolled_back_cleanly = match rec.code() {
             Some(1) => {
                 if !out.contains("needs-attention") {
-                    v.push(format!("exit 1 without a needs-attention line: {}", rec.describe()));
+                    v.push(format!(
+                        "exit 1 without a needs-attention line: {}",
+                        rec.describe()
+                    ));
                 }
                 false
             }
             Some(0) if out.contains("rolled-back") => {
                 if i >= map.effect {
-                    v.push(format!("rolled back although the pivot had happened: {}", rec.describe()));
+                    v.push(format!(
+                        "rolled back although the pivot had happened: {}",
+                        rec.describe()
+                    ));
                 }
                 true
             }
             _ => {
-                v.push(format!("expected exit 1 (needs attention) or a clean rollback: {}", rec.describe()));
+                v.push(format!(
+                    "expected exit 1 (needs attention) or a clean rollback: {}",
+                    rec.describe()
+                ));
                 false
             }
         };
-        let seen = out.lines().find(|l| l.contains("needs-attention") || l.contains("rolled-back")).unwrap_or("").to_string();
+        let seen = out
+            .lines()
+            .find(|l| l.contains("needs-attention") || l.contains("rolled-back"))
+            .unwrap_or("")
+            .to_string();
         // Nothing deleted.
         let after = listing(&self.disks).unwrap_or_default();
-        let created: BTreeSet<&String> = crashed.keys().filter(|k| !before.listing.contains_key(*k)).collect();
+        let created: BTreeSet<&String> = crashed
+            .keys()
+            .filter(|k| !before.listing.contains_key(*k))
+            .collect();
         for line in diff_listing(&crashed, &after) {
             if line.ends_with("disappeared") {
                 let file = line.split(" (").next().unwrap_or("").to_string();
@@ -977,19 +1363,30 @@ impl Suite {
                     v.push(format!("snapshot {name} is in the catalog"));
                 }
                 if dom != before.dom {
-                    v.push(format!("the domain record changed: {:?} -> {:?}", before.dom, dom));
+                    v.push(format!(
+                        "the domain record changed: {:?} -> {:?}",
+                        before.dom, dom
+                    ));
                 }
             }
             Err(e) => v.push(e),
         }
-        match self.engine().and_then(|e| e.journal().unfinished().map(|u| u.len()).map_err(|e| e.to_string())) {
+        match self.engine().and_then(|e| {
+            e.journal()
+                .unfinished()
+                .map(|u| u.len())
+                .map_err(|e| e.to_string())
+        }) {
             Ok(0) => {}
             Ok(n) => v.push(format!("inv7: {n} unfinished plan(s) after recovery")),
             Err(e) => v.push(e),
         }
         let r2 = self.recover(&Inject::None);
         if r2.code() != Some(0) || !r2.run.stdout.contains("nothing to recover") {
-            v.push(format!("inv7: a second vsnap-recover is not a no-op: {}", r2.describe()));
+            v.push(format!(
+                "inv7: a second vsnap-recover is not a no-op: {}",
+                r2.describe()
+            ));
         }
         // The operator's part: what the plan made and nothing references.
         let mut removed = Vec::new();
@@ -1002,8 +1399,14 @@ impl Suite {
         for (img, names) in &internal_after {
             if names.iter().any(|n| n == &name) {
                 match qemu_img::snapshot(img, qemu_img::SnapshotOp::Delete, &name) {
-                    Ok(()) => removed.push(format!("{}@{name}", img.file_name().unwrap_or_default().to_string_lossy())),
-                    Err(e) => v.push(format!("harness: deleting internal snapshot {name} from {}: {e}", img.display())),
+                    Ok(()) => removed.push(format!(
+                        "{}@{name}",
+                        img.file_name().unwrap_or_default().to_string_lossy()
+                    )),
+                    Err(e) => v.push(format!(
+                        "harness: deleting internal snapshot {name} from {}: {e}",
+                        img.display()
+                    )),
                 }
             }
         }
@@ -1019,14 +1422,25 @@ impl Suite {
                 }
                 if let Ok(r) = qemu_img::check(&p, Format::Qcow2) {
                     if !r.clean && r.corruptions == 0 {
-                        let ok = Command::new("qemu-img").args(["check", "-q", "-r", "leaks"]).arg(&p).output().is_ok_and(|o| o.status.success());
+                        let ok = Command::new("qemu-img")
+                            .args(["check", "-q", "-r", "leaks"])
+                            .arg(&p)
+                            .output()
+                            .is_ok_and(|o| o.status.success());
                         if ok {
                             repaired.push(e.file_name().to_string_lossy().into_owned());
                         } else {
-                            v.push(format!("harness: qemu-img check -r leaks {} failed", p.display()));
+                            v.push(format!(
+                                "harness: qemu-img check -r leaks {} failed",
+                                p.display()
+                            ));
                         }
                     } else if r.corruptions > 0 {
-                        v.push(format!("{} is corrupt ({} corruption(s)) after QEMU was killed", p.display(), r.corruptions));
+                        v.push(format!(
+                            "{} is corrupt ({} corruption(s)) after QEMU was killed",
+                            p.display(),
+                            r.corruptions
+                        ));
                     }
                 }
             }
@@ -1045,12 +1459,23 @@ impl Suite {
         rep.notes.push(format!(
             "QEMU killed at {point}: vsnap-recover exit {:?}: {detail}{}",
             rec.code(),
-            if removed.is_empty() { String::new() } else { format!(" [then the operator: removed {}]", removed.join(", ")) }
+            if removed.is_empty() {
+                String::new()
+            } else {
+                format!(" [then the operator: removed {}]", removed.join(", "))
+            }
         ));
         // Boot again on the catalog's images: consistent.
         match self.boot_catalog() {
-            Ok(_) => match self.engine().and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string())) {
-                Ok(r) => v.extend(r.violations.iter().map(|x| format!("after reboot: domain check: {x}"))),
+            Ok(_) => match self
+                .engine()
+                .and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string()))
+            {
+                Ok(r) => v.extend(
+                    r.violations
+                        .iter()
+                        .map(|x| format!("after reboot: domain check: {x}")),
+                ),
                 Err(e) => v.push(format!("after reboot: {e}")),
             },
             Err(e) => v.push(format!("harness: reboot: {e}")),
@@ -1061,8 +1486,22 @@ impl Suite {
         }
     }
 
+    /// A guest that a committed `--halt` shut off boots again on the
+    /// catalog's images (the next point needs a running guest).
+    fn ensure_guest(&mut self) -> Result<(), String> {
+        if self.guest.pid.is_some_and(proc_alive) {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.guest.pid = None;
+        self.boot_catalog()?;
+        self.took("reboots after --halt", t);
+        Ok(())
+    }
+
     /// The writer goes on, on the catalog's images (read with -U), within 60 s.
-    fn writer_progress(&self) -> Result<String, String> {
+    fn writer_progress(&mut self) -> Result<String, String> {
+        self.ensure_guest()?;
         let (d, _, _) = self.domain()?;
         let disk = d.disks.first().ok_or("no disk")?;
         let (s0, _) = image_seq(&self.root, &disk.source, None)?;
@@ -1070,10 +1509,16 @@ impl Suite {
         loop {
             let (s, _) = image_seq(&self.root, &disk.source, None)?;
             if s > s0 {
-                return Ok(format!("writer on {}: seq {s0} -> {s}", disk.source.display()));
+                return Ok(format!(
+                    "writer on {}: seq {s0} -> {s}",
+                    disk.source.display()
+                ));
             }
             if t.elapsed() > Duration::from_secs(60) {
-                return Err(format!("the guest's writer made no progress on {} in 60 s (seq {s0})", disk.source.display()));
+                return Err(format!(
+                    "the guest's writer made no progress on {} in 60 s (seq {s0})",
+                    disk.source.display()
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1101,14 +1546,18 @@ impl Suite {
             Ok(before) => {
                 let t = Instant::now();
                 let r = self.vsnap(&self.create_args(sc, &name), &Inject::Log(log.clone()));
-                rep.notes.push(format!("uncrashed snapshot took {:.2} s", t.elapsed().as_secs_f64()));
+                rep.notes.push(format!(
+                    "uncrashed snapshot took {:.2} s",
+                    t.elapsed().as_secs_f64()
+                ));
                 let mut v = Vec::new();
                 if r.code() != Some(0) {
                     v.push(format!("the uncrashed run failed: {}", r.describe()));
                 }
                 let (problems, outcome) = self.verify(sc, &name, &before, Some(Expect::Forward));
                 v.extend(problems);
-                rep.notes.push(format!("uncrashed snapshot {}", self.last_seq_note));
+                rep.notes
+                    .push(format!("uncrashed snapshot {}", self.last_seq_note));
                 if outcome == Some(true) {
                     rep.committed += 1;
                 }
@@ -1154,7 +1603,11 @@ impl Suite {
                     self.violation(format!("{} after its points", sc.key), vec![e]);
                 }
             }
-            let kills = if self.quick { sc.qemu_kills_quick } else { sc.qemu_kills };
+            let kills = if self.quick {
+                sc.qemu_kills_quick
+            } else {
+                sc.qemu_kills
+            };
             for p in kills {
                 let p = map.resolve(p);
                 self.qemu_kill_point(sc, &map, &p, &mut rep);
@@ -1168,11 +1621,18 @@ impl Suite {
 // --- setup ---------------------------------------------------------------------------
 
 fn sh(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -1181,18 +1641,27 @@ fn sh(cmd: &mut Command) -> Result<(), String> {
 fn make_disks(dir: &Path, all_qcow2: bool) -> Result<Vec<(PathBuf, Format)>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     let mut out = Vec::new();
-    for (t, mut fmt) in [("vda", Format::Raw), ("vdb", Format::Qcow2), ("vdc", Format::Qcow2)] {
+    for (t, mut fmt) in [
+        ("vda", Format::Raw),
+        ("vdb", Format::Qcow2),
+        ("vdc", Format::Qcow2),
+    ] {
         if all_qcow2 {
             fmt = Format::Qcow2;
         }
         let raw = dir.join(format!("{t}.raw"));
-        let f = std::fs::File::create(&raw).map_err(|e| format!("create {}: {e}", raw.display()))?;
-        f.set_len(DISK_MB << 20).map_err(|e| format!("truncate {}: {e}", raw.display()))?;
+        let f =
+            std::fs::File::create(&raw).map_err(|e| format!("create {}: {e}", raw.display()))?;
+        f.set_len(DISK_MB << 20)
+            .map_err(|e| format!("truncate {}: {e}", raw.display()))?;
         drop(f);
         sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw))?;
         if fmt == Format::Qcow2 {
             let q = dir.join(format!("{t}.qcow2"));
-            sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q))?;
+            sh(Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&q))?;
             std::fs::remove_file(&raw).map_err(|e| format!("rm {}: {e}", raw.display()))?;
             out.push((q, fmt));
         } else {
@@ -1207,6 +1676,8 @@ fn make_disks(dir: &Path, all_qcow2: bool) -> Result<Vec<(PathBuf, Format)>, Str
 /// snapshots, so one domain for all would slow every later point).
 struct Group {
     dom: &'static str,
+    /// The disks on a loop-mounted btrfs (reflink clones).
+    btrfs: bool,
     scenarios: &'static [&'static str],
     /// vda is raw, except in the offline group (its internal snapshots need qcow2).
     all_qcow2: bool,
@@ -1215,9 +1686,41 @@ struct Group {
 }
 
 const GROUPS: &[Group] = &[
-    Group { dom: "ga", scenarios: &["a"], all_qcow2: false, offline: false },
-    Group { dom: "gb", scenarios: &["b", "c"], all_qcow2: false, offline: false },
-    Group { dom: "gd", scenarios: &["d-int", "d-ext"], all_qcow2: true, offline: true },
+    Group {
+        dom: "ga",
+        btrfs: false,
+        scenarios: &["a"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gb",
+        btrfs: false,
+        scenarios: &["b", "c"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gr",
+        btrfs: true,
+        scenarios: &["r-mix", "r-only", "r-halt"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gm",
+        btrfs: false,
+        scenarios: &["mem"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gd",
+        btrfs: false,
+        scenarios: &["d-int", "d-ext"],
+        all_qcow2: true,
+        offline: true,
+    },
 ];
 
 impl Suite {
@@ -1225,15 +1728,35 @@ impl Suite {
     /// until the writer wrote every disk, then shut the guest off.
     fn start_group(&mut self, g: &Group) -> Result<(), String> {
         self.guest.kill()?;
+        self.btrfs = None;
         self.dom = g.dom.to_string();
-        self.disks = self.root.join(format!("disks-{}", g.dom));
+        self.disks = if g.btrfs {
+            let b = BtrfsLoop::create(&self.root, 1 << 30)?;
+            let d = b.mount.join(format!("disks-{}", g.dom));
+            self.btrfs = Some(b);
+            d
+        } else {
+            self.root.join(format!("disks-{}", g.dom))
+        };
         self.guest.dir = self.root.join(g.dom);
         self.last_seq.clear();
         let disks = make_disks(&self.disks, g.all_qcow2)?;
         let s = self.guest.boot(&disks)?;
-        println!("group {}: guest booted in {s:.1} s on new disks in {}", g.dom, self.disks.display());
+        println!(
+            "group {}: guest booted in {s:.1} s on new disks in {}",
+            g.dom,
+            self.disks.display()
+        );
         let attach = self.vsnap(
-            &[os("domain"), os("attach"), os(&self.dom), os("--qmp"), os(self.guest.qmp()), os("--agent"), os(self.guest.qga())],
+            &[
+                os("domain"),
+                os("attach"),
+                os(&self.dom),
+                os("--qmp"),
+                os(self.guest.qmp()),
+                os("--agent"),
+                os(self.guest.qga()),
+            ],
             &Inject::None,
         );
         if attach.code() != Some(0) {
@@ -1243,15 +1766,19 @@ impl Suite {
             let t = Instant::now();
             let mut last;
             loop {
-                let seqs: Result<Vec<u64>, String> =
-                    disks.iter().map(|(p, _)| image_seq(&self.root, p, None).map(|(s, _)| s)).collect();
+                let seqs: Result<Vec<u64>, String> = disks
+                    .iter()
+                    .map(|(p, _)| image_seq(&self.root, p, None).map(|(s, _)| s))
+                    .collect();
                 match seqs {
                     Ok(v) if v.iter().all(|&s| s > 0) => break,
                     Ok(v) => last = format!("{v:?}"),
                     Err(e) => last = e,
                 }
                 if t.elapsed() > Duration::from_secs(60) {
-                    return Err(format!("the writer wrote nothing to some disk in 60 s: {last}"));
+                    return Err(format!(
+                        "the writer wrote nothing to some disk in 60 s: {last}"
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -1266,7 +1793,10 @@ impl Suite {
         let mut v = Vec::new();
         match self.boot_catalog() {
             Ok(_) => {
-                match self.engine().and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string())) {
+                match self
+                    .engine()
+                    .and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string()))
+                {
                     Ok(r) => v.extend(r.violations.iter().map(|x| format!("domain check: {x}"))),
                     Err(e) => v.push(e),
                 }
@@ -1304,7 +1834,9 @@ fn main() -> ExitCode {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
             .unwrap_or(false);
         if !found {
-            return fail(format!("{prog} is not installed (needed for the real guest)"));
+            return fail(format!(
+                "{prog} is not installed (needed for the real guest)"
+            ));
         }
     }
     let scratch = match scratch_dir("vsnap-live.") {
@@ -1328,16 +1860,25 @@ fn main() -> ExitCode {
         dom: String::new(),
         disks: root.clone(),
         state: root.join("state"),
-        guest: Guest { dir: root.clone(), pid: None, boots: Vec::new() },
+        guest: Guest {
+            dir: root.clone(),
+            pid: None,
+            boots: Vec::new(),
+        },
         quick,
         counter: 0,
         violations: Vec::new(),
         last_seq: BTreeMap::new(),
         last_seq_note: String::new(),
+        btrfs: None,
     };
     println!(
         "live crash suite{}: binaries from {}, scratch {}, guest build {:.1} s",
-        if quick { " (VSNAP_CRASH_QUICK=1: sampled)" } else { "" },
+        if quick {
+            " (VSNAP_CRASH_QUICK=1: sampled)"
+        } else {
+            ""
+        },
         suite.bins.dir.display(),
         root.display(),
         build_s
@@ -1355,14 +1896,20 @@ fn main() -> ExitCode {
             return fail(format!("group {}: {e}", g.dom));
         }
         for key in g.scenarios {
-            let sc = all.iter().find(|s| s.key == *key).expect("every group's scenario exists");
+            let sc = all
+                .iter()
+                .find(|s| s.key == *key)
+                .expect("every group's scenario exists");
             if !wanted(key) {
                 // Build the state the next scenarios start from, no crash.
                 let name = suite.next_name(sc.key);
                 let r = suite.vsnap(&suite.create_args(sc, &name), &Inject::None);
                 if r.code() != Some(0) {
                     harness_failures += 1;
-                    suite.violation(format!("{} (not selected) setup", sc.key), vec![r.describe()]);
+                    suite.violation(
+                        format!("{} (not selected) setup", sc.key),
+                        vec![r.describe()],
+                    );
                 }
                 continue;
             }
@@ -1405,7 +1952,12 @@ fn main() -> ExitCode {
     );
     println!(
         "time per phase: {}",
-        suite.phases.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", ")
+        suite
+            .phases
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if !suite.violations.is_empty() {
         println!("violations:");
