@@ -6,6 +6,11 @@
 //! | internal | `vsnap vol snapshot create IMG NAME --kind internal` | `qemu-img snapshot -c NAME -f qcow2 IMG`           |
 //! | external | `vsnap vol snapshot create IMG NAME --kind external` | `qemu-img create -f qcow2 -b IMG -F qcow2 OVERLAY` |
 //!
+//! A third row per series times the same operation through the library
+//! (`Engine::vol_snapshot_create`, the engine opened once before the
+//! loop): what a manager that embeds vsnap pays per snapshot, without the
+//! process start and journal open a CLI call pays every time.
+//!
 //! Run: `cargo bench -p vsnap-cli --bench create` (or `scripts/bench.sh`).
 //! cargo builds the release `vsnap` for the bench (it is the path in
 //! `CARGO_BIN_EXE_vsnap`, normally target/release/vsnap); if that file is
@@ -155,6 +160,9 @@ enum Kind {
 struct Series {
     vsnap: Vec<Duration>,
     floor: Vec<Duration>,
+    /// The same operation through the library, the engine opened once
+    /// (what a manager embedding vsnap pays per snapshot).
+    library: Vec<Duration>,
 }
 
 fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> Series {
@@ -167,7 +175,10 @@ fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> S
     let mut s = Series {
         vsnap: Vec::new(),
         floor: Vec::new(),
+        library: Vec::new(),
     };
+    let (engine, _) = vsnap_engine::Engine::open(&dir.join(format!("state-lib-{label}")))
+        .unwrap_or_else(|e| panic!("engine: {e}"));
     for i in 0..warmup + iters {
         let name = format!("snap{i}");
         // vsnap
@@ -212,6 +223,26 @@ fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> S
         };
         if i >= warmup {
             s.floor.push(d);
+        }
+        // library
+        let img = dir.join(format!("{label}-l{i}.qcow2"));
+        fresh_image(&img);
+        let req = vsnap_engine::CreateRequest {
+            image: img,
+            name: Some(name.clone()),
+            kind: Some(if kind == Kind::Internal {
+                vsnap_engine::SnapKind::Internal
+            } else {
+                vsnap_engine::SnapKind::External
+            }),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        engine
+            .vol_snapshot_create(&req, false)
+            .unwrap_or_else(|e| panic!("library create: {e}"));
+        if i >= warmup {
+            s.library.push(t.elapsed());
         }
     }
     s
@@ -306,6 +337,22 @@ fn main() {
         println!(
             "{:<10} {:<48} {:>8.2}x {:>8.2}x",
             "", "ratio vsnap/floor", r50, r90
+        );
+        let (l50, l90) = (pct(&s.library, 50.0), pct(&s.library, 90.0));
+        println!(
+            "{:<10} {:<48} {:>9.2} {:>9.2} {:>9.2}",
+            "",
+            "library: Engine::vol_snapshot_create (open once)",
+            l50,
+            l90,
+            pct(&s.library, 0.0)
+        );
+        println!(
+            "{:<10} {:<48} {:>8.2}x {:>8.2}x",
+            "",
+            "ratio library/floor",
+            l50 / f50,
+            l90 / f90
         );
         verdicts.push(format!(
             "{label}: p50 ratio {r50:.2}x ({})",
