@@ -406,6 +406,16 @@ fn default_overlay(source: &Path, snap: &str, earlier: &[DomSnapshot]) -> PathBu
         .join(format!("{stem}.{snap}.qcow2"))
 }
 
+/// A path the user gave, made absolute against the current directory.
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    std::env::current_dir()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// `<stem>.<snapshot>.<ext>` beside the image (a reflink clone).
 fn default_clone(source: &Path, snap: &str) -> PathBuf {
     let stem = source
@@ -642,10 +652,7 @@ impl Engine {
             }
             if c.mode == DiskMode::Reflink {
                 let dst = match &c.overlay {
-                    Some(p) if p.is_absolute() => p.clone(),
-                    Some(p) => std::env::current_dir()
-                        .map(|d| d.join(p))
-                        .unwrap_or_else(|_| p.clone()),
+                    Some(p) => absolute(p),
                     None => default_clone(&c.source, &name),
                 };
                 if std::fs::symlink_metadata(&dst).is_ok() {
@@ -690,10 +697,7 @@ impl Engine {
             }
             if c.mode == DiskMode::External {
                 let o = match &c.overlay {
-                    Some(p) if p.is_absolute() => p.clone(),
-                    Some(p) => std::env::current_dir()
-                        .map(|d| d.join(p))
-                        .unwrap_or_else(|_| p.clone()),
+                    Some(p) => absolute(p),
                     None => default_overlay(&c.source, &name, &existing),
                 };
                 let exists = std::fs::symlink_metadata(&o).is_ok();

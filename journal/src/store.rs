@@ -390,15 +390,7 @@ impl Journal {
 
     /// Append a new plan (state `Planned`); durable on return.
     pub fn begin(&self, header: PlanHeader, body: Vec<u8>) -> Result<PlanId> {
-        let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
-        let (mut trees, mut writes) = (Vec::new(), Vec::new());
-        self.plan_writes(id, &header, &body, &mut trees, &mut writes);
-        committed(self.commit.submit(Op::Txn {
-            trees,
-            writes,
-            point: "journal.begin.inserted",
-        }))?;
-        Ok(id)
+        self.begin_with(header, body, &[])
     }
 
     /// Append one progress record; durable on return.
@@ -441,9 +433,6 @@ impl Journal {
         body: Vec<u8>,
         records: &[Record],
     ) -> Result<PlanId> {
-        if records.is_empty() {
-            return self.begin(header, body);
-        }
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
         let (mut trees, mut writes) = (Vec::new(), Vec::new());
         self.plan_writes(id, &header, &body, &mut trees, &mut writes);
