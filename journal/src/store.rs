@@ -168,6 +168,27 @@ impl SledSink {
     }
 }
 
+/// sled's log segment size for a new journal. At every open sled zeroes
+/// and fsyncs the rest of the segment its log ends in, so the segment size
+/// is a cost per process: 64 KiB instead of sled's 512 KiB takes 0.7 ms off
+/// each `vsnap` call (measured: `vol snapshot count` p50 3.21 -> 2.44 ms).
+/// Values over about a quarter of it (16 KiB: a plan body for very many
+/// disks) go to sled's blob files, which the flush makes durable too.
+const NEW_SEGMENT_SIZE: usize = 64 * 1024;
+
+/// The segment size a journal was created with (sled refuses another),
+/// from sled's `conf` file; [`NEW_SEGMENT_SIZE`] for a new one.
+fn segment_size(db: &Path) -> usize {
+    let Ok(conf) = std::fs::read(db.join("conf")) else {
+        return NEW_SEGMENT_SIZE;
+    };
+    String::from_utf8_lossy(&conf)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse().ok())
+        // Unreadable: let sled open with its default and say what is wrong.
+        .unwrap_or(512 * 1024)
+}
+
 /// How long [`open_sled`] waits for a previous sled instance of this
 /// process to let go of its file.
 const SLED_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
@@ -180,6 +201,7 @@ const SLED_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1
 fn open_sled(path: &Path) -> Result<sled::Db> {
     let config = sled::Config::new()
         .path(path)
+        .segment_size(segment_size(path))
         // We flush ourselves, once per batch; a timer flush on top would
         // only compete with ours for the disk.
         .flush_every_ms(None);

@@ -351,7 +351,12 @@ fn state_dir_mode_0700() {
 
 /// Damage the database behind a closed journal with sled directly.
 fn damage(state: &Path, tree: &str, f: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(state.join("db")).unwrap();
+    // A journal's segment size (sled refuses to open it with another).
+    let db = sled::Config::new()
+        .path(state.join("db"))
+        .segment_size(64 * 1024)
+        .open()
+        .unwrap();
     f(&db.open_tree(tree).unwrap());
     db.flush().unwrap();
 }
@@ -622,4 +627,37 @@ fn active_index_tracks_unfinished_plans_and_is_built_for_old_journals() {
     let j = Journal::open(&state).unwrap();
     let ids: Vec<_> = j.unfinished().unwrap().iter().map(|p| p.id).collect();
     assert_eq!(ids, vec![open2]);
+}
+
+/// New journals use 64 KiB log segments; a database sled made with its
+/// default (512 KiB, as every journal before this change) still opens,
+/// with its records.
+#[test]
+fn segment_size_new_and_existing() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("new");
+    drop(Journal::open(&new).unwrap());
+    let conf = std::fs::read(new.join("db/conf")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&conf).contains("segment_size: 65536"),
+        "{}",
+        String::from_utf8_lossy(&conf)
+    );
+
+    let old = dir.path().join("old");
+    std::fs::create_dir_all(&old).unwrap();
+    {
+        let db = sled::open(old.join("db")).unwrap();
+        db.flush().unwrap();
+    }
+    let id = {
+        let j = Journal::open(&old).unwrap();
+        let id = j.begin(header("a", 1, 0), b"x".to_vec()).unwrap();
+        j.append(id, Record::Started(0)).unwrap();
+        id
+    };
+    let conf = std::fs::read(old.join("db/conf")).unwrap();
+    assert!(String::from_utf8_lossy(&conf).contains("segment_size: 524288"));
+    let j = Journal::open(&old).unwrap();
+    assert_eq!(j.plan(id).unwrap().records, vec![Record::Started(0)]);
 }

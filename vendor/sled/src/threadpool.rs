@@ -21,7 +21,8 @@ const MAX_THREADS: usize = 16;
 #[cfg(not(windows))]
 const MAX_THREADS: usize = 128;
 
-const DESIRED_WAITING_THREADS: usize = 7;
+// vsnap: 1 instead of 7 (VSNAP-PATCH.md): short processes need no idle pool.
+const DESIRED_WAITING_THREADS: usize = 1;
 
 static WAITING_THREAD_COUNT: AtomicUsize = AtomicUsize::new(0);
 static TOTAL_THREAD_COUNT: AtomicUsize = AtomicUsize::new(0);
