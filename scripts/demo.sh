@@ -100,22 +100,29 @@ say "The 'upgrade' overwrites the data with 0x22"
 run qemu-io -f qcow2 -c 'write -P 0x22 0 1M' a.qcow2
 expect_pattern a.qcow2 0 1M 0x22
 
-say "Take internal snapshot 'upgraded', and kill vsnap just after its pivot (the catalog commit) at crash point run.done.1"
+say "Take internal snapshot 'upgraded', and kill vsnap right after qemu-img made it, before vsnap recorded that (crash point run.applied.0)"
 run vsnap vol snapshot create a.qcow2 upgraded --dry-run
-crash run.done.1 vol snapshot create a.qcow2 upgraded
+crash run.applied.0 vol snapshot create a.qcow2 upgraded
 
-say "Leftover state: the journal holds an UNFINISHED plan"
+say "Leftover state: an UNFINISHED plan, and a snapshot 'upgraded' inside a.qcow2 that the catalog does not have"
 run vsnap plan list
 vsnap plan list | grep -q UNFINISHED || fail "no UNFINISHED plan in the journal"
-ok "plan is UNFINISHED"
+run qemu-img snapshot -l a.qcow2
+qemu-img snapshot -l a.qcow2 | grep -q upgraded || fail "qemu-img did not make 'upgraded' before the crash"
+ok "'upgraded' is in the image, not in the catalog"
 
-say "vsnap-recover decides from the journal: the pivot happened, so it rolls FORWARD"
+say "vsnap-recover decides from the journal: the pivot (the catalog commit) never started, so it rolls BACK"
 out=$(vsnap-recover) || fail "vsnap-recover exited $?"
 printf '    %s\n' "$out"
-grep -q 'committed' <<<"$out" || fail "expected the plan to be rolled forward (committed)"
-ok "snapshot 'upgraded' completed by recovery"
+grep -q 'rolled-back' <<<"$out" || fail "expected the plan to be rolled back"
+run qemu-img snapshot -l a.qcow2
+! qemu-img snapshot -l a.qcow2 | grep -q upgraded || fail "'upgraded' still inside a.qcow2 after the roll-back"
+ok "the half-made snapshot is gone from a.qcow2"
 run vsnap-recover
 ok "a second run has nothing to do"
+
+say "Take 'upgraded' again, without a crash this time"
+run vsnap vol snapshot create a.qcow2 upgraded || fail "create failed"
 
 say "Check a.qcow2 against the catalog, and qemu-img check it"
 run vsnap vol check a.qcow2 || fail "vsnap vol check a.qcow2 found problems"
@@ -147,24 +154,24 @@ run qemu-img info --backing-chain b.qcow2
 say "Write more: 0x33 over the first MiB (after s2)"
 run qemu-io -f qcow2 -c 'write -P 0x33 0 1M' b.qcow2
 
-say "Start external snapshot 's3', and kill vsnap after the overlay is created, before the rename pivot (crash point run.done.1)"
+say "Start external snapshot 's3', and kill vsnap right after its pivot (the rename that puts the new overlay at b.qcow2), before the pivot is recorded (crash point run.applied.2)"
 run vsnap vol snapshot create b.qcow2 s3 --dry-run
-crash run.done.1 vol snapshot create b.qcow2 s3
+crash run.applied.2 vol snapshot create b.qcow2 s3
 
-say "Leftover state: an UNFINISHED plan, a hard link b.s3.qcow2 and a temporary overlay"
+say "Leftover state: an UNFINISHED plan; b.s3.qcow2 holds the frozen state and b.qcow2 is already the new overlay"
 run vsnap plan list
 vsnap plan list | grep -q UNFINISHED || fail "no UNFINISHED plan in the journal"
-run ls -la "$D"
-[ -n "$(temp_files)" ] || fail "expected a temporary overlay .vsnap-* in $D"
-ok "temporary file(s) on disk: $(temp_files | tr '\n' ' ')"
+run qemu-img info --backing-chain b.qcow2
 
-say "vsnap-recover: the pivot had not happened, so it rolls BACK (undo every step, newest first)"
+say "vsnap-recover: the journal cannot tell whether the pivot happened, so it probes it: it did, so it rolls FORWARD"
 out=$(vsnap-recover) || fail "vsnap-recover exited $?"
 printf '    %s\n' "$out"
-grep -q 'rolled-back' <<<"$out" || fail "expected the plan to be rolled back"
+grep -q 'committed' <<<"$out" || fail "expected the plan to be rolled forward (committed)"
 [ -z "$(temp_files)" ] || fail "temporary files left after recovery: $(temp_files)"
-[ ! -e b.s3.qcow2 ] || fail "b.s3.qcow2 left after recovery"
-ok "no temporary file, no b.s3.qcow2 left"
+[ -e b.s3.qcow2 ] || fail "b.s3.qcow2 missing after recovery"
+run vsnap vol snapshot current b.qcow2
+vsnap vol snapshot current b.qcow2 | grep -q s3 || fail "s3 is not the current snapshot after recovery"
+ok "snapshot 's3' completed by recovery; no temporary file left"
 run vsnap-recover
 run vsnap plan list
 
