@@ -430,12 +430,32 @@ fn default_clone(source: &Path, snap: &str) -> PathBuf {
 }
 
 fn writable_for(dir: &Path, target: &str) -> Result<()> {
+    writable_as(dir, target, "external")
+}
+
+/// `dir` must be writable for disk `target`; the message names the
+/// `--disk target=KIND:PATH` that picks another place.
+fn writable_as(dir: &Path, target: &str, kind: &str) -> Result<()> {
     crate::volume::check_writable(dir).map_err(|_| {
         EngineError::Invalid(format!(
-            "disk {target}: directory {} is not writable; choose a writable place with --disk {target}=external:PATH",
+            "disk {target}: directory {} is not writable; choose a writable place with --disk {target}={kind}:PATH",
             dir.display()
         ))
     })
+}
+
+/// The directory of `file` (disk `target`'s new `what`): it must exist and
+/// be writable.
+fn file_dir(file: &Path, target: &str, what: &str, kind: &str) -> Result<PathBuf> {
+    let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+    if !dir.is_dir() {
+        return Err(EngineError::Invalid(format!(
+            "directory {} for disk {target}'s {what} does not exist",
+            dir.display()
+        )));
+    }
+    writable_as(&dir, target, kind)?;
+    Ok(dir)
 }
 
 /// One chosen disk, resolved at plan time.
@@ -664,15 +684,7 @@ impl Engine {
                         c.target
                     )));
                 }
-                let dir = dst.parent().unwrap_or(Path::new("/")).to_path_buf();
-                if !dir.is_dir() {
-                    return Err(EngineError::Invalid(format!(
-                        "directory {} for disk {}'s clone does not exist",
-                        dir.display(),
-                        c.target
-                    )));
-                }
-                writable_for(&dir, &c.target)?;
+                let dir = file_dir(&dst, &c.target, "clone", "reflink")?;
                 use std::os::unix::fs::MetadataExt;
                 let same_fs = match (std::fs::metadata(&dir), std::fs::metadata(&c.source)) {
                     (Ok(a), Ok(b)) => a.dev() == b.dev(),
@@ -729,15 +741,7 @@ impl Engine {
                         c.target
                     )));
                 }
-                let dir = o.parent().unwrap_or(Path::new("/")).to_path_buf();
-                if !dir.is_dir() {
-                    return Err(EngineError::Invalid(format!(
-                        "directory {} for disk {}'s overlay does not exist",
-                        dir.display(),
-                        c.target
-                    )));
-                }
-                writable_for(&dir, &c.target)?;
+                file_dir(&o, &c.target, "overlay", "external")?;
                 c.overlay = Some(o);
             } else if !live_guest {
                 // Offline: the image must not be held by some QEMU we do not know of.

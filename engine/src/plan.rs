@@ -182,15 +182,7 @@ impl<'a> Writer<'a> {
     fn flush(&mut self, ops: &[CatalogOp]) -> vsnap_journal::Result<()> {
         let records = std::mem::take(&mut self.pending);
         match self.new.take() {
-            Some((header, body)) => {
-                self.id = Some(if ops.is_empty() {
-                    self.j.begin_with(header, body, &records)?
-                } else {
-                    let id = self.j.begin_with(header, body, &[])?;
-                    self.j.append_all(id, &records, ops)?;
-                    id
-                })
-            }
+            Some((header, body)) => self.id = Some(self.j.begin_with(header, body, &records, ops)?),
             None => self.j.append_all(self.id(), &records, ops)?,
         }
         for p in std::mem::take(&mut self.points) {

@@ -412,7 +412,7 @@ impl Journal {
 
     /// Append a new plan (state `Planned`); durable on return.
     pub fn begin(&self, header: PlanHeader, body: Vec<u8>) -> Result<PlanId> {
-        self.begin_with(header, body, &[])
+        self.begin_with(header, body, &[], &[])
     }
 
     /// Append one progress record; durable on return.
@@ -446,19 +446,22 @@ impl Journal {
         self.append_all(plan, &[Record::Done(pivot)], ops)
     }
 
-    /// A new plan and its first records, in one sled transaction: one
-    /// flush where [`begin`](Self::begin) and [`append`](Self::append)
-    /// take two. Durable on return.
+    /// A new plan, its first records and the catalog changes `ops` (a
+    /// plan whose first step is a no-op pivot commits with its begin), in
+    /// one sled transaction: one flush where [`begin`](Self::begin) and
+    /// [`append_all`](Self::append_all) take two. Durable on return.
     pub fn begin_with(
         &self,
         header: PlanHeader,
         body: Vec<u8>,
         records: &[Record],
+        ops: &[CatalogOp],
     ) -> Result<PlanId> {
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
         let (mut trees, mut writes) = (Vec::new(), Vec::new());
         self.plan_writes(id, &header, &body, &mut trees, &mut writes);
         self.record_writes(id, records, &mut trees, &mut writes)?;
+        self.catalog_writes(ops, &mut trees, &mut writes)?;
         committed(self.commit.submit(Op::Txn {
             trees,
             writes,

@@ -526,11 +526,29 @@ fn batches_are_written_in_order_and_together() {
     {
         let j = Journal::open(&state).unwrap();
         a = j
-            .begin_with(header("a", 3, 2), b"a".to_vec(), &[Record::Started(0)])
+            .begin_with(header("a", 3, 2), b"a".to_vec(), &[Record::Started(0)], &[])
             .unwrap();
         j.append_all(a, &[Record::Done(0), Record::Started(1)], &[])
             .unwrap();
-        b = j.begin_with(header("b", 1, 0), vec![], &[]).unwrap();
+        b = j.begin_with(header("b", 1, 0), vec![], &[], &[]).unwrap();
+        // A plan whose only step is a no-op pivot: all of it at once.
+        let whole = j
+            .begin_with(
+                header("w", 1, 0),
+                vec![],
+                &[
+                    Record::Started(0),
+                    Record::Done(0),
+                    Record::Finished(Outcome::Committed),
+                ],
+                &[put("cat", b"w", "whole")],
+            )
+            .unwrap();
+        assert_eq!(j.plan(whole).unwrap().outcome(), Some(&Outcome::Committed));
+        assert_eq!(
+            j.catalog_get("cat", b"w").unwrap(),
+            Some(codec::encode(&"whole".to_string()))
+        );
         j.append_all(
             a,
             &[
@@ -597,7 +615,7 @@ fn active_index_tracks_unfinished_plans_and_is_built_for_old_journals() {
         let j = Journal::open(&state).unwrap();
         open1 = j.begin(header("a", 1, 0), vec![]).unwrap();
         done = j
-            .begin_with(header("b", 1, 0), vec![], &[Record::Started(0)])
+            .begin_with(header("b", 1, 0), vec![], &[Record::Started(0)], &[])
             .unwrap();
         j.append_all(
             done,
@@ -606,7 +624,7 @@ fn active_index_tracks_unfinished_plans_and_is_built_for_old_journals() {
         )
         .unwrap();
         open2 = j
-            .begin_with(header("c", 2, 1), vec![], &[Record::Started(0)])
+            .begin_with(header("c", 2, 1), vec![], &[Record::Started(0)], &[])
             .unwrap();
         for _ in 0..50 {
             let id = j.begin(header("x", 1, 0), vec![]).unwrap();
