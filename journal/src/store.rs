@@ -59,6 +59,9 @@ const FINISHED: &str = "finished";
 const ACTIVE: &str = "active";
 const META: &str = "meta";
 const META_ACTIVE_INDEX: &[u8] = b"active-index";
+/// Present once the state directory and `db/` have been fsynced after
+/// their files were created (see [`sync_dirs_once`]).
+const META_DIRS_SYNCED: &[u8] = b"dirs-synced";
 /// Catalog trees are named `cat/<caller's name>` so that no caller's name
 /// can clash with a journal tree.
 const CATALOG_PREFIX: &str = "cat/";
@@ -127,8 +130,6 @@ pub(crate) struct SledSink {
 impl SledSink {
     fn new(db: sled::Db, db_dir: &Path) -> std::io::Result<SledSink> {
         let log = std::fs::File::open(db_dir.join("db"))?;
-        // sled creates its files without syncing their directory entries.
-        sync_dir(db_dir)?;
         Ok(SledSink {
             db,
             log,
@@ -168,10 +169,12 @@ impl SledSink {
     }
 }
 
-/// sled's log segment size for a new journal. At every open sled zeroes
-/// and fsyncs the rest of the segment its log ends in, so the segment size
-/// is a cost per process: 64 KiB instead of sled's 512 KiB takes 0.7 ms off
-/// each `vsnap` call (measured: `vol snapshot count` p50 3.21 -> 2.44 ms).
+/// sled's log segment size for a new journal. At every open sled reads
+/// the segment its log ends in and, after a crash left its tail dirty,
+/// zeroes and fsyncs that tail (before VSNAP-PATCH 5: at every open), so
+/// the segment size is a cost per process: 64 KiB instead of sled's 512 KiB
+/// took 0.7 ms off each `vsnap` call (`vol snapshot count` p50 3.21 ->
+/// 2.44 ms, before that patch).
 /// Values over about a quarter of it (16 KiB: a plan body for very many
 /// disks) go to sled's blob files, which the flush makes durable too.
 const NEW_SEGMENT_SIZE: usize = 64 * 1024;
@@ -239,6 +242,24 @@ fn build_active_index(db: &sled::Db, plans: &Tree, finished: &Tree, active: &Tre
         }
     }
     meta.insert(META_ACTIVE_INDEX, IVec::from(&[1u8][..]))?;
+    Ok(())
+}
+
+/// sled creates `db/db`, `db/conf` and `db/blobs` without syncing their
+/// directory entries, and we create `lock` and `db/`: fsync both
+/// directories once, then mark it in `meta`. The mark goes in after the
+/// fsyncs and is durable with the next flush; until then (a crash, or
+/// only reads) every open syncs again. (sled's later snapshot files are
+/// synced by sled itself: VSNAP-PATCH 6.)
+fn sync_dirs_once(db: &sled::Db, state_dir: &Path) -> Result<()> {
+    let meta = db.open_tree(META)?;
+    if meta.contains_key(META_DIRS_SYNCED)? {
+        return Ok(());
+    }
+    for dir in [state_dir.join("db"), state_dir.to_path_buf()] {
+        sync_dir(&dir).map_err(|source| JournalError::StateDir { dir, source })?;
+    }
+    meta.insert(META_DIRS_SYNCED, IVec::from(&[1u8][..]))?;
     Ok(())
 }
 
@@ -329,14 +350,11 @@ fn committed(r: Result<(), CommitError<sled::Error>>) -> Result<()> {
 }
 
 /// Create the state directory 0700 if missing; tighten a looser mode.
-/// Create `dir` (0700) if missing; true when it had no journal yet (its
-/// entries must then be made durable once sled has created them).
-fn prepare_state_dir(dir: &Path) -> Result<bool> {
+fn prepare_state_dir(dir: &Path) -> Result<()> {
     let err = |source: std::io::Error| JournalError::StateDir {
         dir: dir.to_path_buf(),
         source,
     };
-    let fresh = !dir.join("db").exists();
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
@@ -351,14 +369,14 @@ fn prepare_state_dir(dir: &Path) -> Result<bool> {
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
-    Ok(fresh)
+    Ok(())
 }
 
 impl Journal {
     /// Create the state directory (mode 0700) if missing, take its lock
     /// (`lock` file, holder pid written inside), open sled at `db/`.
     pub fn open(state_dir: &Path) -> Result<Journal> {
-        let fresh = prepare_state_dir(state_dir)?;
+        prepare_state_dir(state_dir)?;
         let lock = StateLock::acquire(state_dir)?;
         let db = open_sled(&state_dir.join("db"))?;
         let plans = db.open_tree(PLANS)?;
@@ -376,13 +394,7 @@ impl Journal {
                 source,
             }
         })?;
-        if fresh {
-            // The lock file and db/ were just created.
-            sync_dir(state_dir).map_err(|source| JournalError::StateDir {
-                dir: state_dir.to_path_buf(),
-                source,
-            })?;
-        }
+        sync_dirs_once(&db, state_dir)?;
         let commit = GroupCommit::start(sink);
         failpoint::hit("journal.opened");
         Ok(Journal {

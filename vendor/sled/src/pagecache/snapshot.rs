@@ -311,13 +311,23 @@ fn advance_snapshot(
             trace!("bumping snapshot.stable_lsn to {}", bumped);
             (bumped, None)
         } else {
-            if let Some(BasedBuf { offset, .. }) = iter.segment_base {
+            if let Some(BasedBuf { offset, ref buf }) = iter.segment_base {
                 // either situation 3 or situation 4. we need to zero the
                 // tail of the segment after the recovered tip
                 let shred_len = config.segment_size
                     - usize::try_from(segment_progress).unwrap()
                     - 1;
-                let shred_zone = vec![MessageKind::Corrupted.into(); shred_len];
+                // VSNAP-PATCH 5: the segment was just read whole into
+                // `buf` (up to the end of the file; past it the file reads
+                // as zeros). When the tail after the tip already reads as
+                // `Corrupted` (0) bytes, as it does after every clean run
+                // because the previous open zeroed it, writing the same
+                // zeros and fsyncing them changes nothing: skip both.
+                let progress = usize::try_from(segment_progress).unwrap();
+                let corrupted: u8 = MessageKind::Corrupted.into();
+                let tail_clean = buf
+                    .get(progress..)
+                    .map_or(true, |t| t.iter().all(|b| *b == corrupted));
                 let shred_base =
                     offset + LogOffset::try_from(segment_progress).unwrap();
 
@@ -332,8 +342,11 @@ fn advance_snapshot(
                     shred_base,
                     shred_base + shred_len as LogOffset
                 );
-                pwrite_all(&config.file, &shred_zone, shred_base)?;
-                config.file.sync_all()?;
+                if !tail_clean {
+                    let shred_zone = vec![corrupted; shred_len];
+                    pwrite_all(&config.file, &shred_zone, shred_base)?;
+                    config.file.sync_all()?;
+                }
             }
             (iterated_lsn, iter.segment_base.map(|bb| bb.offset))
         };
@@ -560,6 +573,9 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     io_fail!(config, "snap write mv");
     std::fs::rename(&path_1, &path_2)?;
     io_fail!(config, "snap write mv post");
+    // VSNAP-PATCH 6: make the rename durable before the old snapshots
+    // (which the next lines remove) can go.
+    std::fs::File::open(parent)?.sync_all()?;
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
