@@ -154,9 +154,9 @@ run qemu-img info --backing-chain b.qcow2
 say "Write more: 0x33 over the first MiB (after s2)"
 run qemu-io -f qcow2 -c 'write -P 0x33 0 1M' b.qcow2
 
-say "Start external snapshot 's3', and kill vsnap right after its pivot (the rename that puts the new overlay at b.qcow2), before the pivot is recorded (crash point run.applied.2)"
+say "Start external snapshot 's3', and kill vsnap right after its pivot (the rename that puts the new overlay at b.qcow2), before the pivot is recorded (crash point run.applied.1)"
 run vsnap vol snapshot create b.qcow2 s3 --dry-run
-crash run.applied.2 vol snapshot create b.qcow2 s3
+crash run.applied.1 vol snapshot create b.qcow2 s3
 
 say "Leftover state: an UNFINISHED plan; b.s3.qcow2 holds the frozen state and b.qcow2 is already the new overlay"
 run vsnap plan list

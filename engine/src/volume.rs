@@ -2,9 +2,10 @@
 //! read-only queries a manager needs.
 //!
 //! **A volume is named by its path, and that path stays its active image.**
-//! An external snapshot hard-links the image to the frozen name, builds a
-//! new overlay backed by it under a temporary name, and renames the overlay
-//! over the path (the pivot): at every instant the path is a whole chain.
+//! An external snapshot hard-links the image to the frozen name and builds
+//! a new overlay backed by it under a temporary name (one step,
+//! `ExternalFreeze`), then renames the overlay over the path (the pivot):
+//! at every instant the path is a whole chain.
 //! Reverts build the reverted state under a temporary name and rename it
 //! over the path. Whole-file snapshots (reflink, copy) clone to a
 //! temporary name and move it to the snapshot's name.
@@ -337,14 +338,11 @@ impl Engine {
                 let overlay = fsops::temp_path(image, &tag);
                 snap.file = Some(file.clone());
                 vec![
-                    Step::HardLink {
-                        src: image.clone(),
-                        dst: file.clone(),
-                    },
-                    Step::CreateOverlay {
-                        path: overlay.clone(),
-                        backing: file,
-                        backing_format: vol.format,
+                    Step::ExternalFreeze {
+                        image: image.clone(),
+                        file,
+                        overlay: overlay.clone(),
+                        format: vol.format,
                     },
                     Step::Rename {
                         from: overlay,

@@ -158,6 +158,20 @@ pub enum Step {
         fdname: String,
         path: PathBuf,
     },
+    /// An external snapshot's files in one step, with one flush of the
+    /// journal around it instead of two: [`Step::HardLink`] of `image` as
+    /// `file`, then [`Step::CreateOverlay`] at `overlay` backed by `file`
+    /// (`-F format`), then one fsync of the directories of `file` and
+    /// `overlay` (one when they are the same). The overlay goes in under a
+    /// temporary name, fsynced, then renamed to `overlay`, as in
+    /// CreateOverlay: `overlay` exists only complete.
+    /// Probe: Applied when both halves are. Undo: both halves' undo.
+    ExternalFreeze {
+        image: PathBuf,
+        file: PathBuf,
+        overlay: PathBuf,
+        format: Format,
+    },
 }
 
 impl Step {
@@ -184,6 +198,7 @@ impl Step {
             Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
             Step::QmpQuit { .. } => "qmp-quit",
             Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
+            Step::ExternalFreeze { .. } => "external-freeze",
         }
     }
 
@@ -322,7 +337,33 @@ impl Step {
                 qmp.display(),
                 path.display()
             ),
+            Step::ExternalFreeze {
+                image,
+                file,
+                overlay,
+                format,
+            } => format!(
+                "hard-link {} as {}, then create overlay {} backed by it ({format})",
+                image.display(),
+                file.display(),
+                overlay.display()
+            ),
         }
+    }
+
+    /// An [`Step::ExternalFreeze`]'s two halves, as the steps they are.
+    fn freeze_halves(image: &Path, file: &Path, overlay: &Path, format: Format) -> [Step; 2] {
+        [
+            Step::HardLink {
+                src: image.to_path_buf(),
+                dst: file.to_path_buf(),
+            },
+            Step::CreateOverlay {
+                path: overlay.to_path_buf(),
+                backing: file.to_path_buf(),
+                backing_format: format,
+            },
+        ]
     }
 
     pub fn probe(&self, cx: &Cx) -> StepResult<Probe> {
@@ -484,6 +525,19 @@ impl Step {
             } else {
                 Probe::NotApplied
             }),
+            Step::ExternalFreeze {
+                image,
+                file,
+                overlay,
+                format,
+            } => {
+                let [link, create] = Step::freeze_halves(image, file, overlay, *format);
+                Ok(match (link.probe(cx)?, create.probe(cx)?) {
+                    (Probe::Applied, Probe::Applied) => Probe::Applied,
+                    (Probe::Unknown(why), _) | (_, Probe::Unknown(why)) => Probe::Unknown(why),
+                    _ => Probe::NotApplied,
+                })
+            }
         }
     }
 
@@ -515,26 +569,7 @@ impl Step {
                 backing,
                 backing_format,
             } => {
-                if !backing.is_absolute() {
-                    return Err(StepError::Invalid(format!(
-                        "backing file {} of overlay {} must be an absolute path",
-                        backing.display(),
-                        path.display()
-                    )));
-                }
-                let temp = fsops::temp_path(path, "part");
-                fsops::unlink_if_exists(path)?;
-                fsops::unlink_if_exists(&temp)?;
-                // Ours, new, not a symlink planted there: qemu-img then
-                // writes into this very file.
-                drop(fsops::create_excl(&temp)?);
-                if let Err(e) = qemu_img::create_overlay(&temp, backing, *backing_format) {
-                    let _ = fsops::remove_if_exists(&temp);
-                    return Err(e);
-                }
-                fsops::fsync_file(&temp)?;
-                failpoint::hit("step.create-overlay.before-rename");
-                std::fs::rename(&temp, path).map_err(|e| fsops::io_err("rename", &temp, e))?;
+                overlay_in_place(path, backing, *backing_format)?;
                 failpoint::hit("step.create-overlay.before-dirsync");
                 fsops::fsync_parent(path)
             }
@@ -622,6 +657,20 @@ impl Step {
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file(qmp, fdname, path)
             }
+            Step::ExternalFreeze {
+                image,
+                file,
+                overlay,
+                format,
+            } => {
+                link_or_same(image, file)?;
+                failpoint::hit("step.external-freeze.linked");
+                overlay_in_place(overlay, file, *format)?;
+                failpoint::hit("step.external-freeze.before-dirsync");
+                // One fsync covers the link and the overlay's rename when
+                // they share a directory (the default).
+                fsync_dirs(file, overlay)
+            }
         }
     }
 
@@ -690,6 +739,16 @@ impl Step {
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file_undo(qmp, fdname, path)
             }
+            Step::ExternalFreeze {
+                image,
+                file,
+                overlay,
+                format,
+            } => {
+                let [link, create] = Step::freeze_halves(image, file, overlay, *format);
+                create.undo(cx)?;
+                link.undo(cx)
+            }
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
@@ -701,6 +760,32 @@ impl Step {
             | Step::Rename { replace: true, .. } => unreachable!("irreversible steps return above"),
         }
     }
+}
+
+/// A new qcow2 overlay at `path` backed by `backing` (absolute): written
+/// by qemu-img to a temporary name of ours (created O_EXCL), fsynced, then
+/// renamed to `path`. The caller fsyncs the directory.
+fn overlay_in_place(path: &Path, backing: &Path, backing_format: Format) -> StepResult<()> {
+    if !backing.is_absolute() {
+        return Err(StepError::Invalid(format!(
+            "backing file {} of overlay {} must be an absolute path",
+            backing.display(),
+            path.display()
+        )));
+    }
+    let temp = fsops::temp_path(path, "part");
+    fsops::unlink_if_exists(path)?;
+    fsops::unlink_if_exists(&temp)?;
+    // Ours, new, not a symlink planted there: qemu-img then writes into
+    // this very file.
+    drop(fsops::create_excl(&temp)?);
+    if let Err(e) = qemu_img::create_overlay(&temp, backing, backing_format) {
+        let _ = fsops::remove_if_exists(&temp);
+        return Err(e);
+    }
+    fsops::fsync_file(&temp)?;
+    failpoint::hit("step.create-overlay.before-rename");
+    std::fs::rename(&temp, path).map_err(|e| fsops::io_err("rename", &temp, e))
 }
 
 /// `link(src, dst)`; an existing `dst` that is already `src` is fine,

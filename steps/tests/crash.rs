@@ -101,6 +101,27 @@ fn create_overlay_crashes() {
 }
 
 #[test]
+fn external_freeze_crashes() {
+    for (point, seen) in [
+        ("step.external-freeze.linked", Probe::NotApplied),
+        ("step.create-overlay.before-rename", Probe::NotApplied),
+        ("step.external-freeze.before-dirsync", Probe::Applied),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let image = d.path().join("a.qcow2");
+        qcow2(&image, MIB);
+        let setup = || Step::ExternalFreeze {
+            image: image.clone(),
+            file: d.path().join("a.s1.qcow2"),
+            overlay: d.path().join("a.new"),
+            format: Format::Qcow2,
+        };
+        check(d.path(), &setup, point, seen);
+        assert_eq!(names(d.path()), ["a.qcow2"], "after a crash at {point}");
+    }
+}
+
+#[test]
 fn clone_crash_before_fsync() {
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("a.raw");
