@@ -6,6 +6,10 @@
 //! | internal | `vsnap vol snapshot create IMG NAME --kind internal` | `qemu-img snapshot -c NAME -f qcow2 IMG`           |
 //! | external | `vsnap vol snapshot create IMG NAME --kind external` | `qemu-img create -f qcow2 -b IMG -F qcow2 OVERLAY` |
 //!
+//! A second vsnap row times the same command while `vsnap serve` holds
+//! its state directory (the client then only forwards it: see
+//! cli/src/service.rs), with its own ratio to the floor.
+//!
 //! A third row per series times the same operation through the library
 //! (`Engine::vol_snapshot_create`, the engine opened once before the
 //! loop): what a manager that embeds vsnap pays per snapshot, without the
@@ -159,6 +163,8 @@ enum Kind {
 
 struct Series {
     vsnap: Vec<Duration>,
+    /// The same command while `vsnap serve` holds the state directory.
+    served: Vec<Duration>,
     floor: Vec<Duration>,
     /// The same operation through the library, the engine opened once
     /// (what a manager embedding vsnap pays per snapshot).
@@ -174,13 +180,31 @@ fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> S
     let state = dir.join(format!("state-{label}"));
     let mut s = Series {
         vsnap: Vec::new(),
+        served: Vec::new(),
         floor: Vec::new(),
         library: Vec::new(),
     };
     let (engine, _) = vsnap_engine::Engine::open(&dir.join(format!("state-lib-{label}")))
         .unwrap_or_else(|e| panic!("engine: {e}"));
+    let served_state = dir.join(format!("state-served-{label}"));
+    let service = Service::start(vsnap, &served_state);
     for i in 0..warmup + iters {
         let name = format!("snap{i}");
+        // vsnap, carried out by `vsnap serve`
+        let img = dir.join(format!("{label}-s{i}.qcow2"));
+        fresh_image(&img);
+        let d = timed(
+            Command::new(vsnap)
+                .arg("--state-dir")
+                .arg(&served_state)
+                .args(["vol", "snapshot", "create"])
+                .arg(&img)
+                .arg(&name)
+                .args(["--kind", label]),
+        );
+        if i >= warmup {
+            s.served.push(d);
+        }
         // vsnap
         let img = dir.join(format!("{label}-v{i}.qcow2"));
         fresh_image(&img);
@@ -245,7 +269,43 @@ fn bench(kind: Kind, vsnap: &Path, dir: &Path, warmup: usize, iters: usize) -> S
             s.library.push(t.elapsed());
         }
     }
+    service.stop();
     s
+}
+
+/// A `vsnap serve` child for the bench's "served" row.
+struct Service(std::process::Child);
+
+impl Service {
+    fn start(vsnap: &Path, state: &Path) -> Service {
+        let child = Command::new(vsnap)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("vsnap serve: {e}"));
+        let sock = state.join("vsnap.sock");
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "vsnap serve did not come up on {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Service(child)
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let st = self.0.wait().expect("wait for vsnap serve");
+        assert!(st.success(), "vsnap serve ended with {st}");
+    }
 }
 
 fn pct(v: &[Duration], p: f64) -> f64 {
@@ -325,6 +385,15 @@ fn main() {
             v90,
             pct(&s.vsnap, 0.0)
         );
+        let (s50, s90) = (pct(&s.served, 50.0), pct(&s.served, 90.0));
+        println!(
+            "{:<10} {:<48} {:>9.2} {:>9.2} {:>9.2}",
+            "",
+            "the same, carried out by `vsnap serve`",
+            s50,
+            s90,
+            pct(&s.served, 0.0)
+        );
         println!(
             "{:<10} {:<48} {:>9.2} {:>9.2} {:>9.2}",
             "",
@@ -336,7 +405,12 @@ fn main() {
         let (r50, r90) = (v50 / f50, v90 / f90);
         println!(
             "{:<10} {:<48} {:>8.2}x {:>8.2}x",
-            "", "ratio vsnap/floor", r50, r90
+            "", "ratio vsnap/floor (alone)", r50, r90
+        );
+        let (q50, q90) = (s50 / f50, s90 / f90);
+        println!(
+            "{:<10} {:<48} {:>8.2}x {:>8.2}x",
+            "", "ratio vsnap/floor (vsnap serve running)", q50, q90
         );
         let (l50, l90) = (pct(&s.library, 50.0), pct(&s.library, 90.0));
         println!(
@@ -354,13 +428,17 @@ fn main() {
             l50 / f50,
             l90 / f90
         );
-        verdicts.push(format!(
-            "{label}: p50 ratio {r50:.2}x ({})",
-            if r50 <= TARGET_RATIO {
+        let verdict = |r: f64| {
+            if r <= TARGET_RATIO {
                 format!("within the {TARGET_RATIO}x target")
             } else {
                 format!("ABOVE the {TARGET_RATIO}x target")
             }
+        };
+        verdicts.push(format!(
+            "{label}: p50 ratio {r50:.2}x alone ({}), {q50:.2}x with vsnap serve running ({})",
+            verdict(r50),
+            verdict(q50)
         ));
     }
     println!();

@@ -2,14 +2,17 @@
 
 mod common;
 mod domain_cmds;
+mod service;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use common::*;
 use serde_json::json;
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use vsnap_engine::{
     CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapshot,
 };
@@ -62,6 +65,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PlanCmd,
     },
+    /// Serve the state directory: hold its journal open and carry out
+    /// every vsnap command run meanwhile on it, one at a time.
+    ///
+    /// A command then skips opening the journal (taking the lock, starting
+    /// sled, recovering), which is most of what a short command costs; it
+    /// prints, reads relative paths and exits as it would alone. Commands
+    /// find the service through the socket vsnap.sock in the state
+    /// directory (mode 0600; only the service's own user is served). With
+    /// no service running, or with VSNAP_NO_SERVICE set, a command does the
+    /// work itself. vsnap-recover needs the state lock: stop the service
+    /// first. SIGTERM or Ctrl-C stops it after the command in progress.
+    /// Runs in the foreground (under systemd, a Type=simple unit).
+    Serve,
 }
 
 #[derive(Subcommand)]
@@ -216,17 +232,64 @@ enum PlanCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match try_main(&cli) {
-        Ok(code) => ExitCode::from(code),
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(code) = service::forward(&args) {
+        return ExitCode::from(code);
+    }
+    ExitCode::from(run_args(args))
+}
+
+/// Parse and carry out one command line; its exit status.
+fn run_args(args: Vec<OsString>) -> u8 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR);
+        }
+    };
+    run(&cli)
+}
+
+fn run(cli: &Cli) -> u8 {
+    match try_main(cli) {
+        Ok(code) => code,
         Err(e) => {
             if cli.json {
                 print_json(&json!({ "error": format!("{e:#}") }));
             }
             report_error("vsnap", &e);
-            ExitCode::from(EXIT_ERROR)
+            EXIT_ERROR
         }
     }
+}
+
+/// The engine of `vsnap serve` and the state directory it serves
+/// (canonical), once it is open.
+static SERVED: OnceLock<(PathBuf, &'static Engine)> = OnceLock::new();
+
+/// `vsnap serve`: open the engine once, then carry out the commands that
+/// clients send (see `service.rs`) until stopped.
+fn serve(cli: &Cli) -> anyhow::Result<u8> {
+    let dir = std::path::absolute(state_dir(cli.state_dir.clone()))?;
+    let engine = open(cli)?;
+    let canonical = std::fs::canonicalize(&dir)?;
+    let _ = SERVED.set((canonical.clone(), engine));
+    service::serve(&dir, &|args| {
+        let cli = match Cli::try_parse_from(args) {
+            Ok(cli) => cli,
+            Err(e) => {
+                let _ = e.print();
+                return u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR);
+            }
+        };
+        let theirs = std::fs::canonicalize(state_dir(cli.state_dir.clone()));
+        if matches!(cli.cmd, Cmd::Serve) || theirs.ok().as_deref() != Some(canonical.as_path()) {
+            return service::NOT_MINE;
+        }
+        run(&cli)
+    })?;
+    Ok(EXIT_OK)
 }
 
 /// Open the state directory (recovering what was interrupted). The engine
@@ -236,6 +299,10 @@ fn main() -> ExitCode {
 /// of closing sled (joining its threads, a last flush of nothing new).
 /// The state lock goes with the process.
 fn open(cli: &Cli) -> anyhow::Result<&'static Engine> {
+    if let Some((_, engine)) = SERVED.get() {
+        // `vsnap serve` checked that the command names its directory.
+        return Ok(engine);
+    }
     let dir = state_dir(cli.state_dir.clone());
     let (mut engine, reports) = Engine::open(&dir)?;
     for r in reports {
@@ -244,29 +311,25 @@ fn open(cli: &Cli) -> anyhow::Result<&'static Engine> {
             r.plan, r.summary, r.outcome, r.detail
         );
     }
-    let tty = std::io::stderr().is_terminal();
     engine.set_progress(move |p| {
+        // Written with errors ignored: progress must never stop a plan
+        // (a closed pipe or a client gone under `vsnap serve`). Asked each
+        // time whether stderr is a terminal: under `vsnap serve` it is
+        // each client's.
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let tty = err.is_terminal();
         let pct = (p.done_bytes * 100)
             .checked_div(p.total_bytes)
             .unwrap_or(100);
-        if tty {
-            eprint!(
-                "\r{}: {pct:3}% ({} of {} MiB)",
-                p.what,
-                p.done_bytes >> 20,
-                p.total_bytes >> 20
-            );
-            if p.done_bytes >= p.total_bytes {
-                eprintln!();
-            }
+        let (done, total) = (p.done_bytes >> 20, p.total_bytes >> 20);
+        let _ = if !tty {
+            writeln!(err, "{}: {pct}% ({done} of {total} MiB)", p.what)
+        } else if p.done_bytes >= p.total_bytes {
+            writeln!(err, "\r{}: {pct:3}% ({done} of {total} MiB)", p.what)
         } else {
-            eprintln!(
-                "{}: {pct}% ({} of {} MiB)",
-                p.what,
-                p.done_bytes >> 20,
-                p.total_bytes >> 20
-            );
-        }
+            write!(err, "\r{}: {pct:3}% ({done} of {total} MiB)", p.what)
+        };
     });
     Ok(Box::leak(Box::new(engine)))
 }
@@ -305,6 +368,7 @@ fn try_main(cli: &Cli) -> anyhow::Result<u8> {
             })
         }
         Cmd::Plan { cmd } => plans(cli, cmd),
+        Cmd::Serve => serve(cli),
         Cmd::Domain { cmd } => domain_cmds::domain(open(cli)?, cli.json, cmd),
         Cmd::Snapshot { cmd } => domain_cmds::snapshot(open(cli)?, cli.json, cmd),
     }

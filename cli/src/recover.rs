@@ -39,6 +39,14 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             report_error("vsnap-recover", &e);
+            let sock = state_dir(args.state_dir.clone()).join("vsnap.sock");
+            if sock.exists() && format!("{e:#}").contains("is locked by process") {
+                eprintln!(
+                    "  hint: a `vsnap serve` holds it (its socket is {}); a running service has \
+                     recovered at its start: stop it (SIGTERM) to run vsnap-recover",
+                    sock.display()
+                );
+            }
             ExitCode::from(EXIT_ERROR)
         }
     }

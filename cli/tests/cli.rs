@@ -76,6 +76,15 @@ const HELP: &[(&[&str], &[&str])] = &[
     (&["plan"], &["list", "show"]),
     (&["plan", "list"], &["--json", "--state-dir <DIR>"]),
     (&["plan", "show"], &["<ID>", "--json"]),
+    (
+        &["serve"],
+        &[
+            "--state-dir <DIR>",
+            "vsnap.sock",
+            "VSNAP_NO_SERVICE",
+            "SIGTERM",
+        ],
+    ),
 ];
 
 fn help(path: &[&str]) -> Out {

@@ -1,0 +1,456 @@
+//! `vsnap serve`: one long-running process holds the state directory (its
+//! lock, the open journal, sled's threads and caches), and every `vsnap`
+//! command run meanwhile is carried out by it instead of opening the
+//! journal itself, as `virsh` leaves the work to `libvirtd`. A command then
+//! costs what the library costs a manager that embeds vsnap, plus its own
+//! process start and one round trip on a Unix socket; without the service
+//! a command opens the journal itself (recovering first), as always.
+//!
+//! The socket is `<state-dir>/vsnap.sock`, mode 0600 in the 0700 state
+//! directory; the service also checks that a client runs as its own user
+//! (`SO_PEERCRED`). A client sends, in one `sendmsg`, its standard input,
+//! output and error and its working directory as descriptors
+//! (`SCM_RIGHTS`) with the length of its argument vector, then the vector.
+//! The service runs one command at a time: it puts the client's
+//! descriptors in place of its own 0, 1 and 2 and moves to the client's
+//! directory, so the command prints to the client's terminal or pipe and
+//! relative paths mean what they meant to the client; then it flushes,
+//! takes its own back and answers with one byte, the exit status. Status
+//! [`NOT_MINE`] (the command names another state directory, or is
+//! `serve`) tells the client to do the command itself.
+//!
+//! A command runs with the service's environment (its `PATH` finds
+//! `qemu-img`); the client passes the state directory it resolved from
+//! its own (`$VSNAP_STATE_DIR` and the defaults) as `--state-dir`.
+//!
+//! Crash safety is the journal's, unchanged: the service runs the same
+//! plans through the same engine. If it dies during a command, the client
+//! says so (exit 2) and `vsnap-recover`, or the next command, finishes or
+//! undoes the plan. SIGTERM or SIGINT stops the service after the command
+//! in progress; the socket goes with it.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// The socket's name in the state directory.
+pub const SOCKET: &str = "vsnap.sock";
+/// Exit status byte meaning "not for this service: run it yourself".
+pub const NOT_MINE: u8 = 255;
+/// The most argument bytes a request may carry.
+const MAX_REQUEST: usize = 1 << 20;
+
+/// The state directory a command line names, read without clap (the
+/// point is not to pay for building the parser): `--state-dir DIR` or
+/// `--state-dir=DIR` before the first `--` (true: given), else the default
+/// from this process's environment (false). The service parses the command
+/// properly and answers [`NOT_MINE`] when it names another directory.
+fn state_dir_of(args: &[OsString]) -> (PathBuf, bool) {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let b = a.as_bytes();
+        if b == b"--" {
+            break;
+        }
+        if b == b"--state-dir" {
+            if let Some(d) = it.next() {
+                return (PathBuf::from(d), true);
+            }
+        } else if let Some(d) = b.strip_prefix(b"--state-dir=") {
+            return (PathBuf::from(std::ffi::OsStr::from_bytes(d)), true);
+        }
+    }
+    (vsnap_engine::default_state_dir(), false)
+}
+
+/// Whether the command is `serve` (never forwarded): its first word that
+/// is not an option or the value of `--state-dir`.
+fn is_serve(args: &[OsString]) -> bool {
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let b = a.as_bytes();
+        if b == b"--state-dir" {
+            it.next();
+        } else if !b.starts_with(b"-") {
+            return b == b"serve";
+        }
+    }
+    false
+}
+
+/// Client side. `Some(status)` when a running service carried out the
+/// command; `None` when there is none (no socket, or nobody listening on
+/// it: a service that was killed), when it answered [`NOT_MINE`], or when
+/// `VSNAP_NO_SERVICE` is set: the caller then does the command itself.
+pub fn forward(args: &[OsString]) -> Option<u8> {
+    if std::env::var_os("VSNAP_NO_SERVICE").is_some() || is_serve(args) {
+        return None;
+    }
+    // Crash points and their log are for this process, not a service's.
+    if std::env::var_os("VSNAP_CRASH_AT").is_some()
+        || std::env::var_os("VSNAP_FAILPOINT_LOG").is_some()
+    {
+        return None;
+    }
+    let (dir, given) = state_dir_of(args);
+    let sock = dir.join(SOCKET);
+    let mut stream = UnixStream::connect(&sock).ok()?;
+    // The service has its own environment: a directory this process took
+    // from $VSNAP_STATE_DIR (or its defaults) is passed explicitly.
+    let mut sent: Vec<&std::ffi::OsStr> = Vec::with_capacity(args.len() + 2);
+    if let Some((argv0, rest)) = args.split_first() {
+        sent.push(argv0);
+        if !given {
+            sent.push("--state-dir".as_ref());
+            sent.push(dir.as_os_str());
+        }
+        sent.extend(rest.iter().map(|a| a.as_os_str()));
+    }
+    let mut payload = Vec::new();
+    for a in sent {
+        payload.extend_from_slice(&(a.len() as u32).to_le_bytes());
+        payload.extend_from_slice(a.as_bytes());
+    }
+    let cwd = std::fs::File::open(".").ok()?;
+    let fds = [0, 1, 2, cwd.as_raw_fd()];
+    if send_with_fds(&stream, &(payload.len() as u32).to_le_bytes(), &fds).is_err()
+        || stream.write_all(&payload).is_err()
+    {
+        return None;
+    }
+    let mut status = [0u8; 1];
+    match stream.read_exact(&mut status) {
+        Ok(()) if status[0] == NOT_MINE => None,
+        Ok(()) => Some(status[0]),
+        Err(_) => {
+            eprintln!(
+                "vsnap: error: the vsnap service on {} ended during the command; \
+                 run `vsnap-recover` to finish or undo what it was doing",
+                sock.display()
+            );
+            Some(crate::common::EXIT_ERROR)
+        }
+    }
+}
+
+/// Send `data` with the descriptors `fds` in one `sendmsg`.
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the
+    // sendmsg call, and the control buffer has CMSG_SPACE bytes.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
+        if libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receive 4 bytes and up to 4 descriptors in one `recvmsg`.
+fn recv_with_fds(stream: &UnixStream) -> std::io::Result<([u8; 4], Vec<OwnedFd>)> {
+    let mut data = [0u8; 4];
+    // SAFETY: as in send_with_fds; received descriptors are taken into
+    // OwnedFd at once, so none leaks.
+    unsafe {
+        let space = libc::CMSG_SPACE((4 * std::mem::size_of::<RawFd>()) as u32) as usize;
+        let mut cbuf = vec![0u8; space];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut fds = Vec::new();
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let p = libc::CMSG_DATA(cmsg) as *const RawFd;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        if (n as usize) < data.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "short request",
+            ));
+        }
+        Ok((data, fds))
+    }
+}
+
+/// The uid of the process at the other end of `stream`.
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred is a ucred and len its size.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// One request's argument vector and the client's descriptors.
+struct Request {
+    args: Vec<OsString>,
+    /// stdin, stdout, stderr, working directory.
+    fds: Vec<OwnedFd>,
+}
+
+fn read_request(stream: &mut UnixStream) -> std::io::Result<Request> {
+    let (len, fds) = recv_with_fds(stream)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if fds.len() != 4 || len > MAX_REQUEST {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "malformed request",
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    let mut args = Vec::new();
+    let mut rest = &payload[..];
+    while rest.len() >= 4 {
+        let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let Some(a) = rest.get(4..4 + n) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "malformed request",
+            ));
+        };
+        args.push(OsString::from_vec(a.to_vec()));
+        rest = &rest[4 + n..];
+    }
+    Ok(Request { args, fds })
+}
+
+/// The service's own standard descriptors and directory, put back after
+/// every command.
+struct Home {
+    std: [OwnedFd; 3],
+    cwd: std::fs::File,
+}
+
+impl Home {
+    fn save() -> std::io::Result<Home> {
+        let dup = |fd: RawFd| -> std::io::Result<OwnedFd> {
+            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own.
+            let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: n is a fresh descriptor.
+            Ok(unsafe { OwnedFd::from_raw_fd(n) })
+        };
+        Ok(Home {
+            std: [dup(0)?, dup(1)?, dup(2)?],
+            cwd: std::fs::File::open(".")?,
+        })
+    }
+
+    /// Put `fds` (stdin, stdout, stderr, directory) in place.
+    fn enter(fds: &[OwnedFd]) -> std::io::Result<()> {
+        for (i, fd) in fds[..3].iter().enumerate() {
+            // SAFETY: dup2 onto 0-2; the sources are open descriptors.
+            if unsafe { libc::dup2(fd.as_raw_fd(), i as RawFd) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: fds[3] is an open directory descriptor.
+        if unsafe { libc::fchdir(fds[3].as_raw_fd()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn restore(&self) {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        for (i, fd) in self.std.iter().enumerate() {
+            // SAFETY: as in enter.
+            unsafe { libc::dup2(fd.as_raw_fd(), i as RawFd) };
+        }
+        // SAFETY: cwd is an open directory.
+        unsafe { libc::fchdir(self.cwd.as_raw_fd()) };
+    }
+}
+
+/// Set by SIGTERM or SIGINT: stop after the command in progress.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The listening socket, for the signal handler to shut down.
+static LISTENER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_stop(_sig: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    let fd = LISTENER_FD.load(std::sync::atomic::Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: shutdown is async-signal-safe; it wakes the accept.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// Serve `state` until SIGTERM or SIGINT. `run` carries out one command
+/// (its argument vector, in the client's directory with the client's
+/// descriptors) and returns its exit status, or [`NOT_MINE`].
+pub fn serve(state: &Path, run: &dyn Fn(Vec<OsString>) -> u8) -> anyhow::Result<()> {
+    let sock = state.join(SOCKET);
+    // We hold the state lock: a socket file there is a dead service's.
+    match std::fs::remove_file(&sock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot remove the stale socket {}: {e}", sock.display()),
+    }
+    let listener = UnixListener::bind(&sock)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    LISTENER_FD.store(listener.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: on_stop only touches atomics and calls shutdown.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+    }
+    let home = Home::save()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    eprintln!(
+        "vsnap: serving {} on {} (pid {}); SIGTERM or Ctrl-C stops it",
+        state.display(),
+        sock.display(),
+        std::process::id()
+    );
+    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) if STOP.load(std::sync::atomic::Ordering::SeqCst) => break,
+            Err(e) => anyhow::bail!("accept on {}: {e}", sock.display()),
+        };
+        match peer_uid(&stream) {
+            Ok(uid) if uid == me => {}
+            Ok(uid) => {
+                eprintln!("vsnap: refused a client of uid {uid} (the service runs as {me})");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("vsnap: a client without credentials: {e}");
+                continue;
+            }
+        }
+        // A client that connects and says nothing must not hold the
+        // service up.
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let req = match read_request(&mut stream) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("vsnap: a bad request: {e}");
+                continue;
+            }
+        };
+        let status = match Home::enter(&req.fds) {
+            Ok(()) => {
+                let s = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(req.args)));
+                home.restore();
+                match s {
+                    Ok(s) => s,
+                    Err(_) => {
+                        // The panic may have cut a plan short: end like a
+                        // crash (the client sees the service end), so that
+                        // the next open recovers it, rather than serve on
+                        // beside an unfinished plan.
+                        let _ = std::fs::remove_file(&sock);
+                        eprintln!(
+                            "vsnap: a command panicked (the client has the message); the \
+                             service stops so that vsnap-recover or the next command recovers \
+                             whatever it left"
+                        );
+                        std::process::exit(70);
+                    }
+                }
+            }
+            Err(e) => {
+                home.restore();
+                eprintln!("vsnap: cannot take a client's descriptors: {e}");
+                crate::common::EXIT_ERROR
+            }
+        };
+        drop(req.fds);
+        let _ = stream.write_all(&[status]);
+    }
+    let _ = std::fs::remove_file(&sock);
+    eprintln!("vsnap: service stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn state_dir_and_serve_read_without_clap() {
+        assert_eq!(
+            state_dir_of(&args(&["vsnap", "--state-dir", "/s", "vol"])),
+            (PathBuf::from("/s"), true)
+        );
+        assert_eq!(
+            state_dir_of(&args(&["vsnap", "vol", "--state-dir=/t"])),
+            (PathBuf::from("/t"), true)
+        );
+        assert_eq!(
+            state_dir_of(&args(&["vsnap", "--", "--state-dir", "/x"])),
+            (vsnap_engine::default_state_dir(), false)
+        );
+        assert!(is_serve(&args(&["vsnap", "--state-dir", "serve", "serve"])));
+        assert!(is_serve(&args(&["vsnap", "--json", "serve"])));
+        assert!(!is_serve(&args(&["vsnap", "--state-dir", "serve", "vol"])));
+        assert!(!is_serve(&args(&[
+            "vsnap", "vol", "snapshot", "create", "serve"
+        ])));
+    }
+}
