@@ -83,12 +83,7 @@ fn vsnap_in(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Out {
     for (k, v) in env {
         c.env(k, v);
     }
-    let o = c.output().expect("run vsnap");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    Out::from(c.output().expect("run vsnap"))
 }
 
 #[test]
@@ -102,33 +97,25 @@ fn commands_run_in_the_service_as_they_would_alone() {
     let svc = Service::start(&state, &[]);
     let pid = svc.child.id().to_string();
     let st = state.to_str().unwrap();
+    // `vsnap --state-dir STATE ARGS` in `work`, with `env` added.
+    let with = |env: &[(&str, &str)], args: &[&str]| {
+        vsnap_in(&work, env, &[&["--state-dir", st][..], args].concat())
+    };
+    let cmd = |args: &[&str]| with(&[], args);
 
     // Relative image paths are the client's.
-    vsnap_in(
-        &work,
-        &[],
-        &[
-            "--state-dir",
-            st,
-            "vol",
-            "snapshot",
-            "create",
-            "a.qcow2",
-            "s1",
-            "--kind",
-            "internal",
-        ],
-    )
+    cmd(&[
+        "vol", "snapshot", "create", "a.qcow2", "s1", "--kind", "internal",
+    ])
     .ok()
     .stdout_has(&[
         "created internal snapshot \"s1\"",
         work.join("a.qcow2").to_str().unwrap(),
     ]);
     // Proof that the service did it: alone, the command meets its lock.
-    vsnap_in(
-        &work,
+    with(
         &[("VSNAP_NO_SERVICE", "1")],
-        &["--state-dir", st, "vol", "snapshot", "current", "a.qcow2"],
+        &["vol", "snapshot", "current", "a.qcow2"],
     )
     .expect_code(2)
     .stderr_has(&["locked by process", &pid]);
@@ -140,77 +127,26 @@ fn commands_run_in_the_service_as_they_would_alone() {
         "SIGTERM",
     ]);
 
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "vol", "snapshot", "current", "a.qcow2"],
-    )
-    .ok()
-    .stdout_has(&["s1"]);
+    cmd(&["vol", "snapshot", "current", "a.qcow2"])
+        .ok()
+        .stdout_has(&["s1"]);
     // Exit 1 and its word, as alone.
-    let o = vsnap_in(
-        &work,
-        &[],
-        &[
-            "--state-dir",
-            st,
-            "vol",
-            "snapshot",
-            "has-current",
-            "b.qcow2",
-        ],
-    );
+    let o = cmd(&["vol", "snapshot", "has-current", "b.qcow2"]);
     o.expect_code(1);
     assert_eq!(o.stdout.trim(), "no");
-    // An error: exit 2, the message on the client's stderr, nothing changed.
-    vsnap_in(
-        &work,
-        &[],
-        &[
-            "--state-dir",
-            st,
-            "vol",
-            "snapshot",
-            "create",
-            "a.qcow2",
-            "s1",
-        ],
-    )
-    .expect_code(2)
-    .stderr_has(&["already has a snapshot named \"s1\""]);
+    // An error: exit 2, the message on the client's stderr.
+    cmd(&["vol", "snapshot", "create", "a.qcow2", "s1"])
+        .expect_code(2)
+        .stderr_has(&["already has a snapshot named \"s1\""]);
     // --json, and an external snapshot whose file lands beside the image.
-    vsnap_in(
-        &work,
-        &[],
-        &[
-            "--state-dir",
-            st,
-            "vol",
-            "snapshot",
-            "create",
-            "b.qcow2",
-            "e1",
-            "--kind",
-            "external",
-        ],
-    )
+    cmd(&[
+        "vol", "snapshot", "create", "b.qcow2", "e1", "--kind", "external",
+    ])
     .ok();
     assert!(work.join("b.e1.qcow2").is_file());
-    let list = vsnap_in(
-        &work,
-        &[],
-        &[
-            "--state-dir",
-            st,
-            "--json",
-            "vol",
-            "snapshot",
-            "list",
-            "a.qcow2",
-        ],
-    );
-    list.ok();
+    let list = cmd(&["--json", "vol", "snapshot", "list", "a.qcow2"]);
     let names: Vec<String> = list
+        .ok()
         .json()
         .as_array()
         .unwrap()
@@ -219,16 +155,12 @@ fn commands_run_in_the_service_as_they_would_alone() {
         .collect();
     assert_eq!(names, ["s1"]);
     // clap's own answers: a usage error (exit 2, stderr), --help (exit 0, stdout).
-    vsnap_in(&work, &[], &["--state-dir", st, "vol", "snapshot", "bogus"])
+    cmd(&["vol", "snapshot", "bogus"])
         .expect_code(2)
         .stderr_has(&["unrecognized subcommand", "Usage:"]);
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "vol", "snapshot", "create", "--help"],
-    )
-    .ok()
-    .stdout_has(&["--kind <KIND>"]);
+    cmd(&["vol", "snapshot", "create", "--help"])
+        .ok()
+        .stdout_has(&["--kind <KIND>"]);
 
     // A domain: defined from XML named relative to the client, then an
     // offline snapshot of its disk.
@@ -244,25 +176,9 @@ fn commands_run_in_the_service_as_they_would_alone() {
         ),
     )
     .unwrap();
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "domain", "define", "vm.xml"],
-    )
-    .ok();
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "snapshot", "create", "vm", "d1"],
-    )
-    .ok();
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "snapshot", "current", "vm"],
-    )
-    .ok()
-    .stdout_has(&["d1"]);
+    cmd(&["domain", "define", "vm.xml"]).ok();
+    cmd(&["snapshot", "create", "vm", "d1"]).ok();
+    cmd(&["snapshot", "current", "vm"]).ok().stdout_has(&["d1"]);
 
     // The state directory from the client's environment, not the
     // service's.
@@ -281,13 +197,9 @@ fn commands_run_in_the_service_as_they_would_alone() {
     assert!(status.success(), "vsnap serve: {status}\n{said}");
     assert!(said.contains("service stopped"), "{said}");
     assert!(!socket.exists(), "the socket outlived the service");
-    vsnap_in(
-        &work,
-        &[],
-        &["--state-dir", st, "vol", "snapshot", "count", "b.qcow2"],
-    )
-    .ok()
-    .stdout_has(&["1"]);
+    cmd(&["vol", "snapshot", "count", "b.qcow2"])
+        .ok()
+        .stdout_has(&["1"]);
 }
 
 #[test]
