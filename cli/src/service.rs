@@ -32,6 +32,7 @@
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -114,7 +115,12 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
         payload.extend_from_slice(&(a.len() as u32).to_le_bytes());
         payload.extend_from_slice(a.as_bytes());
     }
-    let cwd = std::fs::File::open(".").ok()?;
+    // O_PATH: a working directory we may enter but not read is fine.
+    let cwd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(".")
+        .ok()?;
     let fds = [0, 1, 2, cwd.as_raw_fd()];
     if send_with_fds(&stream, &(payload.len() as u32).to_le_bytes(), &fds).is_err()
         || stream.write_all(&payload).is_err()
