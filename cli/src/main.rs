@@ -635,9 +635,15 @@ fn print_tree(snaps: &[VolSnapshot], parent: Option<&str>, indent: &str, current
 }
 
 fn plans(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<u8> {
-    let dir = state_dir(cli.state_dir.clone());
-    // Operators inspect the journal as it is: no recovery first.
-    let engine = Engine::open_without_recovery(&dir)?;
+    // Operators inspect the journal as it is: no recovery first. Under
+    // `vsnap serve`, the service's engine (it recovered when it started).
+    let engine = match SERVED.get() {
+        Some((_, engine)) => *engine,
+        None => {
+            let dir = state_dir(cli.state_dir.clone());
+            &*Box::leak(Box::new(Engine::open_without_recovery(&dir)?))
+        }
+    };
     match cmd {
         PlanCmd::List => {
             let all = engine.plans()?;

@@ -179,6 +179,12 @@ fn commands_run_in_the_service_as_they_would_alone() {
     cmd(&["domain", "define", "vm.xml"]).ok();
     cmd(&["snapshot", "create", "vm", "d1"]).ok();
     cmd(&["snapshot", "current", "vm"]).ok().stdout_has(&["d1"]);
+    // The journal, through the service's own engine.
+    cmd(&["plan", "list"]).ok().stdout_has(&[
+        "internal snapshot \"s1\"",
+        "Committed",
+        "offline snapshot \"d1\"",
+    ]);
 
     // The state directory from the client's environment, not the
     // service's.
