@@ -208,6 +208,56 @@ fn commands_run_in_the_service_as_they_would_alone() {
         .stdout_has(&["1"]);
 }
 
+/// A client whose stderr is a pipe nobody reads any more: every progress
+/// line of its copy fails (EPIPE) in the service. The plan completes, the
+/// client gets its status and its stdout, and the service serves on.
+#[test]
+fn a_client_gone_from_stderr_does_not_stop_its_plan() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let d = TempDir::new("svc-epipe");
+    let state = d.join("state");
+    let img = d.join("a.raw");
+    qemu_img_create(&img, "raw", 160 << 20);
+    let svc = Service::start(&state, &[]);
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills fds with two new descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let out = Command::new(VSNAP)
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "vol",
+            "snapshot",
+            "create",
+            img.to_str().unwrap(),
+            "c1",
+            "--kind",
+            "copy",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::from(write_end))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created copy snapshot \"c1\""));
+    assert!(d.join("a.c1.raw").is_file());
+    vsnap(
+        &state,
+        &["vol", "snapshot", "current", img.to_str().unwrap()],
+    )
+    .ok()
+    .stdout_has(&["c1"]);
+    drop(svc);
+}
+
 #[test]
 fn a_command_for_another_state_dir_is_done_by_the_client() {
     let d = TempDir::new("svc-other");
