@@ -36,6 +36,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use vsnap_steps::fdpass;
 
 /// The socket's name in the state directory.
 pub const SOCKET: &str = "vsnap.sock";
@@ -122,7 +123,9 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
         .open(".")
         .ok()?;
     let fds = [0, 1, 2, cwd.as_raw_fd()];
-    if send_with_fds(&stream, &(payload.len() as u32).to_le_bytes(), &fds).is_err()
+    // The length alone with the descriptors, then the arguments.
+    let len = (payload.len() as u32).to_le_bytes();
+    if fdpass::send(stream.as_raw_fd(), &len, &fds).ok() != Some(len.len())
         || stream.write_all(&payload).is_err()
     {
         return None;
@@ -139,79 +142,6 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
             );
             Some(crate::common::EXIT_ERROR)
         }
-    }
-}
-
-/// Send `data` with the descriptors `fds` in one `sendmsg`.
-fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer set below outlives the
-    // sendmsg call, and the control buffer has CMSG_SPACE bytes.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr() as *const u8, libc::CMSG_DATA(cmsg), fd_bytes);
-        if libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Receive 4 bytes and up to 4 descriptors in one `recvmsg`.
-fn recv_with_fds(stream: &UnixStream) -> std::io::Result<([u8; 4], Vec<OwnedFd>)> {
-    let mut data = [0u8; 4];
-    // SAFETY: as in send_with_fds; received descriptors are taken into
-    // OwnedFd at once, so none leaks.
-    unsafe {
-        let space = libc::CMSG_SPACE((4 * std::mem::size_of::<RawFd>()) as u32) as usize;
-        let mut cbuf = vec![0u8; space];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut fds = Vec::new();
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let p = libc::CMSG_DATA(cmsg) as *const RawFd;
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(p.add(i))));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-        if (n as usize) < data.len() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "short request",
-            ));
-        }
-        Ok((data, fds))
     }
 }
 
@@ -247,9 +177,10 @@ struct Request {
 }
 
 fn read_request(stream: &mut UnixStream) -> std::io::Result<Request> {
-    let (len, fds) = recv_with_fds(stream)?;
+    let mut len = [0u8; 4];
+    let (n, fds) = fdpass::recv(stream.as_raw_fd(), &mut len, 4)?;
     let len = u32::from_le_bytes(len) as usize;
-    if fds.len() != 4 || len > MAX_REQUEST {
+    if n != 4 || fds.len() != 4 || len > MAX_REQUEST {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "malformed request",

@@ -146,6 +146,18 @@ fn s(p: &Path) -> &str {
 }
 
 /// Announce a case, time it, and say FAILED if it panics.
+/// The plan `vsnap --json ARGS --dry-run` prints: its steps, one line each.
+fn dry_run_steps(state: &Path, args: &[&str]) -> Vec<String> {
+    let args = [&["--json"][..], args, &["--dry-run"]].concat();
+    let dry = vsnap(state, &args).ok().json();
+    dry["steps"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no steps in {dry}"))
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect()
+}
+
 fn case<T>(name: &str, f: impl FnOnce() -> T) -> T {
     struct Guard<'a>(&'a str, Instant);
     impl Drop for Guard<'_> {
@@ -1605,10 +1617,9 @@ fn guest_a_cases(
 
     case("quiesce_frozen_window", || {
         // The pivot's index, from the plan.
-        let dry = vsnap(
+        let steps = dry_run_steps(
             state,
             &[
-                "--json",
                 "snapshot",
                 "create",
                 "vm",
@@ -1618,17 +1629,8 @@ fn guest_a_cases(
                 "--quiesce",
                 "--disk",
                 "vdc=no",
-                "--dry-run",
             ],
-        )
-        .ok()
-        .json();
-        let steps: Vec<&str> = dry["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap())
-            .collect();
+        );
         let pivot = steps
             .iter()
             .position(|x| x.contains("[PIVOT"))
@@ -2142,16 +2144,7 @@ fn guest_c_cases(root: &Path, scratch: &Path, fp_vsnap: &Path) {
         ];
         // The plan: overlay work first, then freeze, stop, the clones,
         // the transaction as the pivot, cont, thaw.
-        let mut dry_args = vec!["--json"];
-        dry_args.extend_from_slice(&args);
-        dry_args.push("--dry-run");
-        let dry = vsnap(&state, &dry_args).ok().json();
-        let steps: Vec<&str> = dry["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap())
-            .collect();
+        let steps = dry_run_steps(&state, &args);
         let at = |w: &str| {
             steps
                 .iter()
@@ -2594,16 +2587,7 @@ fn guest_c_cases(root: &Path, scratch: &Path, fp_vsnap: &Path) {
             "--disk",
             "vdc=no",
         ];
-        let mut dry_args = vec!["--json"];
-        dry_args.extend_from_slice(&args);
-        dry_args.push("--dry-run");
-        let dry = vsnap(&state, &dry_args).ok().json();
-        let steps: Vec<String> = dry["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap().to_string())
-            .collect();
+        let steps = dry_run_steps(&state, &args);
         assert!(
             steps.last().unwrap().contains("retriable") && steps.last().unwrap().contains("quits"),
             "{steps:#?}"

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod clone;
+pub mod fdpass;
 pub mod fsops;
 pub mod live;
 pub mod qcow2;

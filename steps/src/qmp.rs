@@ -1047,43 +1047,15 @@ pub(crate) mod wire {
             let left = remaining(deadline).ok_or(Fail::Timeout)?;
             s.set_write_timeout(Some(left)).map_err(Fail::Io)?;
             // The first byte goes alone with the descriptor; the rest as usual.
-            let mut iov = libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: 1,
-            };
-            // SAFETY: CMSG_SPACE is a pure size computation.
-            let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) };
-            let mut cbuf = vec![0u8; space as usize];
-            // SAFETY: msghdr is plain data; every pointer set below stays
-            // valid for the sendmsg call (iov, cbuf live until it returns).
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-            msg.msg_controllen = space as _;
-            // SAFETY: msg_control points at `space` bytes, enough for one
-            // header carrying one int (CMSG_SPACE above).
-            unsafe {
-                let cmsg = libc::CMSG_FIRSTHDR(&msg);
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd);
-            }
             loop {
-                // SAFETY: see above.
-                let n = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-                if n >= 0 {
-                    break;
-                }
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    _ if closed_kind(&e) => {
+                match crate::fdpass::send(s.as_raw_fd(), &data[..1], &[fd]) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if closed_kind(&e) => {
                         self.eof = true;
                         return Err(Fail::Closed);
                     }
-                    _ => return Err(Fail::Io(e)),
+                    Err(e) => return Err(Fail::Io(e)),
                 }
             }
             self.send(&data[1..], deadline)

@@ -351,19 +351,29 @@ impl Step {
         }
     }
 
-    /// An [`Step::ExternalFreeze`]'s two halves, as the steps they are.
-    fn freeze_halves(image: &Path, file: &Path, overlay: &Path, format: Format) -> [Step; 2] {
-        [
+    /// An [`Step::ExternalFreeze`]'s two halves, as the steps they are
+    /// (the link, then the overlay); `None` for any other step.
+    fn freeze_halves(&self) -> Option<[Step; 2]> {
+        let Step::ExternalFreeze {
+            image,
+            file,
+            overlay,
+            format,
+        } = self
+        else {
+            return None;
+        };
+        Some([
             Step::HardLink {
-                src: image.to_path_buf(),
-                dst: file.to_path_buf(),
+                src: image.clone(),
+                dst: file.clone(),
             },
             Step::CreateOverlay {
-                path: overlay.to_path_buf(),
-                backing: file.to_path_buf(),
-                backing_format: format,
+                path: overlay.clone(),
+                backing: file.clone(),
+                backing_format: *format,
             },
-        ]
+        ])
     }
 
     pub fn probe(&self, cx: &Cx) -> StepResult<Probe> {
@@ -525,13 +535,8 @@ impl Step {
             } else {
                 Probe::NotApplied
             }),
-            Step::ExternalFreeze {
-                image,
-                file,
-                overlay,
-                format,
-            } => {
-                let [link, create] = Step::freeze_halves(image, file, overlay, *format);
+            Step::ExternalFreeze { .. } => {
+                let [link, create] = self.freeze_halves().expect("an ExternalFreeze");
                 Ok(match (link.probe(cx)?, create.probe(cx)?) {
                     (Probe::Applied, Probe::Applied) => Probe::Applied,
                     (Probe::Unknown(why), _) | (_, Probe::Unknown(why)) => Probe::Unknown(why),
@@ -739,13 +744,8 @@ impl Step {
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file_undo(qmp, fdname, path)
             }
-            Step::ExternalFreeze {
-                image,
-                file,
-                overlay,
-                format,
-            } => {
-                let [link, create] = Step::freeze_halves(image, file, overlay, *format);
+            Step::ExternalFreeze { .. } => {
+                let [link, create] = self.freeze_halves().expect("an ExternalFreeze");
                 create.undo(cx)?;
                 link.undo(cx)
             }
