@@ -360,12 +360,9 @@ impl Engine {
                 check_writable(&fdir)?;
                 must_not_exist(&file)?;
                 let mode = if kind == SnapKind::Reflink {
-                    if !clone::reflink_supported(&fdir) {
+                    if let clone::ReflinkProbe::Unsupported(reason) = clone::reflink_probe(&fdir) {
                         return Err(EngineError::Check(
-                            vsnap_steps::StepError::ReflinkUnsupported {
-                                path: fdir,
-                                reason: "FICLONE is not supported there".into(),
-                            },
+                            vsnap_steps::StepError::ReflinkUnsupported { path: fdir, reason },
                         ));
                     }
                     CloneMode::Reflink

@@ -63,6 +63,13 @@ pub fn reflink(src: &Path, dst: &Path) -> StepResult<()> {
     if let Err(e) = ficlone(&df, &sf) {
         drop(df);
         discard(dst);
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(StepError::FilesystemFull {
+                path: dst.to_path_buf(),
+                available: fs2::available_space(parent_dir(dst)).unwrap_or(0),
+                what: "a reflink clone (it shares the data, but needs room for its metadata)",
+            });
+        }
         if reflink_unsupported_errno(&e) {
             return Err(StepError::ReflinkUnsupported {
                 path: dst.to_path_buf(),
@@ -216,10 +223,31 @@ pub fn require_space(target: &Path, needed: u64) -> StepResult<()> {
     Ok(())
 }
 
+/// What the filesystem of a directory says about reflinks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReflinkProbe {
+    /// FICLONE works there.
+    Supported,
+    /// FICLONE is not available there (EOPNOTSUPP, EXDEV, EINVAL, ENOTTY,
+    /// or the probe could not run): the reason.
+    Unsupported(String),
+}
+
+impl ReflinkProbe {
+    pub fn supported(&self) -> bool {
+        *self == ReflinkProbe::Supported
+    }
+}
+
 /// Whether the filesystem of `dir` can make reflinks: tries FICLONE
 /// between two unnamed `O_TMPFILE` files in `dir`. They have no name, so
 /// the probe leaves no entry in the directory, even if vsnap dies.
-pub fn reflink_supported(dir: &Path) -> bool {
+///
+/// A full filesystem is not one without reflinks: when the probe cannot
+/// write its 4 KiB (ENOSPC), it clones an empty file instead, which asks
+/// the filesystem whether it can clone at all without needing room (a
+/// clone shares extents; on a full btrfs it still works).
+pub fn reflink_probe(dir: &Path) -> ReflinkProbe {
     let tmpfile = || -> io::Result<File> {
         std::fs::OpenOptions::new()
             .read(true)
@@ -228,11 +256,29 @@ pub fn reflink_supported(dir: &Path) -> bool {
             .mode(0o600)
             .open(dir)
     };
-    let attempt = || -> io::Result<bool> {
+    let attempt = || -> io::Result<io::Result<()>> {
         let mut fa = tmpfile()?;
-        fa.write_all(&[0x5a; 4096])?;
+        if let Err(e) = fa.write_all(&[0x5a; 4096]) {
+            if e.raw_os_error() != Some(libc::ENOSPC) {
+                return Err(e);
+            }
+            // Full: an empty source asks the same question without data.
+            fa = tmpfile()?;
+        }
         let fb = tmpfile()?;
-        Ok(ficlone(&fb, &fa).is_ok())
+        Ok(ficlone(&fb, &fa))
     };
-    attempt().unwrap_or(false)
+    match attempt() {
+        Ok(Ok(())) => ReflinkProbe::Supported,
+        // FICLONE said "no room" (metadata): it can, but not now; the
+        // clone itself reports the full filesystem.
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOSPC) => ReflinkProbe::Supported,
+        Ok(Err(e)) => ReflinkProbe::Unsupported(format!("FICLONE: {e}")),
+        Err(e) => ReflinkProbe::Unsupported(format!("probe in {}: {e}", dir.display())),
+    }
+}
+
+/// [`reflink_probe`] as a yes or no.
+pub fn reflink_supported(dir: &Path) -> bool {
+    reflink_probe(dir).supported()
 }

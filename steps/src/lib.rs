@@ -90,6 +90,14 @@ pub enum StepError {
         needed: u64,
         available: u64,
     },
+    /// ENOSPC where no byte count says how much was needed (a reflink's
+    /// metadata): the filesystem is full, which is not "cannot reflink".
+    #[error("the filesystem of {path} is full ({available} bytes available): no room for {what}; free space on it (or choose another --file)")]
+    FilesystemFull {
+        path: PathBuf,
+        available: u64,
+        what: &'static str,
+    },
     #[error("the filesystem of {path} cannot make reflinks ({reason}); use --kind copy")]
     ReflinkUnsupported { path: PathBuf, reason: String },
     #[error("{0}")]
