@@ -171,6 +171,48 @@ fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
     }
 }
 
+/// A whole-file clone of `src` (format `format`) placed in `dst_dir` keeps
+/// the same backing file: a qcow2 whose backing name is relative is read
+/// against the directory of the file that names it, so a clone in another
+/// directory would look for another file. Refused (nothing touched) unless
+/// both directories resolve the name to the same file.
+fn relative_backing_resolves(src: &Path, format: Format, dst_dir: &Path) -> Result<()> {
+    if format != Format::Qcow2 {
+        return Ok(());
+    }
+    let Ok(h) = vsnap_steps::qcow2::read(src) else {
+        return Ok(()); // the clone's own checks report an unreadable image
+    };
+    let Some(name) = h.backing else {
+        return Ok(());
+    };
+    let rel = Path::new(&name);
+    if rel.is_absolute() || name.contains(':') {
+        return Ok(());
+    }
+    let resolve = |dir: &Path| {
+        let p = dir.join(rel);
+        std::fs::canonicalize(&p).unwrap_or(p)
+    };
+    let here = resolve(&parent_dir(src));
+    let there = resolve(dst_dir);
+    if here == there {
+        return Ok(());
+    }
+    let backing_format = h.backing_format.as_deref().unwrap_or("qcow2");
+    Err(EngineError::Invalid(format!(
+        "{} has a relative backing file {name:?} ({}); a clone of it in {} would look for {}, another file; \
+         keep the snapshot file in the image's directory (omit --file), or make the backing name absolute first: \
+         qemu-img rebase -u -f qcow2 -b {} -F {backing_format} {}",
+        src.display(),
+        here.display(),
+        dst_dir.display(),
+        there.display(),
+        here.display(),
+        src.display()
+    )))
+}
+
 /// The state of one volume, read at plan time.
 struct Vol {
     image: PathBuf,
@@ -370,6 +412,7 @@ impl Engine {
                     clone::require_space(&file, file_len(image)?).map_err(EngineError::Check)?;
                     CloneMode::Copy
                 };
+                relative_backing_resolves(image, vol.format, &fdir)?;
                 let tmp = fsops::temp_path(&file, &tag);
                 snap.file = Some(file.clone());
                 vec![
@@ -486,6 +529,7 @@ impl Engine {
                         image.display()
                     )));
                 }
+                relative_backing_resolves(&file, snap.format, &dir)?;
                 let mode = clone_mode_for(&dir, &file, &tmp)?;
                 vec![Step::Clone {
                     src: file,
