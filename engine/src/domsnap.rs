@@ -758,6 +758,26 @@ impl Engine {
             }
         }
 
+        // Two disks on one new file would share one overlay (or clone):
+        // `data.img` and `data.raw` both default to `data.<snap>.qcow2`.
+        for (i, a) in chosen.iter().enumerate() {
+            let Some(pa) = &a.overlay else { continue };
+            if let Some(b) = chosen[i + 1..].iter().find(|b| {
+                b.overlay
+                    .as_deref()
+                    .is_some_and(|pb| crate::plan::normalise(pb) == crate::plan::normalise(pa))
+            }) {
+                return Err(EngineError::Invalid(format!(
+                    "disks {} and {} would both get the new file {}; give each its own with --disk {}={}:PATH",
+                    a.target,
+                    b.target,
+                    pa.display(),
+                    b.target,
+                    b.mode.as_str()
+                )));
+            }
+        }
+
         if let Some(mf) = &memory_file {
             if std::fs::symlink_metadata(mf).is_ok() {
                 return Err(EngineError::Invalid(format!(
@@ -1068,6 +1088,7 @@ impl Engine {
             pivot,
             catalog,
         };
+        plan.check_paths()?;
         Ok((plan, snap, new_dom))
     }
 

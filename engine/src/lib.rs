@@ -60,6 +60,18 @@ pub enum EngineError {
     Exists { path: PathBuf },
     #[error("directory {0} is not writable; vsnap writes the snapshot's files beside the image (or where --file says)")]
     ReadOnly(PathBuf),
+    #[error("the plan would create {path} twice: by `{first}` and by `{second}`; give each its own file (--file, or --disk TARGET=external:PATH)")]
+    SamePath {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
+    #[error("cannot create {path} (for `{step}`): {why}; choose a shorter snapshot name, or a shorter path with --file (--disk TARGET=external:PATH)")]
+    PathTooLong {
+        path: PathBuf,
+        why: String,
+        step: String,
+    },
     #[error("malformed XML: {0}")]
     Xml(String),
 }

@@ -23,6 +23,7 @@
 
 use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vsnap_journal::{
     codec, failpoint, CatalogOp, Journal, Outcome, PlanHeader, PlanId, Record, StoredPlan,
@@ -65,6 +66,46 @@ impl Plan {
         }
     }
 
+    /// Refuse (before anything is journaled or touched) a plan that two
+    /// steps would each create the same file in (compared as normalised
+    /// absolute paths, and as the same existing file by device and inode),
+    /// or that would create a path the filesystem cannot hold (a name
+    /// over 255 bytes, a path over 4095). Every plan kind passes here:
+    /// [`run`] checks, and so does every compile function.
+    pub fn check_paths(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // (normalised path, device and inode if it exists, step index)
+        type Seen = (PathBuf, Option<(u64, u64)>, usize);
+        let mut seen: Vec<Seen> = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            for path in step.created_paths() {
+                if let Err(why) = vsnap_steps::fsops::check_path_length(&path) {
+                    return Err(EngineError::PathTooLong {
+                        path,
+                        why,
+                        step: step.describe(),
+                    });
+                }
+                let norm = normalise(&path);
+                let id = std::fs::symlink_metadata(&norm)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()));
+                if let Some((_, _, j)) = seen
+                    .iter()
+                    .find(|(p, pid, _)| *p == norm || (id.is_some() && *pid == id))
+                {
+                    return Err(EngineError::SamePath {
+                        path,
+                        first: self.steps[*j].describe(),
+                        second: step.describe(),
+                    });
+                }
+                seen.push((norm, id, i));
+            }
+        }
+        Ok(())
+    }
+
     pub fn header(&self) -> PlanHeader {
         PlanHeader {
             op: self.op.clone(),
@@ -98,6 +139,29 @@ impl Plan {
             })
         })
     }
+}
+
+/// `p` absolute, without `.` and `..`, its directory resolved through
+/// symlinks where it exists (the file itself need not exist).
+pub(crate) fn normalise(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
+        if let Ok(d) = std::fs::canonicalize(dir) {
+            return d.join(name);
+        }
+    }
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// The end of one plan, as the runner or recovery saw it.
@@ -211,6 +275,7 @@ impl<'a> Writer<'a> {
 /// rolled back and the step's error returned.
 pub fn run(j: &Journal, plan: &Plan, cx: &Cx) -> Result<PlanId> {
     plan.assert_well_formed();
+    plan.check_paths()?;
     let mut w = Writer::new_plan(j, plan);
     match forward(&mut w, plan, 0, false, cx) {
         Ok(()) => Ok(w.id()),
@@ -467,4 +532,113 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vsnap_steps::{CloneMode, Format};
+
+    fn plan(steps: Vec<Step>) -> Plan {
+        Plan {
+            op: "test".into(),
+            summary: "test".into(),
+            pivot: (steps.len() - 1) as u32,
+            steps,
+            catalog: Vec::new(),
+        }
+    }
+
+    fn overlay(path: &str) -> Step {
+        Step::CreateOverlay {
+            path: path.into(),
+            backing: "/vm/base.raw".into(),
+            backing_format: Format::Raw,
+        }
+    }
+
+    #[test]
+    fn two_steps_creating_one_path_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().display().to_string();
+        // distinct paths: fine
+        plan(vec![
+            overlay(&format!("{dir}/a.s1.qcow2")),
+            overlay(&format!("{dir}/b.s1.qcow2")),
+            Step::Catalog,
+        ])
+        .check_paths()
+        .unwrap();
+        // the same path spelled two ways (`.`, `..`, a symlinked directory)
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(d.path(), d.path().join("link")).unwrap();
+        for other in [
+            format!("{dir}/./data.s1.qcow2"),
+            format!("{dir}/sub/../data.s1.qcow2"),
+            format!("{dir}/link/data.s1.qcow2"),
+        ] {
+            let e = plan(vec![
+                overlay(&format!("{dir}/data.s1.qcow2")),
+                overlay(&other),
+                Step::Catalog,
+            ])
+            .check_paths()
+            .unwrap_err();
+            assert!(matches!(e, EngineError::SamePath { .. }), "{other}: {e}");
+            assert!(e.to_string().contains("data.s1.qcow2"), "{e}");
+        }
+        // one existing file under two names (a hard link): by inode
+        std::fs::write(d.path().join("x"), b"x").unwrap();
+        std::fs::hard_link(d.path().join("x"), d.path().join("y")).unwrap();
+        let e = plan(vec![
+            Step::Clone {
+                src: "/vm/a".into(),
+                dst: d.path().join("t1"),
+                mode: CloneMode::Copy,
+            },
+            Step::Rename {
+                from: d.path().join("t1"),
+                to: d.path().join("x"),
+                replace: true,
+            },
+            Step::Rename {
+                from: d.path().join("t2"),
+                to: d.path().join("y"),
+                replace: true,
+            },
+        ])
+        .check_paths()
+        .unwrap_err();
+        assert!(matches!(e, EngineError::SamePath { .. }), "{e}");
+        // a step's own temporary counts too: an overlay at another's `.part` name
+        let top = format!("{dir}/top.qcow2");
+        let part = vsnap_steps::fsops::temp_path(Path::new(&top), "part");
+        let e = plan(vec![
+            overlay(&top),
+            Step::Clone {
+                src: "/vm/a".into(),
+                dst: part,
+                mode: CloneMode::Copy,
+            },
+            Step::Catalog,
+        ])
+        .check_paths()
+        .unwrap_err();
+        assert!(matches!(e, EngineError::SamePath { .. }), "{e}");
+    }
+
+    #[test]
+    fn names_too_long_for_the_filesystem_are_refused() {
+        let long = format!("/vm/{}.qcow2", "n".repeat(250));
+        let e = plan(vec![overlay(&long), Step::Catalog])
+            .check_paths()
+            .unwrap_err();
+        assert!(matches!(e, EngineError::PathTooLong { .. }), "{e}");
+        assert!(e.to_string().contains("at most 255"), "{e}");
+        let deep = format!("{}/x.qcow2", "/dir".repeat(1100));
+        let e = plan(vec![overlay(&deep), Step::Catalog])
+            .check_paths()
+            .unwrap_err();
+        assert!(e.to_string().contains("4095"), "{e}");
+    }
 }

@@ -441,6 +441,7 @@ impl Engine {
             pivot,
             catalog: vec![catalog::put_snapshot(&snap), catalog::put_volume(&rec)],
         };
+        plan.check_paths()?;
         Ok((plan, snap))
     }
 
@@ -558,6 +559,7 @@ impl Engine {
             pivot,
             catalog: vec![catalog::put_volume(&rec)],
         };
+        plan.check_paths()?;
         Ok((plan, snap))
     }
 
@@ -694,6 +696,7 @@ impl Engine {
             pivot,
             catalog: ops,
         };
+        plan.check_paths()?;
         Ok((plan, snap, deleted))
     }
 

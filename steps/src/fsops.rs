@@ -101,14 +101,67 @@ pub fn unlink_if_exists(path: &Path) -> StepResult<bool> {
     }
 }
 
+/// The longest file name (one path component) Linux filesystems take, in bytes.
+pub const NAME_MAX: usize = 255;
+/// The longest path the kernel takes, in bytes (with its NUL: 4096).
+pub const PATH_MAX: usize = 4095;
+
 /// The temporary name vsnap writes `target` under before renaming it into
 /// place: same directory, file name `.vsnap-{tag}.{target file name}.tmp`.
+/// When that would be longer than [`NAME_MAX`], the target's name is cut
+/// and a hash of the whole of it follows (`.vsnap-{tag}.{start}~{hash}.tmp`),
+/// so a temporary name always fits wherever its target does (a function
+/// of its arguments only: recovery computes the same name again).
 pub fn temp_path(target: &Path, tag: &str) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let name = target
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(OsStrExt::as_bytes)
         .unwrap_or_default();
-    target.with_file_name(format!(".vsnap-{tag}.{name}.tmp"))
+    let head = format!(".vsnap-{tag}.");
+    let mut out = head.clone().into_bytes();
+    if head.len() + name.len() + 4 <= NAME_MAX {
+        out.extend_from_slice(name);
+    } else {
+        // FNV-1a of the whole name: 16 hex digits.
+        let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut keep = NAME_MAX
+            .saturating_sub(head.len() + 1 + 16 + 4)
+            .min(name.len());
+        if let Ok(text) = std::str::from_utf8(name) {
+            while !text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+        }
+        out.extend_from_slice(&name[..keep]);
+        out.extend_from_slice(format!("~{hash:016x}").as_bytes());
+    }
+    out.extend_from_slice(b".tmp");
+    target.with_file_name(std::ffi::OsString::from_vec(out))
+}
+
+/// Whether every component of `path` fits in [`NAME_MAX`] bytes and the
+/// whole in [`PATH_MAX`]; `Err` says which does not.
+pub fn check_path_length(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let total = path.as_os_str().as_bytes().len();
+    if total > PATH_MAX {
+        return Err(format!(
+            "the path is {total} bytes long; the limit is {PATH_MAX}"
+        ));
+    }
+    for c in path.components() {
+        let n = c.as_os_str().as_bytes().len();
+        if n > NAME_MAX {
+            return Err(format!(
+                "its name {:?} is {n} bytes long; a file name may have at most {NAME_MAX}",
+                c.as_os_str().to_string_lossy()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a file name is one of vsnap's temporary names (see [`temp_path`]).
@@ -147,6 +200,25 @@ mod tests {
         assert!(!is_vsnap_temp("x.qcow2"));
         assert!(!is_vsnap_temp(".vsnap-part.x.qcow2"));
         assert_eq!(temp_path(Path::new("x"), "t"), Path::new(".vsnap-t.x.tmp"));
+    }
+
+    #[test]
+    fn long_temp_names_are_cut_to_fit() {
+        let long = format!("/a/{}.qcow2", "x".repeat(240));
+        let t = temp_path(Path::new(&long), "18a19a62fcbf6672");
+        let name = t.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name.len(), NAME_MAX, "{name}");
+        assert!(is_vsnap_temp(name), "{name}");
+        assert!(check_path_length(&t).is_ok());
+        // a temporary of a temporary fits too, and is the same each time
+        let part = temp_path(&t, "part");
+        assert!(part.file_name().unwrap().len() <= NAME_MAX);
+        assert_eq!(part, temp_path(&t, "part"));
+        // two names that differ only past the cut get different temporaries
+        let other = format!("/a/{}.raw", "x".repeat(240));
+        assert_ne!(t, temp_path(Path::new(&other), "18a19a62fcbf6672"));
+        assert!(check_path_length(Path::new(&format!("/a/{}", "y".repeat(256)))).is_err());
+        assert!(check_path_length(Path::new(&"/abc".repeat(1100))).is_err());
     }
 
     #[test]

@@ -202,6 +202,43 @@ impl Step {
         }
     }
 
+    /// Every path this step creates (or puts a file at), its temporary
+    /// names included: the plan builder refuses a plan in which two steps
+    /// create the same path, or a path the filesystem could not hold
+    /// (a name over 255 bytes). Paths a step only modifies, reads or
+    /// removes are not listed.
+    pub fn created_paths(&self) -> Vec<PathBuf> {
+        match self {
+            Step::HardLink { dst, .. } => vec![dst.clone()],
+            Step::CreateOverlay { path, .. } => {
+                vec![path.clone(), fsops::temp_path(path, "part")]
+            }
+            Step::Clone { dst, .. } => vec![dst.clone()],
+            Step::Rename { to, .. } => vec![to.clone()],
+            Step::QmpMigrateToFile { path, .. } => vec![path.clone()],
+            Step::ExternalFreeze { file, overlay, .. } => vec![
+                file.clone(),
+                overlay.clone(),
+                fsops::temp_path(overlay, "part"),
+            ],
+            Step::InternalCreate { .. }
+            | Step::InternalApply { .. }
+            | Step::InternalDelete { .. }
+            | Step::Rebase { .. }
+            | Step::Commit { .. }
+            | Step::RemoveFile { .. }
+            | Step::Catalog
+            | Step::QmpBlockdevAdd { .. }
+            | Step::AgentFreeze { .. }
+            | Step::AgentThaw { .. }
+            | Step::QmpStop { .. }
+            | Step::QmpCont { .. }
+            | Step::QmpSnapshotTransaction { .. }
+            | Step::QmpSnapshotSave { .. }
+            | Step::QmpQuit { .. } => Vec::new(),
+        }
+    }
+
     /// Whether `undo` exists (a step without one may only stand at or after the pivot).
     pub fn reversible(&self) -> bool {
         match self {

@@ -1,0 +1,215 @@
+//! Plans checked as a whole before anything is journaled: no two steps
+//! create one path, every path a plan creates fits the filesystem's limits
+//! (255-byte names), temporaries always fit; backing loops and over-deep
+//! chains are found at once; disks whose image is a block device; a step
+//! after the pivot that fails is "needs attention" (exit 1), not "nothing
+//! changed". Real `vsnap`, real `qemu-img`, real loop devices.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// A state directory and a work directory `vm/`.
+struct Fx {
+    state: PathBuf,
+    work: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Fx {
+    fn new(tag: &str) -> Fx {
+        let tmp = TempDir::new(tag);
+        let state = tmp.join("state");
+        let work = tmp.join("vm");
+        std::fs::create_dir(&work).unwrap();
+        // the state directory exists before the first `world()`
+        vsnap(&state, &["plan", "list"]).ok();
+        Fx {
+            state,
+            work,
+            _tmp: tmp,
+        }
+    }
+
+    fn vsnap(&self, args: &[&str]) -> Out {
+        vsnap(&self.state, args)
+    }
+
+    fn world(&self, images: &[&Path]) -> World {
+        world(&self.state, &[&self.work], images)
+    }
+
+    /// `args` exit 2 naming `words`, and nothing changed at all.
+    #[track_caller]
+    fn refused(&self, images: &[&Path], args: &[&str], words: &[&str]) -> Out {
+        let before = self.world(images);
+        let out = self.vsnap(args);
+        out.expect_code(2).stderr_has(words);
+        assert_unchanged(&before, &self.world(images));
+        out
+    }
+
+    /// Define domain `name` with `disks` (target, source, driver type).
+    fn define(&self, name: &str, disks: &[(&str, &Path, &str)]) -> Out {
+        let mut x = format!("<domain type='kvm'><name>{name}</name><devices>");
+        for (t, src, ty) in disks {
+            x.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='{ty}'/>\
+                 <source file='{}'/><target dev='{t}'/></disk>",
+                src.display()
+            ));
+        }
+        x.push_str("</devices></domain>");
+        let f = self.work.join(format!("{name}.xml"));
+        std::fs::write(&f, x).unwrap();
+        let out = self.vsnap(&["domain", "define", p(&f)]);
+        std::fs::remove_file(&f).unwrap();
+        out
+    }
+}
+
+// ------------------------------------------------- item: one path, two steps
+
+#[test]
+fn two_disks_on_one_default_overlay_are_refused() {
+    let fx = Fx::new("pp-same-default");
+    let a = fx.work.join("data.img");
+    let b = fx.work.join("data.raw");
+    qemu_img_create(&a, "raw", MIB);
+    qemu_img_create(&b, "raw", MIB);
+    qemu_io_write(&a, "raw", 0, 4096, 0x11);
+    qemu_io_write(&b, "raw", 0, 4096, 0x22);
+    fx.define("d", &[("vda", &a, "raw"), ("vdb", &b, "raw")])
+        .ok();
+    // Both default to data.s1.qcow2: refused, naming both disks.
+    let o = fx.refused(
+        &[&a, &b],
+        &["snapshot", "create", "d", "s1"],
+        &["vda", "vdb", "data.s1.qcow2", "--disk"],
+    );
+    assert!(!fx.work.join("data.s1.qcow2").exists(), "{o:?}");
+    // --dry-run too
+    fx.refused(
+        &[&a, &b],
+        &["snapshot", "create", "d", "s1", "--dry-run"],
+        &["data.s1.qcow2"],
+    );
+    // one explicit PATH twice, spelled two ways
+    let o1 = fx.work.join("o.qcow2");
+    let o2 = format!("{}/./o.qcow2", fx.work.display());
+    fx.refused(
+        &[&a, &b],
+        &[
+            "snapshot",
+            "create",
+            "d",
+            "s1",
+            "--disk",
+            &format!("vda=external:{}", o1.display()),
+            "--disk",
+            &format!("vdb=external:{o2}"),
+        ],
+        &["vda", "vdb", "o.qcow2"],
+    );
+    // each its own file: fine, and each disk on its own overlay
+    fx.vsnap(&[
+        "snapshot",
+        "create",
+        "d",
+        "s1",
+        "--disk",
+        &format!("vdb=external:{}", fx.work.join("data-b.s1.qcow2").display()),
+    ])
+    .ok();
+    assert!(qemu_io_reads(
+        &fx.work.join("data.s1.qcow2"),
+        "qcow2",
+        0,
+        4096,
+        0x11
+    ));
+    assert!(qemu_io_reads(
+        &fx.work.join("data-b.s1.qcow2"),
+        "qcow2",
+        0,
+        4096,
+        0x22
+    ));
+    fx.vsnap(&["domain", "check", "d"]).ok();
+}
+
+// ------------------------------------------------- item: long names
+
+/// An image whose name is 240 bytes (`<234 x>.qcow2`).
+fn long_image(fx: &Fx) -> PathBuf {
+    let img = fx.work.join(format!("{}.qcow2", "x".repeat(234)));
+    qemu_img_create(&img, "qcow2", MIB);
+    qemu_io_write(&img, "qcow2", 0, 4096, 0x33);
+    img
+}
+
+#[test]
+fn a_snapshot_file_name_over_255_bytes_is_refused_before_anything() {
+    let fx = Fx::new("pp-long-file");
+    let img = long_image(&fx);
+    let name = "n".repeat(30); // <234 x>.<30 n>.qcow2: 271 bytes
+    for kind in ["external", "copy"] {
+        fx.refused(
+            &[&img],
+            &["vol", "snapshot", "create", p(&img), &name, "--kind", kind],
+            &["255", "shorter"],
+        );
+    }
+    let d = fx.work.join(format!("{}.img", "y".repeat(236)));
+    qemu_img_create(&d, "raw", MIB);
+    fx.define("dl", &[("vda", &d, "raw")]).ok();
+    fx.refused(&[&img], &["snapshot", "create", "dl", &name], &["255"]);
+    fx.vsnap(&["vol", "check", p(&img)]).ok();
+}
+
+#[test]
+fn temporary_names_fit_when_only_they_would_be_too_long() {
+    let fx = Fx::new("pp-long-temp");
+    let img = long_image(&fx);
+    // <234 x>.s1.qcow2 is 243 bytes (fits); `.vsnap-<tag>.<240>.tmp` would not
+    fx.vsnap(&[
+        "vol",
+        "snapshot",
+        "create",
+        p(&img),
+        "s1",
+        "--kind",
+        "external",
+    ])
+    .ok();
+    qemu_io_write(&img, "qcow2", 0, 4096, 0x44);
+    fx.vsnap(&[
+        "vol",
+        "snapshot",
+        "create",
+        p(&img),
+        "s2",
+        "--kind",
+        "external",
+    ])
+    .ok();
+    fx.vsnap(&["vol", "snapshot", "revert", p(&img), "s1"]).ok();
+    assert!(qemu_io_reads(&img, "qcow2", 0, 4096, 0x33));
+    fx.vsnap(&["vol", "check", p(&img)]).ok();
+    // internal revert works on a clone at a temporary name too
+    let img2 = fx.work.join(format!("{}.qcow2", "z".repeat(234)));
+    qemu_img_create(&img2, "qcow2", MIB);
+    qemu_io_write(&img2, "qcow2", 0, 4096, 0x55);
+    fx.vsnap(&["vol", "snapshot", "create", p(&img2), "i1"])
+        .ok();
+    qemu_io_write(&img2, "qcow2", 0, 4096, 0x66);
+    fx.vsnap(&["vol", "snapshot", "revert", p(&img2), "i1"])
+        .ok();
+    assert!(qemu_io_reads(&img2, "qcow2", 0, 4096, 0x55));
+    fx.vsnap(&["vol", "check", p(&img2)]).ok();
+    let plans = fx.vsnap(&["--json", "plan", "list"]).ok().json();
+    for pl in plans.as_array().unwrap() {
+        assert_eq!(pl["outcome"], "Committed", "{pl}");
+    }
+}
