@@ -37,6 +37,17 @@ pub fn utc(t: i64) -> String {
     )
 }
 
+/// A path in JSON output: a string when it is UTF-8, else
+/// `{"lossy": ..., "hex": ...}` (see `vsnap_steps::pathser`).
+pub fn path_json(p: &std::path::Path) -> serde_json::Value {
+    vsnap_steps::pathser::json(p)
+}
+
+/// An optional path in JSON output (`null` when absent).
+pub fn opt_path_json(p: Option<&PathBuf>) -> serde_json::Value {
+    p.map_or(serde_json::Value::Null, |p| path_json(p))
+}
+
 pub fn print_json(v: &serde_json::Value) {
     println!(
         "{}",

@@ -168,9 +168,9 @@ fn domain_json(engine: &Engine, d: &DomainRec) -> serde_json::Value {
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
     json!({
-        "name": d.name, "uuid": d.uuid, "state": state, "qmp": d.qmp, "agent": d.agent,
+        "name": d.name, "uuid": d.uuid, "state": state, "qmp": opt_path_json(d.qmp.as_ref()), "agent": opt_path_json(d.agent.as_ref()),
         "current_snapshot": d.current,
-        "disks": d.disks.iter().map(|x| json!({"target": x.target, "source": x.source, "format": x.format.as_str(), "readonly": x.readonly, "shareable": x.shareable})).collect::<Vec<_>>(),
+        "disks": d.disks.iter().map(|x| json!({"target": x.target, "source": path_json(&x.source), "format": x.format.as_str(), "readonly": x.readonly, "shareable": x.shareable})).collect::<Vec<_>>(),
     })
 }
 
@@ -332,9 +332,9 @@ fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
 fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
     json!({
         "name": s.name, "domain": s.domain, "description": s.description, "creation_time": s.creation_time,
-        "parent": s.parent, "state": s.state, "memory": if s.memory_file.is_some() { "external" } else if s.memory_internal { "internal" } else { "no" }, "memory_file": s.memory_file,
+        "parent": s.parent, "state": s.state, "memory": if s.memory_file.is_some() { "external" } else if s.memory_internal { "internal" } else { "no" }, "memory_file": opt_path_json(s.memory_file.as_ref()),
         "quiesced": s.quiesced, "current": current,
-        "disks": s.disks.iter().map(|d| json!({"target": d.target, "snapshot": d.mode.as_str(), "state_file": d.state_file, "overlay": d.overlay})).collect::<Vec<_>>(),
+        "disks": s.disks.iter().map(|d| json!({"target": d.target, "snapshot": d.mode.as_str(), "state_file": path_json(&d.state_file), "overlay": opt_path_json(d.overlay.as_ref())})).collect::<Vec<_>>(),
     })
 }
 

@@ -377,12 +377,12 @@ fn try_main(cli: &Cli) -> anyhow::Result<u8> {
 fn snap_json(s: &VolSnapshot, current: bool) -> serde_json::Value {
     json!({
         "name": s.name,
-        "volume": s.volume,
+        "volume": path_json(&s.volume),
         "kind": s.kind.as_str(),
         "description": s.description,
         "creation_time": s.creation_time,
         "parent": s.parent,
-        "file": s.file,
+        "file": opt_path_json(s.file.as_ref()),
         "format": s.format.as_str(),
         "current": current,
     })

@@ -67,6 +67,7 @@ impl std::fmt::Display for SnapKind {
 /// A volume vsnap has snapshotted. Its `path` is always its active image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRec {
+    #[serde(with = "vsnap_steps::pathser")]
     pub path: PathBuf,
     /// The current snapshot: the last one made or reverted to.
     pub current: Option<String>,
@@ -78,6 +79,7 @@ pub struct VolumeRec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolSnapshot {
     pub name: String,
+    #[serde(with = "vsnap_steps::pathser")]
     pub volume: PathBuf,
     pub kind: SnapKind,
     pub description: Option<String>,
@@ -85,6 +87,7 @@ pub struct VolSnapshot {
     pub parent: Option<String>,
     pub seq: u64,
     /// External: the frozen file. Reflink/copy: the clone. Internal: None.
+    #[serde(with = "vsnap_steps::pathser::opt")]
     pub file: Option<PathBuf>,
     /// Format of `file` (internal: of the volume).
     pub format: Format,

@@ -7,12 +7,14 @@ use crate::catalog::{SnapKind, VolSnapshot};
 use crate::{Engine, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use vsnap_steps::{fsops, qemu_img, Format};
 
 /// What was seen on disk for one volume.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Observation {
+    #[serde(with = "vsnap_steps::pathser")]
     pub image: PathBuf,
     pub image_exists: bool,
     /// Internal snapshot names in the image (qcow2 only).
@@ -35,6 +37,7 @@ pub struct Observation {
 /// The result of a check: empty `violations` means consistent.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckReport {
+    #[serde(with = "vsnap_steps::pathser")]
     pub image: PathBuf,
     pub snapshots: usize,
     pub unfinished_plans: usize,
@@ -144,27 +147,32 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
             o.in_use.push(f.clone());
         }
     }
-    let stem = image
+    // File names compared as bytes: a name that is not UTF-8 is a name.
+    let mut stem_dot = image
         .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
+        .map(|s| s.as_bytes().to_vec())
         .unwrap_or_default();
-    let ext = image
-        .extension()
-        .map(|s| format!(".{}", s.to_string_lossy()));
+    stem_dot.push(b'.');
+    let ext: Option<Vec<u8>> = image.extension().map(|s| {
+        let mut x = b".".to_vec();
+        x.extend_from_slice(s.as_bytes());
+        x
+    });
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;
         };
         for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
+            let name = e.file_name();
             let path = d.join(&name);
-            if fsops::is_vsnap_temp(&name) {
+            let b = name.as_bytes();
+            if fsops::is_vsnap_temp_bytes(b) {
                 o.temp_files.push(path);
             } else if Some(d.as_path()) == image.parent()
-                && name.starts_with(&format!("{stem}."))
-                && ext.as_deref().is_none_or(|x| name.ends_with(x))
+                && b.starts_with(&stem_dot)
+                && ext.as_deref().is_none_or(|x| b.ends_with(x))
                 && path != image
-                && name.len() > stem.len() + 1 + ext.as_deref().map_or(0, str::len)
+                && b.len() > stem_dot.len() + ext.as_deref().map_or(0, <[u8]>::len)
             {
                 o.look_alike.push(path);
             }
@@ -484,7 +492,7 @@ pub fn observe_domain(
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let path = dir.join(&name);
+            let path = dir.join(e.file_name());
             if fsops::is_vsnap_temp(&name) {
                 o.temp_files.push(path);
             } else if name.matches('.').count() >= 2 && !files.contains(&path) {

@@ -27,6 +27,7 @@ pub struct DomDisk {
     /// `vda`, or the name QEMU reports (drive id, or device id with `-blockdev`).
     pub target: String,
     /// The active image now (after an external snapshot: the overlay).
+    #[serde(with = "vsnap_steps::pathser")]
     pub source: PathBuf,
     pub format: Format,
     pub readonly: bool,
@@ -39,7 +40,9 @@ pub struct DomainRec {
     pub name: String,
     pub uuid: Option<String>,
     pub disks: Vec<DomDisk>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
     pub qmp: Option<PathBuf>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
     pub agent: Option<PathBuf>,
     /// The current snapshot.
     pub current: Option<String>,

@@ -60,8 +60,10 @@ pub struct DomSnapDisk {
     /// Internal: the image holding the snapshot. External: the frozen image
     /// (the disk's source before the snapshot), which holds its state.
     /// Reflink: the clone.
+    #[serde(with = "vsnap_steps::pathser")]
     pub state_file: PathBuf,
     /// External: the overlay that became the disk's active image.
+    #[serde(with = "vsnap_steps::pathser::opt")]
     pub overlay: Option<PathBuf>,
 }
 
@@ -85,6 +87,7 @@ pub struct DomSnapshot {
     /// `--memory external:PATH`: the file holding the guest's memory state
     /// (QEMU's migration stream). Appended: records written before it
     /// existed are read as [`DomSnapshotV1`].
+    #[serde(with = "vsnap_steps::pathser::opt")]
     pub memory_file: Option<PathBuf>,
 }
 

@@ -112,17 +112,22 @@ fn must_not_exist(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `<dir>/<stem>.<name>.<ext>` beside the image.
+/// `<dir>/<stem>.<name>.<ext>` beside the image (bytes: a stem that is
+/// not UTF-8 is kept as it is).
 fn default_file(image: &Path, name: &str, format: Format) -> PathBuf {
-    let stem = image
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut f = image
         .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
+        .map(|s| s.as_bytes().to_vec())
         .unwrap_or_default();
-    let ext = image
-        .extension()
-        .map(|e| e.to_string_lossy().into_owned())
-        .unwrap_or_else(|| format.as_str().to_string());
-    parent_dir(image).join(format!("{stem}.{name}.{ext}"))
+    f.push(b'.');
+    f.extend_from_slice(name.as_bytes());
+    f.push(b'.');
+    match image.extension() {
+        Some(e) => f.extend_from_slice(e.as_bytes()),
+        None => f.extend_from_slice(format.as_str().as_bytes()),
+    }
+    parent_dir(image).join(std::ffi::OsString::from_vec(f))
 }
 
 /// Resolve a user's `--file`: absolute, its directory canonical.
@@ -144,6 +149,34 @@ fn user_file(file: &Path) -> Result<PathBuf> {
         ))
     })?;
     Ok(dir.join(name))
+}
+
+/// External snapshots write a path into a qcow2 header (the overlay's
+/// backing file) and read it back through QEMU's JSON, which carries only
+/// UTF-8: a name that is not UTF-8 would come back as another name, and a
+/// later delete would miss the file that backs the image. Refused.
+fn utf8_for_backing(p: &Path) -> Result<()> {
+    if p.to_str().is_none() {
+        return Err(EngineError::Invalid(format!(
+            "{} is not a UTF-8 path; external snapshots store the path in a qcow2 backing-file field that QEMU reports only as UTF-8: rename the image (or give a UTF-8 --file), or use --kind internal, copy or reflink, which take any file name",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The file of an external or whole-file snapshot; a catalog record
+/// without one is damaged (an error, not a panic).
+fn snap_file(s: &VolSnapshot) -> Result<PathBuf> {
+    s.file.clone().ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "the catalog's {} snapshot {:?} of {} names no file; the catalog is damaged: run `vsnap vol check {}`",
+            s.kind,
+            s.name,
+            s.volume.display(),
+            s.volume.display()
+        ))
+    })
 }
 
 fn same_device(a: &Path, b: &Path) -> bool {
@@ -367,6 +400,8 @@ impl Engine {
                     Some(f) => user_file(f)?,
                     None => default_file(image, &name, vol.format),
                 };
+                utf8_for_backing(image)?;
+                utf8_for_backing(&file)?;
                 check_writable(&dir)?;
                 check_writable(&parent_dir(&file))?;
                 must_not_exist(&file)?;
@@ -507,7 +542,9 @@ impl Engine {
                 ]
             }
             SnapKind::External => {
-                let file = snap.file.clone().expect("external snapshot has a file");
+                let file = snap_file(&snap)?;
+                utf8_for_backing(image)?;
+                utf8_for_backing(&file)?;
                 if !file.exists() {
                     return Err(EngineError::Invalid(format!(
                         "the snapshot's file {} is missing; run `vsnap vol check {}`",
@@ -522,7 +559,7 @@ impl Engine {
                 }]
             }
             SnapKind::Reflink | SnapKind::Copy => {
-                let file = snap.file.clone().expect("whole-file snapshot has a file");
+                let file = snap_file(&snap)?;
                 if !file.exists() {
                     return Err(EngineError::Invalid(format!(
                         "the snapshot's file {} is missing; run `vsnap vol check {}`",
@@ -622,12 +659,14 @@ impl Engine {
             SnapKind::Reflink | SnapKind::Copy => {
                 for s in &doomed {
                     after.push(Step::RemoveFile {
-                        path: s.file.clone().expect("whole-file snapshot has a file"),
+                        path: snap_file(s)?,
                     });
                 }
             }
             SnapKind::External => {
-                let file = snap.file.clone().expect("external snapshot has a file");
+                let file = snap_file(&snap)?;
+                utf8_for_backing(image)?;
+                utf8_for_backing(&file)?;
                 let info =
                     qemu_img::image_info(&file, snap.format, false).map_err(EngineError::Check)?;
                 let new_backing = match (info.backing, info.backing_format) {
@@ -778,6 +817,14 @@ impl Engine {
     /// The `<volsnapshot>` XML description.
     pub fn vol_snapshot_xml(&self, image: &Path, name: &str) -> Result<String> {
         let s = self.vol_snapshot_lookup(image, name)?;
+        for p in std::iter::once(&s.volume).chain(s.file.as_ref()) {
+            if p.to_str().is_none() {
+                return Err(EngineError::Invalid(format!(
+                    "{} is not a UTF-8 path and XML carries only UTF-8; use `vsnap --json vol snapshot info` (a path that is not UTF-8 is written as {{\"lossy\": ..., \"hex\": ...}})",
+                    p.display()
+                )));
+            }
+        }
         let current = self
             .vol_snapshot_current(image)?
             .map(|c| c.name == s.name)

