@@ -259,8 +259,24 @@ fn run(cli: &Cli) -> u8 {
                 print_json(&json!({ "error": format!("{e:#}") }));
             }
             report_error("vsnap", &e);
-            EXIT_ERROR
+            exit_code_of(&e)
         }
+    }
+}
+
+/// Exit 1 for an error that leaves a change behind for recovery or an
+/// operator (a step after the pivot failed: the change is committed; a
+/// plan that needs attention); 2 for the rest (refused, or rolled back:
+/// nothing changed).
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    let attention = e.chain().any(|c| {
+        c.downcast_ref::<vsnap_engine::EngineError>()
+            .is_some_and(vsnap_engine::EngineError::needs_attention)
+    });
+    if attention {
+        EXIT_NO
+    } else {
+        EXIT_ERROR
     }
 }
 
@@ -299,18 +315,24 @@ fn serve(cli: &Cli) -> anyhow::Result<u8> {
 /// of closing sled (joining its threads, a last flush of nothing new).
 /// The state lock goes with the process.
 fn open(cli: &Cli) -> anyhow::Result<&'static Engine> {
+    let print = |reports: Vec<vsnap_engine::PlanReport>| {
+        for r in reports {
+            eprintln!(
+                "vsnap: recovered plan {} ({}): {}: {}",
+                r.plan, r.summary, r.outcome, r.detail
+            );
+        }
+    };
     if let Some((_, engine)) = SERVED.get() {
         // `vsnap serve` checked that the command names its directory.
+        // What a command alone would recover first (a plan an earlier
+        // command left unfinished after its pivot), the service does too.
+        print(engine.recover(false)?);
         return Ok(engine);
     }
     let dir = state_dir(cli.state_dir.clone());
     let (mut engine, reports) = Engine::open(&dir)?;
-    for r in reports {
-        eprintln!(
-            "vsnap: recovered plan {} ({}): {}: {}",
-            r.plan, r.summary, r.outcome, r.detail
-        );
-    }
+    print(reports);
     engine.set_progress(move |p| {
         // Written with errors ignored: progress must never stop a plan
         // (a closed pipe or a client gone under `vsnap serve`). Asked each

@@ -213,3 +213,78 @@ fn temporary_names_fit_when_only_they_would_be_too_long() {
         assert_eq!(pl["outcome"], "Committed", "{pl}");
     }
 }
+
+// ------------------------------------------------- item: after the pivot
+
+/// `chattr +i` on a file (unlink fails with EPERM, even for root), undone on drop.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(p: &Path) -> Immutable {
+        Out::from_command("chattr", &["+i", p.to_str().unwrap()]).ok();
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-i", self.0.to_str().unwrap()])
+            .status();
+    }
+}
+
+#[test]
+fn a_step_after_the_pivot_that_fails_exits_1_saying_the_change_is_committed() {
+    let fx = Fx::new("pp-after-pivot");
+    let img = fx.work.join("r.img");
+    qemu_img_create(&img, "raw", MIB);
+    fx.vsnap(&["vol", "snapshot", "create", p(&img), "s1", "--kind", "copy"])
+        .ok();
+    let file = fx.work.join("r.s1.img");
+    assert!(file.exists());
+    // A real failure after the pivot: the delete's catalog write (the
+    // pivot) commits, then removing the file fails (immutable: EPERM).
+    let guard = Immutable::set(&file);
+    let o = fx.vsnap(&["vol", "snapshot", "delete", p(&img), "s1"]);
+    o.expect_code(1).stderr_has(&[
+        "committed",
+        "remove",
+        "r.s1.img",
+        "Operation not permitted",
+        "left to do",
+        "vsnap-recover",
+    ]);
+    assert!(!o.stderr.contains("nothing changed"), "{o:?}");
+    // the plan is left unfinished for recovery (`plan list` does not recover)
+    let plans = fx.vsnap(&["--json", "plan", "list"]).ok().json();
+    let last = plans.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"], "UNFINISHED", "{last}");
+    // once the cause is gone, vsnap-recover finishes it
+    drop(guard);
+    let r = vsnap_recover(&fx.state, &[]);
+    r.ok().stdout_has(&["committed"]);
+    assert!(!file.exists(), "recovery removed the freed file");
+    fx.vsnap(&["vol", "check", p(&img)]).ok();
+    let names = fx
+        .vsnap(&["--json", "vol", "snapshot", "list", p(&img)])
+        .ok()
+        .json();
+    assert_eq!(names.as_array().unwrap().len(), 0, "{names}");
+    let plans = fx.vsnap(&["--json", "plan", "list"]).ok().json();
+    let last = plans.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"], "Committed", "{last}");
+
+    // When recovery's own tries fail too, the plan ends needs-attention
+    // (exit 1 from vsnap-recover), naming what to do by hand.
+    fx.vsnap(&["vol", "snapshot", "create", p(&img), "s2", "--kind", "copy"])
+        .ok();
+    let file = fx.work.join("r.s2.img");
+    let _guard = Immutable::set(&file);
+    fx.vsnap(&["vol", "snapshot", "delete", p(&img), "s2"])
+        .expect_code(1)
+        .stderr_has(&["committed", "vsnap-recover"]);
+    vsnap_recover(&fx.state, &[])
+        .expect_code(1)
+        .stdout_has(&["needs-attention", "by hand"]);
+}

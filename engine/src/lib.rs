@@ -38,6 +38,18 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Check(StepError),
+    /// A step after the pivot failed: the change is committed (this is
+    /// not "nothing changed"); the plan stays unfinished so that
+    /// `vsnap-recover` (or the next command) finishes it. Exit 1.
+    #[error("plan {plan}: the change is committed, but step {index} ({step}) failed {tries} time(s): {reason}; left to do: {left}; fix the cause and run `vsnap-recover` (or any vsnap command on this state directory), which finishes it; `vsnap plan show {plan}` lists the plan")]
+    AfterPivot {
+        plan: u64,
+        index: u32,
+        step: String,
+        tries: u32,
+        reason: String,
+        left: String,
+    },
     #[error("plan {plan} needs attention: {reason}")]
     NeedsAttention { plan: u64, reason: String },
     #[error("plan {plan}: {source}; the journal may be damaged: inspect it with `vsnap plan show {plan}`")]
@@ -74,6 +86,18 @@ pub enum EngineError {
     },
     #[error("malformed XML: {0}")]
     Xml(String),
+}
+
+impl EngineError {
+    /// Whether something was changed and is left for recovery or an
+    /// operator (exit 1, "needs attention"), rather than refused or rolled
+    /// back with nothing changed (exit 2).
+    pub fn needs_attention(&self) -> bool {
+        matches!(
+            self,
+            EngineError::AfterPivot { .. } | EngineError::NeedsAttention { .. }
+        )
+    }
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -19,7 +19,9 @@
 //! ```
 //!
 //! Steps after the pivot are retried (bounded) until they succeed; one
-//! that still fails ends the plan `NeedsAttention`, with the reason.
+//! that still fails leaves the plan unfinished (the change is committed:
+//! [`EngineError::AfterPivot`], exit 1) for recovery to roll forward; when
+//! recovery's own tries fail too, the plan ends `NeedsAttention`.
 
 use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
@@ -401,12 +403,23 @@ fn retry_after_pivot(
         }
     }
     let e = last.expect("at least one attempt");
-    let id = w.id();
-    Err(w.needs_attention(format!(
-        "the change is committed, but step {i} ({}) failed {RETRIABLE_TRIES_MAX} times: {e}; \
-         fix the cause and do that step by hand (`vsnap plan show {id}` lists the plan)",
-        step.describe()
-    )))
+    // The plan stays unfinished (Started(i) is durable, no Done): recovery
+    // rolls it forward from step i. The caller is told the change is
+    // committed and what is left.
+    let left = plan.steps[i as usize..]
+        .iter()
+        .enumerate()
+        .map(|(k, s)| format!("step {} ({})", i as usize + k, s.describe()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Forward::Fatal(EngineError::AfterPivot {
+        plan: w.id().0,
+        index: i,
+        step: step.describe(),
+        tries: RETRIABLE_TRIES_MAX,
+        reason: e.to_string(),
+        left,
+    }))
 }
 
 /// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
@@ -509,6 +522,27 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 match r {
                     Ok(()) => {}
                     Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {
+                        report.outcome = "needs-attention".into();
+                        report.detail = reason;
+                    }
+                    Err(Forward::Fatal(EngineError::AfterPivot {
+                        index,
+                        step,
+                        tries,
+                        reason,
+                        ..
+                    })) => {
+                        // Recovery tried again and it still fails: an
+                        // operator must look (the plan ends needs-attention).
+                        let id = stored.id;
+                        let reason = format!(
+                            "the change is committed, but step {index} ({step}) failed {tries} times: {reason}; \
+                             fix the cause and do that step and the ones after it by hand (`vsnap plan show {id}` lists the plan)"
+                        );
+                        j.append(
+                            id,
+                            Record::Finished(Outcome::NeedsAttention(reason.clone())),
+                        )?;
                         report.outcome = "needs-attention".into();
                         report.detail = reason;
                     }
