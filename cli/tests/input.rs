@@ -295,3 +295,59 @@ fn a_non_utf8_image_does_not_end_the_service() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A `<volsnapshot>` document: a name split by a comment is read whole;
+/// an empty or a repeated `<name>` is refused before anything is touched.
+#[test]
+fn volsnapshot_names_are_read_whole_and_never_guessed() {
+    let tmp = TempDir::new("volxml");
+    let state = tmp.join("state");
+    let q = tmp.join("a.qcow2");
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    vsnap(&state, &["vol", "snapshot", "create", p(&q), "s0"]).ok();
+    let doc = |name: &str, text: &str| {
+        let f = tmp.join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+    let split = doc(
+        "split.xml",
+        "<volsnapshot><name>s<!-- -->1</name></volsnapshot>",
+    );
+    vsnap(
+        &state,
+        &["vol", "snapshot", "create", p(&q), "--xml", p(&split)],
+    )
+    .ok()
+    .stdout_has(&["\"s1\""]);
+    for (file, text, says) in [
+        (
+            "empty.xml",
+            "<volsnapshot><name></name></volsnapshot>",
+            "<name> is empty",
+        ),
+        (
+            "selfclosed.xml",
+            "<volsnapshot><name/></volsnapshot>",
+            "<name> is empty",
+        ),
+        (
+            "twice.xml",
+            "<volsnapshot><name>x1</name><name>x2</name></volsnapshot>",
+            "<name> appears twice",
+        ),
+    ] {
+        let f = doc(file, text);
+        let before = vsnap(&state, &["--json", "plan", "list"]).json();
+        vsnap(
+            &state,
+            &["vol", "snapshot", "create", p(&q), "--xml", p(&f)],
+        )
+        .expect_code(2)
+        .stderr_has(&[says]);
+        assert_eq!(vsnap(&state, &["--json", "plan", "list"]).json(), before);
+    }
+    vsnap(&state, &["vol", "snapshot", "list", p(&q), "--name"])
+        .ok()
+        .stdout_has(&["s0\ns1\n"]);
+}

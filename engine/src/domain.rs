@@ -110,6 +110,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
             root.name
         )));
     }
+    root.only_one(&["name", "uuid", "devices", "metadata"])?;
     let name = root
         .child_text("name")
         .ok_or_else(|| EngineError::Xml("<domain> has no <name>".into()))?;
@@ -132,6 +133,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
             d.disks.push(parse_disk(disk)?);
         }
         for ch in devices.children_named("channel") {
+            ch.only_one(&["target", "source"])?;
             let target = ch.child("target").and_then(|t| t.attr("name"));
             if ch.attr("type") == Some("unix") && target == Some(AGENT_CHANNEL) {
                 d.agent = ch
@@ -142,6 +144,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
         }
     }
     if let Some(meta) = root.child("metadata") {
+        meta.only_one(&["qmp"])?;
         if let Some(q) = meta.children.iter().find(|c| c.name == "qmp") {
             d.qmp = Some(PathBuf::from(q.text.trim()));
         }
@@ -159,6 +162,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
 }
 
 fn parse_disk(disk: &Element) -> Result<DomDisk> {
+    disk.only_one(&["target", "source", "driver"])?;
     let target = disk
         .child("target")
         .and_then(|t| t.attr("dev"))
@@ -461,6 +465,16 @@ mod tests {
     <interface type='network'><source network='default'/></interface>
   </devices>
 </domain>"#;
+
+    #[test]
+    fn a_repeated_name_or_disk_source_is_refused() {
+        let two_names = VIRSH.replacen("<name>", "<name>other</name><name>", 1);
+        let e = parse_domain_xml(&two_names).unwrap_err().to_string();
+        assert!(e.contains("<domain> has more than one <name>"), "{e}");
+        let two_sources = VIRSH.replacen("<source ", "<source file='/x.qcow2'/><source ", 1);
+        let e = parse_domain_xml(&two_sources).unwrap_err().to_string();
+        assert!(e.contains("<disk> has more than one <source>"), "{e}");
+    }
 
     #[test]
     fn accepts_virsh_dumpxml_output() {

@@ -241,6 +241,13 @@ pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
             KNOWN.join(", ")
         )));
     }
+    root.only_one(&["name", "description", "memory", "disks"])?;
+    if root.child_text("name").is_some_and(|n| n.is_empty()) {
+        return Err(EngineError::Xml(
+            "<name> is empty; give a name, or leave <name> out for the default (the creation time)"
+                .into(),
+        ));
+    }
     let mut r = DomSnapRequest {
         name: root.child_text("name"),
         description: root.child_text("description"),
@@ -267,12 +274,14 @@ pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
             let name = d
                 .attr("name")
                 .ok_or_else(|| EngineError::Xml("a <disk> in <disks> has no name='...'".into()))?;
+            d.only_one(&["source", "volsnapshot"])?;
             let mut kind = d.attr("snapshot").map(str::to_string);
             let mut file = d
                 .child("source")
                 .and_then(|s| s.attr("file"))
                 .map(PathBuf::from);
             if let Some(v) = d.child("volsnapshot") {
+                v.only_one(&["kind", "file"])?;
                 if let Some(k) = v.child_text("kind") {
                     kind = Some(k);
                 }
@@ -1157,6 +1166,28 @@ pub struct DomSnapDone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_or_empty_elements_are_refused() {
+        for (bad, says) in [
+            ("<domainsnapshot><name>a</name><name>b</name></domainsnapshot>", "more than one <name>"),
+            ("<domainsnapshot><name></name></domainsnapshot>", "<name> is empty"),
+            (
+                "<domainsnapshot><disks><disk name='vda'><source file='/a'/><source file='/b'/></disk></disks></domainsnapshot>",
+                "more than one <source>",
+            ),
+            (
+                "<domainsnapshot><disks><disk name='vda'><volsnapshot><kind>reflink</kind><kind>no</kind></volsnapshot></disk></disks></domainsnapshot>",
+                "more than one <kind>",
+            ),
+        ] {
+            let e = parse_domainsnapshot(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let r = parse_domainsnapshot("<domainsnapshot><name>s<!-- -->1</name></domainsnapshot>")
+            .unwrap();
+        assert_eq!(r.name.as_deref(), Some("s1"));
+    }
 
     #[test]
     fn accepts_libvirt_snapshot_xml() {

@@ -38,12 +38,20 @@ fn xml_err(e: impl std::fmt::Display) -> EngineError {
 }
 
 /// Parse a `<volsnapshot>` document.
+///
+/// An element's text is all of its text: pieces split by comments or
+/// CDATA sections are joined (`s<!-- -->1` is `s1`), then trimmed. Each
+/// element may appear once; an empty `<name>` is refused (leave `<name>`
+/// out for the default name).
 pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
     let mut r = Reader::from_str(text);
-    r.config_mut().trim_text(true);
+    r.config_mut().trim_text(false);
     let mut spec = VolSnapshotSpec::default();
-    // The path of open elements below the root.
+    // The path of open elements below the root, with the text gathered
+    // for the innermost.
     let mut stack: Vec<String> = Vec::new();
+    let mut buf = String::new();
+    let mut seen: Vec<String> = Vec::new();
     let mut seen_root = false;
     let mut done_root = false;
     loop {
@@ -63,58 +71,63 @@ pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
                 seen_root = true;
                 done_root = is_empty;
             }
-            Event::Start(e) => {
+            Event::Start(e) | Event::Empty(e) => {
                 if done_root {
                     return Err(EngineError::Xml("content after </volsnapshot>".into()));
                 }
                 let n = String::from_utf8_lossy(e.name().as_ref()).into_owned();
                 check_element(&stack, &n)?;
+                if !buf.trim().is_empty() {
+                    return Err(misplaced_text(&stack, &buf));
+                }
+                buf.clear();
                 stack.push(n);
-            }
-            Event::Empty(e) => {
-                if done_root {
-                    return Err(EngineError::Xml("content after </volsnapshot>".into()));
+                let key = stack.join("><");
+                if seen.contains(&key) {
+                    return Err(EngineError::Xml(format!(
+                        "<{key}> appears twice; give it once"
+                    )));
                 }
-                let n = String::from_utf8_lossy(e.name().as_ref()).into_owned();
-                check_element(&stack, &n)?;
+                seen.push(key);
+                if is_empty {
+                    set_value(&mut spec, &stack, "")?;
+                    stack.pop();
+                }
             }
             Event::End(_) => {
-                if stack.pop().is_none() {
+                if stack.is_empty() {
+                    if !buf.trim().is_empty() {
+                        return Err(misplaced_text(&stack, &buf));
+                    }
                     done_root = true;
+                } else {
+                    let v = std::mem::take(&mut buf);
+                    if stack.len() == 1 && stack[0] == "parent" {
+                        if !v.trim().is_empty() {
+                            return Err(misplaced_text(&stack, &v));
+                        }
+                    } else {
+                        set_value(&mut spec, &stack, &v)?;
+                    }
+                    stack.pop();
                 }
+                buf.clear();
             }
             Event::Text(t) => {
-                let v = t.unescape().map_err(xml_err)?.into_owned();
-                let path: Vec<&str> = stack.iter().map(String::as_str).collect();
-                match path.as_slice() {
-                    ["name"] => spec.name = Some(v),
-                    ["description"] => spec.description = Some(v),
-                    ["kind"] => {
-                        spec.kind = Some(SnapKind::parse(&v).ok_or_else(|| {
-                            EngineError::Xml(format!(
-                                "<kind>{v}</kind>: expected internal, external, reflink or copy"
-                            ))
-                        })?)
+                let v = t.unescape().map_err(xml_err)?;
+                if !seen_root || done_root {
+                    if !v.trim().is_empty() {
+                        return Err(EngineError::Xml("text outside <volsnapshot>".into()));
                     }
-                    ["file"] => spec.file = Some(PathBuf::from(v)),
-                    ["creationTime"] | ["parent", "name"] | ["volume"] | ["current"] => {}
-                    [] => {
-                        return Err(EngineError::Xml(format!(
-                            "unexpected text {v:?} directly inside <volsnapshot>"
-                        )))
-                    }
-                    _ => {
-                        return Err(EngineError::Xml(format!(
-                            "unexpected text inside <{}>",
-                            path.join("><")
-                        )))
-                    }
+                } else {
+                    buf.push_str(&v);
                 }
             }
-            Event::CData(_) => {
-                return Err(EngineError::Xml(
-                    "CDATA is not accepted in <volsnapshot>".into(),
-                ))
+            Event::CData(t) => {
+                if !seen_root || done_root {
+                    return Err(EngineError::Xml("CDATA outside <volsnapshot>".into()));
+                }
+                buf.push_str(&String::from_utf8_lossy(&t));
             }
             Event::Eof => break,
             Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) => {}
@@ -135,6 +148,52 @@ pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
         return Err(EngineError::Xml("unclosed element <volsnapshot>".into()));
     }
     Ok(spec)
+}
+
+fn misplaced_text(stack: &[String], v: &str) -> EngineError {
+    if stack.is_empty() {
+        EngineError::Xml(format!(
+            "unexpected text {:?} directly inside <volsnapshot>",
+            v.trim()
+        ))
+    } else {
+        EngineError::Xml(format!("unexpected text inside <{}>", stack.join("><")))
+    }
+}
+
+/// The whole text `v` of the element at `path` (trimmed here).
+fn set_value(spec: &mut VolSnapshotSpec, path: &[String], v: &str) -> Result<()> {
+    let v = v.trim();
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    match path.as_slice() {
+        ["name"] => {
+            if v.is_empty() {
+                return Err(EngineError::Xml(
+                    "<name> is empty; give a name, or leave <name> out for the default (the creation time)".into(),
+                ));
+            }
+            spec.name = Some(v.to_string())
+        }
+        ["description"] => spec.description = Some(v.to_string()),
+        ["kind"] => {
+            spec.kind = Some(SnapKind::parse(v).ok_or_else(|| {
+                EngineError::Xml(format!(
+                    "<kind>{v}</kind>: expected internal, external, reflink or copy"
+                ))
+            })?)
+        }
+        ["file"] => {
+            if v.is_empty() {
+                return Err(EngineError::Xml(
+                    "<file> is empty; give a path, or leave <file> out for the default".into(),
+                ));
+            }
+            spec.file = Some(PathBuf::from(v))
+        }
+        // Output only; ignored on input.
+        _ => {}
+    }
+    Ok(())
 }
 
 fn check_element(stack: &[String], name: &str) -> Result<()> {
@@ -258,6 +317,52 @@ mod tests {
             "<volsnapshot><name>a</name>",
         ] {
             assert!(parse_volsnapshot(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn text_split_by_comments_or_cdata_is_read_whole() {
+        let s = parse_volsnapshot(
+            "<volsnapshot><name>s<!-- x -->1</name><description>a<![CDATA[<b>]]>c</description></volsnapshot>",
+        )
+        .unwrap();
+        assert_eq!(s.name.as_deref(), Some("s1"));
+        assert_eq!(s.description.as_deref(), Some("a<b>c"));
+        let s = parse_volsnapshot("<volsnapshot><name> s<!---->1 </name></volsnapshot>").unwrap();
+        assert_eq!(s.name.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn empty_or_repeated_elements_are_refused() {
+        for (bad, says) in [
+            (
+                "<volsnapshot><name></name></volsnapshot>",
+                "<name> is empty",
+            ),
+            ("<volsnapshot><name/></volsnapshot>", "<name> is empty"),
+            (
+                "<volsnapshot><name> <!-- --> </name></volsnapshot>",
+                "<name> is empty",
+            ),
+            (
+                "<volsnapshot><file></file></volsnapshot>",
+                "<file> is empty",
+            ),
+            (
+                "<volsnapshot><name>a</name><name>b</name></volsnapshot>",
+                "<name> appears twice",
+            ),
+            (
+                "<volsnapshot><kind>copy</kind><kind>external</kind></volsnapshot>",
+                "<kind> appears twice",
+            ),
+            (
+                "<volsnapshot><parent><name>a</name><name>b</name></parent></volsnapshot>",
+                "<parent><name> appears twice",
+            ),
+        ] {
+            let e = parse_volsnapshot(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 

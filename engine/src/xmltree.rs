@@ -28,7 +28,21 @@ impl Element {
     pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
         self.children.iter().filter(move |c| c.name == name)
     }
-    /// Trimmed text of a child element.
+    /// Refuse a second child of any of `names`: vsnap reads one of each
+    /// (a second `<name>` or `<source>` would be silently ignored).
+    pub fn only_one(&self, names: &[&str]) -> Result<()> {
+        for n in names {
+            if self.children_named(n).nth(1).is_some() {
+                return Err(EngineError::Xml(format!(
+                    "<{}> has more than one <{n}>; give it once",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+    /// Trimmed text of a child element (all of its text: pieces split by
+    /// comments or CDATA sections are joined).
     pub fn child_text(&self, name: &str) -> Option<String> {
         self.child(name).map(|c| c.text.trim().to_string())
     }
@@ -141,6 +155,21 @@ mod tests {
         assert_eq!(e.child_text("b").as_deref(), Some("hi"));
         assert_eq!(e.child_text("c").as_deref(), Some("p"));
         assert!(e.child("d").is_some());
+    }
+
+    #[test]
+    fn text_split_by_comments_or_cdata_is_joined() {
+        let e = parse("<a><n>s<!-- x -->1</n><m>p<![CDATA[<q>]]>r</m></a>").unwrap();
+        assert_eq!(e.child_text("n").as_deref(), Some("s1"));
+        assert_eq!(e.child_text("m").as_deref(), Some("p<q>r"));
+    }
+
+    #[test]
+    fn only_one_names_a_repeated_element() {
+        let e = parse("<a><n>1</n><n>2</n><m/></a>").unwrap();
+        assert!(e.only_one(&["m"]).is_ok());
+        let err = e.only_one(&["m", "n"]).unwrap_err().to_string();
+        assert!(err.contains("<a> has more than one <n>"), "{err}");
     }
 
     #[test]
