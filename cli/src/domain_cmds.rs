@@ -177,8 +177,7 @@ fn domain_json(engine: &Engine, d: &DomainRec) -> serde_json::Value {
 pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Result<u8> {
     match cmd {
         DomainCmd::Define { file, qmp } => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let text = vsnap_engine::read_xml_file(file)?;
             let d = engine
                 .domain_define(&text, qmp.clone())
                 .with_context(|| format!("in {}", file.display()))?;
@@ -367,8 +366,7 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
         } => {
             let mut req = match xml {
                 Some(f) => {
-                    let text = std::fs::read_to_string(f)
-                        .with_context(|| format!("cannot read --xml {}", f.display()))?;
+                    let text = vsnap_engine::read_xml_file(f).context("--xml")?;
                     vsnap_engine::domsnap::parse_domainsnapshot(&text)
                         .with_context(|| format!("in {}", f.display()))?
                 }

@@ -452,8 +452,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
                 ..Default::default()
             };
             if let Some(x) = &a.xml {
-                let text = std::fs::read_to_string(x)
-                    .with_context(|| format!("cannot read --xml {}", x.display()))?;
+                let text = vsnap_engine::read_xml_file(x).context("--xml")?;
                 let spec = vsnap_engine::xml::parse_volsnapshot(&text)
                     .with_context(|| format!("in {}", x.display()))?;
                 req.name = spec.name;

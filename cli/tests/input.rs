@@ -351,3 +351,110 @@ fn volsnapshot_names_are_read_whole_and_never_guessed() {
         .ok()
         .stdout_has(&["s0\ns1\n"]);
 }
+
+/// `vsnap ARGS` under a 1 GiB address-space limit (`prlimit`) and a 20 s
+/// deadline: a command that reads without bound fails here rather than
+/// taking the machine's memory.
+fn vsnap_bounded(state: &Path, args: &[&str]) -> Out {
+    let mut all = vec!["--as=1073741824", VSNAP, "--state-dir", p(state)];
+    all.extend_from_slice(args);
+    run_with_deadline("prlimit", &all, std::time::Duration::from_secs(20)).0
+}
+
+/// XML inputs are regular files of at most 10 MiB (virsh's limit), a
+/// description at most 64 KiB: anything else is refused, exit 2, before a
+/// plan is begun, without reading more than the limit.
+#[test]
+fn inputs_are_capped_and_must_be_regular_files() {
+    let tmp = TempDir::new("caps");
+    let state = tmp.join("state");
+    let q = tmp.join("a.qcow2");
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    vsnap(&state, &["vol", "snapshot", "create", p(&q), "s0"]).ok();
+    let fifo = tmp.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let big = tmp.join("big.xml");
+    std::fs::write(
+        &big,
+        format!(
+            "<volsnapshot><description>{}</description></volsnapshot>",
+            "x".repeat(11 << 20)
+        ),
+    )
+    .unwrap();
+    let long_desc = tmp.join("desc.xml");
+    std::fs::write(
+        &long_desc,
+        format!(
+            "<volsnapshot><name>d1</name><description>{}</description></volsnapshot>",
+            "x".repeat(1 << 20)
+        ),
+    )
+    .unwrap();
+    let dir = tmp.join("dir.xml");
+    std::fs::create_dir(&dir).unwrap();
+    let desc_arg = "y".repeat((64 << 10) + 1);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["vol", "snapshot", "create", p(&q), "--xml", "/dev/zero"],
+            "is a character device",
+        ),
+        (
+            vec!["vol", "snapshot", "create", p(&q), "--xml", p(&fifo)],
+            "is a FIFO",
+        ),
+        (
+            vec!["vol", "snapshot", "create", p(&q), "--xml", p(&dir)],
+            "is a directory",
+        ),
+        (
+            vec!["vol", "snapshot", "create", p(&q), "--xml", p(&big)],
+            "larger than 10 MiB",
+        ),
+        (
+            vec!["vol", "snapshot", "create", p(&q), "--xml", p(&long_desc)],
+            "at most 64 KiB",
+        ),
+        (
+            vec![
+                "vol",
+                "snapshot",
+                "create",
+                p(&q),
+                "d2",
+                "--description",
+                &desc_arg,
+            ],
+            "at most 64 KiB",
+        ),
+        (
+            vec!["domain", "define", "/dev/zero"],
+            "is a character device",
+        ),
+        (
+            vec!["domain", "define", "/dev/null"],
+            "is a character device",
+        ),
+        (vec!["domain", "define", p(&dir)], "is a directory"),
+        (vec!["domain", "define", p(&big)], "larger than 10 MiB"),
+        (
+            vec!["snapshot", "create", "nodom", "--xml", "/dev/zero"],
+            "is a character device",
+        ),
+    ];
+    let plans = || vsnap(&state, &["--json", "plan", "list"]).json();
+    let before = plans();
+    for (args, says) in cases {
+        let o = vsnap_bounded(&state, &args);
+        no_panic(&o);
+        o.expect_code(2).stderr_has(&[says]);
+        assert_eq!(plans(), before, "{args:?} began a plan");
+    }
+    vsnap(&state, &["vol", "snapshot", "list", p(&q), "--name"])
+        .ok()
+        .stdout_has(&["s0\n"]);
+}

@@ -504,6 +504,7 @@ impl Engine {
         &self,
         req: &DomSnapRequest,
     ) -> Result<(Plan, DomSnapshot, DomainRec)> {
+        crate::validate_description(req.description.as_deref())?;
         let d = self.domain(&req.domain)?;
         let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
         validate_name(&name)?;

@@ -139,6 +139,92 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The largest XML document vsnap reads (`--xml`, `domain define`):
+/// virsh's own limit for an XML file (`VSH_MAX_XML_FILE`, 10 MiB).
+pub const MAX_XML_BYTES: usize = 10 << 20;
+
+/// The longest description kept with a snapshot, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 64 << 10;
+
+/// Read an XML document from a file: a regular file (not a directory, a
+/// device such as `/dev/zero`, or a FIFO) of at most [`MAX_XML_BYTES`],
+/// in UTF-8. Nothing larger is read into memory.
+pub fn read_xml_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let cannot = |e: std::io::Error| {
+        EngineError::Invalid(format!("cannot read {}: {e}", path.display()))
+    };
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let ft = f.metadata().map_err(cannot)?.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(EngineError::Invalid(format!(
+            "{} is {what}; give the path of an XML file",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_XML_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    check_xml_size(bytes.len())
+        .map_err(|_| EngineError::Invalid(format!("{}: {}", path.display(), too_big_xml())))?;
+    String::from_utf8(bytes).map_err(|e| {
+        EngineError::Invalid(format!(
+            "{} is not UTF-8 (invalid byte at offset {}); XML documents are read as UTF-8",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+fn too_big_xml() -> String {
+    format!(
+        "the document is larger than {} MiB, the most vsnap (like virsh) reads",
+        MAX_XML_BYTES >> 20
+    )
+}
+
+/// An XML document of `len` bytes is refused above [`MAX_XML_BYTES`].
+pub(crate) fn check_xml_size(len: usize) -> Result<()> {
+    if len > MAX_XML_BYTES {
+        return Err(EngineError::Xml(too_big_xml()));
+    }
+    Ok(())
+}
+
+/// A description is refused above [`MAX_DESCRIPTION_BYTES`].
+pub fn validate_description(d: Option<&str>) -> Result<()> {
+    if let Some(d) = d {
+        if d.len() > MAX_DESCRIPTION_BYTES {
+            return Err(EngineError::Invalid(format!(
+                "the description is {} bytes long; a description may have at most {} KiB",
+                d.len(),
+                MAX_DESCRIPTION_BYTES >> 10
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The default state directory: `/var/lib/vsnap` for root,
 /// `$XDG_STATE_HOME/vsnap` (or `~/.local/state/vsnap`) otherwise.
 pub fn default_state_dir() -> PathBuf {

@@ -316,6 +316,7 @@ impl Engine {
 
     /// Compile a snapshot creation (nothing is touched).
     pub fn plan_vol_create(&self, req: &CreateRequest) -> Result<(Plan, VolSnapshot)> {
+        crate::validate_description(req.description.as_deref())?;
         let vol = self.load_volume(&req.image)?;
         let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
         validate_name(&name)?;

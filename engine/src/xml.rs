@@ -44,6 +44,7 @@ fn xml_err(e: impl std::fmt::Display) -> EngineError {
 /// element may appear once; an empty `<name>` is refused (leave `<name>`
 /// out for the default name).
 pub fn parse_volsnapshot(text: &str) -> Result<VolSnapshotSpec> {
+    crate::check_xml_size(text.len())?;
     let mut r = Reader::from_str(text);
     r.config_mut().trim_text(false);
     let mut spec = VolSnapshotSpec::default();

@@ -73,6 +73,7 @@ fn element(e: &BytesStart) -> Result<Element> {
 
 /// Parse a whole document into its root element.
 pub fn parse(text: &str) -> Result<Element> {
+    crate::check_xml_size(text.len())?;
     let mut r = Reader::from_str(text);
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
