@@ -458,3 +458,64 @@ fn inputs_are_capped_and_must_be_regular_files() {
         .ok()
         .stdout_has(&["s0\n"]);
 }
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Unnamed snapshots are named by the second they are made in, as libvirt
+/// names them; a second one in the same second (or a name in use another
+/// way) gets `<seconds>-1`, `-2`, ...: never a name in use.
+#[test]
+fn default_names_never_collide() {
+    let tmp = TempDir::new("defname");
+    let state = tmp.join("state");
+    let q = tmp.join("a.qcow2");
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    // The names the next few seconds would take: in the catalog, and one
+    // inside the image that vsnap did not make.
+    let t = now();
+    for s in t..t + 20 {
+        vsnap(
+            &state,
+            &["vol", "snapshot", "create", p(&q), &s.to_string()],
+        )
+        .ok();
+    }
+    vsnap(
+        &state,
+        &["vol", "snapshot", "create", p(&q), &format!("{t}-1")],
+    )
+    .ok();
+    qemu_img_snapshot_create(&q, &format!("{}-1", t + 1));
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let o = vsnap(&state, &["--json", "vol", "snapshot", "create", p(&q)]);
+        o.ok();
+        made.push(o.json()["snapshot"]["name"].as_str().unwrap().to_string());
+    }
+    let names = vsnap(&state, &["vol", "snapshot", "list", p(&q), "--name"]);
+    let names: Vec<&str> = names.stdout.lines().collect();
+    assert_eq!(names.len(), 24, "{names:?}");
+    for m in &made {
+        assert_eq!(
+            names.iter().filter(|n| *n == m).count(),
+            1,
+            "{m} twice: {names:?}"
+        );
+        assert!(m.contains('-'), "{m}: the default name was free?");
+        assert_ne!(
+            m,
+            &format!("{}-1", t + 1),
+            "collides with qemu-img's snapshot"
+        );
+    }
+    // Two unnamed creates right after each other on a fresh image.
+    let r = tmp.join("b.qcow2");
+    qemu_img_create(&r, "qcow2", 4 * MIB);
+    vsnap(&state, &["vol", "snapshot", "create", p(&r)]).ok();
+    vsnap(&state, &["vol", "snapshot", "create", p(&r)]).ok();
+}

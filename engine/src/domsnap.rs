@@ -506,9 +506,12 @@ impl Engine {
     ) -> Result<(Plan, DomSnapshot, DomainRec)> {
         crate::validate_description(req.description.as_deref())?;
         let d = self.domain(&req.domain)?;
-        let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
-        validate_name(&name)?;
         let existing = snapshots(self.journal(), &d.name)?;
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => crate::default_snapshot_name(|n| existing.iter().any(|s| s.name == n)),
+        };
+        validate_name(&name)?;
         if existing.iter().any(|s| s.name == name) {
             return Err(EngineError::Invalid(format!(
                 "domain {:?} already has a snapshot named {name:?}; choose another name",

@@ -109,6 +109,20 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The default name of a new snapshot: the creation time in seconds, as
+/// libvirt names it; when that name is `taken` (a snapshot made in the
+/// same second, or any other use), `<seconds>-1`, `<seconds>-2`, ...
+pub(crate) fn default_snapshot_name(taken: impl Fn(&str) -> bool) -> String {
+    let base = now_unix().to_string();
+    if !taken(&base) {
+        return base;
+    }
+    (1u64..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !taken(n))
+        .expect("an unbounded range has a free name")
+}
+
 /// Snapshot and domain names become file names: reject what would escape
 /// or confuse a directory listing.
 pub fn validate_name(name: &str) -> Result<()> {

@@ -22,7 +22,8 @@ use vsnap_steps::{clone, fsops, qemu_img, CloneMode, Format, Step};
 #[derive(Clone, Debug, Default)]
 pub struct CreateRequest {
     pub image: PathBuf,
-    /// Default: the creation time in seconds, as libvirt does.
+    /// Default: the creation time in seconds, as libvirt does; when that
+    /// name is in use, `<seconds>-1`, `-2`, ...
     pub name: Option<String>,
     /// Default: the kind of the volume's existing snapshots; else internal
     /// for qcow2, reflink (where the filesystem can) or copy for raw.
@@ -318,7 +319,16 @@ impl Engine {
     pub fn plan_vol_create(&self, req: &CreateRequest) -> Result<(Plan, VolSnapshot)> {
         crate::validate_description(req.description.as_deref())?;
         let vol = self.load_volume(&req.image)?;
-        let name = req.name.clone().unwrap_or_else(|| now_unix().to_string());
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            // Never one in use: in the catalog, inside the image, or as the
+            // default file name beside it.
+            None => crate::default_snapshot_name(|n| {
+                vol.snaps.iter().any(|s| s.name == n)
+                    || vol.info.snapshots.iter().any(|s| s == n)
+                    || std::fs::symlink_metadata(default_file(&vol.image, n, vol.format)).is_ok()
+            }),
+        };
         validate_name(&name)?;
         if vol.snaps.iter().any(|s| s.name == name) {
             return Err(EngineError::Duplicate {
