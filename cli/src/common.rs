@@ -4,6 +4,46 @@
 
 use std::path::PathBuf;
 
+// `println!`, `print!`, `eprintln!` and `eprint!` for both binaries
+// (`#[macro_use] mod common;` comes first in each, so these stand in for
+// std's everywhere in them): std's panic when the write fails, which a
+// closed pipe makes it do (`vsnap vol snapshot list IMG | head -1`), and
+// under `vsnap serve` a client's closed pipe would then end the service.
+// These write straight to descriptor 1 or 2, unbuffered (under the
+// service, bytes std had buffered for one client would otherwise go to
+// the next), and drop what cannot be written, as other Unix tools do: the
+// command goes on and exits with its own status.
+macro_rules! println {
+    () => { $crate::common::write_fd(1, ::std::format_args!("\n")) };
+    ($($t:tt)*) => { $crate::common::write_fd(1, ::std::format_args!("{}\n", ::std::format_args!($($t)*))) };
+}
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($t:tt)*) => { $crate::common::write_fd(1, ::std::format_args!($($t)*)) };
+}
+macro_rules! eprintln {
+    () => { $crate::common::write_fd(2, ::std::format_args!("\n")) };
+    ($($t:tt)*) => { $crate::common::write_fd(2, ::std::format_args!("{}\n", ::std::format_args!($($t)*))) };
+}
+#[allow(unused_macros)]
+macro_rules! eprint {
+    ($($t:tt)*) => { $crate::common::write_fd(2, ::std::format_args!($($t)*)) };
+}
+
+/// Write `args` to descriptor `fd` in as few `write`s as it takes;
+/// errors (a closed pipe: EPIPE, SIGPIPE being ignored) are dropped.
+pub fn write_fd(fd: i32, args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let text = match args.as_str() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(args.to_string()),
+    };
+    // SAFETY: fd 1 or 2, borrowed for this write and never closed here.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    let _ = f.write_all(text.as_bytes());
+}
+
 /// Exit codes (documented in `--help` and the README).
 pub const EXIT_OK: u8 = 0;
 /// A negative answer: no current snapshot, a check found violations, a plan needs attention.

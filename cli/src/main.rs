@@ -1,5 +1,6 @@
 //! `vsnap`: the operator's command line. Thin: parse, call the engine, print.
 
+#[macro_use]
 mod common;
 mod domain_cmds;
 mod service;
@@ -236,19 +237,55 @@ fn main() -> ExitCode {
     if let Some(code) = service::forward(&args) {
         return ExitCode::from(code);
     }
-    ExitCode::from(run_args(args))
+    let code = run_args(args);
+    if SERVED.get().is_none() {
+        if let Some(engine) = OPENED.get() {
+            // A query, a dry run or a refused request on a state
+            // directory that this command made: it leaves nothing behind.
+            let _ = engine.remove_state_if_unused();
+        }
+    }
+    ExitCode::from(code)
 }
 
 /// Parse and carry out one command line; its exit status.
 fn run_args(args: Vec<OsString>) -> u8 {
-    let cli = match Cli::try_parse_from(args) {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR);
+    match parse(args) {
+        Ok(cli) => run(&cli),
+        Err(code) => code,
+    }
+}
+
+/// Whether `--json` is among the options (before any `--`).
+fn wants_json(args: &[OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Parse a command line; a usage error is printed (with `--json`, also as
+/// `{"error": ...}` on standard output, as every other error is) and its
+/// exit status returned.
+fn parse(args: Vec<OsString>) -> Result<Cli, u8> {
+    use clap::error::ErrorKind;
+    let json = wants_json(&args);
+    Cli::try_parse_from(args).map_err(|e| {
+        let code = u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR);
+        if json && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+            let msg = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                "incomplete command: a subcommand is missing; see `vsnap --help`".to_string()
+            } else {
+                let text = e.render().to_string();
+                let text = text.trim();
+                let text = text.strip_prefix("error: ").unwrap_or(text);
+                text.split("\n\n").next().unwrap_or(text).to_string()
+            };
+            print_json(&json!({ "error": msg }));
         }
-    };
-    run(&cli)
+        let _ = e.print();
+        code
+    })
 }
 
 fn run(cli: &Cli) -> u8 {
@@ -283,6 +320,8 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
 /// The engine of `vsnap serve` and the state directory it serves
 /// (canonical), once it is open.
 static SERVED: OnceLock<(PathBuf, &'static Engine)> = OnceLock::new();
+/// The engine this process opened for its command (not under the service).
+static OPENED: OnceLock<&'static Engine> = OnceLock::new();
 
 /// `vsnap serve`: open the engine once, then carry out the commands that
 /// clients send (see `service.rs`) until stopped.
@@ -291,21 +330,66 @@ fn serve(cli: &Cli) -> anyhow::Result<u8> {
     let engine = open(cli)?;
     let canonical = std::fs::canonicalize(&dir)?;
     let _ = SERVED.set((canonical.clone(), engine));
-    service::serve(&dir, &|args| {
-        let cli = match Cli::try_parse_from(args) {
-            Ok(cli) => cli,
-            Err(e) => {
-                let _ = e.print();
-                return u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR);
+    // The newest plan before the command in progress: after a panic, the
+    // plans it began are the ones after it.
+    let before = std::cell::Cell::new(None);
+    service::serve(
+        &dir,
+        &|args| {
+            let cli = match parse(args) {
+                Ok(cli) => cli,
+                Err(code) => return code,
+            };
+            let theirs = std::fs::canonicalize(state_dir(cli.state_dir.clone()));
+            if matches!(cli.cmd, Cmd::Serve) || theirs.ok().as_deref() != Some(canonical.as_path())
+            {
+                return service::NOT_MINE;
             }
-        };
-        let theirs = std::fs::canonicalize(state_dir(cli.state_dir.clone()));
-        if matches!(cli.cmd, Cmd::Serve) || theirs.ok().as_deref() != Some(canonical.as_path()) {
-            return service::NOT_MINE;
-        }
-        run(&cli)
-    })?;
+            before.set(engine.journal().last_plan().ok().flatten().map(|p| p.0));
+            run(&cli)
+        },
+        &|| after_panic(engine, before.get()),
+    )?;
     Ok(EXIT_OK)
+}
+
+/// Under `vsnap serve`, after a command panicked (a bug; the panic message
+/// went to the client's stderr): recover what it left unfinished, on the
+/// service's engine, before any other command runs, and tell the client
+/// what became of the plans it began. Exit 2 when none of them changed
+/// anything, 1 when one committed or needs attention.
+fn after_panic(engine: &Engine, before: Option<u64>) -> Result<u8, String> {
+    eprintln!(
+        "vsnap: error: internal error: the command panicked (a bug in vsnap; the message \
+         above says where); the service recovers what it left and serves on"
+    );
+    for r in engine.recover(false).map_err(|e| e.to_string())? {
+        eprintln!(
+            "vsnap: recovered plan {} ({}): {}: {}",
+            r.plan, r.summary, r.outcome, r.detail
+        );
+    }
+    let mut code = EXIT_ERROR;
+    let after = engine.journal().last_plan().map_err(|e| e.to_string())?;
+    let first = before.map_or(1, |b| b + 1);
+    for id in first..=after.map_or(0, |p| p.0) {
+        let (stored, _) = engine.plan(id).map_err(|e| e.to_string())?;
+        match stored.outcome() {
+            Some(vsnap_engine::Outcome::RolledBack) => {}
+            o => {
+                eprintln!(
+                    "vsnap: plan {id} ({}) ended {o:?}: it changed something; `vsnap plan \
+                     show {id}` and `vsnap vol check` tell what",
+                    stored.header.summary
+                );
+                code = EXIT_NO;
+            }
+        }
+    }
+    if code == EXIT_ERROR {
+        eprintln!("vsnap: nothing was changed");
+    }
+    Ok(code)
 }
 
 /// Open the state directory (recovering what was interrupted). The engine
@@ -353,7 +437,9 @@ fn open(cli: &Cli) -> anyhow::Result<&'static Engine> {
             write!(err, "\r{}: {pct:3}% ({done} of {total} MiB)", p.what)
         };
     });
-    Ok(Box::leak(Box::new(engine)))
+    let engine: &'static Engine = Box::leak(Box::new(engine));
+    let _ = OPENED.set(engine);
+    Ok(engine)
 }
 
 fn try_main(cli: &Cli) -> anyhow::Result<u8> {
@@ -662,7 +748,9 @@ fn plans(cli: &Cli, cmd: &PlanCmd) -> anyhow::Result<u8> {
         Some((_, engine)) => *engine,
         None => {
             let dir = state_dir(cli.state_dir.clone());
-            &*Box::leak(Box::new(Engine::open_without_recovery(&dir)?))
+            let engine: &'static Engine = Box::leak(Box::new(Engine::open_without_recovery(&dir)?));
+            let _ = OPENED.set(engine);
+            engine
         }
     };
     match cmd {

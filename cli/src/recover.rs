@@ -1,5 +1,6 @@
 //! `vsnap-recover`: finish or undo every plan a crash interrupted.
 
+#[macro_use]
 mod common;
 
 use clap::Parser;
@@ -76,5 +77,8 @@ fn try_main(args: &Args) -> anyhow::Result<u8> {
             );
         }
     }
+    // Run on a state directory that did not exist (or was empty): it
+    // leaves nothing behind.
+    let _ = engine.remove_state_if_unused();
     Ok(if attention { EXIT_NO } else { EXIT_OK })
 }

@@ -42,6 +42,12 @@ use vsnap_steps::fdpass;
 pub const SOCKET: &str = "vsnap.sock";
 /// Exit status byte meaning "not for this service: run it yourself".
 pub const NOT_MINE: u8 = 255;
+/// Status byte: the client runs as another user than the service.
+pub const REFUSED: u8 = 254;
+/// Status byte: the service was stopping; the command was not run.
+pub const STOPPING: u8 = 253;
+/// How long a client may take to send its request (each read).
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The most argument bytes a request may carry.
 const MAX_REQUEST: usize = 1 << 20;
 
@@ -84,9 +90,19 @@ fn is_serve(args: &[OsString]) -> bool {
 }
 
 /// Client side. `Some(status)` when a running service carried out the
-/// command; `None` when there is none (no socket, or nobody listening on
-/// it: a service that was killed), when it answered [`NOT_MINE`], or when
-/// `VSNAP_NO_SERVICE` is set: the caller then does the command itself.
+/// command (or when the client refused to hand it the command, exit 2,
+/// said why); `None` when there is none (no socket, or nobody listening
+/// on it: a service that was killed), when it answered [`NOT_MINE`], when
+/// `VSNAP_NO_SERVICE` is set, or when the state directory itself is
+/// refused (the command, run alone, then says why): the caller then does
+/// the command itself.
+///
+/// Before it sends its standard input, output, error and directory, the
+/// client makes sure it talks to its own user's service: the state
+/// directory passes [`vsnap_engine::check_state_dir`] (owner, modes, the
+/// directories above), the socket belongs to this user and is not open
+/// to others, and the process listening on it runs as this user
+/// (`SO_PEERCRED`).
 pub fn forward(args: &[OsString]) -> Option<u8> {
     if std::env::var_os("VSNAP_NO_SERVICE").is_some() || is_serve(args) {
         return None;
@@ -99,7 +115,44 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
     }
     let (dir, given) = state_dir_of(args);
     let sock = dir.join(SOCKET);
+    let meta = std::fs::symlink_metadata(&sock).ok()?;
+    vsnap_engine::check_state_dir(&dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let refuse = |why: String| -> Option<u8> {
+        let msg = format!(
+            "refusing the vsnap service socket {}: {why}; nothing was sent to it",
+            sock.display()
+        );
+        if args.iter().skip(1).any(|a| a == "--json") {
+            crate::common::print_json(&serde_json::json!({ "error": msg }));
+        }
+        eprintln!("vsnap: error: {msg}");
+        Some(crate::common::EXIT_ERROR)
+    };
+    {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if !meta.file_type().is_socket() {
+            return refuse("it is not a socket".into());
+        }
+        if meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return refuse(format!(
+                "it belongs to uid {} with mode {:o}, and a service of this user (uid {me})                  makes it its own, mode 600; remove it if no `vsnap serve` of yours runs",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
     let mut stream = UnixStream::connect(&sock).ok()?;
+    match peer_uid(&stream) {
+        Ok(uid) if uid == me => {}
+        Ok(uid) => {
+            return refuse(format!(
+                "the process listening on it runs as uid {uid}, not as this user (uid {me}):                  it would receive your terminal and could forge the answer"
+            ))
+        }
+        Err(e) => return refuse(format!("cannot tell who listens on it: {e}")),
+    }
     // The service has its own environment: a directory this process took
     // from $VSNAP_STATE_DIR (or its defaults) is passed explicitly.
     let mut sent: Vec<&std::ffi::OsStr> = Vec::with_capacity(args.len() + 2);
@@ -125,14 +178,30 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
     let fds = [0, 1, 2, cwd.as_raw_fd()];
     // The length alone with the descriptors, then the arguments.
     let len = (payload.len() as u32).to_le_bytes();
-    if fdpass::send(stream.as_raw_fd(), &len, &fds).ok() != Some(len.len())
-        || stream.write_all(&payload).is_err()
-    {
+    let sent = fdpass::send(stream.as_raw_fd(), &len, &fds).ok() == Some(len.len())
+        && stream.write_all(&payload).is_ok();
+    let mut status = [0u8; 1];
+    let answer = stream.read_exact(&mut status);
+    if !sent && (answer.is_err() || status[0] != REFUSED) {
+        // Nobody there after all (a service that just stopped).
         return None;
     }
-    let mut status = [0u8; 1];
-    match stream.read_exact(&mut status) {
+    match answer {
         Ok(()) if status[0] == NOT_MINE => None,
+        Ok(()) if status[0] == REFUSED => {
+            eprintln!(
+                "vsnap: error: the vsnap service on {} refused the command: it serves only                  the user it runs as, and this one (uid {me}) is another; nothing was done:                  run the command as that user, or stop the service and use a state directory                  of your own",
+                sock.display()
+            );
+            Some(crate::common::EXIT_ERROR)
+        }
+        Ok(()) if status[0] == STOPPING => {
+            eprintln!(
+                "vsnap: error: the vsnap service on {} was stopping and did not run the                  command; nothing was done: run it again",
+                sock.display()
+            );
+            Some(crate::common::EXIT_ERROR)
+        }
         Ok(()) => Some(status[0]),
         Err(_) => {
             eprintln!(
@@ -271,8 +340,22 @@ extern "C" fn on_stop(_sig: libc::c_int) {
 
 /// Serve `state` until SIGTERM or SIGINT. `run` carries out one command
 /// (its argument vector, in the client's directory with the client's
-/// descriptors) and returns its exit status, or [`NOT_MINE`].
-pub fn serve(state: &Path, run: &dyn Fn(Vec<OsString>) -> u8) -> anyhow::Result<()> {
+/// descriptors) and returns its exit status, or [`NOT_MINE`]. When `run`
+/// panics, `after_panic` is called in the same place (the client's
+/// descriptors still in place): it makes the engine coherent again
+/// (recovers what the command left unfinished), tells the client, and
+/// returns the client's exit status, or an error after which the service
+/// stops (as a crash would, leaving recovery to the next open).
+///
+/// Requests are read each on its own thread, with a deadline on every
+/// read, and queued, complete, to this thread, which runs them one at a
+/// time: a client that connects and sends nothing holds up no one.
+pub fn serve(
+    state: &Path,
+    run: &dyn Fn(Vec<OsString>) -> u8,
+    after_panic: &dyn Fn() -> Result<u8, String>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
     let sock = state.join(SOCKET);
     // We hold the state lock: a socket file there is a dead service's.
     match std::fs::remove_file(&sock) {
@@ -283,7 +366,7 @@ pub fn serve(state: &Path, run: &dyn Fn(Vec<OsString>) -> u8) -> anyhow::Result<
     let listener = UnixListener::bind(&sock)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", sock.display()))?;
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    LISTENER_FD.store(listener.as_raw_fd(), std::sync::atomic::Ordering::SeqCst);
+    LISTENER_FD.store(listener.as_raw_fd(), SeqCst);
     // SAFETY: on_stop only touches atomics and calls shutdown.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
@@ -292,60 +375,48 @@ pub fn serve(state: &Path, run: &dyn Fn(Vec<OsString>) -> u8) -> anyhow::Result<
     let home = Home::save()?;
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
+    let (tx, rx) = std::sync::mpsc::channel::<(UnixStream, Request)>();
+    std::thread::Builder::new()
+        .name("vsnap-accept".into())
+        .spawn(move || accept_loop(listener, me, tx))?;
     eprintln!(
         "vsnap: serving {} on {} (pid {}); SIGTERM or Ctrl-C stops it",
         state.display(),
         sock.display(),
         std::process::id()
     );
-    while !STOP.load(std::sync::atomic::Ordering::SeqCst) {
-        let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) if STOP.load(std::sync::atomic::Ordering::SeqCst) => break,
-            Err(e) => anyhow::bail!("accept on {}: {e}", sock.display()),
-        };
-        match peer_uid(&stream) {
-            Ok(uid) if uid == me => {}
-            Ok(uid) => {
-                eprintln!("vsnap: refused a client of uid {uid} (the service runs as {me})");
-                continue;
-            }
-            Err(e) => {
-                eprintln!("vsnap: a client without credentials: {e}");
-                continue;
-            }
-        }
-        // A client that connects and says nothing must not hold the
-        // service up.
-        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-        let req = match read_request(&mut stream) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("vsnap: a bad request: {e}");
-                continue;
-            }
+    let mut broken = false;
+    while !STOP.load(SeqCst) && !broken {
+        let (mut stream, req) = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(job) => job,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let status = match Home::enter(&req.fds) {
             Ok(()) => {
-                let s = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(req.args)));
-                home.restore();
-                match s {
+                use std::panic::{catch_unwind, AssertUnwindSafe};
+                let s = match catch_unwind(AssertUnwindSafe(|| run(req.args))) {
                     Ok(s) => s,
-                    Err(_) => {
-                        // The panic may have cut a plan short: end like a
-                        // crash (the client sees the service end), so that
-                        // the next open recovers it, rather than serve on
-                        // beside an unfinished plan.
-                        let _ = std::fs::remove_file(&sock);
-                        eprintln!(
-                            "vsnap: a command panicked (the client has the message); the \
-                             service stops so that vsnap-recover or the next command recovers \
-                             whatever it left"
-                        );
-                        std::process::exit(70);
-                    }
-                }
+                    Err(_) => match catch_unwind(AssertUnwindSafe(after_panic)) {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(why)) => {
+                            eprintln!(
+                                "vsnap: error: the service could not recover after the panic                                  ({why}); it stops: run `vsnap-recover`"
+                            );
+                            broken = true;
+                            crate::common::EXIT_NO
+                        }
+                        Err(_) => {
+                            eprintln!(
+                                "vsnap: error: the service could not recover after the panic;                                  it stops: run `vsnap-recover`"
+                            );
+                            broken = true;
+                            crate::common::EXIT_NO
+                        }
+                    },
+                };
+                home.restore();
+                s
             }
             Err(e) => {
                 home.restore();
@@ -356,9 +427,75 @@ pub fn serve(state: &Path, run: &dyn Fn(Vec<OsString>) -> u8) -> anyhow::Result<
         drop(req.fds);
         let _ = stream.write_all(&[status]);
     }
+    // Requests that came in but were not run: the clients are told.
     let _ = std::fs::remove_file(&sock);
+    while let Ok((mut stream, _)) = rx.try_recv() {
+        let _ = stream.write_all(&[STOPPING]);
+    }
+    if broken {
+        eprintln!(
+            "vsnap: a command panicked and what it left could not be recovered; the service \
+             stops so that vsnap-recover or the next command does it"
+        );
+        std::process::exit(70);
+    }
     eprintln!("vsnap: service stopped");
     Ok(())
+}
+
+/// Accept clients until the service stops; each one's request is read on
+/// a thread of its own and queued to the serving thread.
+fn accept_loop(
+    listener: UnixListener,
+    me: u32,
+    tx: std::sync::mpsc::Sender<(UnixStream, Request)>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) if STOP.load(SeqCst) => return,
+            Err(e) => {
+                // Out of descriptors, say: a moment, then on.
+                eprintln!("vsnap: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vsnap-client".into())
+            .spawn(move || receive(stream, me, tx));
+        if let Err(e) = spawned {
+            eprintln!("vsnap: cannot start a thread for a client: {e}");
+        }
+    }
+}
+
+/// Read one client's request (its uid checked first, every read with a
+/// deadline) and queue it.
+fn receive(mut stream: UnixStream, me: u32, tx: std::sync::mpsc::Sender<(UnixStream, Request)>) {
+    match peer_uid(&stream) {
+        Ok(uid) if uid == me => {}
+        Ok(uid) => {
+            eprintln!("vsnap: refused a client of uid {uid} (the service runs as {me})");
+            let _ = stream.write_all(&[REFUSED]);
+            return;
+        }
+        Err(e) => {
+            eprintln!("vsnap: a client without credentials: {e}");
+            return;
+        }
+    }
+    let _ = stream.set_read_timeout(Some(REQUEST_DEADLINE));
+    match read_request(&mut stream) {
+        Ok(req) => {
+            let _ = stream.set_read_timeout(None);
+            let _ = tx.send((stream, req));
+        }
+        Err(e) => eprintln!("vsnap: a bad request: {e}"),
+    }
 }
 
 #[cfg(test)]

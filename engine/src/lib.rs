@@ -16,6 +16,7 @@ pub mod xmltree;
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
 pub use plan::{Plan, PlanReport};
 pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest};
+pub use vsnap_journal::Outcome;
 pub use vsnap_steps::{Format, Progress};
 
 use std::path::{Path, PathBuf};
@@ -239,6 +240,14 @@ pub fn validate_description(d: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// Whether `dir` may be a state directory as far as owners and modes go
+/// (it and the directories above it; see [`vsnap_journal::statedir`]).
+/// Nothing is created. `vsnap`'s client checks it before it hands a
+/// `vsnap serve` listening there its terminal.
+pub fn check_state_dir(dir: &Path) -> Result<()> {
+    Ok(vsnap_journal::statedir::check_safe(dir)?)
+}
+
 /// The default state directory: `/var/lib/vsnap` for root,
 /// `$XDG_STATE_HOME/vsnap` (or `~/.local/state/vsnap`) otherwise.
 pub fn default_state_dir() -> PathBuf {
@@ -290,6 +299,16 @@ impl Engine {
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// When opening made the state directory and nothing was journaled
+    /// since (a query, a dry run, a refused request): remove it again, so
+    /// that such a call leaves nothing behind (see
+    /// [`Journal::remove_if_unused`]). The engine takes no writes after
+    /// it returns true.
+    pub fn remove_state_if_unused(&self) -> Result<bool> {
+        let _g = self.lock_ops();
+        Ok(self.journal.remove_if_unused()?)
     }
 
     pub(crate) fn cx(&self) -> Cx<'_> {

@@ -22,6 +22,7 @@ pub mod codec;
 pub mod failpoint;
 mod group;
 mod lock;
+pub mod statedir;
 mod store;
 
 pub use lock::StateLock;
@@ -120,6 +121,8 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("refusing state directory {dir}: {why}")]
+    StateDirRefused { dir: PathBuf, why: String },
     #[error("journal database error: {0}")]
     Db(#[from] sled::Error),
     #[error("journal transaction failed: {0}")]

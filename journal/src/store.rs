@@ -46,7 +46,6 @@ use crate::*;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{IVec, Tree};
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -78,6 +77,9 @@ pub struct Journal {
     next_plan: AtomicU64,
     db: sled::Db,
     dir: PathBuf,
+    /// What opening made of the state directory, until
+    /// [`Journal::remove_if_unused`] takes it.
+    made: Mutex<Option<statedir::Made>>,
     _lock: StateLock,
 }
 
@@ -349,34 +351,13 @@ fn committed(r: Result<(), CommitError<sled::Error>>) -> Result<()> {
     })
 }
 
-/// Create the state directory 0700 if missing; tighten a looser mode.
-fn prepare_state_dir(dir: &Path) -> Result<()> {
-    let err = |source: std::io::Error| JournalError::StateDir {
-        dir: dir.to_path_buf(),
-        source,
-    };
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    let meta = std::fs::metadata(dir).map_err(err)?;
-    if !meta.is_dir() {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::NotADirectory,
-            "not a directory",
-        )));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-    }
-    Ok(())
-}
-
 impl Journal {
-    /// Create the state directory (mode 0700) if missing, take its lock
+    /// Check the state directory and create it (mode 0700) if missing
+    /// ([`statedir::prepare`]: a directory that is not vsnap's, or that
+    /// another user could write, is refused untouched), take its lock
     /// (`lock` file, holder pid written inside), open sled at `db/`.
     pub fn open(state_dir: &Path) -> Result<Journal> {
-        prepare_state_dir(state_dir)?;
+        let made = statedir::prepare(state_dir)?;
         let lock = StateLock::acquire(state_dir)?;
         let db = open_sled(&state_dir.join("db"))?;
         let plans = db.open_tree(PLANS)?;
@@ -407,8 +388,35 @@ impl Journal {
             next_plan: AtomicU64::new(next_plan),
             db,
             dir: state_dir.to_path_buf(),
+            made: Mutex::new(Some(made)),
             _lock: lock,
         })
+    }
+
+    /// If this journal made its state directory (or adopted an empty
+    /// one) when it opened, and holds no plan and no catalog entry (a
+    /// query, a dry run or a refused request was all that ran): close it
+    /// and remove what it made, so that such a command leaves nothing
+    /// behind. True when it did. The journal takes no writes afterwards.
+    pub fn remove_if_unused(&self) -> Result<bool> {
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if !made.as_ref().is_some_and(statedir::Made::anything) {
+            return Ok(false);
+        }
+        if !self.plans.is_empty() {
+            return Ok(false);
+        }
+        for name in self.db.tree_names() {
+            if name.starts_with(CATALOG_PREFIX.as_bytes()) && !self.db.open_tree(&name)?.is_empty()
+            {
+                return Ok(false);
+            }
+        }
+        self.commit.close();
+        if let Some(m) = made.take() {
+            statedir::unmake(&self.dir, &m);
+        }
+        Ok(true)
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -611,6 +619,14 @@ impl Journal {
         match self.plans.get(plan_key(id))? {
             None => Err(JournalError::NoSuchPlan(id)),
             Some(v) => decode_plan(id, &v, self.records.scan_prefix(plan_key(id))),
+        }
+    }
+
+    /// The newest plan's id, if there is any plan (one key read).
+    pub fn last_plan(&self) -> Result<Option<PlanId>> {
+        match self.plans.last()? {
+            Some((k, _)) => Ok(Some(key_plan(&k)?)),
+            None => Ok(None),
         }
     }
 
