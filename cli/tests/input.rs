@@ -519,3 +519,87 @@ fn default_names_never_collide() {
     vsnap(&state, &["vol", "snapshot", "create", p(&r)]).ok();
     vsnap(&state, &["vol", "snapshot", "create", p(&r)]).ok();
 }
+
+/// Names that print as other names are refused: bidi overrides and
+/// isolates, marks, zero-width and other format (Cf) characters, in
+/// snapshot and domain names alike; and each error names the kind of name.
+#[test]
+fn invisible_characters_in_names_are_refused_naming_the_kind() {
+    let tmp = TempDir::new("bidi");
+    let state = tmp.join("state");
+    let q = tmp.join("a.qcow2");
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    vsnap(&state, &["vol", "snapshot", "create", p(&q), "s0"]).ok();
+    let plans = || vsnap(&state, &["--json", "plan", "list"]).json();
+    let before = plans();
+    for (c, code) in [
+        ('\u{202e}', "U+202E"),
+        ('\u{2066}', "U+2066"),
+        ('\u{200f}', "U+200F"),
+        ('\u{200b}', "U+200B"),
+        ('\u{feff}', "U+FEFF"),
+        ('\u{2028}', "U+2028"),
+        ('\u{e0041}', "U+E0041"),
+    ] {
+        let name = format!("s1{c}gpj.exe");
+        vsnap(&state, &["vol", "snapshot", "create", p(&q), &name])
+            .expect_code(2)
+            .stderr_has(&["invalid snapshot name", code, "invisible"]);
+        let doc = tmp.join("s.xml");
+        std::fs::write(
+            &doc,
+            format!("<volsnapshot><name>{name}</name></volsnapshot>"),
+        )
+        .unwrap();
+        vsnap(
+            &state,
+            &["vol", "snapshot", "create", p(&q), "--xml", p(&doc)],
+        )
+        .expect_code(2)
+        .stderr_has(&["invalid snapshot name", code]);
+        // A domain name: the error says "domain", not "snapshot".
+        let dom = tmp.join("d.xml");
+        std::fs::write(
+            &dom,
+            format!(
+                "<domain type='kvm'><name>vm{c}1</name><devices><disk type='file' device='disk'>\
+                 <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
+                 </devices></domain>",
+                p(&q)
+            ),
+        )
+        .unwrap();
+        let o = vsnap(&state, &["domain", "define", p(&dom)]);
+        o.expect_code(2).stderr_has(&["invalid domain name", code]);
+        assert!(!o.stderr.contains("snapshot name"), "{}", o.stderr);
+    }
+    // A bad domain name without invisible characters says "domain" too.
+    let dom = tmp.join("d2.xml");
+    std::fs::write(
+        &dom,
+        format!(
+            "<domain type='kvm'><name>.hidden</name><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
+             </devices></domain>",
+            p(&q)
+        ),
+    )
+    .unwrap();
+    vsnap(&state, &["domain", "define", p(&dom)])
+        .expect_code(2)
+        .stderr_has(&["invalid domain name \".hidden\""]);
+    assert_eq!(plans(), before);
+    vsnap(&state, &["domain", "list"]).ok();
+    // Ordinary non-ASCII names stay legal.
+    vsnap(
+        &state,
+        &[
+            "vol",
+            "snapshot",
+            "create",
+            p(&q),
+            "vor-dem-Update-ü-é-日本",
+        ],
+    )
+    .ok();
+}

@@ -9,7 +9,7 @@
 //! `org.qemu.guest_agent.0`.
 
 use crate::xmltree::{self, esc, Element};
-use crate::{validate_name, Engine, EngineError, Result};
+use crate::{validate_name_of, Engine, EngineError, NameKind, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
     let name = root
         .child_text("name")
         .ok_or_else(|| EngineError::Xml("<domain> has no <name>".into()))?;
-    validate_name(&name)?;
+    validate_name_of(NameKind::Domain, &name)?;
     let mut d = DomainRec {
         name,
         uuid: root.child_text("uuid"),
@@ -168,6 +168,14 @@ fn parse_disk(disk: &Element) -> Result<DomDisk> {
         .and_then(|t| t.attr("dev"))
         .ok_or_else(|| EngineError::Xml("a <disk> has no <target dev=...>".into()))?
         .to_string();
+    if target
+        .chars()
+        .any(|c| c.is_control() || crate::is_invisible(c))
+    {
+        return Err(EngineError::Xml(format!(
+            "disk target {target:?} holds a control or invisible (format) character; name it as libvirt does (vda, sdb, ...)"
+        )));
+    }
     let src = disk.child("source");
     let source = src
         .and_then(|s| s.attr("file").or_else(|| s.attr("dev")))
@@ -329,7 +337,7 @@ impl Engine {
     /// `query-block` reports.
     pub fn domain_attach(&self, name: &str, qmp: &Path, agent: Option<&Path>) -> Result<DomainRec> {
         let _g = self.lock_ops();
-        validate_name(name)?;
+        validate_name_of(NameKind::Domain, name)?;
         if self.domain_exists(name)? {
             return Err(EngineError::Invalid(format!(
                 "domain {name:?} is already defined; `vsnap domain undefine {name}` first"

@@ -59,8 +59,12 @@ pub enum EngineError {
         #[source]
         source: vsnap_recovery::IllegalSequence,
     },
-    #[error("invalid snapshot name {name:?}: {why}; choose a name of at most 200 bytes without '/', '..', NUL or control characters that does not start with '.' or '-'")]
-    BadName { name: String, why: String },
+    #[error("invalid {kind} name {name:?}: {why}; choose a name of at most 200 bytes without '/', '..', NUL, control or invisible (format) characters that does not start with '.' or '-'")]
+    BadName {
+        kind: NameKind,
+        name: String,
+        why: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("image {0} does not exist; give the path of an existing disk image")]
@@ -124,32 +128,84 @@ pub(crate) fn default_snapshot_name(taken: impl Fn(&str) -> bool) -> String {
         .expect("an unbounded range has a free name")
 }
 
-/// Snapshot and domain names become file names: reject what would escape
-/// or confuse a directory listing.
+/// Whether `c` is invisible or changes how text around it is shown: a
+/// Unicode format character (general category Cf: bidi embeddings,
+/// overrides and isolates U+202A-202E, U+2066-2069, marks U+200E/200F
+/// and U+061C, zero-width U+200B-200D, U+2060-2064, U+FEFF, soft hyphen,
+/// tags...), a line or paragraph separator, a variation selector, or a
+/// filler that renders as nothing. A name holding one can print as
+/// another name (`s1\u{202e}txt.exe`), so vsnap refuses them.
+pub fn is_invisible(c: char) -> bool {
+    matches!(c as u32,
+        // Cf, Unicode 15.
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F
+        // Zl, Zp.
+        | 0x2028 | 0x2029
+        // Invisible others: combining grapheme joiner, Hangul fillers,
+        // variation selectors (Mongolian, standard, supplement).
+        | 0x034F | 0x115F | 0x1160 | 0x3164 | 0xFFA0 | 0x180B..=0x180D | 0x180F
+        | 0xFE00..=0xFE0F | 0xE0100..=0xE01EF)
+}
+
+/// What a name names, for errors ("invalid domain name", not "snapshot").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameKind {
+    Snapshot,
+    Domain,
+}
+
+impl std::fmt::Display for NameKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NameKind::Snapshot => "snapshot",
+            NameKind::Domain => "domain",
+        })
+    }
+}
+
+/// Snapshot names become file names: reject what would escape or confuse
+/// a directory listing (see [`validate_name_of`]).
 pub fn validate_name(name: &str) -> Result<()> {
-    let bad = |why: &str| {
+    validate_name_of(NameKind::Snapshot, name)
+}
+
+/// Snapshot and domain names become file names and are printed: reject
+/// what would escape a directory, confuse a listing, or print as another
+/// name (control, format and other invisible characters).
+pub fn validate_name_of(kind: NameKind, name: &str) -> Result<()> {
+    let bad = |why: String| {
         Err(EngineError::BadName {
+            kind,
             name: name.into(),
-            why: why.into(),
+            why,
         })
     };
     if name.is_empty() {
-        return bad("empty");
+        return bad("empty".into());
     }
     if name.len() > 200 {
-        return bad("longer than 200 bytes");
+        return bad("longer than 200 bytes".into());
     }
     if name.contains('/') {
-        return bad("contains '/'");
+        return bad("contains '/'".into());
     }
     if name.contains("..") {
-        return bad("contains '..'");
+        return bad("contains '..'".into());
     }
     if name.starts_with('.') || name.starts_with('-') {
-        return bad("starts with '.' or '-'");
+        return bad("starts with '.' or '-'".into());
     }
     if name.chars().any(|c| c == '\0' || c.is_control()) {
-        return bad("contains NUL or a control character");
+        return bad("contains NUL or a control character".into());
+    }
+    if let Some(c) = name.chars().find(|&c| is_invisible(c)) {
+        return bad(format!(
+            "contains U+{:04X}, an invisible or text-direction (format) character, which can make a name print as another",
+            c as u32
+        ));
     }
     Ok(())
 }
