@@ -141,9 +141,21 @@ struct CreateArgs {
     /// A free-text description kept with the snapshot.
     #[arg(long, value_name = "TEXT")]
     description: Option<String>,
+    /// The image's format, needed the first time vsnap sees an image
+    /// whose name does not state it (a qcow2 image not named .qcow2, or a
+    /// raw disk whose bytes start like a qcow2 header). vsnap never guesses
+    /// a format from an image's bytes; it records the format and keeps it.
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
     /// Print the plan; change nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Raw,
+    Qcow2,
 }
 
 #[derive(Subcommand)]
@@ -558,6 +570,10 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             if a.file.is_some() {
                 req.file = a.file.clone();
             }
+            req.format = a.format.map(|f| match f {
+                FormatArg::Raw => vsnap_engine::Format::Raw,
+                FormatArg::Qcow2 => vsnap_engine::Format::Qcow2,
+            });
             let d = engine.vol_snapshot_create(&req, a.dry_run)?;
             Ok(done_output(cli, "created", &d))
         }

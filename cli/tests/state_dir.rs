@@ -105,7 +105,10 @@ fn commands_that_journal_nothing_leave_no_state_directory() {
     vsnap(&state, &["vol", "snapshot", "create", i, "s1"]).ok();
     assert_eq!(mode(&state), 0o700);
     assert!(state.join("vsnap-state").is_file());
-    vsnap(&empty, &["vol", "snapshot", "create", i, "s2"]).ok();
+    // (Another image: an image belongs to one state directory.)
+    let img2 = d.join("b.qcow2");
+    qemu_img_create(&img2, "qcow2", 16 * MIB);
+    vsnap(&empty, &["vol", "snapshot", "create", p(&img2), "s2"]).ok();
     assert_eq!(
         mode(&empty),
         0o750,

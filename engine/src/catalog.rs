@@ -4,6 +4,12 @@
 //! Trees:
 //! * `volumes`  — key: canonical image path — [`VolumeRec`]
 //! * `volsnaps` — key: image path, NUL, snapshot name — [`VolSnapshot`]
+//! * `volformat` — key: canonical image path — the image's [`Format`] as
+//!   vsnap knows it (stated with `--format` or by the name when vsnap first
+//!   saw it, then kept by every plan): never read back from the image's
+//!   bytes, which a guest writes (see `volume.rs`)
+//! * `meta` — key `owner-id` — this state directory's random id, written
+//!   in the ownership claims beside its images (`volume.rs`)
 
 use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
@@ -14,6 +20,9 @@ use vsnap_steps::Format;
 
 pub const VOLUMES: &str = "volumes";
 pub const VOLSNAPS: &str = "volsnaps";
+pub const VOLFORMAT: &str = "volformat";
+pub const META: &str = "meta";
+const OWNER_ID: &[u8] = b"owner-id";
 
 /// The kind of a volume snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -132,6 +141,23 @@ pub fn delete_snapshot(volume: &Path, name: &str) -> CatalogOp {
     }
 }
 
+/// Record the format the image at `path` has once the plan is done.
+pub fn put_volformat(path: &Path, format: Format) -> CatalogOp {
+    CatalogOp::Put {
+        tree: VOLFORMAT.into(),
+        key: path_key(path),
+        value: codec::encode(&format),
+    }
+}
+
+/// Forget the image's format (vsnap no longer manages the image).
+pub fn delete_volformat(path: &Path) -> CatalogOp {
+    CatalogOp::Delete {
+        tree: VOLFORMAT.into(),
+        key: path_key(path),
+    }
+}
+
 fn corrupt(tree: &str, key: &[u8], e: impl std::fmt::Display) -> EngineError {
     EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
         tree: tree.into(),
@@ -167,4 +193,62 @@ pub fn volumes(j: &Journal) -> Result<Vec<VolumeRec>> {
         out.push(codec::decode::<VolumeRec>(&bytes).map_err(|e| corrupt(VOLUMES, &key, e))?);
     }
     Ok(out)
+}
+
+/// The image's format as recorded by vsnap, if it was.
+pub fn volformat(j: &Journal, path: &Path) -> Result<Option<Format>> {
+    let key = path_key(path);
+    match j.catalog_get(VOLFORMAT, &key)? {
+        None => Ok(None),
+        Some(bytes) => codec::decode(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt(VOLFORMAT, &key, e)),
+    }
+}
+
+/// The format of the active image as the catalog knows it: recorded, or
+/// (a catalog written before formats were recorded) implied by the
+/// volume's snapshots: internal and external snapshots leave a qcow2
+/// image, whole-file ones keep the format their files have.
+pub fn known_format(j: &Journal, path: &Path) -> Result<Option<Format>> {
+    if let Some(f) = volformat(j, path)? {
+        return Ok(Some(f));
+    }
+    Ok(snapshots(j, path)?.first().map(|s| match s.kind {
+        SnapKind::Internal | SnapKind::External => Format::Qcow2,
+        SnapKind::Reflink | SnapKind::Copy => s.format,
+    }))
+}
+
+/// This state directory's random id (made and stored the first time it
+/// is asked for).
+pub fn owner_id(j: &Journal) -> Result<String> {
+    if let Some(bytes) = j.catalog_get(META, OWNER_ID)? {
+        return codec::decode::<String>(&bytes).map_err(|e| corrupt(META, OWNER_ID, e));
+    }
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .map_err(|e| {
+            EngineError::Invalid(format!(
+                "cannot read /dev/urandom for the state directory's id: {e}"
+            ))
+        })?;
+    let id: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    j.catalog_apply(&[CatalogOp::Put {
+        tree: META.into(),
+        key: OWNER_ID.to_vec(),
+        value: codec::encode(&id),
+    }])?;
+    Ok(id)
+}
+
+/// This state directory's id if it has one yet (read-only).
+pub fn owner_id_if_any(j: &Journal) -> Result<Option<String>> {
+    match j.catalog_get(META, OWNER_ID)? {
+        None => Ok(None),
+        Some(bytes) => codec::decode::<String>(&bytes)
+            .map(Some)
+            .map_err(|e| corrupt(META, OWNER_ID, e)),
+    }
 }

@@ -84,7 +84,10 @@ fn canon(p: &Path) -> PathBuf {
 }
 
 /// Read everything [`compare`] needs. Read-only: qemu-img with `-U`.
-pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
+/// Formats are never probed: the image is read as `image_format`, each
+/// snapshot file as the catalog says, a backing file as the header that
+/// names it says (else as the catalog says, else by `image::assumed_format`).
+pub fn observe(image: &Path, image_format: Format, snaps: &[VolSnapshot]) -> Observation {
     let mut o = Observation {
         image: image.to_path_buf(),
         ..Default::default()
@@ -94,15 +97,19 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
     if let Some(d) = image.parent() {
         dirs.insert(d.to_path_buf());
     }
-    let mut to_inspect: Vec<PathBuf> = Vec::new();
+    let mut to_inspect: Vec<(PathBuf, Format)> = Vec::new();
     if o.image_exists {
-        to_inspect.push(image.to_path_buf());
+        to_inspect.push((image.to_path_buf(), image_format));
     }
+    let known: BTreeMap<PathBuf, Format> = snaps
+        .iter()
+        .filter_map(|s| s.file.as_ref().map(|f| (canon(f), s.format)))
+        .collect();
     for s in snaps {
         if let Some(f) = &s.file {
             if f.is_file() {
                 o.existing.insert(f.clone());
-                to_inspect.push(f.clone());
+                to_inspect.push((f.clone(), s.format));
             }
             if let Some(d) = f.parent() {
                 dirs.insert(d.to_path_buf());
@@ -111,17 +118,10 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
     }
     // Walk every chain: each file readable, checked, its backing present.
     let mut seen = BTreeSet::new();
-    while let Some(f) = to_inspect.pop() {
+    while let Some((f, fmt)) = to_inspect.pop() {
         if !seen.insert(canon(&f)) {
             continue;
         }
-        let fmt = match qemu_img::detect_format(&f) {
-            Ok(fmt) => fmt,
-            Err(e) => {
-                o.damage.push(format!("{}: {e}", f.display()));
-                continue;
-            }
-        };
         match qemu_img::image_info(&f, fmt, true) {
             Ok(info) => {
                 if let Some(b) = &info.backing {
@@ -132,7 +132,11 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
                             b.display()
                         ));
                     } else {
-                        to_inspect.push(b.clone());
+                        let bf = info
+                            .backing_format
+                            .or_else(|| known.get(&canon(b)).copied())
+                            .unwrap_or_else(|| crate::image::assumed_format(b));
+                        to_inspect.push((b.clone(), bf));
                     }
                 }
                 o.backing_of
@@ -166,7 +170,9 @@ pub fn observe(image: &Path, snaps: &[VolSnapshot]) -> Observation {
             let name = e.file_name();
             let path = d.join(&name);
             let b = name.as_bytes();
-            if fsops::is_vsnap_temp_bytes(b) {
+            if crate::image::is_claim(&name) {
+                // The ownership claim (vol_check looks at it).
+            } else if fsops::is_vsnap_temp_bytes(b) {
                 o.temp_files.push(path);
             } else if Some(d.as_path()) == image.parent()
                 && b.starts_with(&stem_dot)
@@ -305,8 +311,24 @@ impl Engine {
         let canon_image = canon(image);
         let snaps = crate::catalog::snapshots(self.journal(), &canon_image)?;
         let current = crate::catalog::volume(self.journal(), &canon_image)?.and_then(|r| r.current);
-        let obs = observe(&canon_image, &snaps);
+        let format = crate::catalog::known_format(self.journal(), &canon_image)?
+            .unwrap_or_else(|| crate::image::assumed_format(&canon_image));
+        let obs = observe(&canon_image, format, &snaps);
         let mut violations = compare(&snaps, current.as_deref(), &obs);
+        if obs.image_exists {
+            match crate::image::read_claim(self.journal(), &canon_image)? {
+                crate::image::Claim::Ours => {}
+                crate::image::Claim::Absent if snaps.is_empty() => {}
+                crate::image::Claim::Absent => violations.push(format!(
+                    "owner: the ownership claim {} is missing (the next vsnap command that changes the volume makes it again, unless another state directory took the image meanwhile)",
+                    crate::image::claim_path(&canon_image).display()
+                )),
+                crate::image::Claim::Foreign { owner } => violations.push(format!(
+                    "owner: {} is claimed by another state directory: {owner}",
+                    canon_image.display()
+                )),
+            }
+        }
         let unfinished = self.journal().unfinished()?.len();
         if unfinished > 0 {
             violations.push(format!(
@@ -426,6 +448,13 @@ pub fn observe_domain(
         }
     }
     let mut files: BTreeSet<PathBuf> = d.disks.iter().map(|x| x.source.clone()).collect();
+    // Never probed: the disks' formats as defined, overlays are qcow2
+    // (vsnap made them), anything else by `image::assumed_format`.
+    let mut formats: BTreeMap<PathBuf, Format> = d
+        .disks
+        .iter()
+        .map(|x| (x.source.clone(), x.format))
+        .collect();
     let mut dirs = BTreeSet::new();
     let mut memory_files = BTreeSet::new();
     for s in snaps {
@@ -442,6 +471,7 @@ pub fn observe_domain(
             files.insert(sd.state_file.clone());
             if let Some(ov) = &sd.overlay {
                 files.insert(ov.clone());
+                formats.entry(ov.clone()).or_insert(Format::Qcow2);
             }
         }
     }
@@ -455,9 +485,10 @@ pub fn observe_domain(
         if !f.is_file() {
             continue;
         }
-        let Ok(fmt) = qemu_img::detect_format(f) else {
-            continue;
-        };
+        let fmt = formats
+            .get(f)
+            .copied()
+            .unwrap_or_else(|| crate::image::assumed_format(f));
         match qemu_img::image_info(f, fmt, true) {
             Ok(info) => {
                 if let Some(b) = &info.backing {
@@ -493,7 +524,9 @@ pub fn observe_domain(
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = dir.join(e.file_name());
-            if fsops::is_vsnap_temp(&name) {
+            if crate::image::is_claim(e.file_name()) {
+                // A volume's ownership claim: neither temporary nor orphan.
+            } else if fsops::is_vsnap_temp(&name) {
                 o.temp_files.push(path);
             } else if name.matches('.').count() >= 2 && !files.contains(&path) {
                 // `<stem>.<snapshot>.qcow2` (an overlay) or

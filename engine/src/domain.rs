@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp};
-use vsnap_steps::{live, qemu_img, Format, StepError};
+use vsnap_steps::{live, Format, StepError};
 
 pub const DOMAINS: &str = "domains";
 /// The XML namespace of vsnap's `<metadata>` element.
@@ -187,7 +187,10 @@ fn parse_disk(disk: &Element) -> Result<DomDisk> {
     let source = PathBuf::from(source);
     let format = match disk.child("driver").and_then(|d| d.attr("type")) {
         Some(t) => parse_format(t, &format!("disk {target}"))?,
-        None => qemu_img::detect_format(&source).map_err(EngineError::Check)?,
+        // libvirt's own default without format probing (which libvirt
+        // leaves off): raw. Never guessed from the image's bytes, which a
+        // guest writes (see image.rs).
+        None => Format::Raw,
     };
     Ok(DomDisk {
         target,

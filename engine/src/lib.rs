@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod check;
 pub mod domain;
 pub mod domsnap;
+pub mod image;
 pub mod plan;
 pub mod volume;
 pub mod xml;
@@ -91,6 +92,20 @@ pub enum EngineError {
     },
     #[error("malformed XML: {0}")]
     Xml(String),
+    /// vsnap does not know the image's format and will not guess it from
+    /// the image's bytes.
+    #[error("format of {image} unknown: {why}")]
+    FormatUnknown { image: PathBuf, why: String },
+    /// Another state directory manages the image.
+    #[error("{image} is managed by another vsnap state directory: {owner} (claim {claim}); an image belongs to one state directory: use that one (--state-dir), or, if it no longer manages the image, remove the claim file")]
+    Owned {
+        image: PathBuf,
+        owner: String,
+        claim: PathBuf,
+    },
+    /// The image has a second name.
+    #[error("{image} has {links} hard links; after a snapshot the other name(s) would be the frozen snapshot (or a stale copy) and whatever writes through them would change it: remove the other link(s) (`find / -xdev -samefile {image}` lists them) or snapshot a copy of the image")]
+    HardLinked { image: PathBuf, links: u64 },
 }
 
 impl EngineError {
@@ -223,9 +238,8 @@ pub const MAX_DESCRIPTION_BYTES: usize = 64 << 10;
 pub fn read_xml_file(path: &Path) -> Result<String> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let cannot = |e: std::io::Error| {
-        EngineError::Invalid(format!("cannot read {}: {e}", path.display()))
-    };
+    let cannot =
+        |e: std::io::Error| EngineError::Invalid(format!("cannot read {}: {e}", path.display()));
     // O_NONBLOCK: opening a FIFO must not wait for a writer.
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -32,6 +32,10 @@ pub struct CreateRequest {
     /// Default: beside the image, `<stem>.<name>.<ext>`.
     pub file: Option<PathBuf>,
     pub description: Option<String>,
+    /// The image's format (`--format`), needed the first time vsnap sees
+    /// an image whose name does not state it (see `image.rs`); vsnap
+    /// never guesses it from the image's bytes.
+    pub format: Option<Format>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -293,10 +297,14 @@ fn same_path(a: &Path, b: &Path) -> bool {
 
 impl Engine {
     /// Read the volume's catalog entry and check that the image is usable
-    /// now: present, not held by another process (a running QEMU).
-    fn load_volume(&self, image: &Path) -> Result<Vol> {
+    /// now: present, one link, of a known format (recorded, or `stated`,
+    /// never probed), not claimed by another state directory, not held by
+    /// another process (a running QEMU).
+    fn load_volume(&self, image: &Path, stated: Option<Format>) -> Result<Vol> {
         let image = canonical_image(image)?;
-        let format = qemu_img::detect_format(&image).map_err(EngineError::Check)?;
+        crate::image::check_links(&image)?;
+        crate::image::check_claim(self.journal(), &image)?;
+        let format = crate::image::format_of(self.journal(), &image, stated)?;
         // Not force-shared: InUse while a QEMU holds the image (its locks).
         let info = qemu_img::image_info(&image, format, false).map_err(EngineError::Check)?;
         let j = self.journal();
@@ -318,7 +326,7 @@ impl Engine {
     /// Compile a snapshot creation (nothing is touched).
     pub fn plan_vol_create(&self, req: &CreateRequest) -> Result<(Plan, VolSnapshot)> {
         crate::validate_description(req.description.as_deref())?;
-        let vol = self.load_volume(&req.image)?;
+        let vol = self.load_volume(&req.image, req.format)?;
         let name = match &req.name {
             Some(n) => n.clone(),
             // Never one in use: in the catalog, inside the image, or as the
@@ -480,12 +488,21 @@ impl Engine {
         let mut rec = vol.rec.clone();
         rec.current = Some(name.clone());
         rec.next_seq += 1;
+        // An external snapshot leaves a qcow2 overlay at the image's path.
+        let format_after = match kind {
+            SnapKind::External => Format::Qcow2,
+            _ => vol.format,
+        };
         let plan = Plan {
             op: "vol.snapshot.create".into(),
             summary: format!("{kind} snapshot {name:?} of {}", image.display()),
             steps,
             pivot,
-            catalog: vec![catalog::put_snapshot(&snap), catalog::put_volume(&rec)],
+            catalog: vec![
+                catalog::put_snapshot(&snap),
+                catalog::put_volume(&rec),
+                catalog::put_volformat(image, format_after),
+            ],
         };
         plan.check_paths()?;
         Ok((plan, snap))
@@ -509,7 +526,27 @@ impl Engine {
         let id = if dry_run {
             None
         } else {
-            Some(plan::run(self.journal(), &plan, &self.cx())?.0)
+            let j = self.journal();
+            let image = &snapshot.volume;
+            // The claim is made before the plan is journaled; of two state
+            // directories racing for the image, one makes it, the other is
+            // refused here (nothing else was touched).
+            let claimed = crate::image::claim(j, image)?;
+            let ran = plan::run(j, &plan, &self.cx());
+            let left = catalog::snapshots(j, image).map(|v| v.len()).unwrap_or(1);
+            let release = left == 0
+                && match &ran {
+                    Ok(_) => true,
+                    // Rolled back: nothing of the plan is left.
+                    Err(EngineError::Step { .. }) => claimed,
+                    _ => false,
+                };
+            if release {
+                // Rolled back before any snapshot existed, or deleted the
+                // last one: the image is free again.
+                crate::image::release(j, image);
+            }
+            Some(ran?.0)
         };
         Ok(Done {
             plan: id,
@@ -523,7 +560,7 @@ impl Engine {
     /// Compile a revert: the image's path becomes the snapshot's state;
     /// what was written since is discarded.
     pub fn plan_vol_revert(&self, req: &RevertRequest) -> Result<(Plan, VolSnapshot)> {
-        let vol = self.load_volume(&req.image)?;
+        let vol = self.load_volume(&req.image, None)?;
         let snap = vol.find(&req.name)?.clone();
         let image = &vol.image;
         let dir = parent_dir(image);
@@ -595,6 +632,12 @@ impl Engine {
         let pivot = (steps.len() - 1) as u32;
         let mut rec = vol.rec.clone();
         rec.current = Some(snap.name.clone());
+        // A whole-file revert brings back the file's format; the others
+        // leave a qcow2 image (an overlay, or the reverted internal one).
+        let format_after = match snap.kind {
+            SnapKind::Reflink | SnapKind::Copy => snap.format,
+            SnapKind::Internal | SnapKind::External => Format::Qcow2,
+        };
         let plan = Plan {
             op: "vol.snapshot.revert".into(),
             summary: format!(
@@ -605,7 +648,10 @@ impl Engine {
             ),
             steps,
             pivot,
-            catalog: vec![catalog::put_volume(&rec)],
+            catalog: vec![
+                catalog::put_volume(&rec),
+                catalog::put_volformat(image, format_after),
+            ],
         };
         plan.check_paths()?;
         Ok((plan, snap))
@@ -622,7 +668,7 @@ impl Engine {
     /// parent's file, which keeps every guest-visible byte). With
     /// `children`: the whole subtree goes.
     pub fn plan_vol_delete(&self, req: &DeleteRequest) -> Result<(Plan, VolSnapshot, Vec<String>)> {
-        let vol = self.load_volume(&req.image)?;
+        let vol = self.load_volume(&req.image, None)?;
         let snap = vol.find(&req.name)?.clone();
         let image = &vol.image;
         check_writable(&parent_dir(image))?;
@@ -655,6 +701,13 @@ impl Engine {
             rec.current = snap.parent.clone();
         }
         ops.push(catalog::put_volume(&rec));
+        if doomed.len() < vol.snaps.len() {
+            ops.push(catalog::put_volformat(image, vol.format));
+        } else {
+            // No snapshot left: vsnap lets go of the image (its claim is
+            // removed after the plan), and of what it knew of its format.
+            ops.push(catalog::delete_volformat(image));
+        }
 
         let mut before = Vec::new();
         let mut after = Vec::new();
@@ -683,7 +736,13 @@ impl Engine {
                 let new_backing = match (info.backing, info.backing_format) {
                     (Some(b), Some(f)) => Some((b, f)),
                     (Some(b), None) => {
-                        let f = qemu_img::detect_format(&b).map_err(EngineError::Check)?;
+                        // Never probed: the format the catalog gives the
+                        // file, else raw (opening as raw follows nothing).
+                        let f = vol
+                            .snaps
+                            .iter()
+                            .find(|s| s.file.as_deref().is_some_and(|f| same_path(f, &b)))
+                            .map_or(Format::Raw, |s| s.format);
                         Some((b, f))
                     }
                     (None, _) => None,

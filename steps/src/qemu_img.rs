@@ -206,8 +206,10 @@ fn parse_info(path: &Path, stdout: &[u8]) -> StepResult<ImageInfo> {
 }
 
 /// The format from the first 4 bytes: `QFI\xfb` is qcow2, anything else
-/// (including a file shorter than 4 bytes) raw. Never asks qemu to probe:
-/// a guest can write a qcow2 header into a raw disk.
+/// (including a file shorter than 4 bytes) raw. For tests and diagnostics
+/// only: vsnap never decides an image's format from its bytes, which a
+/// guest writes into a raw disk (`vsnap-engine`'s `image.rs` says where
+/// the format comes from).
 pub fn detect_format(path: &Path) -> StepResult<Format> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| crate::fsops::io_err("open", path, e))?;
