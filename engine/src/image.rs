@@ -281,3 +281,85 @@ pub fn release(j: &Journal, image: &Path) {
 pub fn assumed_format(path: &Path) -> Format {
     first_seen(path).unwrap_or(Format::Raw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn first_seen_needs_name_and_bytes_to_agree() {
+        let d = tempfile::tempdir().unwrap();
+        let hdr = b"QFI\xfb\0\0\0\x03rest of a header";
+        assert_eq!(
+            first_seen(&file(d.path(), "a.qcow2", hdr)).unwrap(),
+            Format::Qcow2
+        );
+        assert_eq!(
+            first_seen(&file(d.path(), "a.QCOW2", hdr)).unwrap(),
+            Format::Qcow2
+        );
+        assert_eq!(
+            first_seen(&file(d.path(), "r.img", b"\0\0\0\0guest data")).unwrap(),
+            Format::Raw
+        );
+        assert_eq!(
+            first_seen(&file(d.path(), "short", b"QF")).unwrap(),
+            Format::Raw
+        );
+        // The bytes alone never make qcow2; a name alone does not either.
+        assert!(matches!(
+            first_seen(&file(d.path(), "r.img", hdr)),
+            Err(EngineError::FormatUnknown { .. })
+        ));
+        assert!(matches!(
+            first_seen(&file(d.path(), "b.qcow2", b"\0\0\0\0")),
+            Err(EngineError::FormatUnknown { .. })
+        ));
+        // Checks read an unknown file as raw where the rule cannot say.
+        assert_eq!(assumed_format(&d.path().join("r.img")), Format::Raw);
+    }
+
+    #[test]
+    fn claim_text_round_trips_and_rejects_others() {
+        let dir = Path::new("/var/lib/vsnap:odd name");
+        let t = claim_text(dir, "00ff");
+        assert_eq!(
+            parse_claim(t.as_os_str().as_bytes()),
+            Some((dir.to_path_buf(), "00ff".to_string()))
+        );
+        for bad in [
+            &b""[..],
+            b"vsnap-owner:1:",
+            b"vsnap-owner:1:id",
+            b"vsnap-owner:2:a:/x",
+            b"/etc/passwd",
+        ] {
+            assert_eq!(parse_claim(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(is_claim(".vsnap-owner.a.qcow2"));
+        assert!(!is_claim(".vsnap-owner."));
+        assert!(!is_claim(".vsnap-1234.a.qcow2.tmp"));
+        assert_eq!(
+            claim_path(Path::new("/vm/a.qcow2")),
+            Path::new("/vm/.vsnap-owner.a.qcow2")
+        );
+    }
+
+    #[test]
+    fn a_second_link_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let a = file(d.path(), "a.img", b"x");
+        check_links(&a).unwrap();
+        std::fs::hard_link(&a, d.path().join("b.img")).unwrap();
+        assert!(matches!(
+            check_links(&a),
+            Err(EngineError::HardLinked { links: 2, .. })
+        ));
+    }
+}
