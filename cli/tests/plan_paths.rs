@@ -288,3 +288,283 @@ fn a_step_after_the_pivot_that_fails_exits_1_saying_the_change_is_committed() {
         .expect_code(1)
         .stdout_has(&["needs-attention", "by hand"]);
 }
+
+// ------------------------------------------------- item: loops and deep chains
+
+/// `cmd` of `program` (`qemu-img`), which must succeed.
+fn must(program: &str, args: &[&str]) {
+    Out::from_command(program, args).ok();
+}
+
+/// `vsnap --state-dir STATE args`, killed (and the test failed) after 30 s.
+fn vsnap_deadline(fx: &Fx, args: &[&str]) -> Out {
+    let mut a = vec!["--state-dir", p(&fx.state)];
+    a.extend_from_slice(args);
+    let (out, took) = run_with_deadline(VSNAP, &a, std::time::Duration::from_secs(30));
+    assert!(took.as_secs() < 10, "{args:?} took {took:?}");
+    out
+}
+
+#[test]
+fn a_backing_loop_is_found_at_once_and_named() {
+    let fx = Fx::new("pp-loop");
+    let a = fx.work.join("a.qcow2");
+    let b = fx.work.join("b.qcow2");
+    qemu_img_create(&b, "qcow2", MIB);
+    must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&b),
+            "-F",
+            "qcow2",
+            p(&a),
+        ],
+    );
+    // a -> b -> a
+    must(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&a),
+            "-F",
+            "qcow2",
+            p(&b),
+        ],
+    );
+    let o = vsnap_deadline(&fx, &["vol", "check", p(&a)]);
+    o.expect_code(1)
+        .stdout_has(&["backing-file loop", p(&a), p(&b)]);
+    assert!(!o.stdout.contains("in use"), "{o:?}");
+    for kind in ["external", "internal", "copy"] {
+        let before = fx.world(&[]);
+        let o = vsnap_deadline(
+            &fx,
+            &["vol", "snapshot", "create", p(&a), "s1", "--kind", kind],
+        );
+        o.expect_code(2)
+            .stderr_has(&["backing-file loop", p(&a), p(&b), "rebase -u"]);
+        assert!(!o.stderr.contains("in use"), "{o:?}");
+        assert_unchanged(&before, &fx.world(&[]));
+    }
+    // a domain on it is refused when defined
+    fx.define("lp", &[("vda", &a, "qcow2")])
+        .expect_code(2)
+        .stderr_has(&["vda", "backing-file loop"]);
+}
+
+#[test]
+fn a_chain_deeper_than_the_limit_is_refused_at_once() {
+    let fx = Fx::new("pp-deep");
+    // 257 files: base plus 256 overlays (`-u`: qemu-img does not open the
+    // chain while making it)
+    let mut prev = fx.work.join("c0.qcow2");
+    qemu_img_create(&prev, "qcow2", MIB);
+    for i in 1..=256 {
+        let next = fx.work.join(format!("c{i}.qcow2"));
+        must(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                p(&prev),
+                "-F",
+                "qcow2",
+                p(&next),
+                "1M",
+            ],
+        );
+        prev = next;
+    }
+    let top = prev;
+    let o = vsnap_deadline(&fx, &["vol", "check", p(&top)]);
+    o.expect_code(1).stdout_has(&["longer than 256"]);
+    let before = fx.world(&[]);
+    vsnap_deadline(
+        &fx,
+        &[
+            "vol",
+            "snapshot",
+            "create",
+            p(&top),
+            "s1",
+            "--kind",
+            "external",
+        ],
+    )
+    .expect_code(2)
+    .stderr_has(&["longer than 256", p(&top)]);
+    assert_unchanged(&before, &fx.world(&[]));
+    // one file less (256): fine to use, but an external snapshot would
+    // make it 257
+    let c255 = fx.work.join("c255.qcow2");
+    vsnap_deadline(
+        &fx,
+        &[
+            "vol",
+            "snapshot",
+            "create",
+            p(&c255),
+            "e1",
+            "--kind",
+            "external",
+        ],
+    )
+    .expect_code(2)
+    .stderr_has(&["longer than 256"]);
+    vsnap_deadline(&fx, &["vol", "snapshot", "create", p(&c255), "i1"]).ok();
+}
+
+// ------------------------------------------------- item: block-device disks
+
+/// A loop device over a file, detached on drop.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn attach(file: &Path) -> LoopDev {
+        let o = Out::from_command("losetup", &["-f", "--show", p(file)]);
+        o.ok();
+        LoopDev(o.stdout.trim().to_string())
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_block_device_disk_gets_no_overlay_in_dev() {
+    let fx = Fx::new("pp-blockdev");
+    let backing = fx.work.join("blk.raw");
+    qemu_img_create(&backing, "raw", 4 * MIB);
+    qemu_io_write(&backing, "raw", 0, 4096, 0x77);
+    let dev = LoopDev::attach(&backing);
+    let xml = fx.work.join("bd.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain><name>bd</name><devices><disk type='block' device='disk'>\
+             <driver name='qemu' type='raw'/><source dev='{}'/><target dev='vda'/>\
+             </disk></devices></domain>",
+            dev.0
+        ),
+    )
+    .unwrap();
+    fx.vsnap(&["domain", "define", p(&xml)]).ok();
+    std::fs::remove_file(&xml).unwrap();
+    let default = format!("{}.s1.qcow2", dev.0);
+    fx.refused(
+        &[],
+        &["snapshot", "create", "bd", "s1"],
+        &["vda", &dev.0, "block device", "--disk vda=external:PATH"],
+    );
+    assert!(
+        !Path::new(&default).exists(),
+        "an overlay in /dev: {default}"
+    );
+    fx.refused(
+        &[],
+        &["snapshot", "create", "bd", "s1", "--disk", "vda=reflink"],
+        &["vda", "block device"],
+    );
+    // an explicit PATH on a filesystem is accepted
+    let ov = fx.work.join("bd.s1.qcow2");
+    fx.vsnap(&[
+        "snapshot",
+        "create",
+        "bd",
+        "s1",
+        "--disk",
+        &format!("vda=external:{}", ov.display()),
+    ])
+    .ok();
+    assert!(qemu_io_reads(&ov, "qcow2", 0, 4096, 0x77));
+    fx.vsnap(&["domain", "check", "bd"]).ok();
+    fx.vsnap(&["domain", "dumpxml", "bd"]).ok();
+}
+
+// ------------------------------------------------- item: smaller ones
+
+#[test]
+fn a_file_named_like_a_temporary_is_refused() {
+    let fx = Fx::new("pp-tempname");
+    let img = fx.work.join("r.img");
+    qemu_img_create(&img, "raw", MIB);
+    let f = fx.work.join(".vsnap-mine.tmp");
+    fx.refused(
+        &[&img],
+        &[
+            "vol",
+            "snapshot",
+            "create",
+            p(&img),
+            "s1",
+            "--kind",
+            "copy",
+            "--file",
+            p(&f),
+        ],
+        &[".vsnap-mine.tmp", "temporary", "another name"],
+    );
+    fx.define("t", &[("vda", &img, "raw")]).ok();
+    fx.refused(
+        &[&img],
+        &[
+            "snapshot",
+            "create",
+            "t",
+            "s1",
+            "--disk",
+            &format!("vda=external:{}", f.display()),
+        ],
+        &[".vsnap-mine.tmp", "temporary"],
+    );
+    fx.vsnap(&["vol", "check", p(&img)]).ok();
+}
+
+#[test]
+fn domain_define_refuses_a_directory_dev_null_and_one_image_for_two_disks() {
+    let fx = Fx::new("pp-define");
+    let img = fx.work.join("a.qcow2");
+    qemu_img_create(&img, "qcow2", MIB);
+    let dir = fx.work.join("adir");
+    std::fs::create_dir(&dir).unwrap();
+    let before = fx.world(&[]);
+    fx.define("d1", &[("vda", &dir, "raw")])
+        .expect_code(2)
+        .stderr_has(&["vda", "directory", "image file"]);
+    fx.define("d2", &[("vda", Path::new("/dev/null"), "raw")])
+        .expect_code(2)
+        .stderr_has(&["vda", "/dev/null", "character device"]);
+    fx.define("d3", &[("vda", &img, "qcow2"), ("vdb", &img, "qcow2")])
+        .expect_code(2)
+        .stderr_has(&["vda", "vdb", "one image for two disks"]);
+    // the same image under another name (a hard link)
+    let other = fx.work.join("b.qcow2");
+    std::fs::hard_link(&img, &other).unwrap();
+    let before2 = fx.world(&[]);
+    fx.define("d4", &[("vda", &img, "qcow2"), ("vdb", &other, "qcow2")])
+        .expect_code(2)
+        .stderr_has(&["one image for two disks"]);
+    assert_unchanged(&before2, &fx.world(&[]));
+    std::fs::remove_file(&other).unwrap();
+    assert_unchanged(&before, &fx.world(&[]));
+    let list = fx.vsnap(&["--json", "domain", "list"]).ok().json();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use vsnap_steps::{fsops, qemu_img, Format};
+use vsnap_steps::{fsops, qemu_img, Format, StepError};
 
 /// What was seen on disk for one volume.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -79,6 +79,36 @@ fn check_image(f: &Path, fmt: Format, damage: &mut Vec<String>, notes: &mut Vec<
     }
 }
 
+/// Walk the backing chain of each of `files` natively
+/// ([`qemu_img::backing_chain`]); a loop or a chain over the depth limit
+/// goes to `damage` (once each). Whether any was found.
+fn chain_trouble(files: &[(PathBuf, Format)], damage: &mut Vec<String>) -> bool {
+    let mut loops: Vec<Vec<PathBuf>> = Vec::new();
+    let mut found = false;
+    for (f, fmt) in files {
+        let e = match qemu_img::backing_chain(f, *fmt) {
+            Err(e @ (StepError::BackingLoop { .. } | StepError::ChainTooDeep { .. })) => e,
+            _ => continue,
+        };
+        found = true;
+        if let StepError::BackingLoop { files } = &e {
+            // one line per loop, whichever of its files it was entered from
+            let mut members: Vec<PathBuf> = files.iter().map(|x| canon(x)).collect();
+            members.sort();
+            members.dedup();
+            if loops.contains(&members) {
+                continue;
+            }
+            loops.push(members);
+        }
+        let line = e.to_string();
+        if !damage.contains(&line) {
+            damage.push(line);
+        }
+    }
+    found
+}
+
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
@@ -116,6 +146,10 @@ pub fn observe(image: &Path, image_format: Format, snaps: &[VolSnapshot]) -> Obs
             }
         }
     }
+    // A backing loop or an over-deep chain, found natively first: reported
+    // at once, and then no qemu-img opens any of these chains (QEMU opens
+    // a chain recursively: a loop kept `qemu-img check` busy for minutes).
+    let bad_chain = chain_trouble(&to_inspect, &mut o.damage);
     // Walk every chain: each file readable, checked, its backing present.
     let mut seen = BTreeSet::new();
     while let Some((f, fmt)) = to_inspect.pop() {
@@ -147,7 +181,7 @@ pub fn observe(image: &Path, image_format: Format, snaps: &[VolSnapshot]) -> Obs
             }
             Err(e) => o.damage.push(format!("{}: {e}", f.display())),
         }
-        if fmt == Format::Qcow2 && check_image(&f, fmt, &mut o.damage, &mut o.notes) {
+        if !bad_chain && fmt == Format::Qcow2 && check_image(&f, fmt, &mut o.damage, &mut o.notes) {
             o.in_use.push(f.clone());
         }
     }
@@ -475,15 +509,34 @@ pub fn observe_domain(
             }
         }
     }
+    // An image is a regular file, or a block device (`<disk type='block'>`).
+    let is_image = |f: &Path| {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(f).is_ok_and(|m| m.is_file() || m.file_type().is_block_device())
+    };
+    let listed: Vec<(PathBuf, Format)> = files
+        .iter()
+        .filter(|f| is_image(f))
+        .map(|f| {
+            let fmt = formats
+                .get(f)
+                .copied()
+                .unwrap_or_else(|| crate::image::assumed_format(f));
+            (f.clone(), fmt)
+        })
+        .collect();
+    let bad_chain = chain_trouble(&listed, &mut o.damage);
     for f in &files {
-        if f.is_file() {
-            o.existing.insert(f.clone());
-        }
-        if let Some(p) = f.parent() {
-            dirs.insert(p.to_path_buf());
-        }
-        if !f.is_file() {
+        if !is_image(f) {
+            if let Some(p) = f.parent() {
+                dirs.insert(p.to_path_buf());
+            }
             continue;
+        }
+        o.existing.insert(f.clone());
+        // (a block device's directory, /dev, holds no file of vsnap's)
+        if let (true, Some(p)) = (f.is_file(), f.parent()) {
+            dirs.insert(p.to_path_buf());
         }
         let fmt = formats
             .get(f)
@@ -513,7 +566,7 @@ pub fn observe_domain(
             }
             Err(e) => o.damage.push(format!("{}: {e}", f.display())),
         }
-        if !live && fmt == Format::Qcow2 {
+        if !live && !bad_chain && fmt == Format::Qcow2 {
             check_image(f, fmt, &mut o.damage, &mut o.notes);
         }
     }

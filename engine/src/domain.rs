@@ -103,6 +103,13 @@ fn parse_format(s: &str, what: &str) -> Result<Format> {
 
 /// Parse the `<domain>` subset. Unknown elements are left alone.
 pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
+    Ok(parse_domain_xml_typed(text)?.0)
+}
+
+/// [`parse_domain_xml`], and for each disk whether the XML says it is a
+/// block device (`<disk type='block'>` or `<source dev=...>`).
+fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<bool>)> {
+    let mut blocks = Vec::new();
     let root = xmltree::parse(text)?;
     if root.name != "domain" {
         return Err(EngineError::Xml(format!(
@@ -131,6 +138,10 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
                 continue; // cdrom, floppy: nothing to snapshot
             }
             d.disks.push(parse_disk(disk)?);
+            blocks.push(
+                disk.attr("type") == Some("block")
+                    || disk.child("source").and_then(|s| s.attr("dev")).is_some(),
+            );
         }
         for ch in devices.children_named("channel") {
             ch.only_one(&["target", "source"])?;
@@ -158,7 +169,7 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
             )));
         }
     }
-    Ok(d)
+    Ok((d, blocks))
 }
 
 fn parse_disk(disk: &Element) -> Result<DomDisk> {
@@ -216,13 +227,20 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
     }
     x.push_str("  <devices>\n");
     for disk in &d.disks {
-        x.push_str("    <disk type='file' device='disk'>\n");
+        use std::os::unix::fs::FileTypeExt;
+        let block = std::fs::metadata(&disk.source).is_ok_and(|m| m.file_type().is_block_device());
+        let (ty, attr) = if block {
+            ("block", "dev")
+        } else {
+            ("file", "file")
+        };
+        x.push_str(&format!("    <disk type='{ty}' device='disk'>\n"));
         x.push_str(&format!(
             "      <driver name='qemu' type='{}'/>\n",
             disk.format
         ));
         x.push_str(&format!(
-            "      <source file='{}'/>\n",
+            "      <source {attr}='{}'/>\n",
             esc(&disk.source.to_string_lossy())
         ));
         x.push_str(&format!("      <target dev='{}'/>\n", esc(&disk.target)));
@@ -308,7 +326,7 @@ impl Engine {
     /// Define a domain from `<domain>` XML; `qmp` overrides the metadata.
     pub fn domain_define(&self, xml: &str, qmp: Option<PathBuf>) -> Result<DomainRec> {
         let _g = self.lock_ops();
-        let mut d = parse_domain_xml(xml)?;
+        let (mut d, blocks) = parse_domain_xml_typed(xml)?;
         if qmp.is_some() {
             d.qmp = qmp;
         }
@@ -323,14 +341,55 @@ impl Engine {
                 d.name, d.name
             )));
         }
-        for disk in &d.disks {
-            if !disk.source.exists() {
-                return Err(EngineError::Invalid(format!(
+        let mut ids: Vec<((u64, u64), &str)> = Vec::new();
+        for (disk, &block) in d.disks.iter().zip(&blocks) {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            let meta = std::fs::metadata(&disk.source).map_err(|_| {
+                EngineError::Invalid(format!(
                     "disk {}: source {} does not exist; fix the <source> in the XML",
+                    disk.target,
+                    disk.source.display()
+                ))
+            })?;
+            let ft = meta.file_type();
+            let what = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_block_device() {
+                "a block device"
+            } else if ft.is_file() {
+                "a regular file"
+            } else {
+                "neither a file nor a block device"
+            };
+            if block && !ft.is_block_device() {
+                return Err(EngineError::Invalid(format!(
+                    "disk {}: <disk type='block'> names {}, which is {what}, not a block device; fix the <disk> in the XML",
                     disk.target,
                     disk.source.display()
                 )));
             }
+            if !block && !ft.is_file() {
+                return Err(EngineError::Invalid(format!(
+                    "disk {}: source {} is {what}, not a disk image file; a <disk type='file'> names an image file (a block device is <disk type='block'> with <source dev=...>)",
+                    disk.target,
+                    disk.source.display()
+                )));
+            }
+            let id = (meta.dev(), meta.ino());
+            if let Some((_, other)) = ids.iter().find(|(i, _)| *i == id) {
+                return Err(EngineError::Invalid(format!(
+                    "disks {other} and {} both name the image {} (one image for two disks); give each disk its own image",
+                    disk.target,
+                    disk.source.display()
+                )));
+            }
+            ids.push((id, &disk.target));
+            // A loop or an over-deep chain is refused now, not found by
+            // the first qemu-img that opens it.
+            vsnap_steps::qemu_img::backing_chain(&disk.source, disk.format)
+                .map_err(|e| EngineError::Invalid(format!("disk {}: {e}", disk.target)))?;
         }
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)

@@ -647,6 +647,36 @@ impl Engine {
                     c.source.display()
                 )));
             }
+            // A backing loop or an over-deep chain, found at once (natively)
+            // rather than by the first qemu-img that opens it.
+            qemu_img::backing_chain(&c.source, c.format)
+                .map_err(|e| EngineError::Invalid(format!("disk {}: {e}", c.target)))?;
+            let is_block = {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(&c.source).is_ok_and(|m| m.file_type().is_block_device())
+            };
+            match (c.mode, &c.overlay) {
+                (DiskMode::External, None) if is_block => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: its image {} is a block device, and the overlay's default place is beside it (in {}); \
+                         give the overlay a path on a filesystem with --disk {}=external:PATH",
+                        c.target,
+                        c.source.display(),
+                        c.source.parent().unwrap_or(Path::new("/")).display(),
+                        c.target
+                    )))
+                }
+                (DiskMode::Reflink, _) if is_block => {
+                    return Err(EngineError::Invalid(format!(
+                        "disk {}: its image {} is a block device, which cannot be cloned with a reflink; \
+                         use --disk {}=external:PATH with a path on a filesystem",
+                        c.target,
+                        c.source.display(),
+                        c.target
+                    )))
+                }
+                _ => {}
+            }
             match c.mode {
                 DiskMode::Internal if c.format != Format::Qcow2 => {
                     return Err(EngineError::Invalid(format!(
@@ -685,6 +715,12 @@ impl Engine {
                     )))
                 }
                 _ => {}
+            }
+            if let Some(p) = &c.overlay {
+                crate::volume::not_a_temp_name(
+                    p,
+                    &format!("--disk {}={}:PATH", c.target, c.mode.as_str()),
+                )?;
             }
             if c.mode == DiskMode::Reflink {
                 let dst = match &c.overlay {
@@ -795,6 +831,7 @@ impl Engine {
         }
 
         if let Some(mf) = &memory_file {
+            crate::volume::not_a_temp_name(mf, "--memory external:PATH")?;
             if std::fs::symlink_metadata(mf).is_ok() {
                 return Err(EngineError::Invalid(format!(
                     "memory file {} already exists; vsnap never overwrites a file it did not create: \

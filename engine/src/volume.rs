@@ -147,6 +147,7 @@ fn user_file(file: &Path) -> Result<PathBuf> {
     let name = abs
         .file_name()
         .ok_or_else(|| EngineError::Invalid(format!("--file {} names no file", file.display())))?;
+    not_a_temp_name(&abs, "--file")?;
     let dir = std::fs::canonicalize(parent_dir(&abs)).map_err(|e| {
         EngineError::Invalid(format!(
             "directory of --file {} is not usable: {e}",
@@ -154,6 +155,22 @@ fn user_file(file: &Path) -> Result<PathBuf> {
         ))
     })?;
     Ok(dir.join(name))
+}
+
+/// A file the user names (`--file`, `--disk T=external:PATH`, `--memory
+/// external:PATH`) must not look like vsnap's temporaries (`.vsnap-*.tmp`):
+/// `vol check` reports those as left behind, and recovery may remove them.
+pub(crate) fn not_a_temp_name(p: &Path, what: &str) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if p.file_name()
+        .is_some_and(|n| fsops::is_vsnap_temp_bytes(n.as_bytes()))
+    {
+        return Err(EngineError::Invalid(format!(
+            "{what} {}: names of the form .vsnap-*.tmp are vsnap's temporary files; choose another name",
+            p.display()
+        )));
+    }
+    Ok(())
 }
 
 /// External snapshots write a path into a qcow2 header (the overlay's
@@ -307,6 +324,9 @@ impl Engine {
         let format = crate::image::format_of(self.journal(), &image, stated)?;
         // Not force-shared: InUse while a QEMU holds the image (its locks).
         let info = qemu_img::image_info(&image, format, false).map_err(EngineError::Check)?;
+        // A backing loop or an over-deep chain, found natively and at once,
+        // before any qemu-img opens the chain.
+        qemu_img::backing_chain(&image, format).map_err(EngineError::Check)?;
         let j = self.journal();
         let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec {
             path: image.clone(),
@@ -415,6 +435,16 @@ impl Engine {
                 ]
             }
             SnapKind::External => {
+                if qemu_img::backing_chain(image, vol.format)
+                    .map_err(EngineError::Check)?
+                    .len()
+                    >= qemu_img::MAX_CHAIN_DEPTH
+                {
+                    return Err(EngineError::Check(vsnap_steps::StepError::ChainTooDeep {
+                        path: image.clone(),
+                        limit: qemu_img::MAX_CHAIN_DEPTH,
+                    }));
+                }
                 let file = match &req.file {
                     Some(f) => user_file(f)?,
                     None => default_file(image, &name, vol.format),

@@ -103,6 +103,14 @@ pub enum StepError {
     ReflinkUnsupported { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// A backing chain that comes back to one of its own files
+    /// ([`crate::qemu_img::backing_chain`]): `files` from the first file of
+    /// the loop round to it again.
+    #[error("backing-file loop: {} (each file is backed by the next); no program can open these images: fix the backing file names (`qemu-img rebase -u`) first", display_chain(.files))]
+    BackingLoop { files: Vec<PathBuf> },
+    /// A backing chain longer than [`crate::qemu_img::MAX_CHAIN_DEPTH`] files.
+    #[error("the backing chain of {} is longer than {limit} files, vsnap's limit; shorten it first (`qemu-img commit` or a safe `qemu-img rebase` of its files)", .path.display())]
+    ChainTooDeep { path: PathBuf, limit: usize },
     /// Another process holds the image's lock (qemu-img/qemu-io said
     /// "Failed to get ... lock").
     #[error("image {path} is in use by another process (a running QEMU?); stop it or use the live domain commands")]
@@ -182,6 +190,14 @@ pub enum StepError {
 }
 
 pub type StepResult<T> = Result<T, StepError>;
+
+fn display_chain(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
 
 /// Progress of a long step, reported through [`Cx::progress`].
 #[derive(Clone, Debug)]
