@@ -799,6 +799,9 @@ impl Engine {
                 // Offline: the image must not be held by some QEMU we do not know of.
                 let info =
                     qemu_img::image_info(&c.source, c.format, false).map_err(EngineError::Check)?;
+                if c.format == Format::Qcow2 {
+                    qemu_img::refuse_damaged(&c.source).map_err(EngineError::Check)?;
+                }
                 if info.snapshots.contains(&name) {
                     return Err(EngineError::Invalid(format!(
                         "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",

@@ -38,6 +38,16 @@ pub enum EngineError {
         #[source]
         source: StepError,
     },
+    /// As [`EngineError::Step`], and the rollback repaired what the
+    /// failed step's tool left (leaked clusters of a cut-short qemu-img):
+    /// `detail` is the step's error and what was repaired.
+    #[error("plan {plan}: step {index} ({step}) failed: {}; the plan was rolled back and {}", .detail.0, .detail.1)]
+    StepRepaired {
+        plan: u64,
+        index: u32,
+        step: &'static str,
+        detail: Box<(StepError, String)>,
+    },
     #[error(transparent)]
     Check(StepError),
     /// A step after the pivot failed: the change is committed (this is

@@ -286,8 +286,8 @@ pub fn run(j: &Journal, plan: &Plan, cx: &Cx) -> Result<PlanId> {
             // The pivot has no undo: it reaches here only when its probe
             // said it did not happen.
             let undo: Vec<u32> = (0..=i).rev().filter(|&k| k != plan.pivot).collect();
-            rollback(j, w.id(), plan, &undo, false, cx)?;
-            Err(err)
+            let notes = rollback(j, w.id(), plan, &undo, false, cx)?;
+            Err(with_repairs(err, notes))
         }
         Err(Forward::Fatal(err)) => Err(err),
     }
@@ -422,7 +422,26 @@ fn retry_after_pivot(
     }))
 }
 
+/// A step's error, and what its rollback had to repair, said in one.
+fn with_repairs(err: EngineError, notes: Vec<String>) -> EngineError {
+    match err {
+        EngineError::Step {
+            plan,
+            index,
+            step,
+            source,
+        } if !notes.is_empty() => EngineError::StepRepaired {
+            plan,
+            index,
+            step,
+            detail: Box::new((source, notes.join("; "))),
+        },
+        e => e,
+    }
+}
+
 /// Undo `undo` (newest first), journaling each, then `Finished(RolledBack)`.
+/// Returns what the undos repaired besides (see [`Step::undo_noted`]).
 fn rollback(
     j: &Journal,
     id: PlanId,
@@ -430,14 +449,19 @@ fn rollback(
     undo: &[u32],
     already: bool,
     cx: &Cx,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
     if !already {
         j.append(id, Record::RollingBack)?;
         failpoint::hit("rollback.begun");
     }
     for &i in undo {
         let step = &plan.steps[i as usize];
-        if let Err(e) = step.undo(cx) {
+        let undone = step.undo_noted(cx);
+        if let Ok(Some(note)) = &undone {
+            notes.push(note.clone());
+        }
+        if let Err(e) = undone {
             let reason = format!(
                 "rolling back, the undo of step {i} ({}) failed: {e}; nothing else was removed; \
                  fix the cause and undo the remaining steps by hand, newest first (`vsnap plan show {id}` lists them)",
@@ -450,7 +474,7 @@ fn rollback(
     }
     j.append(id, Record::Finished(Outcome::RolledBack))?;
     failpoint::hit("rollback.finished");
-    Ok(())
+    Ok(notes)
 }
 
 /// What recovery would do (or did) with one unfinished plan.
@@ -507,7 +531,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                     report.detail = reason.clone();
                     return Ok(report);
                 }
-                r?;
+                for note in r? {
+                    report.detail.push_str("; ");
+                    report.detail.push_str(&note);
+                }
             }
         }
         Decision::RollForward { from } => {

@@ -327,6 +327,13 @@ impl Engine {
         // A backing loop or an over-deep chain, found natively and at once,
         // before any qemu-img opens the chain.
         qemu_img::backing_chain(&image, format).map_err(EngineError::Check)?;
+        if format == Format::Qcow2 {
+            // A damaged image is refused before anything is touched:
+            // qemu-img would write into it, mark it corrupt, and fail
+            // half-way. Native and cheap (the header, the L1 and refcount
+            // tables); the walk of every table is `qemu-img check`'s.
+            qemu_img::refuse_damaged(&image).map_err(EngineError::Check)?;
+        }
         let j = self.journal();
         let rec = catalog::volume(j, &image)?.unwrap_or(VolumeRec {
             path: image.clone(),
@@ -383,6 +390,26 @@ impl Engine {
                 kind.family(),
                 other.kind
             )));
+        }
+        // Internal snapshots vsnap did not make count too: the image holds
+        // them whatever the catalog says.
+        if kind.family() != SnapKind::Internal.family() {
+            if let Some(foreign) = vol
+                .info
+                .snapshots
+                .iter()
+                .find(|n| !vol.snaps.iter().any(|s| &s.name == *n))
+            {
+                return Err(EngineError::Invalid(format!(
+                    "qcow2 image {} holds {} internal snapshot(s) that vsnap did not make (e.g. {foreign:?}); \
+                     vsnap does not mix internal snapshots with {} snapshots on one volume (an external \
+                     snapshot would freeze them inside its file, a whole-file one would copy them along \
+                     unlisted): use --kind internal, or delete them first (`qemu-img snapshot -l` lists them)",
+                    vol.image.display(),
+                    vol.info.snapshots.len(),
+                    kind.family()
+                )));
+            }
         }
         let image = &vol.image;
         let tag = temp_tag();

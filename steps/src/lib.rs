@@ -111,6 +111,10 @@ pub enum StepError {
     /// A backing chain longer than [`crate::qemu_img::MAX_CHAIN_DEPTH`] files.
     #[error("the backing chain of {} is longer than {limit} files, vsnap's limit; shorten it first (`qemu-img commit` or a safe `qemu-img rebase` of its files)", .path.display())]
     ChainTooDeep { path: PathBuf, limit: usize },
+    /// A qcow2 image whose metadata is damaged (the native check,
+    /// [`crate::qemu_img::damage`], or what qemu-img left behind).
+    #[error("qcow2 image {} is damaged: {problems}; vsnap does not work on a damaged image: back it up (`cp --sparse=always`), then repair it with `qemu-img check -r all -f qcow2 {}` and check the guest's data", .path.display(), .path.display())]
+    Damaged { path: PathBuf, problems: String },
     /// Another process holds the image's lock (qemu-img/qemu-io said
     /// "Failed to get ... lock").
     #[error("image {path} is in use by another process (a running QEMU?); stop it or use the live domain commands")]

@@ -33,6 +33,29 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// Internal snapshot names, in table order.
     pub snapshots: Vec<String>,
+    /// Internal snapshot IDs (qcow2's `id_str`), in table order: the
+    /// entry of `snapshots[i]` has ID `snapshot_ids[i]`.
+    pub snapshot_ids: Vec<String>,
+    /// Incompatible feature bits (0 for version 2): bit 0 dirty, bit 1
+    /// corrupt.
+    pub incompatible: u64,
+    /// Compatible feature bits (0 for version 2): bit 0 lazy refcounts.
+    pub compatible: u64,
+    /// Where the metadata tables are, as the header says (sanity-checked
+    /// by [`damage`], not by [`read`]).
+    pub tables: Tables,
+}
+
+/// The header's pointers to the active L1 table and the refcount table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tables {
+    pub cluster_bits: u32,
+    pub l1_size: u32,
+    pub l1_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    /// log2 of the refcount width in bits (4 for version 2).
+    pub refcount_order: u32,
 }
 
 /// The image is not one this reader handles; ask qemu-img.
@@ -48,8 +71,16 @@ impl std::fmt::Display for Unsupported {
 const MAGIC: &[u8; 4] = b"QFI\xfb";
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// Incompatible feature bit 0: refcounts may be stale (lazy refcounts,
+/// image not closed cleanly).
+pub const INCOMPAT_DIRTY: u64 = 1;
+/// Incompatible feature bit 1: QEMU found the metadata corrupt and marked
+/// the image so (it then opens it read-only only).
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
 /// Incompatible feature bit 2: guest data lives in an external file.
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+/// Compatible feature bit 0: lazy refcounts.
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// QEMU's own limits (block/qcow2.h): beyond them QEMU refuses the image.
 const MAX_SNAPSHOTS: u32 = 65_536;
 const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
@@ -106,11 +137,24 @@ pub fn read_file(f: &File) -> Result<Header, Unsupported> {
     if crypt != 0 {
         return Err(Unsupported("encrypted image".into()));
     }
-    let (header_len, incompat) = if version == 3 {
+    let (header_len, incompat, compat, refcount_order) = if version == 3 {
         let v3 = read_at(f, 72, 32, "version 3 header")?;
-        (u64::from(be32(&v3, 28)), be64(&v3, 0))
+        (
+            u64::from(be32(&v3, 28)),
+            be64(&v3, 0),
+            be64(&v3, 8),
+            be32(&v3, 24),
+        )
     } else {
-        (72, 0)
+        (72, 0, 0, 4)
+    };
+    let tables = Tables {
+        cluster_bits,
+        l1_size: be32(&h, 36),
+        l1_offset: be64(&h, 40),
+        refcount_table_offset: be64(&h, 48),
+        refcount_table_clusters: be32(&h, 56),
+        refcount_order,
     };
     if incompat & INCOMPAT_DATA_FILE != 0 {
         return Err(Unsupported("external data file".into()));
@@ -161,17 +205,24 @@ pub fn read_file(f: &File) -> Result<Header, Unsupported> {
         Some(String::from_utf8_lossy(&b).into_owned())
     };
 
-    let snapshots = read_snapshot_table(f, nb_snapshots, snapshots_off)?;
+    let (snapshot_ids, snapshots) = read_snapshot_table(f, nb_snapshots, snapshots_off)?
+        .into_iter()
+        .unzip();
     Ok(Header {
         version,
         virtual_size,
         backing,
         backing_format,
         snapshots,
+        snapshot_ids,
+        incompatible: incompat,
+        compatible: compat,
+        tables,
     })
 }
 
-fn read_snapshot_table(f: &File, n: u32, off: u64) -> Result<Vec<String>, Unsupported> {
+/// `(id, name)` of every snapshot table entry, in table order.
+fn read_snapshot_table(f: &File, n: u32, off: u64) -> Result<Vec<(String, String)>, Unsupported> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -211,12 +262,157 @@ fn read_snapshot_table(f: &File, n: u32, off: u64) -> Result<Vec<String>, Unsupp
                 want = (want * 2).min(MAX_SNAPSHOT_TABLE);
                 continue 'again;
             }
-            let name_at = at + 40 + extra + id_len;
-            names.push(String::from_utf8_lossy(&t[name_at..name_at + name_len]).into_owned());
+            let id_at = at + 40 + extra;
+            let name_at = id_at + id_len;
+            names.push((
+                String::from_utf8_lossy(&t[id_at..name_at]).into_owned(),
+                String::from_utf8_lossy(&t[name_at..name_at + name_len]).into_owned(),
+            ));
             at = end.div_ceil(8) * 8;
         }
         return Ok(names);
     }
+}
+
+/// Bits of an L1 entry that hold the L2 table's offset.
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits of an L1 entry that must be zero (1-8, 56-62).
+const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01fe;
+/// Bits of a refcount table entry that hold the block's offset.
+const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// QEMU's limit on the L1 table (block/qcow2.h: QCOW_MAX_L1_SIZE).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Tables larger than this are checked for bounds but their entries are
+/// not read (the check stays cheap on any image).
+const MAX_TABLE_READ: u64 = 8 << 20;
+
+/// What is wrong with the image's metadata, as far as the header, the L1
+/// table and the refcount table tell without walking every L2 table or
+/// refcount block (that is `qemu-img check`): the corrupt bit QEMU sets
+/// when it finds inconsistent metadata, the dirty bit of an image with
+/// lazy refcounts that was not closed cleanly, tables that are misaligned
+/// or lie outside the file, table entries that do. Empty: nothing found.
+/// One pread per table; no process started.
+pub fn damage(f: &File, h: &Header) -> Vec<String> {
+    let mut out = Vec::new();
+    if h.incompatible & INCOMPAT_CORRUPT != 0 {
+        out.push("QEMU marked it corrupt (the corrupt bit of its header is set): its metadata is inconsistent".to_string());
+    }
+    if h.incompatible & INCOMPAT_DIRTY != 0 {
+        out.push("it was not closed cleanly (the dirty bit is set, lazy refcounts): its refcounts are stale".to_string());
+    }
+    let len = match file_len(f) {
+        Ok(l) => l,
+        Err(e) => {
+            out.push(e.0);
+            return out;
+        }
+    };
+    let t = &h.tables;
+    let cluster = 1u64 << t.cluster_bits;
+    let aligned = |off: u64| off & (cluster - 1) == 0;
+    // The active L1 table.
+    let l1_bytes = u64::from(t.l1_size) * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        out.push(format!(
+            "its L1 table has {} entries, more than QEMU allows",
+            t.l1_size
+        ));
+    } else if t.l1_size > 0 {
+        if !aligned(t.l1_offset) || t.l1_offset == 0 {
+            out.push(format!(
+                "its L1 table offset {:#x} is not a cluster boundary",
+                t.l1_offset
+            ));
+        } else if t.l1_offset.saturating_add(l1_bytes) > len {
+            out.push(format!(
+                "its L1 table ({} bytes at {:#x}) runs past the end of the file ({len} bytes)",
+                l1_bytes, t.l1_offset
+            ));
+        } else if l1_bytes <= MAX_TABLE_READ {
+            match read_at(f, t.l1_offset, l1_bytes, "L1 table") {
+                Err(e) => out.push(e.0),
+                Ok(l1) => {
+                    for i in 0..t.l1_size as usize {
+                        let e = be64(&l1, i * 8);
+                        let off = e & L1E_OFFSET_MASK;
+                        if e & L1E_RESERVED_MASK != 0 {
+                            out.push(format!("L1 entry {i} ({e:#018x}) has reserved bits set"));
+                        } else if off != 0 && (!aligned(off) || off >= len) {
+                            out.push(format!(
+                                "L1 entry {i} points at {off:#x}, {}",
+                                if aligned(off) {
+                                    "past the end of the file"
+                                } else {
+                                    "not a cluster boundary"
+                                }
+                            ));
+                        }
+                        if out.len() > 8 {
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The refcount table.
+    let rt_bytes = u64::from(t.refcount_table_clusters) * cluster;
+    if t.refcount_table_clusters == 0
+        || t.refcount_table_offset == 0
+        || !aligned(t.refcount_table_offset)
+    {
+        out.push(format!(
+            "its refcount table ({} cluster(s) at {:#x}) is missing or not on a cluster boundary",
+            t.refcount_table_clusters, t.refcount_table_offset
+        ));
+    } else if t.refcount_table_offset.saturating_add(rt_bytes) > len {
+        out.push(format!(
+            "its refcount table ({rt_bytes} bytes at {:#x}) runs past the end of the file ({len} bytes)",
+            t.refcount_table_offset
+        ));
+    } else if rt_bytes <= MAX_TABLE_READ {
+        match read_at(f, t.refcount_table_offset, rt_bytes, "refcount table") {
+            Err(e) => out.push(e.0),
+            Ok(rt) => {
+                let mut first = true;
+                for i in 0..(rt_bytes / 8) as usize {
+                    let e = be64(&rt, i * 8);
+                    let off = e & REFT_OFFSET_MASK;
+                    if first && off == 0 {
+                        // The first block counts the header's own cluster.
+                        out.push("its refcount table has no first refcount block".to_string());
+                    } else if first
+                        && aligned(off)
+                        && off < len
+                        && (3..=6).contains(&t.refcount_order)
+                    {
+                        // The header's cluster is in use: its refcount
+                        // (the block's first entry) cannot be 0.
+                        let width = 1u64 << (t.refcount_order - 3);
+                        match read_at(f, off, width, "first refcount block") {
+                            Err(e) => out.push(e.0),
+                            Ok(b) if b.iter().all(|&x| x == 0) => out.push(format!(
+                                "its first refcount block (at {off:#x}) gives the header's own cluster a refcount of 0"
+                            )),
+                            Ok(_) => {}
+                        }
+                    } else if e & !REFT_OFFSET_MASK != 0
+                        || (off != 0 && (!aligned(off) || off >= len))
+                    {
+                        out.push(format!(
+                            "refcount table entry {i} ({e:#018x}) is misaligned or points past the end of the file"
+                        ));
+                    }
+                    first = false;
+                    if out.len() > 8 {
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn file_len(f: &File) -> Result<u64, Unsupported> {
@@ -295,6 +491,7 @@ mod tests {
     fn reads_names_sizes_and_padding() {
         let h = parse(&image(&["a", "snapshot-two", "ü"], 24)).unwrap();
         assert_eq!(h.snapshots, ["a", "snapshot-two", "ü"]);
+        assert_eq!(h.snapshot_ids, ["1", "2", "3"]);
         assert_eq!(h.virtual_size, 1 << 30);
         assert_eq!(h.version, 3);
         assert_eq!(h.backing, None);

@@ -34,6 +34,9 @@ pub struct ImageInfo {
     pub backing_format: Option<Format>,
     /// Names of the internal snapshots (qcow2), in table order.
     pub snapshots: Vec<String>,
+    /// Their qcow2 IDs, in the same order (`snapshots[i]` has ID
+    /// `snapshot_ids[i]`).
+    pub snapshot_ids: Vec<String>,
 }
 
 /// Result of `qemu-img check`.
@@ -192,14 +195,14 @@ fn parse_info(path: &Path, stdout: &[u8]) -> StepResult<ImageInfo> {
         .get("backing-filename-format")
         .and_then(Value::as_str)
         .and_then(Format::parse);
-    let snapshots = v
+    let field = |s: &Value, k: &str| s.get(k).and_then(Value::as_str).map(String::from);
+    let (snapshot_ids, snapshots) = v
         .get("snapshots")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
-                .filter_map(|s| s.get("name").and_then(Value::as_str))
-                .map(String::from)
-                .collect()
+                .filter_map(|s| Some((field(s, "id")?, field(s, "name")?)))
+                .unzip()
         })
         .unwrap_or_default();
     Ok(ImageInfo {
@@ -208,6 +211,7 @@ fn parse_info(path: &Path, stdout: &[u8]) -> StepResult<ImageInfo> {
         backing,
         backing_format,
         snapshots,
+        snapshot_ids,
     })
 }
 
@@ -316,6 +320,7 @@ pub fn image_info(path: &Path, format: Format, force_share: bool) -> StepResult<
                 backing: None,
                 backing_format: None,
                 snapshots: Vec::new(),
+                snapshot_ids: Vec::new(),
             })
         }
         Format::Qcow2 => match crate::qcow2::read_file(&f) {
@@ -332,6 +337,7 @@ pub fn image_info(path: &Path, format: Format, force_share: bool) -> StepResult<
                 }),
                 backing_format: h.backing_format.as_deref().and_then(Format::parse),
                 snapshots: h.snapshots,
+                snapshot_ids: h.snapshot_ids,
             }),
             // A backing name with a protocol prefix (`json:`, `nbd:`) or
             // an image the reader does not handle: qemu-img knows.
@@ -396,6 +402,49 @@ pub fn backing_chain(path: &Path, format: Format) -> StepResult<Vec<(PathBuf, Fo
     }
 }
 
+/// What is wrong with the qcow2 image at `path`, read natively
+/// ([`crate::qcow2::damage`]: the corrupt and dirty bits, the L1 and
+/// refcount tables' bounds and entries); empty when nothing is, or when
+/// the reader does not handle the image (qemu-img then judges it).
+pub fn damage(path: &Path) -> StepResult<Vec<String>> {
+    let f = std::fs::File::open(path).map_err(|e| crate::fsops::io_err("open", path, e))?;
+    Ok(match crate::qcow2::read_file(&f) {
+        Ok(h) => crate::qcow2::damage(&f, &h),
+        Err(_) => Vec::new(),
+    })
+}
+
+/// [`StepError::Damaged`] when [`damage`] finds anything.
+pub fn refuse_damaged(path: &Path) -> StepResult<()> {
+    let problems = damage(path)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StepError::Damaged {
+            path: path.to_path_buf(),
+            problems: problems.join("; "),
+        })
+    }
+}
+
+/// `qemu-img check -r leaks|all -f qcow2 PATH` (repair), then a
+/// [`check`] of the result.
+pub fn repair(path: &Path, all: bool) -> StepResult<CheckReport> {
+    let p = path_arg(path);
+    let args: [&OsStr; 7] = [
+        "check".as_ref(),
+        "-q".as_ref(),
+        "-r".as_ref(),
+        if all { "all" } else { "leaks" }.as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        &p,
+    ];
+    // 2 and 3: corruptions or leaks remain (the check below says which).
+    run(QEMU_IMG, &args, path, &[2, 3])?;
+    check(path, Format::Qcow2)
+}
+
 /// What `qemu-img snapshot` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnapshotOp {
@@ -423,14 +472,75 @@ pub fn image_opts(path: &Path, format: Format) -> OsString {
     OsString::from_vec(spec)
 }
 
-/// `qemu-img snapshot -c|-a|-d NAME` on a qcow2 image. The format is given
+/// The qcow2 ID of the one internal snapshot named `name` in the qcow2
+/// image at `path` (read natively; `qemu-img info -U` for an image the
+/// reader does not handle); `None` when no snapshot has that name. More
+/// than one snapshot named `name`, or an ID that is empty or shared by
+/// several snapshots, is an error: qemu-img could take another one.
+pub fn snapshot_id(path: &Path, name: &str) -> StepResult<Option<String>> {
+    let info = image_info(path, Format::Qcow2, true)?;
+    let ambiguous = |why: String| StepError::Command {
+        program: QEMU_IMG.to_string(),
+        path: path.to_path_buf(),
+        message: format!(
+            "{why}; vsnap cannot tell which snapshot qemu-img would take and does not touch it: \
+             inspect the image with `qemu-img snapshot -l`"
+        ),
+    };
+    let mut found = info
+        .snapshots
+        .iter()
+        .zip(&info.snapshot_ids)
+        .filter(|(n, _)| *n == name)
+        .map(|(_, id)| id);
+    let Some(id) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(ambiguous(format!(
+            "the image holds more than one internal snapshot named {name:?}"
+        )));
+    }
+    let same_id = info.snapshot_ids.iter().filter(|i| *i == id).count();
+    if id.is_empty() || same_id > 1 {
+        return Err(ambiguous(format!(
+            "internal snapshot {name:?} has the ID {id:?}, which is empty or not unique"
+        )));
+    }
+    Ok(Some(id.clone()))
+}
+
+/// `qemu-img snapshot -c|-a|-d` on a qcow2 image. The format is given
 /// through `--image-opts` (older qemu-img snapshot has no `-f`, and a
 /// probed format is what we never allow).
+///
+/// **Snapshots are addressed so that no name can be read as an ID.**
+/// qemu-img 7.2 looks its argument up two ways: `-a X` (like QEMU's
+/// `loadvm`) takes the snapshot whose *ID* is `X` first and reads `X` as a
+/// name only when no ID matches, so `-a 1` on an image holding snapshots
+/// named `2` (ID 1) and `1` (ID 2) applies the one named `2`; `-d X` looks
+/// `X` up as a name only (`bdrv_snapshot_find`). So:
+/// * apply looks `name` up natively ([`snapshot_id`]) and hands qemu-img
+///   that snapshot's own ID, which the ID-first lookup finds exactly (IDs
+///   are checked unique);
+/// * delete hands qemu-img the name (checked unique), and checks after it
+///   that exactly that snapshot went: a qemu-img that read the name as an
+///   ID would be caught, not believed;
+/// * create takes `name` as the new snapshot's name, never a lookup.
 pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
-    let flag = match op {
-        SnapshotOp::Create => "-c",
-        SnapshotOp::Apply => "-a",
-        SnapshotOp::Delete => "-d",
+    let missing = || StepError::Command {
+        program: QEMU_IMG.to_string(),
+        path: path.to_path_buf(),
+        message: format!("no internal snapshot named {name:?} in the image"),
+    };
+    let (flag, arg, gone) = match op {
+        SnapshotOp::Create => ("-c", name.to_string(), None),
+        SnapshotOp::Apply => ("-a", snapshot_id(path, name)?.ok_or_else(missing)?, None),
+        SnapshotOp::Delete => {
+            let id = snapshot_id(path, name)?.ok_or_else(missing)?;
+            let before = image_info(path, Format::Qcow2, true)?.snapshot_ids;
+            ("-d", name.to_string(), Some((id, before)))
+        }
     };
     let spec = image_opts(path, Format::Qcow2);
     let args: [&OsStr; 6] = [
@@ -438,10 +548,25 @@ pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
         "-q".as_ref(),
         "--image-opts".as_ref(),
         flag.as_ref(),
-        name.as_ref(),
+        arg.as_ref(),
         &spec,
     ];
-    run(QEMU_IMG, &args, path, &[]).map(drop)
+    run(QEMU_IMG, &args, path, &[])?;
+    if let Some((id, before)) = gone {
+        let after = image_info(path, Format::Qcow2, true)?.snapshot_ids;
+        let want: Vec<&String> = before.iter().filter(|i| **i != id).collect();
+        if after.iter().collect::<Vec<_>>() != want {
+            return Err(StepError::Command {
+                program: QEMU_IMG.to_string(),
+                path: path.to_path_buf(),
+                message: format!(
+                    "`qemu-img snapshot -d {name}` was to delete the snapshot of ID {id}; \
+                     the image held snapshot IDs {before:?} before and holds {after:?} now"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `qemu-img rebase -f FMT [-u] -b NEW -F NEWFMT PATH` (`-b ""` for no
@@ -634,6 +759,7 @@ mod tests {
         assert_eq!(i.backing.as_deref(), Some(Path::new("/tmp/q/base.qcow2")));
         assert_eq!(i.backing_format, Some(Format::Qcow2));
         assert_eq!(i.snapshots, vec!["s1", "s2"]);
+        assert_eq!(i.snapshot_ids, vec!["1", "2"]);
         let i = parse_info(
             Path::new("/x/r.img"),
             br#"{"format":"raw","virtual-size":5}"#,

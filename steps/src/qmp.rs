@@ -652,6 +652,14 @@ impl Qmp {
 
     /// `snapshot-load` job: reverts `devices` and the VM state (from node
     /// `vmstate`) to snapshot `tag`.
+    ///
+    /// Beware: QEMU 7.2 checks that `tag` exists by *name*, then applies
+    /// it to each disk with `bdrv_snapshot_goto`, which looks it up by
+    /// *ID first*: a tag `1` on a disk whose snapshot of ID 1 has another
+    /// name applies that one. vsnap's engine does not load snapshots
+    /// through QEMU; whoever does must first check that no disk holds a
+    /// snapshot whose ID is `tag` ([`crate::qemu_img::snapshot_id`]).
+    /// (`snapshot-save` and `snapshot-delete` look `tag` up by name only.)
     pub fn snapshot_load(
         &mut self,
         job_id: &str,

@@ -6,15 +6,94 @@ use vsnap_journal::failpoint;
 /// `qemu-img snapshot -d NAME` unless the image or the snapshot is gone
 /// (the undo of InternalCreate, the apply of InternalDelete).
 fn delete_internal_if_present(image: &Path, name: &str) -> StepResult<()> {
-    if !fsops::exists(image)?
-        || !qemu_img::snapshot_names(image, false)?
-            .iter()
-            .any(|n| n == name)
-    {
+    if !fsops::exists(image)? || !has_internal(image, name)? {
         return Ok(());
     }
     failpoint::hit("step.internal.before");
     qemu_img::snapshot(image, SnapshotOp::Delete, name)
+}
+
+fn has_internal(image: &Path, name: &str) -> StepResult<bool> {
+    Ok(qemu_img::snapshot_names(image, false)?
+        .iter()
+        .any(|n| n == name))
+}
+
+/// After a `qemu-img snapshot` that may have been cut short (killed, or
+/// failed half-way) on `image`: make `qemu-img check` clean again. A
+/// `snapshot -c` killed after raising refcounts and before writing the
+/// snapshot table leaves refcounts above what is referenced (leaked
+/// clusters, and clusters whose COPIED flag no longer matches their
+/// refcount: "corruptions" to qemu-img check); a `snapshot -d` killed
+/// after the table write leaves leaks. Both are repaired by `qemu-img
+/// check -r all` (`-r leaks` when leaks are all there is), which rebuilds
+/// the refcounts from the tables that reference clusters. A corrupt bit
+/// is not repaired here: QEMU sets it when it finds metadata inconsistent
+/// in a way an interrupted snapshot does not cause, and vsnap refused the
+/// image at plan time had it been set then ([`StepError::Damaged`]).
+///
+/// Returns what was repaired, for the plan's report; None when the image
+/// was clean (or is gone).
+fn repair_after_snapshot(image: &Path) -> StepResult<Option<String>> {
+    if !fsops::exists(image)? {
+        return Ok(None);
+    }
+    let (corrupt, dirty) = match qcow2::read(image) {
+        Ok(h) => (
+            h.incompatible & qcow2::INCOMPAT_CORRUPT != 0,
+            h.incompatible & qcow2::INCOMPAT_DIRTY != 0,
+        ),
+        Err(_) => (false, false),
+    };
+    if corrupt {
+        return Err(StepError::Damaged {
+            path: image.to_path_buf(),
+            problems: "qemu-img found its metadata inconsistent during vsnap's `qemu-img snapshot` \
+                       and marked it corrupt (vsnap's check before the plan, which reads the header \
+                       and the top-level tables, had found nothing wrong)"
+                .to_string(),
+        });
+    }
+    let before = qemu_img::check(image, Format::Qcow2)?;
+    if before.clean && !dirty {
+        return Ok(None);
+    }
+    let all = before.corruptions > 0 || dirty;
+    let after = qemu_img::repair(image, all)?;
+    if !after.clean {
+        return Err(StepError::Damaged {
+            path: image.to_path_buf(),
+            problems: format!(
+                "after the interrupted `qemu-img snapshot`, `qemu-img check -r {}` left {} corruption(s) and {} leaked cluster(s): {}",
+                if all { "all" } else { "leaks" },
+                after.corruptions,
+                after.leaks,
+                after.output.trim()
+            ),
+        });
+    }
+    Ok(Some(format!(
+        "repaired what the interrupted qemu-img left in {}: {} leaked cluster(s), {} refcount error(s){} (`qemu-img check -r {}`; now clean)",
+        image.display(),
+        before.leaks,
+        before.corruptions,
+        if dirty { ", dirty bit" } else { "" },
+        if all { "all" } else { "leaks" }
+    )))
+}
+
+/// The undo of [`Step::InternalCreate`]: the snapshot goes if it was
+/// made, then what a cut-short `qemu-img snapshot -c` left is repaired.
+fn undo_internal_create(image: &Path, name: &str) -> StepResult<Option<String>> {
+    if !fsops::exists(image)? {
+        return Ok(None);
+    }
+    if qcow2::read(image).is_ok_and(|h| h.incompatible & qcow2::INCOMPAT_CORRUPT != 0) {
+        // qemu-img would refuse to open it read-write: say why.
+        return repair_after_snapshot(image);
+    }
+    delete_internal_if_present(image, name)?;
+    repair_after_snapshot(image)
 }
 
 /// What a probe saw in the real world.
@@ -42,22 +121,30 @@ impl Cx<'_> {
 pub enum Step {
     /// `qemu-img snapshot -c NAME` on a qcow2 image.
     /// Prerequisites: `image` is qcow2, no snapshot `name` in it, not in use.
-    /// Success: the internal snapshot exists. Failure: at most leaked clusters.
-    /// Undo: `snapshot -d NAME` if present. Probe: `snapshot -l` lists it.
+    /// Success: the internal snapshot exists. Failure (or a kill of
+    /// qemu-img): leaked clusters and refcounts above their references.
+    /// Undo: `snapshot -d` of it if present, then `qemu-img check -r` of
+    /// what a cut-short qemu-img left, reported ([`Step::undo_noted`]).
+    /// Probe: the snapshot table lists it.
     InternalCreate {
         #[serde(with = "crate::pathser")]
         image: PathBuf,
         name: String,
     },
-    /// `qemu-img snapshot -a NAME` on `image` (always a temporary copy the
-    /// plan made). Undo: nothing (removing the copy undoes it). Probe: Unknown.
+    /// `qemu-img snapshot -a` of the snapshot named NAME (addressed by its
+    /// qcow2 ID, looked up natively: never a name read as an ID) on `image`
+    /// (always a temporary copy the plan made). Undo: nothing (removing the
+    /// copy undoes it). Probe: Unknown.
     InternalApply {
         #[serde(with = "crate::pathser")]
         image: PathBuf,
         name: String,
     },
-    /// `qemu-img snapshot -d NAME`. Irreversible: only after the pivot.
-    /// Probe: Applied when the name is absent.
+    /// `qemu-img snapshot -d NAME` (read as a name only; checked unique,
+    /// and checked after that exactly that snapshot went). Irreversible:
+    /// only after the pivot. Probe: Applied when the name is absent.
+    /// Applied again with the name absent (a retry, recovery), it repairs
+    /// the leaks a killed `-d` may have left (`qemu-img check -r`).
     InternalDelete {
         #[serde(with = "crate::pathser")]
         image: PathBuf,
@@ -644,10 +731,7 @@ impl Step {
     pub fn apply(&self, cx: &Cx) -> StepResult<()> {
         match self {
             Step::InternalCreate { image, name } => {
-                if qemu_img::snapshot_names(image, false)?
-                    .iter()
-                    .any(|n| n == name)
-                {
+                if has_internal(image, name)? {
                     return Ok(());
                 }
                 failpoint::hit("step.internal.before");
@@ -657,7 +741,15 @@ impl Step {
                 failpoint::hit("step.internal.before");
                 qemu_img::snapshot(image, SnapshotOp::Apply, name)
             }
-            Step::InternalDelete { image, name } => delete_internal_if_present(image, name),
+            Step::InternalDelete { image, name } => {
+                if fsops::exists(image)? && !has_internal(image, name)? {
+                    // Deleted already (a retry, or recovery rolling
+                    // forward): by a qemu-img that may have been killed
+                    // before it freed every cluster.
+                    return repair_after_snapshot(image).map(drop);
+                }
+                delete_internal_if_present(image, name)
+            }
             Step::HardLink { src, dst } => {
                 link_or_same(src, dst)?;
                 failpoint::hit("step.hard-link.before-dirsync");
@@ -773,6 +865,16 @@ impl Step {
         }
     }
 
+    /// [`Step::undo`], and what the undo had to repair besides, for the
+    /// plan's report (an [`Step::InternalCreate`] whose `qemu-img` was cut
+    /// short: leaked clusters and refcounts, freed with `qemu-img check -r`).
+    pub fn undo_noted(&self, cx: &Cx) -> StepResult<Option<String>> {
+        match self {
+            Step::InternalCreate { image, name } => undo_internal_create(image, name),
+            _ => self.undo(cx).map(|()| None),
+        }
+    }
+
     /// Idempotent; `Err(StepError::Invalid)` for an irreversible step.
     pub fn undo(&self, cx: &Cx) -> StepResult<()> {
         let _ = cx;
@@ -784,7 +886,7 @@ impl Step {
             )));
         }
         match self {
-            Step::InternalCreate { image, name } => delete_internal_if_present(image, name),
+            Step::InternalCreate { image, name } => undo_internal_create(image, name).map(drop),
             // the plan removes the temporary copy it applied the snapshot to
             Step::InternalApply { .. } => Ok(()),
             Step::HardLink { src, dst } => {

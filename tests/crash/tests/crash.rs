@@ -42,7 +42,8 @@
 //!
 //! Checks after each recovery: (a) `Engine::vol_check` (DESIGN.md section
 //! 5 for volumes: catalog and disks agree both ways, no orphan or
-//! temporary file, `qemu-img check` clean, chain = catalog, no unfinished
+//! temporary file, `qemu-img check` clean (no corruption, no leaked
+//! cluster), chain = catalog, no unfinished
 //! plan); (b) the catalog is the state before the operation or the state
 //! after it; (c) the image holds the data of that state, and every
 //! snapshot in the catalog, reverted to through the CLI, shows its own
@@ -467,6 +468,14 @@ fn verify(fx: &Fixture, exp: &Expect) -> (Option<Outcome>, Vec<String>) {
         }
     };
     p.extend(first.check.violations.iter().map(|v| format!("(a) {v}")));
+    // `qemu-img check` clean: leaked clusters too (a note for `vol check`).
+    if first.check.leaked_clusters > 0 {
+        p.push(format!(
+            "(a) qemu-img check is not clean: {} leaked cluster(s): {}",
+            first.check.leaked_clusters,
+            first.check.notes.join("; ")
+        ));
+    }
     // (b) all or nothing.
     let cat = &first.catalog;
     let outcome = if *cat == exp.before {
