@@ -16,7 +16,11 @@
 //! SIGKILL the qemu-img. Even trials then let vsnap see the failure and
 //! roll back itself; odd trials SIGKILL vsnap too and run `vsnap-recover`.
 //! Then `qemu-img check` (clean: no corruption, no leak) and `vsnap vol
-//! check` (consistent). `VSNAP_QKILL_TRIALS` (default 150) and
+//! check` (consistent). A trial whose kill came after qemu-img had ended
+//! (vsnap committed the snapshot) and that still leaves leaked clusters
+//! is replayed: qemu-img 7.2 itself leaks a cluster in some uninterrupted
+//! `snapshot -c` runs (seen here after earlier repairs); when the plain
+//! replay leaks the same, it is reported as qemu-img's own, not failed. `VSNAP_QKILL_TRIALS` (default 150) and
 //! `VSNAP_QKILL_SEED` tune it; `VSNAP_QKILL_KEEP=1` keeps the scratch directory.
 //!
 //! Needs the binaries built: `cargo build -p vsnap-cli --features vsnap-cli/failpoints`.
@@ -77,11 +81,10 @@ fn wait_for_qemu_img(parent: &mut std::process::Child, deadline: Instant) -> Opt
     None
 }
 
-fn kill(pid: u32) {
+/// SIGKILL `pid`; whether it was still there to be killed.
+fn kill(pid: u32) -> bool {
     // SAFETY: kill(2) on a pid we started (or its child we just found).
-    unsafe {
-        libc::kill(pid as libc::pid_t, libc::SIGKILL);
-    }
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) == 0 }
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -100,12 +103,28 @@ fn sh(program: &str, args: &[&str]) {
     );
 }
 
+/// Leaked clusters after a plain, uninterrupted `qemu-img snapshot -c
+/// NAME` on a copy of `image` at `scratch`.
+fn replay_leaks(image: &std::path::Path, scratch: &std::path::Path, name: &str) -> Option<u64> {
+    std::fs::copy(image, scratch).ok()?;
+    let ok = Command::new("qemu-img")
+        .args(["snapshot", "-c", name])
+        .arg(scratch)
+        .status()
+        .ok()?
+        .success();
+    let c = qemu_img::check(scratch, Format::Qcow2).ok()?;
+    let _ = std::fs::remove_file(scratch);
+    (ok && c.corruptions == 0).then_some(c.leaks)
+}
+
 #[test]
 fn killed_qemu_img_snapshot_create_leaves_a_clean_image() {
     let bins = Bins::locate().unwrap();
     let tmp = scratch_dir("vsnap-qkill-").unwrap();
     let dir = std::fs::canonicalize(tmp.path()).unwrap();
-    if std::env::var_os("VSNAP_QKILL_KEEP").is_some() {
+    let keep = std::env::var_os("VSNAP_QKILL_KEEP").is_some();
+    if keep {
         println!("keeping {}", tmp.keep().display());
     }
     let image = dir.join("disk.qcow2");
@@ -157,9 +176,13 @@ fn killed_qemu_img_snapshot_create_leaves_a_clean_image() {
 
     let (mut killed, mut repaired, mut committed) = (0, 0, 0);
     let mut failures = Vec::new();
+    let mut qemu_own = Vec::new();
     for i in 0..trials {
         let name = format!("k{i}");
         let with_vsnap = i % 2 == 1;
+        // What the trial started from, to replay a failure.
+        let before = dir.join("before-trial.qcow2");
+        std::fs::copy(&image, &before).unwrap();
         let mut child = Command::new(&bins.vsnap)
             .arg("--state-dir")
             .arg(&state)
@@ -175,13 +198,21 @@ fn killed_qemu_img_snapshot_create_leaves_a_clean_image() {
             .spawn()
             .unwrap();
         let q = wait_for_qemu_img(&mut child, Instant::now() + Duration::from_secs(20));
+        let mut how = String::from("no qemu-img seen");
+        let mut missed = true;
         if let Some(q) = q {
-            std::thread::sleep(Duration::from_micros(rng.below(window_us)));
-            kill(q);
+            let delay = rng.below(window_us);
+            std::thread::sleep(Duration::from_micros(delay));
+            let hit = kill(q);
+            missed = !hit;
             killed += 1;
             if with_vsnap {
                 kill(child.id());
             }
+            how = format!(
+                "qemu-img {q} {} after {delay} us",
+                if hit { "killed" } else { "already gone" }
+            );
         }
         let out = child.wait_with_output().unwrap();
         let mut said = format!(
@@ -208,13 +239,27 @@ fn killed_qemu_img_snapshot_create_leaves_a_clean_image() {
         match qemu_img::check(&image, Format::Qcow2) {
             Ok(c) if c.clean => {}
             Ok(c) => {
-                failures.push(format!(
-                    "trial {i} ({}): qemu-img check not clean after recovery: {} corruption(s), {} leak(s); vsnap said: {}",
-                    if with_vsnap { "vsnap killed too" } else { "qemu-img killed" },
-                    c.corruptions,
-                    c.leaks,
-                    said.trim()
-                ));
+                // The kill missed (qemu-img had ended) and vsnap committed:
+                // is the leak qemu-img's own? Replay the same `snapshot -c`,
+                // uninterrupted, on the image as the trial found it.
+                let own = missed
+                    && out.status.success()
+                    && c.corruptions == 0
+                    && replay_leaks(&before, &dir.join("replay.qcow2"), &name) == Some(c.leaks);
+                if own {
+                    qemu_own.push(format!("trial {i}: {} leaked cluster(s)", c.leaks));
+                } else {
+                    failures.push(format!(
+                        "trial {i} ({}, {how}): qemu-img check not clean after recovery: {} corruption(s), {} leak(s); vsnap said: {}",
+                        if with_vsnap { "vsnap killed too" } else { "qemu-img killed" },
+                        c.corruptions,
+                        c.leaks,
+                        said.trim()
+                    ));
+                    if keep {
+                        let _ = std::fs::copy(&before, dir.join(format!("before-trial-{i}.qcow2")));
+                    }
+                }
                 // Start the next trial from a clean image.
                 let _ = qemu_img::repair(&image, true);
             }
@@ -242,6 +287,12 @@ fn killed_qemu_img_snapshot_create_leaves_a_clean_image() {
         "qemu-img kills: {killed} of {trials} trials, repaired after: {repaired}, snapshots committed anyway: {committed}, not clean: {}",
         failures.len()
     );
+    if !qemu_own.is_empty() {
+        println!(
+            "leaks of qemu-img's own (an uninterrupted `qemu-img snapshot -c` leaks the same on the image the trial started from; the kill came too late): {}",
+            qemu_own.join(", ")
+        );
+    }
     assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
     assert!(killed > trials / 2, "too few kills landed: {killed}");
 }
