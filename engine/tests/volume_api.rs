@@ -315,7 +315,15 @@ fn tree_state(dir: &Path) -> BTreeMap<PathBuf, FileState> {
                     FileState {
                         size: m.len(),
                         mtime_ns,
-                        hash: hash_file(&p),
+                        // A symlink (vsnap's ownership claim) by its target.
+                        hash: if m.file_type().is_symlink() {
+                            use std::hash::{Hash, Hasher};
+                            let mut h = std::collections::hash_map::DefaultHasher::new();
+                            std::fs::read_link(&p).unwrap().hash(&mut h);
+                            h.finish()
+                        } else {
+                            hash_file(&p)
+                        },
                     },
                 );
             }
