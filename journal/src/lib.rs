@@ -125,6 +125,23 @@ pub enum JournalError {
     StateDirRefused { dir: PathBuf, why: String },
     #[error("journal database error: {0}")]
     Db(#[from] sled::Error),
+    /// sled found its files unreadable at open: the journal is damaged.
+    #[error("the journal of state directory {dir} is damaged: its database {db} cannot be read ({detail}); \
+             vsnap cannot use its plans or its catalog. Keep a copy first (`cp -a {dir} {dir}.copy`). \
+             To start afresh, move the database aside (`mv {db} {db}.damaged`): the next vsnap command \
+             starts an empty journal and catalog; snapshots already taken stay in the images and their \
+             files but vsnap no longer lists them, and a plan left unfinished in the damaged journal is \
+             neither finished nor undone (look for `.vsnap-*` temporary files beside its images)")]
+    Damaged {
+        dir: PathBuf,
+        db: PathBuf,
+        detail: String,
+    },
+    /// The state directory's filesystem cannot hold what the journal must
+    /// write.
+    #[error("the filesystem of state directory {dir} is full: {what}; free space there, then retry \
+             (a command that was interrupted is finished or undone by `vsnap-recover` or the next command)")]
+    NoSpace { dir: PathBuf, what: String },
     #[error("journal transaction failed: {0}")]
     Transaction(String),
     #[error("unreadable journal record for plan {plan} ({what}): {reason}; the journal may be damaged, inspect it with `vsnap plan show {plan}`")]

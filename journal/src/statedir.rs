@@ -214,6 +214,7 @@ pub fn prepare(dir: &Path) -> Result<Made> {
 pub(crate) fn unmake(dir: &Path, made: &Made) {
     let _ = std::fs::remove_dir_all(dir.join("db"));
     let _ = std::fs::remove_file(dir.join(crate::lock::LOCK_FILE));
+    let _ = std::fs::remove_file(dir.join(crate::store::RESERVE));
     if made.marker {
         let _ = std::fs::remove_file(dir.join(MARKER));
     }

@@ -76,6 +76,11 @@ pub struct Journal {
     catalog: Mutex<HashMap<String, Tree>>,
     next_plan: AtomicU64,
     db: sled::Db,
+    /// sled's log file, opened for writing to keep space allocated past
+    /// its end ([`Journal::ensure_headroom`]).
+    log: std::fs::File,
+    /// Bytes of log kept allocated past its end before a plan begins.
+    headroom: u64,
     dir: PathBuf,
     /// What opening made of the state directory, until
     /// [`Journal::remove_if_unused`] takes it.
@@ -203,7 +208,7 @@ const SLED_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1
 /// journal's sled of this same process whose background task (an
 /// asynchronous file truncation + fsync that recovery starts) still holds
 /// the file. It lets go when that task ends: wait for it, bounded.
-fn open_sled(path: &Path) -> Result<sled::Db> {
+fn open_sled(path: &Path) -> sled::Result<sled::Db> {
     let config = sled::Config::new()
         .path(path)
         .segment_size(segment_size(path))
@@ -221,7 +226,7 @@ fn open_sled(path: &Path) -> Result<sled::Db> {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_millis(50));
             }
-            r => return Ok(r?),
+            r => return r,
         }
     }
 }
@@ -339,16 +344,125 @@ fn show_key(key: &[u8]) -> String {
     }
 }
 
-fn committed(r: Result<(), CommitError<sled::Error>>) -> Result<()> {
+fn committed(dir: &Path, r: Result<(), CommitError<sled::Error>>) -> Result<()> {
     r.map_err(|e| match e {
         CommitError::Closed => JournalError::Closed,
-        CommitError::Sink(e) => JournalError::Db(e),
+        CommitError::Sink(e) => db_error(dir, e),
         CommitError::Abandoned => JournalError::Transaction(
             "the journal's flusher stopped before confirming this write; it may or may not be durable, \
              and the journal takes no more writes: reopen it"
                 .into(),
         ),
     })
+}
+
+/// A sled error, named for what it means to the operator: a full
+/// filesystem, a damaged database; anything else as sled says it.
+fn db_error(dir: &Path, e: sled::Error) -> JournalError {
+    match e {
+        sled::Error::Io(io) if is_enospc(&io) => JournalError::NoSpace {
+            dir: dir.to_path_buf(),
+            what: format!("the journal could not be written ({io})"),
+        },
+        sled::Error::Corruption { at, .. } => JournalError::Damaged {
+            dir: dir.to_path_buf(),
+            db: dir.join("db"),
+            detail: match at {
+                Some(at) => format!("sled: corrupted data at {at}"),
+                None => "sled: corrupted data".into(),
+            },
+        },
+        e => JournalError::Db(e),
+    }
+}
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// The file in the state directory that holds [`RESERVE_SIZE`] bytes of
+/// the filesystem for the journal: released when sled cannot open for lack
+/// of space (so that recovery can run on a full filesystem), made again
+/// before the next plan when there is room. No plan begins without it.
+pub(crate) const RESERVE: &str = "reserve";
+const RESERVE_SIZE: u64 = 256 * 1024;
+
+/// Log segments kept allocated past the end of sled's log file before a
+/// plan begins, and as much free besides (see
+/// [`Journal::ensure_headroom`]): a plan's records, its rollback and its
+/// recovery need a few KiB; four segments are 256 KiB for a new journal.
+const LOG_HEADROOM_SEGMENTS: u64 = 4;
+
+/// `fallocate(2)`: allocate `[0, len)` of `file` (past its end too,
+/// without changing its size when `keep_size`).
+fn allocate(file: &std::fs::File, len: u64, keep_size: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = if keep_size {
+        libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        0
+    };
+    let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+    loop {
+        // SAFETY: fallocate(2) on an open descriptor; no memory is passed.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, 0, len) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem of `dir`.
+fn available(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs buffer we own.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Hold (or make) the reserve file: true when it is in place at full size.
+/// A reserve that cannot be made whole (the filesystem is full) is removed:
+/// a partial one would only take space.
+fn hold_reserve(state_dir: &Path) -> bool {
+    let path = state_dir.join(RESERVE);
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() >= RESERVE_SIZE) {
+        return true;
+    }
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .and_then(|f| allocate(&f, RESERVE_SIZE, false));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    made.is_ok()
+}
+
+/// Let go of the reserve file: true if there was one to free.
+fn release_reserve(state_dir: &Path) -> bool {
+    std::fs::remove_file(state_dir.join(RESERVE)).is_ok()
+}
+
+/// Open sled at `<state_dir>/db`. When sled cannot for lack of space (its
+/// open writes a snapshot file, and after a crash zeroes the log's torn
+/// tail), release the reserve and try once more: recovery must be able to
+/// run on a full filesystem. A damaged database is named as such.
+fn open_journal_db(state_dir: &Path) -> Result<sled::Db> {
+    let db = state_dir.join("db");
+    let r = match open_sled(&db) {
+        Err(sled::Error::Io(e)) if is_enospc(&e) && release_reserve(state_dir) => open_sled(&db),
+        r => r,
+    };
+    r.map_err(|e| db_error(state_dir, e))
 }
 
 impl Journal {
@@ -359,7 +473,7 @@ impl Journal {
     pub fn open(state_dir: &Path) -> Result<Journal> {
         let made = statedir::prepare(state_dir)?;
         let lock = StateLock::acquire(state_dir)?;
-        let db = open_sled(&state_dir.join("db"))?;
+        let db = open_journal_db(state_dir)?;
         let plans = db.open_tree(PLANS)?;
         let records = db.open_tree(RECORDS)?;
         let finished = db.open_tree(FINISHED)?;
@@ -376,6 +490,20 @@ impl Journal {
             }
         })?;
         sync_dirs_once(&db, state_dir)?;
+        let db_dir = state_dir.join("db");
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(db_dir.join("db"))
+            .map_err(|source| JournalError::StateDir {
+                dir: state_dir.to_path_buf(),
+                source,
+            })?;
+        let headroom = LOG_HEADROOM_SEGMENTS * segment_size(&db_dir) as u64;
+        // Room for the records of recovery: best effort here (a full
+        // filesystem must not stop recovery or reads). The reserve is made
+        // by the first plan's `ensure_headroom` (a command that only reads
+        // leaves nothing new behind).
+        let _ = allocate(&log, log.metadata().map_or(0, |m| m.len()) + headroom, true);
         let commit = GroupCommit::start(sink);
         failpoint::hit("journal.opened");
         Ok(Journal {
@@ -387,6 +515,8 @@ impl Journal {
             catalog: Mutex::new(HashMap::new()),
             next_plan: AtomicU64::new(next_plan),
             db,
+            log,
+            headroom,
             dir: state_dir.to_path_buf(),
             made: Mutex::new(Some(made)),
             _lock: lock,
@@ -421,6 +551,69 @@ impl Journal {
 
     pub fn state_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Before a plan begins, make sure that the journal can write
+    /// everything the plan, its rollback and its recovery will write, even
+    /// if the filesystem fills meanwhile: [`LOG_HEADROOM_SEGMENTS`] of
+    /// sled's log allocated past its end (`fallocate` with
+    /// `FALLOC_FL_KEEP_SIZE`: sled sees the same file), and the reserve
+    /// file in place for the next open. Refused with
+    /// [`JournalError::NoSpace`] otherwise, before anything is written.
+    /// (sled stops taking writes after its first I/O error, so running out
+    /// of space in the middle of a plan would leave it to recovery.)
+    pub fn ensure_headroom(&self) -> Result<()> {
+        let no_space = |what: String| JournalError::NoSpace {
+            dir: self.dir.clone(),
+            what,
+        };
+        let len = self
+            .log
+            .metadata()
+            .map_err(|source| JournalError::StateDir {
+                dir: self.dir.clone(),
+                source,
+            })?
+            .len();
+        match allocate(&self.log, len + self.headroom, true) {
+            Ok(()) => {}
+            Err(e) if is_enospc(&e) => {
+                return Err(no_space(format!(
+                    "the journal needs {} KiB allocated before a plan begins; nothing was changed",
+                    self.headroom / 1024
+                )))
+            }
+            // A filesystem without fallocate: its free space must do.
+            Err(_) => {
+                let free = available(&self.dir).unwrap_or(u64::MAX);
+                if free < self.headroom + RESERVE_SIZE {
+                    return Err(no_space(format!(
+                        "{free} bytes free, the journal needs {} KiB before a plan begins; nothing was changed",
+                        (self.headroom + RESERVE_SIZE) / 1024
+                    )));
+                }
+                return Ok(());
+            }
+        }
+        // What cannot be allocated in advance: sled writes a tree node
+        // larger than a quarter of a segment to a file of its own (a
+        // blob) whenever it rewrites it.
+        let free = available(&self.dir).unwrap_or(u64::MAX);
+        if free < self.headroom {
+            return Err(no_space(format!(
+                "{} KiB free, the journal needs {} KiB free before a plan begins; nothing was changed",
+                free / 1024,
+                self.headroom / 1024
+            )));
+        }
+        if !hold_reserve(&self.dir) {
+            return Err(no_space(format!(
+                "the journal's {} KiB reserve ({}) cannot be kept; nothing was changed",
+                RESERVE_SIZE / 1024,
+                self.dir.join(RESERVE).display()
+            )));
+        }
+        Ok(())
     }
 
     /// Stop taking writes: every writer already waiting is answered (its
@@ -458,7 +651,7 @@ impl Journal {
                 point: "journal.append.inserted",
             }
         };
-        committed(self.commit.submit(op))
+        committed(&self.dir, self.commit.submit(op))
     }
 
     /// `Done(pivot)` and `ops` in one sled transaction; durable on return.
@@ -477,16 +670,20 @@ impl Journal {
         records: &[Record],
         ops: &[CatalogOp],
     ) -> Result<PlanId> {
+        self.ensure_headroom()?;
         let id = PlanId(self.next_plan.fetch_add(1, Ordering::SeqCst));
         let (mut trees, mut writes) = (Vec::new(), Vec::new());
         self.plan_writes(id, &header, &body, &mut trees, &mut writes);
         self.record_writes(id, records, &mut trees, &mut writes)?;
         self.catalog_writes(ops, &mut trees, &mut writes)?;
-        committed(self.commit.submit(Op::Txn {
-            trees,
-            writes,
-            point: "journal.begin.inserted",
-        }))?;
+        committed(
+            &self.dir,
+            self.commit.submit(Op::Txn {
+                trees,
+                writes,
+                point: "journal.begin.inserted",
+            }),
+        )?;
         Ok(id)
     }
 
@@ -512,11 +709,14 @@ impl Journal {
         } else {
             "journal.append.inserted"
         };
-        committed(self.commit.submit(Op::Txn {
-            trees,
-            writes,
-            point,
-        }))
+        committed(
+            &self.dir,
+            self.commit.submit(Op::Txn {
+                trees,
+                writes,
+                point,
+            }),
+        )
     }
 
     /// The writes of a new plan: its header and body, its `active` mark.
@@ -585,11 +785,14 @@ impl Journal {
         }
         let (mut trees, mut writes) = (Vec::new(), Vec::new());
         self.catalog_writes(ops, &mut trees, &mut writes)?;
-        committed(self.commit.submit(Op::Txn {
-            trees,
-            writes,
-            point: "journal.catalog.committed",
-        }))
+        committed(
+            &self.dir,
+            self.commit.submit(Op::Txn {
+                trees,
+                writes,
+                point: "journal.catalog.committed",
+            }),
+        )
     }
 
     pub fn catalog_get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {

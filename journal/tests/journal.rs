@@ -680,3 +680,54 @@ fn segment_size_new_and_existing() {
     let j = Journal::open(&old).unwrap();
     assert_eq!(j.plan(id).unwrap().records, vec![Record::Started(0)]);
 }
+
+/// A journal sled cannot read (here: its snapshot file damaged, so that
+/// its checksum fails) is named as such, with the state directory, the
+/// database and what to do; and what the message says to do works.
+#[test]
+fn damaged_journal_says_where_it_is_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        let j = Journal::open(&state).unwrap();
+        j.catalog_apply(&[put("t", b"k", "v")]).unwrap();
+    }
+    // sled writes its snapshot file at the next open.
+    drop(Journal::open(&state).unwrap());
+    let db = state.join("db");
+    let snap = std::fs::read_dir(&db)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("snap.")
+        })
+        .expect("sled writes a snapshot file at open");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&snap, bytes).unwrap();
+
+    let err = Journal::open(&state)
+        .err()
+        .expect("a damaged journal does not open");
+    assert!(matches!(err, JournalError::Damaged { .. }), "{err:?}");
+    let msg = err.to_string();
+    for words in [
+        &format!("state directory {} is damaged", state.display()),
+        &format!("cp -a {} {}.copy", state.display(), state.display()),
+        &format!("mv {} {}.damaged", db.display(), db.display()),
+    ] {
+        assert!(msg.contains(words.as_str()), "{words:?} not in: {msg}");
+    }
+    assert!(!msg.contains("backtrace"), "{msg}");
+
+    // The advice: move the database aside, start afresh.
+    std::fs::rename(&db, state.join("db.damaged")).unwrap();
+    let j = Journal::open(&state).unwrap();
+    assert!(j.plans().unwrap().is_empty());
+    assert_eq!(j.catalog_get("t", b"k").unwrap(), None);
+}

@@ -834,8 +834,15 @@ impl RunningConfig {
                 let path_buf = de.path();
                 let path = path_buf.as_path();
                 let path_str = &*path.to_string_lossy();
+                // VSNAP-PATCH 7: a `.generating` file is a snapshot that
+                // was never completed (its write failed, e.g. with ENOSPC,
+                // or the process died during it): never a candidate. sled
+                // took the newest name, and a leftover `.generating` (a
+                // higher lsn than the last good snapshot) made every later
+                // open fail with "Read corrupted data" for good.
                 if path_str.starts_with(&*absolute_path.to_string_lossy())
                     && !path_str.ends_with(".in___motion")
+                    && !path_str.ends_with(".generating")
                 {
                     Some(path.to_path_buf())
                 } else {

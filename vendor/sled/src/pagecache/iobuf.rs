@@ -542,10 +542,13 @@ impl IoBufs {
         if let Some(blob_id) = blob_id {
             // write blob to file
             io_fail!(self, "blob blob write");
-            write_blob(&self.config, header.kind, blob_id, item)?;
+            let written = write_blob(&self.config, header.kind, blob_id, item);
 
             let _ = Measure::new(&M.serialize);
             blob_id.serialize_into(out_buf_ref);
+            // VSNAP-PATCH 8: the message is well-formed either way, so
+            // that the caller can cancel it (see `reserve_inner`).
+            written?;
         } else {
             let _ = Measure::new(&M.serialize);
             item.serialize_into(out_buf_ref);

@@ -361,12 +361,40 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            // VSNAP-PATCH 8: the space in the buffer is reserved (the
+            // buffer counts this writer): if writing a blob file fails
+            // (ENOSPC), returning at once left the buffer waiting for a
+            // writer that never came, and every later flush waited for it
+            // forever. Cancel the message instead (a `Canceled` message,
+            // skipped by recovery; the buffer is released), and stop this
+            // instance as sled does after any other I/O error.
+            let encapsulated = self.iobufs.encapsulate(
                 item,
                 message_header,
-                destination,
+                &mut *destination,
                 blob_id,
-            )?;
+            );
+            if let Err(e) = encapsulated {
+                self.config.set_global_error(e.clone());
+                let canceled = Reservation {
+                    iobuf,
+                    log: self,
+                    buf: destination,
+                    flushed: false,
+                    lsn: reservation_lsn,
+                    pointer: blob_id.map_or(
+                        DiskPtr::new_inline(reservation_lid),
+                        |id| DiskPtr::new_blob(reservation_lid, id),
+                    ),
+                    is_blob_rewrite: false,
+                    header_len: usize::try_from(
+                        message_header.serialized_size(),
+                    )
+                    .unwrap(),
+                };
+                let _ = canceled.abort();
+                return Err(e);
+            }
 
             M.log_reservation_success();
 
