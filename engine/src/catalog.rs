@@ -14,6 +14,7 @@
 use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::Format;
@@ -23,6 +24,11 @@ pub const VOLSNAPS: &str = "volsnaps";
 pub const VOLFORMAT: &str = "volformat";
 pub const META: &str = "meta";
 const OWNER_ID: &[u8] = b"owner-id";
+/// The identity of each snapshot's file (see [`SnapFileId`]), keyed like
+/// `volsnaps`. A tree of its own, so that [`VolSnapshot`] records written
+/// before it existed read as they are (a snapshot without an identity is
+/// checked for being a plain regular file only).
+pub const VOLSNAPIDS: &str = "volsnapids";
 
 /// The kind of a volume snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -102,6 +108,135 @@ pub struct VolSnapshot {
     pub format: Format,
 }
 
+/// What a snapshot's file was when vsnap made it: a file replaced since
+/// (by a symlink, or another file under the same name) is not used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapFileId {
+    pub dev: u64,
+    pub ino: u64,
+    /// Whole-file snapshots (reflink/copy), whose content never changes:
+    /// the size and a fingerprint of the first 64 KiB
+    /// ([`vsnap_steps::fsops::fingerprint`]). External frozen files are
+    /// rebased when a snapshot below them is deleted: inode only.
+    pub content: Option<(u64, u64)>,
+}
+
+impl SnapFileId {
+    pub fn file_id(&self) -> vsnap_steps::fsops::FileId {
+        vsnap_steps::fsops::FileId {
+            dev: self.dev,
+            ino: self.ino,
+        }
+    }
+
+    /// The identity of the file open as `f`, with its content for a
+    /// whole-file snapshot.
+    pub fn of(f: &std::fs::File, whole_file: bool) -> std::io::Result<SnapFileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        Ok(SnapFileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            content: if whole_file {
+                Some((m.len(), vsnap_steps::fsops::fingerprint(f)?))
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Why the file at `path` is not this one (`None`: it is). Links are
+    /// not followed.
+    pub fn mismatch(&self, path: &Path) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let m = match std::fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("cannot stat it: {e}")),
+        };
+        if m.file_type().is_symlink() {
+            let t = std::fs::read_link(path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            return Some(format!("it is a symlink (to {t}), not the file vsnap made"));
+        }
+        if !m.is_file() {
+            return Some("it is not a regular file".into());
+        }
+        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+            return Some(format!(
+                "it was replaced: inode {} on device {:#x}, vsnap made inode {} on device {:#x}",
+                m.ino(),
+                m.dev(),
+                self.ino,
+                self.dev
+            ));
+        }
+        if let Some((size, fp)) = self.content {
+            if m.len() != size {
+                return Some(format!(
+                    "its size changed: {} bytes, vsnap made {size}",
+                    m.len()
+                ));
+            }
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+            {
+                Ok(f) => f,
+                Err(e) => return Some(format!("cannot open it: {e}")),
+            };
+            match vsnap_steps::fsops::fingerprint(&f) {
+                Ok(x) if x == fp => {}
+                Ok(_) => return Some("its content changed since vsnap made it".into()),
+                Err(e) => return Some(format!("cannot read it: {e}")),
+            }
+        }
+        None
+    }
+}
+
+/// Why a snapshot file without a recorded identity (made before vsnap
+/// recorded them) is not usable: a symlink or not a regular file.
+pub fn plain_file_mismatch(path: &Path) -> Option<String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let t = std::fs::read_link(path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            Some(format!("it is a symlink (to {t}), not the file vsnap made"))
+        }
+        Ok(m) if !m.is_file() => Some("it is not a regular file".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot stat it: {e}")),
+    }
+}
+
+pub fn put_snapshot_id(volume: &Path, name: &str, id: &SnapFileId) -> CatalogOp {
+    CatalogOp::Put {
+        tree: VOLSNAPIDS.into(),
+        key: snap_key(volume, name),
+        value: codec::encode(id),
+    }
+}
+
+/// The recorded identity of every snapshot file of the volume, by name.
+pub fn snapshot_ids(
+    j: &Journal,
+    volume: &Path,
+) -> Result<std::collections::BTreeMap<String, SnapFileId>> {
+    let prefix = snap_prefix(volume);
+    let mut out = std::collections::BTreeMap::new();
+    for (key, bytes) in j.catalog_scan(VOLSNAPIDS, &prefix)? {
+        let id = codec::decode::<SnapFileId>(&bytes).map_err(|e| corrupt(VOLSNAPIDS, &key, e))?;
+        out.insert(
+            String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+            id,
+        );
+    }
+    Ok(out)
+}
+
 fn path_key(path: &Path) -> Vec<u8> {
     path.as_os_str().as_bytes().to_vec()
 }
@@ -155,6 +290,14 @@ pub fn delete_volformat(path: &Path) -> CatalogOp {
     CatalogOp::Delete {
         tree: VOLFORMAT.into(),
         key: path_key(path),
+    }
+}
+
+/// The identity record goes with its snapshot.
+pub fn delete_snapshot_id(volume: &Path, name: &str) -> CatalogOp {
+    CatalogOp::Delete {
+        tree: VOLSNAPIDS.into(),
+        key: snap_key(volume, name),
     }
 }
 

@@ -365,10 +365,48 @@ pub fn compare(snaps: &[VolSnapshot], current: Option<&str>, o: &Observation) ->
 }
 
 impl Engine {
+    /// The image path and every snapshot file must be what vsnap made: a
+    /// regular file (a symlink is never followed), and where the catalog
+    /// recorded the file's identity, that inode (and, for whole-file
+    /// snapshots, that size and content fingerprint).
+    fn identity_violations(&self, image: &Path, snaps: &[VolSnapshot]) -> Result<Vec<String>> {
+        use crate::catalog::{plain_file_mismatch, snapshot_ids};
+        let mut v = Vec::new();
+        if std::fs::symlink_metadata(image).is_ok() {
+            if let Some(why) = plain_file_mismatch(image) {
+                v.push(format!(
+                    "inv5: the image path {} is not the image vsnap made: {why}",
+                    image.display()
+                ));
+            }
+        }
+        let ids = snapshot_ids(self.journal(), image)?;
+        for s in snaps {
+            let Some(f) = &s.file else { continue };
+            if std::fs::symlink_metadata(f).is_err() {
+                continue; // reported as missing
+            }
+            let why = match ids.get(&s.name) {
+                Some(id) => id.mismatch(f),
+                None => plain_file_mismatch(f),
+            };
+            if let Some(why) = why {
+                v.push(format!(
+                    "inv3: the file {} of snapshot {:?} is not the file vsnap made: {why}",
+                    f.display(),
+                    s.name
+                ));
+            }
+        }
+        Ok(v)
+    }
+
     /// Check one volume against the catalog and the journal.
     pub fn vol_check(&self, image: &Path) -> Result<CheckReport> {
         let _g = self.lock_ops();
-        let canon_image = canon(image);
+        // The catalog's path as it is (a volume's path replaced by a
+        // symlink is reported, not followed to whatever it names).
+        let canon_image = self.catalog_path(image)?.unwrap_or_else(|| canon(image));
         let snaps = crate::catalog::snapshots(self.journal(), &canon_image)?;
         let current = crate::catalog::volume(self.journal(), &canon_image)?.and_then(|r| r.current);
         let format = crate::catalog::known_format(self.journal(), &canon_image)?
@@ -389,6 +427,7 @@ impl Engine {
                 )),
             }
         }
+        violations.extend(self.identity_violations(&canon_image, &snaps)?);
         let unfinished = self.journal().unfinished()?.len();
         if unfinished > 0 {
             violations.push(format!(

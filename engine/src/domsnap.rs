@@ -1040,7 +1040,9 @@ impl Engine {
             for c in &chosen {
                 match c.mode {
                     DiskMode::Internal => steps.push(Step::InternalCreate {
-                        image: c.source.clone(),
+                        // the disk's real file: vsnap opens it without
+                        // following a link
+                        image: canon(&c.source),
                         name: name.clone(),
                     }),
                     DiskMode::External if !req.reuse_external => steps.push(Step::CreateOverlay {

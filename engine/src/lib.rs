@@ -398,7 +398,10 @@ impl Engine {
     }
 
     pub(crate) fn lock_ops(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.op_lock.lock().unwrap_or_else(|e| e.into_inner())
+        let g = self.op_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Each operation checks files against what it made or read itself.
+        vsnap_steps::fsops::forget_all();
+        g
     }
 
     /// Finish or undo every unfinished plan, oldest first. With `dry_run`,

@@ -276,10 +276,24 @@ impl<'a> Writer<'a> {
 /// Run a new plan journal-first. On a failure before the pivot the plan is
 /// rolled back and the step's error returned.
 pub fn run(j: &Journal, plan: &Plan, cx: &Cx) -> Result<PlanId> {
+    run_with(j, plan, cx, &Vec::new)
+}
+
+/// [`run`], and the pivot's transaction also writes the catalog changes
+/// `extra` returns when the pivot is reached: what only the steps before
+/// it can know (the identity of a file they made). Not part of the
+/// journaled plan: a plan finished by recovery writes its own catalog
+/// changes only.
+pub fn run_with(
+    j: &Journal,
+    plan: &Plan,
+    cx: &Cx,
+    extra: &dyn Fn() -> Vec<CatalogOp>,
+) -> Result<PlanId> {
     plan.assert_well_formed();
     plan.check_paths()?;
     let mut w = Writer::new_plan(j, plan);
-    match forward(&mut w, plan, 0, false, cx) {
+    match forward(&mut w, plan, 0, false, cx, extra) {
         Ok(()) => Ok(w.id()),
         Err(Forward::BeforePivot(i, err)) => {
             // Step i was Started: it may have partly happened; undo it too.
@@ -315,6 +329,7 @@ fn forward(
     from: u32,
     pivot_applied: bool,
     cx: &Cx,
+    extra: &dyn Fn() -> Vec<CatalogOp>,
 ) -> std::result::Result<(), Forward> {
     let n = plan.steps.len() as u32;
     for i in from..n {
@@ -344,7 +359,14 @@ fn forward(
             if last {
                 w.push(Record::Finished(Outcome::Committed), "run.finished".into());
             }
-            w.flush(&plan.catalog)?;
+            let more = extra();
+            if more.is_empty() {
+                w.flush(&plan.catalog)?;
+            } else {
+                let mut ops = plan.catalog.clone();
+                ops.extend(more);
+                w.flush(&ops)?;
+            }
             if last {
                 return Ok(());
             }
@@ -545,7 +567,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             );
             if !dry_run {
                 let mut w = Writer::existing(j, stored.id);
-                let r = forward(&mut w, &plan, from, from == plan.pivot, cx);
+                let r = forward(&mut w, &plan, from, from == plan.pivot, cx, &Vec::new);
                 match r {
                     Ok(()) => {}
                     Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {

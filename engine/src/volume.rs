@@ -270,6 +270,8 @@ fn relative_backing_resolves(src: &Path, format: Format, dst_dir: &Path) -> Resu
 
 /// The state of one volume, read at plan time.
 struct Vol {
+    /// Recorded identities of the snapshots' files, by snapshot name.
+    ids: std::collections::BTreeMap<String, catalog::SnapFileId>,
     image: PathBuf,
     format: Format,
     /// `qemu-img info` of the image, read once at plan time.
@@ -279,6 +281,49 @@ struct Vol {
 }
 
 impl Vol {
+    /// Refuse to use a snapshot's file that is not the one vsnap made (a
+    /// symlink, another file, other content): nothing is touched. The
+    /// recorded inode is then what the plan's steps must find there
+    /// ([`fsops::remember`]): a file swapped after this check is refused
+    /// by the step that opens it.
+    fn check_file(&self, s: &VolSnapshot) -> Result<()> {
+        let Some(f) = &s.file else {
+            return Ok(());
+        };
+        if std::fs::symlink_metadata(f).is_err() {
+            return Err(EngineError::Invalid(format!(
+                "the file {} of snapshot {:?} is missing; run `vsnap vol check {}`",
+                f.display(),
+                s.name,
+                self.image.display()
+            )));
+        }
+        let id = self.ids.get(&s.name);
+        let why = match id {
+            Some(id) => id.mismatch(f),
+            None => catalog::plain_file_mismatch(f),
+        };
+        if let Some(why) = why {
+            return Err(EngineError::Invalid(format!(
+                "the file {} of snapshot {:?} is not the file vsnap made: {why}; vsnap does not use it \
+                 (whoever can write {} changed it): put the snapshot's own file back, or delete the snapshot \
+                 once you have moved that file away; `vsnap vol check {}` lists what is wrong",
+                f.display(),
+                s.name,
+                parent_dir(f).display(),
+                self.image.display()
+            )));
+        }
+        if let Some(id) = id {
+            // Held open until the operation ends: the inode checked is the
+            // one the steps find (its number cannot be reused meanwhile).
+            fsops::remember(f, id.file_id());
+            let fh = fsops::open_ours(f, true).map_err(EngineError::Check)?;
+            fsops::pin(f, &fh).map_err(EngineError::Check)?;
+        }
+        Ok(())
+    }
+
     fn find(&self, name: &str) -> Result<&VolSnapshot> {
         self.snaps
             .iter()
@@ -313,12 +358,54 @@ fn same_path(a: &Path, b: &Path) -> bool {
 }
 
 impl Engine {
+    /// The catalog's path of `image`: its directory resolved, its own name
+    /// as it is, when the catalog knows that path; else the image resolved
+    /// through symlinks (a user's link to an image is fine). A volume's
+    /// path that is now a symlink or not a regular file was replaced by
+    /// someone who can write its directory: refused, never followed.
+    pub(crate) fn resolve_image(&self, image: &Path) -> Result<PathBuf> {
+        if let Some(p) = self.catalog_path(image)? {
+            if let Some(why) = catalog::plain_file_mismatch(&p) {
+                return Err(EngineError::Invalid(format!(
+                    "{} is not the image vsnap manages: {why}; vsnap does not follow it \
+                     (whoever can write {} replaced it): put the image back, then run `vsnap vol check {}`",
+                    p.display(),
+                    parent_dir(&p).display(),
+                    p.display()
+                )));
+            }
+            return Ok(p);
+        }
+        canonical_image(image)
+    }
+
+    /// `image` with its directory resolved, when the catalog has a volume
+    /// at that path.
+    pub(crate) fn catalog_path(&self, image: &Path) -> Result<Option<PathBuf>> {
+        let abs = if image.is_absolute() {
+            image.to_path_buf()
+        } else {
+            match std::env::current_dir() {
+                Ok(d) => d.join(image),
+                Err(_) => return Ok(None),
+            }
+        };
+        let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) else {
+            return Ok(None);
+        };
+        let Ok(dir) = std::fs::canonicalize(dir) else {
+            return Ok(None);
+        };
+        let p = dir.join(name);
+        Ok(catalog::volume(self.journal(), &p)?.map(|_| p))
+    }
+
     /// Read the volume's catalog entry and check that the image is usable
     /// now: present, one link, of a known format (recorded, or `stated`,
     /// never probed), not claimed by another state directory, not held by
     /// another process (a running QEMU).
     fn load_volume(&self, image: &Path, stated: Option<Format>) -> Result<Vol> {
-        let image = canonical_image(image)?;
+        let image = self.resolve_image(image)?;
         crate::image::check_links(&image)?;
         crate::image::check_claim(self.journal(), &image)?;
         let format = crate::image::format_of(self.journal(), &image, stated)?;
@@ -341,7 +428,9 @@ impl Engine {
             next_seq: 0,
         });
         let snaps = catalog::snapshots(j, &image)?;
+        let ids = catalog::snapshot_ids(j, &image)?;
         Ok(Vol {
+            ids,
             image,
             format,
             info,
@@ -569,7 +658,20 @@ impl Engine {
     pub fn vol_snapshot_create(&self, req: &CreateRequest, dry_run: bool) -> Result<Done> {
         let _g = self.lock_ops();
         let (plan, snap) = self.plan_vol_create(req)?;
-        self.finish(plan, snap, Vec::new(), dry_run)
+        // The identity of the file the steps made (external: the image's
+        // inode they linked), recorded with the snapshot in the pivot's
+        // transaction.
+        let whole_file = matches!(snap.kind, SnapKind::Reflink | SnapKind::Copy);
+        let (volume, name, file) = (snap.volume.clone(), snap.name.clone(), snap.file.clone());
+        let extra = move || {
+            file.as_deref()
+                .filter(|f| fsops::known(f).is_some())
+                .and_then(|f| fsops::open_ours(f, true).ok())
+                .and_then(|fh| catalog::SnapFileId::of(&fh, whole_file).ok())
+                .map(|id| vec![catalog::put_snapshot_id(&volume, &name, &id)])
+                .unwrap_or_default()
+        };
+        self.finish_with(plan, snap, Vec::new(), dry_run, &extra)
     }
 
     fn finish(
@@ -578,6 +680,17 @@ impl Engine {
         snapshot: VolSnapshot,
         deleted: Vec<String>,
         dry_run: bool,
+    ) -> Result<Done> {
+        self.finish_with(plan, snapshot, deleted, dry_run, &Vec::new)
+    }
+
+    fn finish_with(
+        &self,
+        plan: Plan,
+        snapshot: VolSnapshot,
+        deleted: Vec<String>,
+        dry_run: bool,
+        extra: &dyn Fn() -> Vec<vsnap_journal::CatalogOp>,
     ) -> Result<Done> {
         let plan_text = plan.render();
         let id = if dry_run {
@@ -589,7 +702,7 @@ impl Engine {
             // directories racing for the image, one makes it, the other is
             // refused here (nothing else was touched).
             let claimed = crate::image::claim(j, image)?;
-            let ran = plan::run(j, &plan, &self.cx());
+            let ran = plan::run_with(j, &plan, &self.cx(), extra);
             let left = catalog::snapshots(j, image).map(|v| v.len()).unwrap_or(1);
             let release = left == 0
                 && match &ran {
@@ -650,12 +763,10 @@ impl Engine {
                 let file = snap_file(&snap)?;
                 utf8_for_backing(image)?;
                 utf8_for_backing(&file)?;
-                if !file.exists() {
-                    return Err(EngineError::Invalid(format!(
-                        "the snapshot's file {} is missing; run `vsnap vol check {}`",
-                        file.display(),
-                        image.display()
-                    )));
+                // The new overlay runs on the snapshot's file and the
+                // chain below it: all of them vsnap's.
+                for s in &vol.snaps {
+                    vol.check_file(s)?;
                 }
                 vec![Step::CreateOverlay {
                     path: tmp.clone(),
@@ -665,13 +776,7 @@ impl Engine {
             }
             SnapKind::Reflink | SnapKind::Copy => {
                 let file = snap_file(&snap)?;
-                if !file.exists() {
-                    return Err(EngineError::Invalid(format!(
-                        "the snapshot's file {} is missing; run `vsnap vol check {}`",
-                        file.display(),
-                        image.display()
-                    )));
-                }
+                vol.check_file(&snap)?;
                 relative_backing_resolves(&file, snap.format, &dir)?;
                 let mode = clone_mode_for(&dir, &file, &tmp)?;
                 vec![Step::Clone {
@@ -737,9 +842,24 @@ impl Engine {
         let doomed_names: BTreeSet<&str> = doomed.iter().map(|s| s.name.as_str()).collect();
 
         // Catalog: drop the doomed, re-parent the survivors, move `current`.
+        // Every file the plan removes or rebases must be vsnap's.
+        if snap.kind == SnapKind::External {
+            for s in &vol.snaps {
+                vol.check_file(s)?;
+            }
+        } else {
+            for s in &doomed {
+                vol.check_file(s)?;
+            }
+        }
         let mut ops: Vec<_> = doomed
             .iter()
-            .map(|s| catalog::delete_snapshot(image, &s.name))
+            .flat_map(|s| {
+                [
+                    catalog::delete_snapshot(image, &s.name),
+                    catalog::delete_snapshot_id(image, &s.name),
+                ]
+            })
             .collect();
         for child in vol.snaps.iter().filter(|s| {
             s.parent.as_deref() == Some(snap.name.as_str())

@@ -3,7 +3,7 @@
 //! Both create the target with `O_EXCL | O_NOFOLLOW` and leave nothing
 //! behind when they fail before the data is in place.
 
-use crate::fsops::{create_excl, fsync_parent, io_err, parent_dir, unlink_if_exists};
+use crate::fsops::{create_excl, fsync_parent, io_err, open_ours, parent_dir, unlink_ours};
 use crate::{Progress, StepError, StepResult};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -36,7 +36,8 @@ fn ficlone(dst: &File, src: &File) -> io::Result<()> {
 }
 
 fn open_src(src: &Path) -> StepResult<(File, u64)> {
-    let f = File::open(src).map_err(|e| io_err("open", src, e))?;
+    // Not through a symlink, and the inode vsnap expects there.
+    let f = open_ours(src, true)?;
     let m = f.metadata().map_err(|e| io_err("stat", src, e))?;
     if !m.is_file() {
         return Err(StepError::Invalid(format!(
@@ -50,7 +51,7 @@ fn open_src(src: &Path) -> StepResult<(File, u64)> {
 /// Remove a `dst` we created and are abandoning (best effort: the error
 /// that made us abandon it is the one reported).
 fn discard(dst: &Path) {
-    let _ = unlink_if_exists(dst).and_then(|_| fsync_parent(dst));
+    let _ = unlink_ours(dst).and_then(|_| fsync_parent(dst));
 }
 
 /// Copy-on-write clone of `src` at a new file `dst` (FICLONE), then fsync

@@ -115,6 +115,11 @@ pub enum StepError {
     /// [`crate::qemu_img::damage`], or what qemu-img left behind).
     #[error("qcow2 image {} is damaged: {problems}; vsnap does not work on a damaged image: back it up (`cp --sparse=always`), then repair it with `qemu-img check -r all -f qcow2 {}` and check the guest's data", .path.display(), .path.display())]
     Damaged { path: PathBuf, problems: String },
+    /// A file vsnap made or recorded is not what it was: a symlink, not a
+    /// regular file, or another inode (someone who can write its directory
+    /// replaced it). vsnap neither follows nor uses it.
+    #[error("{path} is not the file vsnap made or recorded: {why}; vsnap does not use it (someone who can write that directory changed it): check the directory, then `vsnap vol check`")]
+    NotOurs { path: PathBuf, why: String },
     /// Another process holds the image's lock (qemu-img/qemu-io said
     /// "Failed to get ... lock").
     #[error("image {path} is in use by another process (a running QEMU?); stop it or use the live domain commands")]

@@ -101,12 +101,24 @@ fn is_lock_conflict(stderr: &str) -> bool {
 /// Started with [`crate::spawn`] (vfork-like, with the same death signal
 /// and environment as [`child_command`]).
 fn run(program: &str, args: &[&OsStr], path: &Path, ok_codes: &[i32]) -> StepResult<Output> {
-    let out = crate::spawn::output(program, args, &[("LC_ALL", "C")]).map_err(|source| {
-        StepError::Spawn {
+    run_keeping(program, args, path, ok_codes, &[])
+}
+
+/// [`run`], the child inheriting the descriptors `keep` (for
+/// `/proc/self/fd/N` file names).
+fn run_keeping(
+    program: &str,
+    args: &[&OsStr],
+    path: &Path,
+    ok_codes: &[i32],
+    keep: &[std::os::fd::RawFd],
+) -> StepResult<Output> {
+    let out = crate::spawn::output_keeping(program, args, &[("LC_ALL", "C")], keep).map_err(
+        |source| StepError::Spawn {
             program: program.to_string(),
             source,
-        }
-    })?;
+        },
+    )?;
     let code = out.status.code();
     if out.status.success() || code.is_some_and(|c| ok_codes.contains(&c)) {
         return Ok(out);
@@ -279,6 +291,38 @@ pub fn create_overlay(path: &Path, backing: &Path, backing_format: Format) -> St
         &p,
     ];
     run(QEMU_IMG, &args, path, &[]).map(drop)
+}
+
+/// [`create_overlay`] into the file open as `f` (new, empty, made by
+/// vsnap with `O_EXCL`; `path` is its name, for messages): qemu-img opens
+/// `/proc/self/fd/N`, that very file, whatever the name holds meanwhile.
+pub fn create_overlay_fd(
+    f: &std::fs::File,
+    path: &Path,
+    backing: &Path,
+    backing_format: Format,
+) -> StepResult<()> {
+    use std::os::fd::AsRawFd;
+    if !backing.is_absolute() {
+        return Err(StepError::Invalid(format!(
+            "backing file {} of overlay {} must be an absolute path",
+            backing.display(),
+            path.display()
+        )));
+    }
+    let p = crate::fsops::fd_path(f);
+    let args: [&OsStr; 9] = [
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        "-F".as_ref(),
+        backing_format.as_str().as_ref(),
+        p.as_os_str(),
+    ];
+    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
 }
 
 /// Internal snapshot names of a qcow2 image, read natively
@@ -567,6 +611,29 @@ pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
         }
     }
     Ok(())
+}
+
+/// [`snapshot`] on the qcow2 file open as `f` (opened by vsnap without
+/// following a link; `path` is its name, for messages): qemu-img opens
+/// `/proc/self/fd/N`, that very file. (`snapshot` opens no backing file,
+/// so the name's directory does not matter.)
+pub fn snapshot_fd(f: &std::fs::File, path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
+    use std::os::fd::AsRawFd;
+    let flag = match op {
+        SnapshotOp::Create => "-c",
+        SnapshotOp::Apply => "-a",
+        SnapshotOp::Delete => "-d",
+    };
+    let spec = image_opts(&crate::fsops::fd_path(f), Format::Qcow2);
+    let args: [&OsStr; 6] = [
+        "snapshot".as_ref(),
+        "-q".as_ref(),
+        "--image-opts".as_ref(),
+        flag.as_ref(),
+        name.as_ref(),
+        &spec,
+    ];
+    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
 }
 
 /// `qemu-img rebase -f FMT [-u] -b NEW -F NEWFMT PATH` (`-b ""` for no

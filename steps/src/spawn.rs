@@ -41,6 +41,10 @@ struct ChildArgs {
     report: RawFd,
     parent: libc::pid_t,
     mask: libc::sigset_t,
+    /// Descriptors the program inherits (their close-on-exec flag is
+    /// cleared in the child only): `/proc/self/fd/N` names for qemu-img.
+    keep: *const RawFd,
+    nkeep: usize,
 }
 
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
@@ -69,6 +73,14 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         for (from, to) in [(a.stdin, 0), (a.stdout, 1), (a.stderr, 2)] {
             if libc::dup2(from, to) < 0 {
+                fail(*libc::__errno_location());
+            }
+        }
+        for i in 0..a.nkeep {
+            let fd = *a.keep.add(i);
+            // The child has its own descriptor table (no CLONE_FILES):
+            // this changes the flag for the program only.
+            if fd > 2 && libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                 fail(*libc::__errno_location());
             }
         }
@@ -129,6 +141,17 @@ pub struct Child {
 /// and stderr piped, environment ours plus `env`. Returns once the child
 /// has exec'd (or with the error that kept it from doing so).
 pub fn spawn(program: &str, args: &[&OsStr], env: &[(&str, &str)]) -> io::Result<Child> {
+    spawn_keeping(program, args, env, &[])
+}
+
+/// [`spawn`], and the program inherits the descriptors `keep` (under the
+/// same numbers).
+pub fn spawn_keeping(
+    program: &str,
+    args: &[&OsStr],
+    env: &[(&str, &str)],
+    keep: &[RawFd],
+) -> io::Result<Child> {
     let path = cstring(resolve(program)?.as_os_str())?;
     let mut argv_c = vec![cstring(OsStr::new(program))?];
     for a in args {
@@ -182,6 +205,8 @@ pub fn spawn(program: &str, args: &[&OsStr], env: &[(&str, &str)]) -> io::Result
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         mask: old,
+        keep: keep.as_ptr(),
+        nkeep: keep.len(),
     };
     // SAFETY: the stack is ours and outlives the child's use of it (with
     // CLONE_VFORK we are suspended until it execs or exits); it grows
@@ -308,6 +333,16 @@ impl Child {
 /// [`spawn`] then [`Child::wait_with_output`].
 pub fn output(program: &str, args: &[&OsStr], env: &[(&str, &str)]) -> io::Result<Output> {
     spawn(program, args, env)?.wait_with_output()
+}
+
+/// [`output`], the program inheriting the descriptors `keep`.
+pub fn output_keeping(
+    program: &str,
+    args: &[&OsStr],
+    env: &[(&str, &str)],
+    keep: &[RawFd],
+) -> io::Result<Output> {
+    spawn_keeping(program, args, env, keep)?.wait_with_output()
 }
 
 #[cfg(test)]

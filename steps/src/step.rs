@@ -10,7 +10,16 @@ fn delete_internal_if_present(image: &Path, name: &str) -> StepResult<()> {
         return Ok(());
     }
     failpoint::hit("step.internal.before");
-    qemu_img::snapshot(image, SnapshotOp::Delete, name)
+    snapshot_nofollow(image, SnapshotOp::Delete, name)
+}
+
+/// `qemu-img snapshot` on `image` through a descriptor opened without
+/// following a link and checked ([`fsops::open_ours`]): a name replaced by
+/// a symlink is refused, one replaced after the check is not what qemu-img
+/// writes to.
+fn snapshot_nofollow(image: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
+    let f = fsops::open_ours(image, false)?;
+    qemu_img::snapshot_fd(&f, image, op, name)
 }
 
 fn has_internal(image: &Path, name: &str) -> StepResult<bool> {
@@ -639,6 +648,13 @@ impl Step {
                 to,
                 replace: _,
             } => match (fsops::exists(from)?, fsops::exists(to)?) {
+                (false, true) if !fsops::is_ours(to) => Ok(Probe::Unknown(format!(
+                    "{} is not the file vsnap renamed there ({})",
+                    to.display(),
+                    fsops::verify_ours(to)
+                        .err()
+                        .map_or(String::new(), |e| e.to_string())
+                ))),
                 (false, true) => Ok(Probe::Applied),
                 (true, _) => Ok(Probe::NotApplied),
                 (false, false) => Ok(Probe::Unknown(format!(
@@ -735,11 +751,11 @@ impl Step {
                     return Ok(());
                 }
                 failpoint::hit("step.internal.before");
-                qemu_img::snapshot(image, SnapshotOp::Create, name)
+                snapshot_nofollow(image, SnapshotOp::Create, name)
             }
             Step::InternalApply { image, name } => {
                 failpoint::hit("step.internal.before");
-                qemu_img::snapshot(image, SnapshotOp::Apply, name)
+                snapshot_nofollow(image, SnapshotOp::Apply, name)
             }
             Step::InternalDelete { image, name } => {
                 if fsops::exists(image)? && !has_internal(image, name)? {
@@ -766,8 +782,10 @@ impl Step {
             }
             Step::Clone { src, dst, mode } => {
                 // the source first: a failure must not cost the old dst
-                std::fs::metadata(src).map_err(|e| fsops::io_err("stat", src, e))?;
-                fsops::remove_if_exists(dst)?;
+                fsops::verify_ours(src)?;
+                if fsops::unlink_ours(dst)? {
+                    fsops::fsync_parent(dst)?;
+                }
                 match mode {
                     CloneMode::Reflink => clone::reflink(src, dst),
                     CloneMode::Copy => clone::copy(src, dst, cx.progress),
@@ -782,8 +800,11 @@ impl Step {
                     // done already (a crash may have hit before the dirsync)
                     return fsync_dirs(from, to);
                 }
-                link_or_same(from, to)?;
-                fsops::unlink_if_exists(from)?;
+                // The inode checked and held open is what gets the new
+                // name, whatever `from` holds by then.
+                let f = fsops::open_ours(from, true)?;
+                fsops::link_fd(&f, from, to)?;
+                fsops::unlink_ours(from)?;
                 failpoint::hit("step.rename.before-dirsync");
                 fsync_dirs(from, to)
             }
@@ -793,9 +814,10 @@ impl Step {
                 replace: true,
             } => {
                 if !fsops::exists(from)? && fsops::exists(to)? {
+                    fsops::verify_ours(to)?;
                     return fsync_dirs(from, to);
                 }
-                std::fs::rename(from, to).map_err(|e| fsops::io_err("rename", from, e))?;
+                fsops::rename_ours(from, to)?;
                 failpoint::hit("step.rename.before-dirsync");
                 fsync_dirs(from, to)
             }
@@ -896,12 +918,12 @@ impl Step {
                 fsops::fsync_parent(dst)
             }
             Step::CreateOverlay { path, .. } => {
-                fsops::unlink_if_exists(path)?;
-                fsops::unlink_if_exists(&fsops::temp_path(path, "part"))?;
+                fsops::unlink_ours(path)?;
+                fsops::unlink_ours(&fsops::temp_path(path, "part"))?;
                 fsops::fsync_parent(path)
             }
             Step::Clone { dst, .. } => {
-                fsops::unlink_if_exists(dst)?;
+                fsops::unlink_ours(dst)?;
                 fsops::fsync_parent(dst)
             }
             Step::Rename {
@@ -910,8 +932,9 @@ impl Step {
                 replace: false,
             } => {
                 if fsops::exists(to)? && !fsops::exists(from)? {
-                    link_or_same(to, from)?;
-                    fsops::unlink_if_exists(to)?;
+                    let f = fsops::open_ours(to, true)?;
+                    fsops::link_fd(&f, to, from)?;
+                    fsops::unlink_ours(to)?;
                 } else if fsops::same_inode(from, to)? {
                     // a crash between link and unlink (of apply or of undo)
                     fsops::unlink_if_exists(to)?;
@@ -970,38 +993,30 @@ fn overlay_in_place(path: &Path, backing: &Path, backing_format: Format) -> Step
         )));
     }
     let temp = fsops::temp_path(path, "part");
-    fsops::unlink_if_exists(path)?;
-    fsops::unlink_if_exists(&temp)?;
-    // Ours, new, not a symlink planted there: qemu-img then writes into
-    // this very file.
-    drop(fsops::create_excl(&temp)?);
-    if let Err(e) = qemu_img::create_overlay(&temp, backing, backing_format) {
-        let _ = fsops::remove_if_exists(&temp);
+    fsops::unlink_ours(path)?;
+    fsops::unlink_ours(&temp)?;
+    // Ours, new, not a symlink planted there; qemu-img writes into this
+    // very file through its descriptor (/proc/self/fd/N), never through a
+    // name someone could replace meanwhile.
+    let f = fsops::create_excl(&temp)?;
+    if let Err(e) = qemu_img::create_overlay_fd(&f, &temp, backing, backing_format) {
+        drop(f);
+        let _ = fsops::unlink_ours(&temp).and_then(|_| fsops::fsync_parent(&temp));
         return Err(e);
     }
-    fsops::fsync_file(&temp)?;
+    f.sync_all().map_err(|e| fsops::io_err("fsync", &temp, e))?;
+    drop(f);
     failpoint::hit("step.create-overlay.before-rename");
-    std::fs::rename(&temp, path).map_err(|e| fsops::io_err("rename", &temp, e))
+    fsops::rename_ours(&temp, path)
 }
 
 /// `link(src, dst)`; an existing `dst` that is already `src` is fine,
-/// anything else there is an error (never clobbered).
+/// anything else there is an error (never clobbered). `src` is opened
+/// without following a link and linked by its descriptor: a symlink put at
+/// `src` is refused, never linked.
 fn link_or_same(src: &Path, dst: &Path) -> StepResult<()> {
-    match std::fs::hard_link(src, dst) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if fsops::same_inode(src, dst)? {
-                Ok(())
-            } else {
-                Err(StepError::Invalid(format!(
-                    "{} already exists and is not {}; refusing to replace it",
-                    dst.display(),
-                    src.display()
-                )))
-            }
-        }
-        Err(e) => Err(fsops::io_err("link", dst, e)),
-    }
+    let f = fsops::open_ours(src, true)?;
+    fsops::link_fd(&f, src, dst)
 }
 
 /// fsync the directories of `a` and `b` (once when they are the same).
