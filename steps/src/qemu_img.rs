@@ -572,6 +572,19 @@ pub fn snapshot_id(path: &Path, name: &str) -> StepResult<Option<String>> {
 ///   ID would be caught, not believed;
 /// * create takes `name` as the new snapshot's name, never a lookup.
 pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
+    snapshot_at(path, None, op, name)
+}
+
+fn snapshot_at(
+    path: &Path,
+    fd: Option<&std::fs::File>,
+    op: SnapshotOp,
+    name: &str,
+) -> StepResult<()> {
+    use std::os::fd::AsRawFd;
+    // Everything is read and written through the descriptor when there is one.
+    let at = fd.map_or_else(|| path.to_path_buf(), crate::fsops::fd_path);
+    let keep: Vec<std::os::fd::RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
     let missing = || StepError::Command {
         program: QEMU_IMG.to_string(),
         path: path.to_path_buf(),
@@ -579,14 +592,14 @@ pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
     };
     let (flag, arg, gone) = match op {
         SnapshotOp::Create => ("-c", name.to_string(), None),
-        SnapshotOp::Apply => ("-a", snapshot_id(path, name)?.ok_or_else(missing)?, None),
+        SnapshotOp::Apply => ("-a", snapshot_id(&at, name)?.ok_or_else(missing)?, None),
         SnapshotOp::Delete => {
-            let id = snapshot_id(path, name)?.ok_or_else(missing)?;
-            let before = image_info(path, Format::Qcow2, true)?.snapshot_ids;
+            let id = snapshot_id(&at, name)?.ok_or_else(missing)?;
+            let before = image_info(&at, Format::Qcow2, true)?.snapshot_ids;
             ("-d", name.to_string(), Some((id, before)))
         }
     };
-    let spec = image_opts(path, Format::Qcow2);
+    let spec = image_opts(&at, Format::Qcow2);
     let args: [&OsStr; 6] = [
         "snapshot".as_ref(),
         "-q".as_ref(),
@@ -595,9 +608,9 @@ pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
         arg.as_ref(),
         &spec,
     ];
-    run(QEMU_IMG, &args, path, &[])?;
+    run_keeping(QEMU_IMG, &args, path, &[], &keep)?;
     if let Some((id, before)) = gone {
-        let after = image_info(path, Format::Qcow2, true)?.snapshot_ids;
+        let after = image_info(&at, Format::Qcow2, true)?.snapshot_ids;
         let want: Vec<&String> = before.iter().filter(|i| **i != id).collect();
         if after.iter().collect::<Vec<_>>() != want {
             return Err(StepError::Command {
@@ -615,25 +628,11 @@ pub fn snapshot(path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
 
 /// [`snapshot`] on the qcow2 file open as `f` (opened by vsnap without
 /// following a link; `path` is its name, for messages): qemu-img opens
-/// `/proc/self/fd/N`, that very file. (`snapshot` opens no backing file,
-/// so the name's directory does not matter.)
+/// `/proc/self/fd/N`, that very file, and the IDs are read from it too.
+/// (`snapshot` opens no backing file, so the name's directory does not
+/// matter.)
 pub fn snapshot_fd(f: &std::fs::File, path: &Path, op: SnapshotOp, name: &str) -> StepResult<()> {
-    use std::os::fd::AsRawFd;
-    let flag = match op {
-        SnapshotOp::Create => "-c",
-        SnapshotOp::Apply => "-a",
-        SnapshotOp::Delete => "-d",
-    };
-    let spec = image_opts(&crate::fsops::fd_path(f), Format::Qcow2);
-    let args: [&OsStr; 6] = [
-        "snapshot".as_ref(),
-        "-q".as_ref(),
-        "--image-opts".as_ref(),
-        flag.as_ref(),
-        name.as_ref(),
-        &spec,
-    ];
-    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
+    snapshot_at(path, Some(f), op, name)
 }
 
 /// `qemu-img rebase -f FMT [-u] -b NEW -F NEWFMT PATH` (`-b ""` for no
