@@ -670,6 +670,46 @@ pub fn rebase(
     run(QEMU_IMG, &args, path, &[]).map(drop)
 }
 
+/// [`rebase`] of the image open as `f` (opened by vsnap without following
+/// a link; `path` is its name, for messages), through `--image-opts` on
+/// `/proc/self/fd/N`: qemu-img writes to that very file. Only for an image
+/// whose backing name is absolute (or none): qemu would read a relative
+/// one against `/proc/self/fd`.
+pub fn rebase_fd(
+    f: &std::fs::File,
+    path: &Path,
+    format: Format,
+    new_backing: Option<(&Path, Format)>,
+    unsafe_: bool,
+) -> StepResult<()> {
+    use std::os::fd::AsRawFd;
+    let spec = image_opts(&crate::fsops::fd_path(f), format);
+    let mut args: Vec<&OsStr> = vec!["rebase".as_ref(), "--image-opts".as_ref()];
+    if unsafe_ {
+        args.push("-u".as_ref());
+    }
+    match new_backing {
+        Some((b, bf)) => {
+            if !b.is_absolute() {
+                return Err(StepError::Invalid(format!(
+                    "new backing file {} of {} must be an absolute path",
+                    b.display(),
+                    path.display()
+                )));
+            }
+            args.extend([
+                OsStr::new("-b"),
+                b.as_os_str(),
+                OsStr::new("-F"),
+                OsStr::new(bf.as_str()),
+            ]);
+        }
+        None => args.extend([OsStr::new("-b"), OsStr::new("")]),
+    }
+    args.push(&spec);
+    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
+}
+
 /// `qemu-img commit -f FMT PATH`: write the image's data into its backing file.
 pub fn commit(path: &Path, format: Format) -> StepResult<()> {
     let p = path_arg(path);

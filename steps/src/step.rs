@@ -13,6 +13,27 @@ fn delete_internal_if_present(image: &Path, name: &str) -> StepResult<()> {
     snapshot_nofollow(image, SnapshotOp::Delete, name)
 }
 
+/// `qemu-img rebase` of `image` through a descriptor opened without
+/// following a link and checked ([`fsops::open_ours`]), when its backing
+/// name is absolute (vsnap's overlays always are); by name otherwise (a
+/// relative name must be read against the image's own directory).
+fn rebase_nofollow(
+    image: &Path,
+    format: Format,
+    new_backing: Option<(&Path, Format)>,
+    unsafe_: bool,
+) -> StepResult<()> {
+    let f = fsops::open_ours(image, false)?;
+    let absolute = format == Format::Qcow2
+        && crate::qcow2::read_file(&f)
+            .is_ok_and(|h| h.backing.as_deref().is_none_or(|b| b.starts_with('/')));
+    if absolute {
+        qemu_img::rebase_fd(&f, image, format, new_backing, unsafe_)
+    } else {
+        qemu_img::rebase(image, format, new_backing, unsafe_)
+    }
+}
+
 /// `qemu-img snapshot` on `image` through a descriptor opened without
 /// following a link and checked ([`fsops::open_ours`]): a name replaced by
 /// a symlink is refused, one replaced after the check is not what qemu-img
@@ -838,7 +859,7 @@ impl Step {
                     return Ok(());
                 }
                 failpoint::hit("step.rebase.before");
-                qemu_img::rebase(image, *format, new, *unsafe_)
+                rebase_nofollow(image, *format, new, *unsafe_)
             }
             Step::Commit { image, format } => qemu_img::commit(image, *format),
             Step::RemoveFile { path } => {
@@ -954,7 +975,7 @@ impl Step {
                 ) {
                     return Ok(());
                 }
-                qemu_img::rebase(image, *format, old, true)
+                rebase_nofollow(image, *format, old, true)
             }
             Step::Catalog => Ok(()),
             Step::QmpBlockdevAdd { qmp, node, .. } => crate::live::blockdev_del(qmp, node),
