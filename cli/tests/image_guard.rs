@@ -396,3 +396,64 @@ fn an_image_with_a_second_hard_link_is_refused() {
         .expect_code(2)
         .stderr_has(&["hard links"]);
 }
+
+/// A shut-off domain's disks follow the volume rules: a disk image that
+/// another state directory manages, or that has a second hard link, is
+/// refused (exit 2, nothing touched), external and internal alike; the
+/// same domain snapshots once both are cleared. Before the fix the domain
+/// snapshot went through both.
+#[test]
+fn domain_disks_another_state_directory_manages_or_with_two_links_are_refused() {
+    let fx = Fx::new("domguard");
+    let a = fx.tmp.join("state-a");
+    let b = fx.tmp.join("state-b");
+    let disk = fx.vm.join("vda.qcow2");
+    qemu_img_create(&disk, "qcow2", 4 * MIB);
+    let xml = fx.tmp.join("vm.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='kvm'><name>vm</name><devices><disk type='file' device='disk'>\
+             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/>\
+             </disk></devices></domain>",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    vsnap(&b, &["domain", "define", p(&xml)]).ok();
+    // A manages the image (one internal snapshot, so the chain stays put).
+    vsnap(&a, &["vol", "snapshot", "create", p(&disk), "a1"]).ok();
+    let a_canon = std::fs::canonicalize(&a).unwrap();
+    for extra in [
+        &["--disk", "vda=internal"][..],
+        &["--disk", "vda=external"][..],
+    ] {
+        let before = fx.world(&b, &[&disk]);
+        let mut args = vec!["snapshot", "create", "vm", "s1"];
+        args.extend_from_slice(extra);
+        vsnap(&b, &args).expect_code(2).stderr_has(&[
+            "managed by another vsnap state directory",
+            a_canon.to_str().unwrap(),
+        ]);
+        assert_unchanged(&before, &fx.world(&b, &[&disk]));
+    }
+    vsnap(&a, &["vol", "snapshot", "delete", p(&disk), "a1"]).ok();
+    // A second name: refused the same way.
+    let other = fx.vm.join("other.qcow2");
+    std::fs::hard_link(&disk, &other).unwrap();
+    let before = fx.world(&b, &[&disk]);
+    vsnap(
+        &b,
+        &["snapshot", "create", "vm", "s1", "--disk", "vda=external"],
+    )
+    .expect_code(2)
+    .stderr_has(&["2 hard links", "remove the other link"]);
+    assert_unchanged(&before, &fx.world(&b, &[&disk]));
+    std::fs::remove_file(&other).unwrap();
+    vsnap(
+        &b,
+        &["snapshot", "create", "vm", "s1", "--disk", "vda=external"],
+    )
+    .ok();
+    vsnap(&b, &["domain", "check", "vm"]).ok();
+}

@@ -655,6 +655,14 @@ impl Engine {
                 use std::os::unix::fs::FileTypeExt;
                 std::fs::metadata(&c.source).is_ok_and(|m| m.file_type().is_block_device())
             };
+            // The same rules as a volume's: an image another state
+            // directory manages, or one with a second name (which would
+            // become the frozen snapshot, writable behind vsnap's back),
+            // is refused before anything is touched.
+            if !is_block {
+                crate::image::check_links(&c.source)?;
+                crate::image::check_claim(self.journal(), &c.source)?;
+            }
             match (c.mode, &c.overlay) {
                 (DiskMode::External, None) if is_block => {
                     return Err(EngineError::Invalid(format!(
