@@ -644,30 +644,8 @@ pub fn rebase(
     unsafe_: bool,
 ) -> StepResult<()> {
     let p = path_arg(path);
-    let mut args: Vec<&OsStr> = vec!["rebase".as_ref(), "-f".as_ref(), format.as_str().as_ref()];
-    if unsafe_ {
-        args.push("-u".as_ref());
-    }
-    match new_backing {
-        Some((b, bf)) => {
-            if !b.is_absolute() {
-                return Err(StepError::Invalid(format!(
-                    "new backing file {} of {} must be an absolute path",
-                    b.display(),
-                    path.display()
-                )));
-            }
-            args.extend([
-                OsStr::new("-b"),
-                b.as_os_str(),
-                OsStr::new("-F"),
-                OsStr::new(bf.as_str()),
-            ]);
-        }
-        None => args.extend([OsStr::new("-b"), OsStr::new("")]),
-    }
-    args.push(&p);
-    run(QEMU_IMG, &args, path, &[]).map(drop)
+    let head: [&OsStr; 3] = ["rebase".as_ref(), "-f".as_ref(), format.as_str().as_ref()];
+    rebase_run(&head, &p, path, new_backing, unsafe_, &[])
 }
 
 /// [`rebase`] of the image open as `f` (opened by vsnap without following
@@ -684,7 +662,22 @@ pub fn rebase_fd(
 ) -> StepResult<()> {
     use std::os::fd::AsRawFd;
     let spec = image_opts(&crate::fsops::fd_path(f), format);
-    let mut args: Vec<&OsStr> = vec!["rebase".as_ref(), "--image-opts".as_ref()];
+    let head: [&OsStr; 2] = ["rebase".as_ref(), "--image-opts".as_ref()];
+    rebase_run(&head, &spec, path, new_backing, unsafe_, &[f.as_raw_fd()])
+}
+
+/// `qemu-img HEAD... [-u] -b NEW -F NEWFMT IMAGE` (`-b ""` for no backing
+/// file), the child inheriting `keep`: what [`rebase`] and [`rebase_fd`]
+/// share. A new backing path must be absolute.
+fn rebase_run(
+    head: &[&OsStr],
+    image: &OsStr,
+    path: &Path,
+    new_backing: Option<(&Path, Format)>,
+    unsafe_: bool,
+    keep: &[std::os::fd::RawFd],
+) -> StepResult<()> {
+    let mut args: Vec<&OsStr> = head.to_vec();
     if unsafe_ {
         args.push("-u".as_ref());
     }
@@ -706,8 +699,8 @@ pub fn rebase_fd(
         }
         None => args.extend([OsStr::new("-b"), OsStr::new("")]),
     }
-    args.push(&spec);
-    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
+    args.push(image);
+    run_keeping(QEMU_IMG, &args, path, &[], keep).map(drop)
 }
 
 /// `qemu-img commit -f FMT PATH`: write the image's data into its backing file.
