@@ -25,7 +25,6 @@
 //!   and whatever writes through it would change the snapshot.
 
 use crate::{catalog, EngineError, Result};
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -57,19 +56,7 @@ fn named_qcow2(image: &Path) -> bool {
 }
 
 fn has_qcow2_magic(image: &Path) -> Result<bool> {
-    let mut f = std::fs::File::open(image)
-        .map_err(|e| EngineError::Check(fsops::io_err("open", image, e)))?;
-    let mut magic = [0u8; 4];
-    let mut n = 0;
-    while n < 4 {
-        match f.read(&mut magic[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(EngineError::Check(fsops::io_err("read", image, e))),
-        }
-    }
-    Ok(n == 4 && &magic == b"QFI\xfb")
+    vsnap_steps::qemu_img::has_qcow2_magic(image).map_err(EngineError::Check)
 }
 
 /// The format vsnap uses for `image` (canonical): recorded, else stated,

@@ -233,6 +233,17 @@ fn parse_info(path: &Path, stdout: &[u8]) -> StepResult<ImageInfo> {
 /// guest writes into a raw disk (`vsnap-engine`'s `image.rs` says where
 /// the format comes from).
 pub fn detect_format(path: &Path) -> StepResult<Format> {
+    Ok(if has_qcow2_magic(path)? {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Whether the file at `path` starts with the qcow2 magic `QFI\xfb` (a
+/// file shorter than 4 bytes does not). A check, never a choice: see
+/// [`detect_format`].
+pub fn has_qcow2_magic(path: &Path) -> StepResult<bool> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| crate::fsops::io_err("open", path, e))?;
     let mut magic = [0u8; 4];
@@ -245,11 +256,7 @@ pub fn detect_format(path: &Path) -> StepResult<Format> {
             Err(e) => return Err(crate::fsops::io_err("read", path, e)),
         }
     }
-    Ok(if n == 4 && &magic == b"QFI\xfb" {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    Ok(n == 4 && &magic == b"QFI\xfb")
 }
 
 /// `qemu-img create -q -f FMT PATH SIZE` (tests and the demo).
