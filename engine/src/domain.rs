@@ -352,17 +352,7 @@ impl Engine {
                 ))
             })?;
             let ft = meta.file_type();
-            let what = if ft.is_dir() {
-                "a directory"
-            } else if ft.is_char_device() {
-                "a character device"
-            } else if ft.is_block_device() {
-                "a block device"
-            } else if ft.is_file() {
-                "a regular file"
-            } else {
-                "neither a file nor a block device"
-            };
+            let what = crate::file_type_name(&ft);
             if block && !ft.is_block_device() {
                 return Err(EngineError::Invalid(format!(
                     "disk {}: <disk type='block'> names {}, which is {what}, not a block device; fix the <disk> in the XML",

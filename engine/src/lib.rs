@@ -242,12 +242,35 @@ pub const MAX_XML_BYTES: usize = 10 << 20;
 /// The longest description kept with a snapshot, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 64 << 10;
 
+/// What a file of type `ft` is, for messages ("a directory", "a FIFO",
+/// ...): what the XML reader and the domain disk check say they found.
+pub(crate) fn file_type_name(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else {
+        "of another file type"
+    }
+}
+
 /// Read an XML document from a file: a regular file (not a directory, a
 /// device such as `/dev/zero`, or a FIFO) of at most [`MAX_XML_BYTES`],
 /// in UTF-8. Nothing larger is read into memory.
 pub fn read_xml_file(path: &Path) -> Result<String> {
     use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     let cannot =
         |e: std::io::Error| EngineError::Invalid(format!("cannot read {}: {e}", path.display()));
     // O_NONBLOCK: opening a FIFO must not wait for a writer.
@@ -258,19 +281,7 @@ pub fn read_xml_file(path: &Path) -> Result<String> {
         .map_err(cannot)?;
     let ft = f.metadata().map_err(cannot)?.file_type();
     if !ft.is_file() {
-        let what = if ft.is_dir() {
-            "a directory"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else if ft.is_block_device() {
-            "a block device"
-        } else if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
-        };
+        let what = file_type_name(&ft);
         return Err(EngineError::Invalid(format!(
             "{} is {what}; give the path of an XML file",
             path.display()
