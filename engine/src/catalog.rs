@@ -226,15 +226,15 @@ pub fn snapshot_ids(
     volume: &Path,
 ) -> Result<std::collections::BTreeMap<String, SnapFileId>> {
     let prefix = snap_prefix(volume);
-    let mut out = std::collections::BTreeMap::new();
-    for (key, bytes) in j.catalog_scan(VOLSNAPIDS, &prefix)? {
-        let id = codec::decode::<SnapFileId>(&bytes).map_err(|e| corrupt(VOLSNAPIDS, &key, e))?;
-        out.insert(
-            String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
-            id,
-        );
-    }
-    Ok(out)
+    Ok(scan(j, VOLSNAPIDS, &prefix)?
+        .into_iter()
+        .map(|(key, id)| {
+            (
+                String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                id,
+            )
+        })
+        .collect())
 }
 
 fn path_key(path: &Path) -> Vec<u8> {
@@ -309,44 +309,54 @@ fn corrupt(tree: &str, key: &[u8], e: impl std::fmt::Display) -> EngineError {
     })
 }
 
-pub fn volume(j: &Journal, path: &Path) -> Result<Option<VolumeRec>> {
-    let key = path_key(path);
-    match j.catalog_get(VOLUMES, &key)? {
+/// The record at `key` in `tree`, decoded; a record that does not decode
+/// is a corrupt catalog.
+fn get<T: serde::de::DeserializeOwned>(j: &Journal, tree: &str, key: &[u8]) -> Result<Option<T>> {
+    match j.catalog_get(tree, key)? {
         None => Ok(None),
         Some(bytes) => codec::decode(&bytes)
             .map(Some)
-            .map_err(|e| corrupt(VOLUMES, &key, e)),
+            .map_err(|e| corrupt(tree, key, e)),
     }
+}
+
+/// Every record in `tree` whose key starts with `prefix`, with its key,
+/// decoded; a record that does not decode is a corrupt catalog.
+fn scan<T: serde::de::DeserializeOwned>(
+    j: &Journal,
+    tree: &str,
+    prefix: &[u8],
+) -> Result<Vec<(Vec<u8>, T)>> {
+    let mut out = Vec::new();
+    for (key, bytes) in j.catalog_scan(tree, prefix)? {
+        let v = codec::decode(&bytes).map_err(|e| corrupt(tree, &key, e))?;
+        out.push((key, v));
+    }
+    Ok(out)
+}
+
+pub fn volume(j: &Journal, path: &Path) -> Result<Option<VolumeRec>> {
+    get(j, VOLUMES, &path_key(path))
 }
 
 /// Every snapshot of the volume, oldest first.
 pub fn snapshots(j: &Journal, volume: &Path) -> Result<Vec<VolSnapshot>> {
-    let mut out = Vec::new();
-    for (key, bytes) in j.catalog_scan(VOLSNAPS, &snap_prefix(volume))? {
-        out.push(codec::decode::<VolSnapshot>(&bytes).map_err(|e| corrupt(VOLSNAPS, &key, e))?);
-    }
+    let mut out: Vec<VolSnapshot> = scan(j, VOLSNAPS, &snap_prefix(volume))?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
     out.sort_by_key(|s| s.seq);
     Ok(out)
 }
 
 /// Every volume in the catalog.
 pub fn volumes(j: &Journal) -> Result<Vec<VolumeRec>> {
-    let mut out = Vec::new();
-    for (key, bytes) in j.catalog_scan(VOLUMES, b"")? {
-        out.push(codec::decode::<VolumeRec>(&bytes).map_err(|e| corrupt(VOLUMES, &key, e))?);
-    }
-    Ok(out)
+    Ok(scan(j, VOLUMES, b"")?.into_iter().map(|(_, v)| v).collect())
 }
 
 /// The image's format as recorded by vsnap, if it was.
 pub fn volformat(j: &Journal, path: &Path) -> Result<Option<Format>> {
-    let key = path_key(path);
-    match j.catalog_get(VOLFORMAT, &key)? {
-        None => Ok(None),
-        Some(bytes) => codec::decode(&bytes)
-            .map(Some)
-            .map_err(|e| corrupt(VOLFORMAT, &key, e)),
-    }
+    get(j, VOLFORMAT, &path_key(path))
 }
 
 /// The format of the active image as the catalog knows it: recorded, or
@@ -366,8 +376,8 @@ pub fn known_format(j: &Journal, path: &Path) -> Result<Option<Format>> {
 /// This state directory's random id (made and stored the first time it
 /// is asked for).
 pub fn owner_id(j: &Journal) -> Result<String> {
-    if let Some(bytes) = j.catalog_get(META, OWNER_ID)? {
-        return codec::decode::<String>(&bytes).map_err(|e| corrupt(META, OWNER_ID, e));
+    if let Some(id) = owner_id_if_any(j)? {
+        return Ok(id);
     }
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
@@ -388,10 +398,5 @@ pub fn owner_id(j: &Journal) -> Result<String> {
 
 /// This state directory's id if it has one yet (read-only).
 pub fn owner_id_if_any(j: &Journal) -> Result<Option<String>> {
-    match j.catalog_get(META, OWNER_ID)? {
-        None => Ok(None),
-        Some(bytes) => codec::decode::<String>(&bytes)
-            .map(Some)
-            .map_err(|e| corrupt(META, OWNER_ID, e)),
-    }
+    get(j, META, OWNER_ID)
 }
