@@ -26,17 +26,23 @@ impl Service {
     /// Start `vsnap serve` on `state` (with `env` added) and wait until its
     /// socket answers (bounded: a service that does not come up fails).
     fn start(state: &Path, env: &[(&str, &str)]) -> Service {
-        let mut c = Command::new(VSNAP);
-        c.arg("--state-dir")
-            .arg(state)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut c = vsnap_command(state);
+        c.arg("serve");
         for (k, v) in env {
             c.env(k, v);
         }
-        let mut child = c.spawn().expect("start vsnap serve");
+        Service::spawn(c, state)
+    }
+
+    /// Spawn `c` (a `vsnap ... serve` on `state`, stdout to /dev/null,
+    /// stderr piped for [`Service::stop`]) and wait until its socket
+    /// answers (bounded).
+    fn spawn(mut c: Command, state: &Path) -> Service {
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vsnap serve");
         let socket = state.join("vsnap.sock");
         let t0 = Instant::now();
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -213,21 +219,12 @@ fn commands_run_in_the_service_as_they_would_alone() {
 /// client gets its status and its stdout, and the service serves on.
 #[test]
 fn a_client_gone_from_stderr_does_not_stop_its_plan() {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let d = TempDir::new("svc-epipe");
     let state = d.join("state");
     let img = d.join("a.raw");
     qemu_img_create(&img, "raw", 160 << 20);
     let svc = Service::start(&state, &[]);
-    let mut fds = [0; 2];
-    // SAFETY: pipe fills fds with two new descriptors, owned below.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    drop(read_end);
-    let out = Command::new(VSNAP)
-        .arg("--state-dir")
-        .arg(&state)
+    let out = vsnap_command(&state)
         .args([
             "vol",
             "snapshot",
@@ -237,8 +234,7 @@ fn a_client_gone_from_stderr_does_not_stop_its_plan() {
             "--kind",
             "copy",
         ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::from(write_end))
+        .stderr(pipe_nobody_reads())
         .output()
         .unwrap();
     assert!(
@@ -452,7 +448,6 @@ fn a_panicking_command_does_not_end_the_service() {
 /// serves on.
 #[test]
 fn a_closed_stdout_through_the_service_is_not_a_panic() {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let d = TempDir::new("svc-stdout");
     let state = d.join("state");
     let img = d.join("a.qcow2");
@@ -465,18 +460,9 @@ fn a_closed_stdout_through_the_service_is_not_a_panic() {
     )
     .ok();
     for _ in 0..2 {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills fds with two new descriptors, owned below.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        drop(read_end);
-        let out = Command::new(VSNAP)
-            .arg("--state-dir")
-            .arg(&state)
+        let out = vsnap_command(&state)
             .args(["vol", "snapshot", "list", i])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(write_end))
+            .stdout(pipe_nobody_reads())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -515,13 +501,7 @@ fn non_utf8_arguments_do_not_end_the_service() {
         vec!["vol".as_ref(), "snapshot".as_ref(), "list".as_ref(), bad],
         vec!["vol".as_ref(), "check".as_ref(), bad],
     ] {
-        let out = Command::new(VSNAP)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(&args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = vsnap_command(&state).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("ended during"), "{args:?}: {err}");
         assert!(
@@ -556,28 +536,15 @@ fn another_users_service_is_never_handed_a_command() {
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&theirs, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", VSNAP])
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", VSNAP])
         .arg("--state-dir")
         .arg(&theirs)
         .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let sock = theirs.join("vsnap.sock");
-    let t0 = Instant::now();
-    let mut raw = loop {
-        if let Ok(s) = UnixStream::connect(&sock) {
-            break s;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("nobody's vsnap serve exited at start: {st}");
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "no service");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+        .stdin(Stdio::null());
+    let svc = Service::spawn(c, &theirs);
+    let sock = svc.socket.clone();
+    let mut raw = UnixStream::connect(&sock).unwrap();
     // The service answers a client of another uid: refused (254).
     raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut b = [0u8; 1];
@@ -609,8 +576,6 @@ fn another_users_service_is_never_handed_a_command() {
     vsnap(&mine, &["vol", "snapshot", "count", i])
         .ok()
         .stdout_has(&["1"]);
-    // SAFETY: kill has no memory preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    assert!(st.success(), "{st}");
+    let (st, said) = svc.stop();
+    assert!(st.success(), "{st}\n{said}");
 }

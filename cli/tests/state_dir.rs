@@ -10,7 +10,6 @@ mod common;
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().mode() & 0o7777
@@ -213,7 +212,6 @@ fn usage_errors_with_json_are_json() {
 /// status, without a panic.
 #[test]
 fn a_closed_stdout_is_not_a_panic() {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let d = TempDir::new("sd-pipe");
     let state = d.join("state");
     let img = d.join("a.qcow2");
@@ -224,19 +222,10 @@ fn a_closed_stdout_is_not_a_panic() {
         &["--json", "vol", "snapshot", "list", p(&img)],
         &["plan", "list"],
     ] {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills fds with two new descriptors, owned below.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        drop(read_end);
-        let out = Command::new(VSNAP)
-            .arg("--state-dir")
-            .arg(&state)
+        let out = vsnap_command(&state)
             .args(args)
             .env("VSNAP_NO_SERVICE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(write_end))
+            .stdout(pipe_nobody_reads())
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -130,14 +130,30 @@ impl Out {
     }
 }
 
+/// `vsnap --state-dir STATE`, stdin from /dev/null: to add arguments,
+/// environment and redirections to.
+pub fn vsnap_command(state: &Path) -> Command {
+    let mut c = Command::new(VSNAP);
+    c.arg("--state-dir").arg(state).stdin(Stdio::null());
+    c
+}
+
 /// `vsnap --state-dir STATE ARGS...`, stdin from /dev/null.
 pub fn vsnap(state: &Path, args: &[&str]) -> Out {
-    let mut c = Command::new(VSNAP);
-    c.arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .stdin(Stdio::null());
-    Out::from(c.output().expect("run vsnap"))
+    Out::from(vsnap_command(state).args(args).output().expect("run vsnap"))
+}
+
+/// The write end of a pipe whose read end is already closed: every write
+/// to it fails (EPIPE), as `vsnap ... | head` meets once head has gone.
+pub fn pipe_nobody_reads() -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills fds with two new descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    write_end
 }
 
 /// `vsnap ARGS...` without a state dir (for --help, --version).
