@@ -70,11 +70,13 @@ impl Fx {
     /// Run `args`: exit 2, stderr has `words`, nothing changed.
     #[track_caller]
     fn refused(&self, args: &[&str], words: &[&str]) -> Out {
-        let before = self.world();
-        let out = self.vsnap(args);
-        out.expect_code(2).stderr_has(words);
-        assert_unchanged(&before, &self.world());
-        out
+        refused_untouched(
+            &self.state,
+            &[&self.work, &self.xml],
+            &[&self.qcow, &self.raw],
+            args,
+            words,
+        )
     }
 
     fn xml_doc(&self, name: &str, text: &str) -> PathBuf {
@@ -656,11 +658,13 @@ fn full_filesystem_copy_is_refused_before_anything_changes() {
     ])
     .ok();
     let images: Vec<&Path> = vec![&small];
-    let before = world(&fx.state, &[&mnt.mnt], &images);
-    fx.vsnap(&["vol", "snapshot", "revert", p(&small), "s1"])
-        .expect_code(2)
-        .stderr_has(&["not enough space", "free space"]);
-    assert_unchanged(&before, &world(&fx.state, &[&mnt.mnt], &images));
+    refused_untouched(
+        &fx.state,
+        &[&mnt.mnt],
+        &images,
+        &["vol", "snapshot", "revert", p(&small), "s1"],
+        &["not enough space", "free space"],
+    );
 }
 
 /// Fill the filesystem of `dir` completely with a file `name`.

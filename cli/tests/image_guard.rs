@@ -98,6 +98,13 @@ impl Fx {
         world(state, &[&self.vm], images)
     }
 
+    /// `vsnap --state-dir STATE ARGS` exits 2 naming `words`, and
+    /// [`Fx::world`] is unchanged.
+    #[track_caller]
+    fn refused(&self, state: &Path, images: &[&Path], args: &[&str], words: &[&str]) -> Out {
+        refused_untouched(state, &[&self.vm], images, args, words)
+    }
+
     /// No chain of `image` (read as vsnap's catalog says: `format`)
     /// reaches the host file.
     #[track_caller]
@@ -168,11 +175,7 @@ fn a_raw_disk_with_a_qcow2_header_is_never_read_as_qcow2() {
         &["vol", "snapshot", "create", d, "s1", "--kind", "external"],
         &["vol", "snapshot", "create", d, "s1", "--kind", "internal"],
     ] {
-        let before = fx.world(&state, &[&disk]);
-        vsnap(&state, args)
-            .expect_code(2)
-            .stderr_has(&["--format raw", "qcow2 header"]);
-        assert_unchanged(&before, &fx.world(&state, &[&disk]));
+        fx.refused(&state, &[&disk], args, &["--format raw", "qcow2 header"]);
     }
     // A check of the image reads it as raw.
     vsnap(&state, &["vol", "check", d]).ok();
@@ -366,14 +369,12 @@ fn an_image_with_a_second_hard_link_is_refused() {
     let other = fx.vm.join("other-name.qcow2");
     std::fs::hard_link(&img, &other).unwrap();
     for kind in ["external", "internal", "copy"] {
-        let before = fx.world(&state, &[&img]);
-        vsnap(
+        fx.refused(
             &state,
+            &[&img],
             &["vol", "snapshot", "create", i, "e1", "--kind", kind],
-        )
-        .expect_code(2)
-        .stderr_has(&["2 hard links", "remove the other link"]);
-        assert_unchanged(&before, &fx.world(&state, &[&img]));
+            &["2 hard links", "remove the other link"],
+        );
     }
     std::fs::remove_file(&other).unwrap();
     vsnap(
@@ -428,27 +429,28 @@ fn domain_disks_another_state_directory_manages_or_with_two_links_are_refused() 
         &["--disk", "vda=internal"][..],
         &["--disk", "vda=external"][..],
     ] {
-        let before = fx.world(&b, &[&disk]);
         let mut args = vec!["snapshot", "create", "vm", "s1"];
         args.extend_from_slice(extra);
-        vsnap(&b, &args).expect_code(2).stderr_has(&[
-            "managed by another vsnap state directory",
-            a_canon.to_str().unwrap(),
-        ]);
-        assert_unchanged(&before, &fx.world(&b, &[&disk]));
+        fx.refused(
+            &b,
+            &[&disk],
+            &args,
+            &[
+                "managed by another vsnap state directory",
+                a_canon.to_str().unwrap(),
+            ],
+        );
     }
     vsnap(&a, &["vol", "snapshot", "delete", p(&disk), "a1"]).ok();
     // A second name: refused the same way.
     let other = fx.vm.join("other.qcow2");
     std::fs::hard_link(&disk, &other).unwrap();
-    let before = fx.world(&b, &[&disk]);
-    vsnap(
+    fx.refused(
         &b,
+        &[&disk],
         &["snapshot", "create", "vm", "s1", "--disk", "vda=external"],
-    )
-    .expect_code(2)
-    .stderr_has(&["2 hard links", "remove the other link"]);
-    assert_unchanged(&before, &fx.world(&b, &[&disk]));
+        &["2 hard links", "remove the other link"],
+    );
     std::fs::remove_file(&other).unwrap();
     vsnap(
         &b,

@@ -43,11 +43,7 @@ impl Fx {
     /// `args` exit 2 naming `words`, and nothing changed at all.
     #[track_caller]
     fn refused(&self, images: &[&Path], args: &[&str], words: &[&str]) -> Out {
-        let before = self.world(images);
-        let out = self.vsnap(args);
-        out.expect_code(2).stderr_has(words);
-        assert_unchanged(&before, &self.world(images));
-        out
+        refused_untouched(&self.state, &[&self.work], images, args, words)
     }
 
     /// Define domain `name` with `disks` (target, source, driver type).

@@ -156,6 +156,24 @@ pub fn pipe_nobody_reads() -> std::os::fd::OwnedFd {
     write_end
 }
 
+/// `vsnap --state-dir STATE ARGS...` is refused: exit 2, stderr has
+/// `words`, and nothing changed: [`world`] of `state`, `dirs` and
+/// `images` is the same after as before.
+#[track_caller]
+pub fn refused_untouched(
+    state: &Path,
+    dirs: &[&Path],
+    images: &[&Path],
+    args: &[&str],
+    words: &[&str],
+) -> Out {
+    let before = world(state, dirs, images);
+    let out = vsnap(state, args);
+    out.expect_code(2).stderr_has(words);
+    assert_unchanged(&before, &world(state, dirs, images));
+    out
+}
+
 /// `vsnap ARGS...` without a state dir (for --help, --version).
 pub fn vsnap_bare(args: &[&str]) -> Out {
     Out::from(
