@@ -667,22 +667,6 @@ fn full_filesystem_copy_is_refused_before_anything_changes() {
     );
 }
 
-/// Fill the filesystem of `dir` completely with a file `name`.
-fn fill(dir: &Path, name: &str) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join(name)).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    loop {
-        if f.write_all(&chunk).is_err() {
-            break;
-        }
-    }
-    // Whatever is left, in small pieces.
-    let small = [0x5au8; 512];
-    while f.write_all(&small).is_ok() {}
-    let _ = f.sync_all();
-}
-
 /// A qcow2 image (4 MiB virtual, 1 MiB of data) on a 16 MiB ext4 that is
 /// then filled up completely. Returns (the mount, the image).
 fn image_on_a_full_filesystem(fx: &Fx) -> (Mount, PathBuf) {

@@ -16,12 +16,9 @@ use std::process::{Command, Stdio};
 /// `vsnap --state-dir STATE ARGS...` with arguments that need not be UTF-8.
 fn vsnap_os(state: &Path, args: &[&OsStr]) -> Out {
     Out::from(
-        Command::new(VSNAP)
-            .arg("--state-dir")
-            .arg(state)
+        vsnap_command(state)
             .args(args)
             .env("VSNAP_NO_SERVICE", "1")
-            .stdin(Stdio::null())
             .output()
             .expect("run vsnap"),
     )
@@ -39,50 +36,6 @@ fn bad_name(dir: &Path, prefix: &str, suffix: &str) -> PathBuf {
     dir.join(OsString::from_vec(b))
 }
 
-/// `qemu-img create` / `qemu-io` for paths that are not UTF-8 (the common
-/// helpers take `&str`).
-fn img_create(path: &Path, format: &str, size: u64) {
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", format])
-        .arg(path)
-        .arg(size.to_string())
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn io_write(path: &Path, format: &str, pattern: u8) {
-    let st = Command::new("qemu-io")
-        .args([
-            "-f",
-            format,
-            "-c",
-            &format!("write -P 0x{pattern:02x} 0 65536"),
-        ])
-        .arg(path)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn io_reads(path: &Path, format: &str, pattern: u8) -> bool {
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            format,
-            "-r",
-            "-U",
-            "-c",
-            &format!("read -P 0x{pattern:02x} 0 65536"),
-        ])
-        .arg(path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    out.status.success() && text.contains("read ") && !text.contains("Pattern verification failed")
-}
-
 /// No command may panic (exit 101), whatever the input.
 #[track_caller]
 fn no_panic(o: &Out) {
@@ -96,10 +49,10 @@ fn non_utf8_image_names_work_or_are_refused_cleanly() {
     let state = tmp.join("state");
     let q = bad_name(&tmp.path, "a", ".qcow2");
     let r = bad_name(&tmp.path, "b", ".raw");
-    img_create(&q, "qcow2", 4 * MIB);
-    io_write(&q, "qcow2", 0x11);
-    img_create(&r, "raw", 4 * MIB);
-    io_write(&r, "raw", 0x22);
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    qemu_io_write(&q, "qcow2", 0, 65536, 0x11);
+    qemu_img_create(&r, "raw", 4 * MIB);
+    qemu_io_write(&r, "raw", 0, 65536, 0x22);
     let run = |args: &[&OsStr]| {
         let o = vsnap_os(&state, args);
         no_panic(&o);
@@ -117,7 +70,7 @@ fn non_utf8_image_names_work_or_are_refused_cleanly() {
         ])
         .ok();
     }
-    io_write(&q, "qcow2", 0x33);
+    qemu_io_write(&q, "qcow2", 0, 65536, 0x33);
     run(&[os("vol"), os("snapshot"), os("list"), q.as_os_str()])
         .ok()
         .stdout_has(&["s1", "s2"]);
@@ -159,7 +112,7 @@ fn non_utf8_image_names_work_or_are_refused_cleanly() {
         os("s1"),
     ])
     .ok();
-    assert!(io_reads(&q, "qcow2", 0x11));
+    assert!(qemu_io_reads(&q, "qcow2", 0, 65536, 0x11));
     run(&[
         os("vol"),
         os("snapshot"),
@@ -195,7 +148,7 @@ fn non_utf8_image_names_work_or_are_refused_cleanly() {
     .ok();
     let c1 = bad_name(&tmp.path, "b", ".c1.raw");
     assert!(c1.exists(), "no {}", c1.display());
-    io_write(&r, "raw", 0x44);
+    qemu_io_write(&r, "raw", 0, 65536, 0x44);
     run(&[
         os("vol"),
         os("snapshot"),
@@ -204,7 +157,7 @@ fn non_utf8_image_names_work_or_are_refused_cleanly() {
         os("c1"),
     ])
     .ok();
-    assert!(io_reads(&r, "raw", 0x22));
+    assert!(qemu_io_reads(&r, "raw", 0, 65536, 0x22));
     run(&[os("vol"), os("check"), r.as_os_str()]).ok();
     run(&[
         os("vol"),
@@ -244,7 +197,7 @@ fn a_non_utf8_image_does_not_end_the_service() {
     let tmp = TempDir::new("nonutf8-serve");
     let state = tmp.join("state");
     let q = bad_name(&tmp.path, "a", ".qcow2");
-    img_create(&q, "qcow2", 4 * MIB);
+    qemu_img_create(&q, "qcow2", 4 * MIB);
     let mut child = Command::new(VSNAP)
         .arg("--state-dir")
         .arg(&state)

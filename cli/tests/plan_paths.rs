@@ -307,20 +307,7 @@ fn a_backing_loop_is_found_at_once_and_named() {
     let a = fx.work.join("a.qcow2");
     let b = fx.work.join("b.qcow2");
     qemu_img_create(&b, "qcow2", MIB);
-    must(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            p(&b),
-            "-F",
-            "qcow2",
-            p(&a),
-        ],
-    );
+    qemu_img_create_overlay(&a, p(&b));
     // a -> b -> a
     must(
         "qemu-img",

@@ -10,17 +10,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// Fill the filesystem of `dir` completely with a file `name`.
-fn fill(dir: &Path, name: &str) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join(name)).unwrap();
-    let chunk = vec![0x5au8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    let small = [0x5au8; 512];
-    while f.write_all(&small).is_ok() {}
-    let _ = f.sync_all();
-}
-
 // ------------------------------------------------------------ full btrfs
 
 /// A nearly full btrfs is not "a filesystem that cannot make reflinks":
@@ -90,21 +79,7 @@ fn copy_to_another_directory_keeps_a_relative_backing_file_resolvable() {
     qemu_img_create(&base, "qcow2", 4 * MIB);
     qemu_io_write(&base, "qcow2", 0, MIB, 0x31);
     let top = vm.join("top.qcow2");
-    let out = Out::from_command(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
-    out.ok();
+    qemu_img_create_overlay(&top, "base.qcow2");
     qemu_io_write(&top, "qcow2", MIB, MIB, 0x32);
     let images: Vec<&Path> = vec![&top];
     for kind in ["copy", "reflink"] {

@@ -6,6 +6,7 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -219,7 +220,7 @@ pub fn run_with_deadline(program: &str, args: &[&str], deadline: Duration) -> (O
     }
 }
 
-fn run(program: &str, args: &[&str]) -> Output {
+fn run<A: AsRef<OsStr> + std::fmt::Debug>(program: &str, args: &[A]) -> Output {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -239,29 +240,72 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 test path")
 }
 
-/// `qemu-img create -q -f FORMAT PATH SIZE`.
+/// `qemu-img create -q -f FORMAT PATH SIZE` (PATH need not be UTF-8).
 pub fn qemu_img_create(path: &Path, format: &str, size: u64) {
+    let size = size.to_string();
     run(
         "qemu-img",
-        &["create", "-q", "-f", format, s(path), &size.to_string()],
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            path.as_os_str(),
+            size.as_ref(),
+        ],
     );
 }
 
-/// `qemu-io -f FORMAT -c "write -P PATTERN OFFSET LEN" PATH`.
-pub fn qemu_io_write(path: &Path, format: &str, offset: u64, len: u64, pattern: u8) {
+/// `qemu-img create -q -f qcow2 -b BACKING -F qcow2 PATH`: a qcow2
+/// overlay whose backing file is named `backing` (as given: relative
+/// names stay relative).
+pub fn qemu_img_create_overlay(path: &Path, backing: &str) {
     run(
-        "qemu-io",
+        "qemu-img",
         &[
+            "create",
+            "-q",
             "-f",
-            format,
-            "-c",
-            &format!("write -P 0x{pattern:02x} {offset} {len}"),
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
             s(path),
         ],
     );
 }
 
-/// Whether `LEN` bytes at `offset` hold `pattern` (`qemu-io -r`).
+/// `qemu-io -f FORMAT -c "write -P PATTERN OFFSET LEN" PATH` (PATH need
+/// not be UTF-8).
+pub fn qemu_io_write(path: &Path, format: &str, offset: u64, len: u64, pattern: u8) {
+    let cmd = format!("write -P 0x{pattern:02x} {offset} {len}");
+    run(
+        "qemu-io",
+        &[
+            "-f".as_ref(),
+            format.as_ref(),
+            "-c".as_ref(),
+            cmd.as_ref(),
+            path.as_os_str(),
+        ],
+    );
+}
+
+/// Fill the filesystem of `dir` completely with a file `name`.
+pub fn fill(dir: &Path, name: &str) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    // Whatever is left, in small pieces.
+    let small = [0x5au8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// Whether `LEN` bytes at `offset` hold `pattern` (`qemu-io -r`; PATH
+/// need not be UTF-8).
 pub fn qemu_io_reads(path: &Path, format: &str, offset: u64, len: u64, pattern: u8) -> bool {
     let out = Command::new("qemu-io")
         .args([
@@ -271,8 +315,8 @@ pub fn qemu_io_reads(path: &Path, format: &str, offset: u64, len: u64, pattern: 
             "-U",
             "-c",
             &format!("read -P 0x{pattern:02x} {offset} {len}"),
-            s(path),
         ])
+        .arg(path)
         .output()
         .expect("run qemu-io");
     let text = format!(
