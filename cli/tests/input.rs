@@ -11,7 +11,7 @@ use common::*;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// `vsnap --state-dir STATE ARGS...` with arguments that need not be UTF-8.
 fn vsnap_os(state: &Path, args: &[&OsStr]) -> Out {
@@ -198,30 +198,9 @@ fn a_non_utf8_image_does_not_end_the_service() {
     let state = tmp.join("state");
     let q = bad_name(&tmp.path, "a", ".qcow2");
     qemu_img_create(&q, "qcow2", 4 * MIB);
-    let mut child = Command::new(VSNAP)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(state.join("vsnap.sock")).is_err() {
-        assert!(t0.elapsed().as_secs() < 20, "vsnap serve did not start");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut svc = Service::start(&state, &[]);
     let through_service = |args: &[&OsStr]| {
-        let o = Out::from(
-            Command::new(VSNAP)
-                .arg("--state-dir")
-                .arg(&state)
-                .args(args)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap(),
-        );
+        let o = Out::from(vsnap_command(&state).args(args).output().unwrap());
         no_panic(&o);
         o
     };
@@ -241,12 +220,11 @@ fn a_non_utf8_image_does_not_end_the_service() {
         q.as_os_str(),
     ])
     .ok();
-    assert!(child.try_wait().unwrap().is_none(), "the service ended");
+    assert!(svc.child.try_wait().unwrap().is_none(), "the service ended");
     through_service(&[os("plan"), os("list")])
         .ok()
         .stdout_has(&["Committed"]);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(svc);
 }
 
 /// A `<volsnapshot>` document: a name split by a comment is read whole;

@@ -157,6 +157,72 @@ pub fn pipe_nobody_reads() -> std::os::fd::OwnedFd {
     write_end
 }
 
+/// A running `vsnap serve` (killed when dropped).
+pub struct Service {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Service {
+    /// Start `vsnap serve` on `state` (with `env` added) and wait until its
+    /// socket answers (bounded: a service that does not come up fails).
+    pub fn start(state: &Path, env: &[(&str, &str)]) -> Service {
+        let mut c = vsnap_command(state);
+        c.arg("serve");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Service::spawn(c, state)
+    }
+
+    /// Spawn `c` (a `vsnap ... serve` on `state`, stdout to /dev/null,
+    /// stderr piped for [`Service::stop`]) and wait until its socket
+    /// answers (bounded).
+    pub fn spawn(mut c: Command, state: &Path) -> Service {
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vsnap serve");
+        let socket = state.join("vsnap.sock");
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("vsnap serve exited at start: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "vsnap serve did not listen on {} within 20 s",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Service { child, socket }
+    }
+
+    /// SIGTERM; the exit status and what it printed.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut said = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        (self.child.wait().unwrap(), said)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `vsnap --state-dir STATE ARGS...` is refused: exit 2, stderr has
 /// `words`, and nothing changed: [`world`] of `state`, `dirs` and
 /// `images` is the same after as before.
