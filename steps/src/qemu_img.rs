@@ -278,26 +278,7 @@ pub fn create(path: &Path, format: Format, size: u64) -> StepResult<()> {
 /// sized from its backing. `backing` must be absolute (qemu would read a
 /// relative one against the overlay's directory).
 pub fn create_overlay(path: &Path, backing: &Path, backing_format: Format) -> StepResult<()> {
-    if !backing.is_absolute() {
-        return Err(StepError::Invalid(format!(
-            "backing file {} of overlay {} must be an absolute path",
-            backing.display(),
-            path.display()
-        )));
-    }
-    let p = path_arg(path);
-    let args: [&OsStr; 9] = [
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-b".as_ref(),
-        backing.as_os_str(),
-        "-F".as_ref(),
-        backing_format.as_str().as_ref(),
-        &p,
-    ];
-    run(QEMU_IMG, &args, path, &[]).map(drop)
+    create_overlay_run(&path_arg(path), path, backing, backing_format, &[])
 }
 
 /// [`create_overlay`] into the file open as `f` (new, empty, made by
@@ -310,6 +291,27 @@ pub fn create_overlay_fd(
     backing_format: Format,
 ) -> StepResult<()> {
     use std::os::fd::AsRawFd;
+    let p = crate::fsops::fd_path(f);
+    create_overlay_run(
+        p.as_os_str(),
+        path,
+        backing,
+        backing_format,
+        &[f.as_raw_fd()],
+    )
+}
+
+/// `qemu-img create -q -f qcow2 -b BACKING -F FMT IMAGE`, the child
+/// inheriting `keep`: what [`create_overlay`] and [`create_overlay_fd`]
+/// share. `path` names the overlay in messages; the backing path must be
+/// absolute.
+fn create_overlay_run(
+    image: &OsStr,
+    path: &Path,
+    backing: &Path,
+    backing_format: Format,
+    keep: &[std::os::fd::RawFd],
+) -> StepResult<()> {
     if !backing.is_absolute() {
         return Err(StepError::Invalid(format!(
             "backing file {} of overlay {} must be an absolute path",
@@ -317,7 +319,6 @@ pub fn create_overlay_fd(
             path.display()
         )));
     }
-    let p = crate::fsops::fd_path(f);
     let args: [&OsStr; 9] = [
         "create".as_ref(),
         "-q".as_ref(),
@@ -327,9 +328,9 @@ pub fn create_overlay_fd(
         backing.as_os_str(),
         "-F".as_ref(),
         backing_format.as_str().as_ref(),
-        p.as_os_str(),
+        image,
     ];
-    run_keeping(QEMU_IMG, &args, path, &[], &[f.as_raw_fd()]).map(drop)
+    run_keeping(QEMU_IMG, &args, path, &[], keep).map(drop)
 }
 
 /// Internal snapshot names of a qcow2 image, read natively
