@@ -265,15 +265,7 @@ fn domain_define_without_driver_type_is_raw() {
     let state = fx.tmp.join("state");
     let disk = hostile_raw(&fx.tmp, "vda.img", &fx.secret);
     let xml = fx.tmp.join("vm.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domain type='kvm'><name>vm</name><devices><disk type='file' device='disk'>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-            disk.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&xml, domain_xml("vm", &[("vda", &disk, None)])).unwrap();
     vsnap(&state, &["domain", "define", p(&xml)]).ok();
     let info = vsnap(&state, &["--json", "domain", "info", "vm"])
         .ok()
@@ -411,16 +403,7 @@ fn domain_disks_another_state_directory_manages_or_with_two_links_are_refused() 
     let disk = fx.vm.join("vda.qcow2");
     qemu_img_create(&disk, "qcow2", 4 * MIB);
     let xml = fx.tmp.join("vm.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domain type='kvm'><name>vm</name><devices><disk type='file' device='disk'>\
-             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/>\
-             </disk></devices></domain>",
-            disk.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&xml, domain_xml("vm", &[("vda", &disk, Some("qcow2"))])).unwrap();
     vsnap(&b, &["domain", "define", p(&xml)]).ok();
     // A manages the image (one internal snapshot, so the chain stays put).
     vsnap(&a, &["vol", "snapshot", "create", p(&disk), "a1"]).ok();

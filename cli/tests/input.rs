@@ -492,12 +492,7 @@ fn invisible_characters_in_names_are_refused_naming_the_kind() {
         let dom = tmp.join("d.xml");
         std::fs::write(
             &dom,
-            format!(
-                "<domain type='kvm'><name>vm{c}1</name><devices><disk type='file' device='disk'>\
-                 <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
-                 </devices></domain>",
-                p(&q)
-            ),
+            domain_xml(&format!("vm{c}1"), &[("vda", &q, Some("qcow2"))]),
         )
         .unwrap();
         let o = vsnap(&state, &["domain", "define", p(&dom)]);
@@ -506,16 +501,7 @@ fn invisible_characters_in_names_are_refused_naming_the_kind() {
     }
     // A bad domain name without invisible characters says "domain" too.
     let dom = tmp.join("d2.xml");
-    std::fs::write(
-        &dom,
-        format!(
-            "<domain type='kvm'><name>.hidden</name><devices><disk type='file' device='disk'>\
-             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda'/></disk>\
-             </devices></domain>",
-            p(&q)
-        ),
-    )
-    .unwrap();
+    std::fs::write(&dom, domain_xml(".hidden", &[("vda", &q, Some("qcow2"))])).unwrap();
     vsnap(&state, &["domain", "define", p(&dom)])
         .expect_code(2)
         .stderr_has(&["invalid domain name \".hidden\""]);

@@ -48,17 +48,12 @@ impl Fx {
 
     /// Define domain `name` with `disks` (target, source, driver type).
     fn define(&self, name: &str, disks: &[(&str, &Path, &str)]) -> Out {
-        let mut x = format!("<domain type='kvm'><name>{name}</name><devices>");
-        for (t, src, ty) in disks {
-            x.push_str(&format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='{ty}'/>\
-                 <source file='{}'/><target dev='{t}'/></disk>",
-                src.display()
-            ));
-        }
-        x.push_str("</devices></domain>");
+        let disks: Vec<_> = disks
+            .iter()
+            .map(|&(t, src, ty)| (t, src, Some(ty)))
+            .collect();
         let f = self.work.join(format!("{name}.xml"));
-        std::fs::write(&f, x).unwrap();
+        std::fs::write(&f, domain_xml(name, &disks)).unwrap();
         let out = self.vsnap(&["domain", "define", p(&f)]);
         std::fs::remove_file(&f).unwrap();
         out

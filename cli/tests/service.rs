@@ -109,12 +109,7 @@ fn commands_run_in_the_service_as_they_would_alone() {
     qemu_img_create(&disk, "qcow2", 64 << 20);
     std::fs::write(
         work.join("vm.xml"),
-        format!(
-            "<domain type='kvm'><name>vm</name><devices><disk type='file' device='disk'>\
-             <driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/>\
-             </disk></devices></domain>",
-            disk.display()
-        ),
+        domain_xml("vm", &[("vda", &disk, Some("qcow2"))]),
     )
     .unwrap();
     cmd(&["domain", "define", "vm.xml"]).ok();

@@ -223,6 +223,24 @@ impl Drop for Service {
     }
 }
 
+/// A libvirt domain document named `name` with one file disk per
+/// (target, source, driver type: `None` writes no `<driver>`).
+pub fn domain_xml(name: &str, disks: &[(&str, &Path, Option<&str>)]) -> String {
+    let mut x = format!("<domain type='kvm'><name>{name}</name><devices>");
+    for (target, source, ty) in disks {
+        x.push_str("<disk type='file' device='disk'>");
+        if let Some(ty) = ty {
+            x.push_str(&format!("<driver name='qemu' type='{ty}'/>"));
+        }
+        x.push_str(&format!(
+            "<source file='{}'/><target dev='{target}'/></disk>",
+            source.display()
+        ));
+    }
+    x.push_str("</devices></domain>");
+    x
+}
+
 /// `vsnap --state-dir STATE ARGS...` is refused: exit 2, stderr has
 /// `words`, and nothing changed: [`world`] of `state`, `dirs` and
 /// `images` is the same after as before.
