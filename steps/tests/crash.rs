@@ -58,6 +58,8 @@ fn no_temps(dir: &Path) {
 fn check(dir: &Path, setup: &dyn Fn() -> Step, point: &str, after_crash: Probe) {
     let step = setup();
     apply_crashing_at(&step, point);
+    // Recovery is a new process: it knows no file from an earlier run.
+    fsops::forget_all();
     assert_eq!(probe(&step), after_crash, "probe after a crash at {point}");
     apply(&step);
     assert_eq!(
@@ -70,6 +72,7 @@ fn check(dir: &Path, setup: &dyn Fn() -> Step, point: &str, after_crash: Probe) 
         undo(&step);
         assert_eq!(probe(&step), Probe::NotApplied);
         apply_crashing_at(&step, point);
+        fsops::forget_all();
         undo(&step);
         assert_eq!(
             probe(&step),
