@@ -95,6 +95,22 @@ enum VolCmd {
         /// The disk image (qcow2 or raw), by the path it is used under.
         image: PathBuf,
     },
+    /// Record the volume's snapshot files as vsnap's own again, after you
+    /// restored them from a backup or moved them to another filesystem.
+    ///
+    /// vsnap records the inode of every snapshot file it makes and refuses
+    /// a file found under that name later (someone who can write the
+    /// directory may have swapped it). A restore or a move gives every
+    /// file a new inode: adopt them once the volume is otherwise
+    /// consistent. Refused, with nothing changed, when `vol check` finds
+    /// anything but the files' identities wrong, when a file is a symlink
+    /// or has a second name, or when a reflink or copy snapshot's file
+    /// does not have the size and content vsnap made. Changes only the
+    /// catalog. Exit 0 also when there was nothing to adopt.
+    AdoptFiles {
+        /// The disk image (qcow2 or raw), by the path it is used under.
+        image: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -486,6 +502,31 @@ fn try_main(cli: &Cli) -> anyhow::Result<u8> {
             } else {
                 EXIT_NO
             })
+        }
+        Cmd::Vol {
+            cmd: VolCmd::AdoptFiles { image },
+        } => {
+            let engine = open(cli)?;
+            let r = engine.vol_adopt_files(image)?;
+            if cli.json {
+                print_json(&serde_json::to_value(&r)?);
+            } else {
+                for a in &r.adopted {
+                    println!(
+                        "adopted {} (snapshot {:?}; was: {})",
+                        a.file.display(),
+                        a.snapshot,
+                        a.was
+                    );
+                }
+                println!(
+                    "{}: {} file(s) adopted, {} already vsnap's",
+                    r.image.display(),
+                    r.adopted.len(),
+                    r.unchanged
+                );
+            }
+            Ok(EXIT_OK)
         }
         Cmd::Plan { cmd } => plans(cli, cmd),
         Cmd::Serve => serve(cli),

@@ -253,6 +253,134 @@ fn replaced_snapshot_files_are_reported_and_never_followed() {
     vsnap(&state, &["vol", "check", p(&img)]).ok();
 }
 
+// ------------------------------------------------ files restored by hand
+
+/// A copy of `from` under the name `to` with a new inode (as a restore
+/// from backup, or a move across filesystems, makes it).
+fn restore_copy(from: &Path, to: &Path) {
+    let tmp = to.with_extension("restoring");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// Snapshot files restored from a backup get new inodes: every command
+/// refuses them as replaced and names `vol adopt-files`. adopt-files
+/// refuses (exit 2, nothing recorded: the commands still refuse) a
+/// whole-file snapshot whose content is not what vsnap made, a file with a
+/// second hard link, a symlink and an image that is no volume of the
+/// state directory; with
+/// the right files it adopts them (one catalog write) and revert, delete
+/// and `vol check` work again.
+#[test]
+fn adopt_files_takes_back_restored_snapshot_files_and_refuses_others() {
+    let tmp = TempDir::new("adopt");
+    let state = tmp.join("state");
+    let vm = tmp.join("vm");
+    let backup = tmp.join("backup");
+    std::fs::create_dir(&vm).unwrap();
+    std::fs::create_dir(&backup).unwrap();
+    let img = vm.join("r.img");
+    qemu_img_create(&img, "raw", 4 * MIB);
+    qemu_io_write(&img, "raw", 0, MIB, 0x22);
+    let q = vm.join("q.qcow2");
+    qemu_img_create(&q, "qcow2", 4 * MIB);
+    qemu_io_write(&q, "qcow2", 0, MIB, 0x41);
+    for (image, name, kind) in [
+        (&img, "s1", "copy"),
+        (&img, "s2", "copy"),
+        (&q, "e1", "external"),
+    ] {
+        vsnap(
+            &state,
+            &["vol", "snapshot", "create", p(image), name, "--kind", kind],
+        )
+        .ok();
+        qemu_io_write(
+            image,
+            if kind == "copy" { "raw" } else { "qcow2" },
+            0,
+            MIB,
+            0x23,
+        );
+    }
+    let (s1, s2, e1) = (
+        vm.join("r.s1.img"),
+        vm.join("r.s2.img"),
+        vm.join("q.e1.qcow2"),
+    );
+    // The backup, then the restore: same bytes, new inodes.
+    for f in [&s1, &s2, &e1] {
+        let b = backup.join(f.file_name().unwrap());
+        std::fs::copy(f, &b).unwrap();
+        restore_copy(&b, f);
+    }
+    let still_refused = || {
+        for (image, name, file) in [(&img, "s1", &s1), (&q, "e1", &e1)] {
+            vsnap(&state, &["vol", "snapshot", "revert", p(image), name])
+                .expect_code(2)
+                .stderr_has(&[p(file), "not the file vsnap made", "vsnap vol adopt-files"]);
+        }
+    };
+    still_refused();
+    let adopt = |image: &Path| vsnap(&state, &["--json", "vol", "adopt-files", p(image)]);
+    let refused = |image: &Path, words: &[&str]| {
+        let files = tree_state(&vm);
+        adopt(image).expect_code(2).stderr_has(words);
+        assert_same_files(&[files], &[tree_state(&vm)]);
+        still_refused();
+    };
+
+    // 1. s2's file is another copy's content (same size, other bytes).
+    restore_copy(&backup.join("r.s1.img"), &s2);
+    refused(&img, &["nothing adopted", p(&s2), "content differs"]);
+    restore_copy(&backup.join("r.s2.img"), &s2);
+    // 2. s1's file has a second name.
+    let second = backup.join("second-name");
+    std::fs::hard_link(&s1, &second).unwrap();
+    refused(&img, &["nothing adopted", p(&s1), "hard links"]);
+    std::fs::remove_file(&second).unwrap();
+    // 3. e1's frozen file is a symlink to the backup.
+    std::fs::remove_file(&e1).unwrap();
+    std::os::unix::fs::symlink(backup.join("q.e1.qcow2"), &e1).unwrap();
+    refused(&q, &["nothing adopted", p(&e1), "symlink"]);
+    std::fs::remove_file(&e1).unwrap();
+    restore_copy(&backup.join("q.e1.qcow2"), &e1);
+    // 4. not a volume of this state directory
+    let stranger = vm.join("stranger.img");
+    qemu_img_create(&stranger, "raw", MIB);
+    refused(
+        &stranger,
+        &[p(&stranger), "not a volume of this state directory"],
+    );
+    // The right files: adopted, and everything works again.
+    let r = adopt(&img).ok().json();
+    let adopted: Vec<&str> = r["adopted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["snapshot"].as_str().unwrap())
+        .collect();
+    assert_eq!(adopted, ["s1", "s2"], "{r}");
+    assert_eq!(r["unchanged"], 0, "{r}");
+    let r = adopt(&q).ok().json();
+    assert_eq!(r["adopted"].as_array().unwrap().len(), 1, "{r}");
+    // A second run has nothing to adopt.
+    let r = adopt(&img).ok().json();
+    assert_eq!(
+        (r["adopted"].as_array().unwrap().len(), &r["unchanged"]),
+        (0, &serde_json::json!(2)),
+        "{r}"
+    );
+    vsnap(&state, &["vol", "check", p(&img)]).ok();
+    vsnap(&state, &["vol", "check", p(&q)]).ok();
+    vsnap(&state, &["vol", "snapshot", "revert", p(&img), "s1"]).ok();
+    assert!(qemu_io_reads(&img, "raw", 0, MIB, 0x22));
+    vsnap(&state, &["vol", "snapshot", "delete", p(&img), "s2"]).ok();
+    assert!(!s2.exists(), "delete removes the adopted file");
+    vsnap(&state, &["vol", "snapshot", "revert", p(&q), "e1"]).ok();
+    assert!(qemu_io_reads(&q, "qcow2", 0, MIB, 0x41));
+}
+
 // ------------------------------------------------------ a racing process
 
 /// Not a test of its own: the body of the racing process that

@@ -828,3 +828,176 @@ impl Engine {
         })
     }
 }
+
+/// One snapshot file [`Engine::vol_adopt_files`] recorded anew.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdoptedFile {
+    pub snapshot: String,
+    #[serde(with = "vsnap_steps::pathser")]
+    pub file: PathBuf,
+    /// Why it needed adopting (what the old record said).
+    pub was: String,
+}
+
+/// What [`Engine::vol_adopt_files`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdoptReport {
+    #[serde(with = "vsnap_steps::pathser")]
+    pub image: PathBuf,
+    pub adopted: Vec<AdoptedFile>,
+    /// Snapshot files already recorded as they are.
+    pub unchanged: usize,
+}
+
+impl Engine {
+    /// Record the snapshot files of `image` as vsnap's own again, after
+    /// an operator restored them from a backup or moved them to another
+    /// filesystem (new inodes: every later command would refuse them as
+    /// replaced).
+    ///
+    /// Needs: the volume in this state directory's catalog, no
+    /// unfinished plan, the image claimed by no other state directory, and
+    /// `vol check` clean but for the files' identities: every snapshot
+    /// file present, a regular file with one name (not a symlink), chains
+    /// and `qemu-img check` sound. A whole-file snapshot (reflink, copy)
+    /// must also have the size and content fingerprint vsnap recorded: a
+    /// different file under its name is refused, not adopted.
+    ///
+    /// Changes: only the catalog's identity records, all in one write.
+    /// On refusal ([`EngineError::Invalid`] listing every problem), or any
+    /// other error, nothing is changed.
+    pub fn vol_adopt_files(&self, image: &Path) -> Result<AdoptReport> {
+        use crate::catalog::{self, SnapFileId};
+        use crate::EngineError;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let _g = self.lock_ops();
+        let j = self.journal();
+        let image = self.catalog_path(image)?.unwrap_or_else(|| canon(image));
+        let snaps = catalog::snapshots(j, &image)?;
+        if snaps.is_empty() && catalog::volume(j, &image)?.is_none() {
+            return Err(EngineError::Invalid(format!(
+                "{} is not a volume of this state directory (no snapshot of it in the catalog); \
+                 check --state-dir",
+                image.display()
+            )));
+        }
+        let unfinished = j.unfinished()?.len();
+        if unfinished > 0 {
+            return Err(EngineError::Invalid(format!(
+                "{unfinished} unfinished plan(s) in the journal: run `vsnap-recover` first, then adopt"
+            )));
+        }
+        if let crate::image::Claim::Foreign { owner } = crate::image::read_claim(j, &image)? {
+            return Err(EngineError::Invalid(format!(
+                "{} is claimed by another state directory ({owner}): adopt its files there",
+                image.display()
+            )));
+        }
+        let mut problems = Vec::new();
+        if let Some(why) = catalog::plain_file_mismatch(&image) {
+            problems.push(format!("the image path {}: {why}", image.display()));
+        }
+        let current = catalog::volume(j, &image)?.and_then(|r| r.current);
+        let format = catalog::known_format(j, &image)?
+            .unwrap_or_else(|| crate::image::assumed_format(&image));
+        let obs = observe(&image, format, &snaps);
+        problems.extend(compare(&snaps, current.as_deref(), &obs));
+        let ids = catalog::snapshot_ids(j, &image)?;
+        let mut adopted = Vec::new();
+        let mut ops = Vec::new();
+        let mut unchanged = 0;
+        for s in &snaps {
+            let Some(f) = &s.file else { continue };
+            let old = ids.get(&s.name);
+            let was = match old {
+                Some(id) => match id.mismatch(f) {
+                    None => {
+                        unchanged += 1;
+                        continue;
+                    }
+                    Some(why) => why,
+                },
+                None => "no identity recorded".to_string(),
+            };
+            let m = match std::fs::symlink_metadata(f) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(format!("{}: cannot stat it: {e}", f.display()));
+                    continue;
+                }
+            };
+            if !m.is_file() {
+                problems.push(format!(
+                    "{}: {}",
+                    f.display(),
+                    catalog::plain_file_mismatch(f).unwrap_or_else(|| "not a regular file".into())
+                ));
+                continue;
+            }
+            if m.nlink() != 1 {
+                problems.push(format!(
+                    "{}: it has {} names (hard links); vsnap adopts a file only with one",
+                    f.display(),
+                    m.nlink()
+                ));
+                continue;
+            }
+            let whole = matches!(s.kind, SnapKind::Reflink | SnapKind::Copy);
+            let fh = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(f)
+            {
+                Ok(fh) => fh,
+                Err(e) => {
+                    problems.push(format!("{}: cannot open it: {e}", f.display()));
+                    continue;
+                }
+            };
+            let new = match SnapFileId::of(&fh, whole) {
+                Ok(id) => id,
+                Err(e) => {
+                    problems.push(format!("{}: cannot read it: {e}", f.display()));
+                    continue;
+                }
+            };
+            if (new.dev, new.ino) != (m.dev(), m.ino()) {
+                problems.push(format!("{}: it changed while vsnap read it", f.display()));
+                continue;
+            }
+            if let (Some(old), Some(now)) = (old.and_then(|o| o.content), new.content) {
+                if old != now {
+                    problems.push(format!(
+                        "{} is not snapshot {:?}'s file: its size or content differs from what vsnap made ({} bytes now, {} made)",
+                        f.display(),
+                        s.name,
+                        now.0,
+                        old.0
+                    ));
+                    continue;
+                }
+            }
+            ops.push(catalog::put_snapshot_id(&image, &s.name, &new));
+            adopted.push(AdoptedFile {
+                snapshot: s.name.clone(),
+                file: f.clone(),
+                was,
+            });
+        }
+        if !problems.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "nothing adopted: {}; fix these (`vsnap vol check {}` lists them), then adopt again",
+                problems.join("; "),
+                image.display()
+            )));
+        }
+        if !ops.is_empty() {
+            j.catalog_apply(&ops)?;
+        }
+        Ok(AdoptReport {
+            image,
+            adopted,
+            unchanged,
+        })
+    }
+}

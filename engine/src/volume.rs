@@ -307,10 +307,12 @@ impl Vol {
             return Err(EngineError::Invalid(format!(
                 "the file {} of snapshot {:?} is not the file vsnap made: {why}; vsnap does not use it \
                  (whoever can write {} changed it): put the snapshot's own file back, or delete the snapshot \
-                 once you have moved that file away; `vsnap vol check {}` lists what is wrong",
+                 once you have moved that file away; `vsnap vol check {}` lists what is wrong \
+                 (if you restored or moved the file yourself: `vsnap vol adopt-files {}`)",
                 f.display(),
                 s.name,
                 parent_dir(f).display(),
+                self.image.display(),
                 self.image.display()
             )));
         }
