@@ -388,19 +388,25 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
             if let Some(m) = memory {
                 req.memory = Some(match m.as_str() {
                     "internal" => MemoryChoice::Internal,
-                    "no" => MemoryChoice::No,
+                    // vsnap's flag: --memory no is --disk-only.
+                    "no" => {
+                        req.disk_only = true;
+                        MemoryChoice::No
+                    }
                     _ => match m.strip_prefix("external:") {
                         Some(p) if !p.is_empty() => MemoryChoice::External(PathBuf::from(p)),
                         _ => bail!("--memory {m:?}: expected internal or external:PATH"),
                     },
                 });
             }
-            if req.memory == Some(MemoryChoice::No) {
-                req.disk_only = true;
+            if req.disk_only && req.memory == Some(MemoryChoice::No) {
                 req.memory = None;
             }
+            // --disk T=... replaces what the XML asked for the same name.
             for d in disks {
-                req.disks.push(parse_disk_spec(d)?);
+                let (who, choice) = parse_disk_spec(d)?;
+                req.disks.retain(|(w, _)| *w != who);
+                req.disks.push((who, choice));
             }
             let done = engine.domain_snapshot_create(&req, *dry_run)?;
             if json_out {

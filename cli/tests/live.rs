@@ -1873,6 +1873,62 @@ fn guest_a_cases(
         assert_nothing_changed("<disk name='vdz'>", &before, &world());
     });
 
+    // libvirt's <domainsnapshot> rules against the running guest: a
+    // memory file without snapshot= is an external memory snapshot (not
+    // "no memory"); <memory snapshot='no'/> is refused without
+    // --disk-only (libvirt: an internal snapshot of a running guest holds
+    // its memory) and with it makes overlays of the disks not excluded.
+    case("xml_read_as_libvirt_reads_it", || {
+        let mem = root.join("x1.mem");
+        let f = root.join("x1.xml");
+        std::fs::write(
+            &f,
+            format!(
+                "<domainsnapshot><name>x1</name><memory file='{}'/><disks>\
+                 <disk name='vda'><source file='{}'/></disk><disk name='vdb' snapshot='no'/>\
+                 <disk name='vdc' snapshot='no'/></disks></domainsnapshot>",
+                s(&mem),
+                s(&img("vda.x1.qcow2"))
+            ),
+        )
+        .unwrap();
+        let steps = dry_run_steps(state, &["snapshot", "create", "vm", "--xml", s(&f)]);
+        let all = steps.join("\n");
+        assert!(
+            all.contains("memory state") && all.contains("x1.mem"),
+            "a memory file is an external memory snapshot:\n{all}"
+        );
+        assert!(all.contains(s(&img("vda.x1.qcow2"))), "{all}");
+        assert!(
+            !all.contains("vdb.qcow2") && !all.contains("vdc.qcow2"),
+            "vdb and vdc are excluded:\n{all}"
+        );
+        let f = root.join("x2.xml");
+        std::fs::write(
+            &f,
+            "<domainsnapshot><name>x2</name><memory snapshot='no'/><disks><disk name='vdc' snapshot='no'/></disks></domainsnapshot>",
+        )
+        .unwrap();
+        let before = world();
+        let o = vsnap(state, &["snapshot", "create", "vm", "--xml", s(&f)]);
+        assert_refused(
+            "memory no",
+            &o,
+            &["must include the memory state", "--disk-only"],
+        );
+        assert_nothing_changed("memory no", &before, &world());
+        let steps = dry_run_steps(
+            state,
+            &["snapshot", "create", "vm", "--xml", s(&f), "--disk-only"],
+        );
+        let all = steps.join("\n");
+        assert!(!all.contains("memory state"), "{all}");
+        assert!(
+            all.contains("vda.x2.qcow2") && all.contains("vdb.x2.qcow2") && !all.contains("vdc"),
+            "overlays of vda and vdb only:\n{all}"
+        );
+    });
+
     case("bad_overlay_path_exists", || {
         let taken = img("taken.qcow2");
         std::fs::write(&taken, b"not vsnap's").unwrap();

@@ -18,7 +18,7 @@
 
 use crate::domain::{self, block_key, domain_to_xml, put_domain, DomState, DomainRec};
 use crate::plan::Plan;
-use crate::xmltree::{self, esc};
+use crate::xmltree::{self, esc, Element};
 use crate::{now_unix, validate_name, Engine, EngineError, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -254,62 +254,210 @@ pub fn parse_domainsnapshot(text: &str) -> Result<DomSnapRequest> {
         ..Default::default()
     };
     if let Some(m) = root.child("memory") {
-        r.memory = Some(match m.attr("snapshot").unwrap_or("no") {
-            "no" => MemoryChoice::No,
-            "internal" => MemoryChoice::Internal,
-            "external" => {
-                MemoryChoice::External(PathBuf::from(m.attr("file").ok_or_else(|| {
-                    EngineError::Xml("<memory snapshot='external'> needs file='PATH'".into())
-                })?))
-            }
-            other => {
-                return Err(EngineError::Xml(format!(
-                    "<memory snapshot='{other}'>: expected no, internal or external"
-                )))
-            }
-        });
+        r.memory = parse_memory(m)?;
     }
     if let Some(disks) = root.child("disks") {
+        disks.only_known("<disks>", &[], &["disk"])?;
+        let mut seen = std::collections::BTreeSet::new();
         for d in disks.children_named("disk") {
-            let name = d
-                .attr("name")
-                .ok_or_else(|| EngineError::Xml("a <disk> in <disks> has no name='...'".into()))?;
-            d.only_one(&["source", "volsnapshot"])?;
-            let mut kind = d.attr("snapshot").map(str::to_string);
-            let mut file = d
-                .child("source")
-                .and_then(|s| s.attr("file"))
-                .map(PathBuf::from);
-            if let Some(v) = d.child("volsnapshot") {
-                v.only_one(&["kind", "file"])?;
-                if let Some(k) = v.child_text("kind") {
-                    kind = Some(k);
-                }
-                if let Some(f) = v.child_text("file") {
-                    file = Some(PathBuf::from(f));
-                }
+            let (name, choice) = parse_snapshot_disk(d)?;
+            if !seen.insert(name.clone()) {
+                return Err(EngineError::Xml(format!(
+                    "disk '{name}' is named twice in <disks>; give each disk once"
+                )));
             }
-            let choice = match kind.as_deref().unwrap_or(if file.is_some() {
-                "external"
-            } else {
-                "default"
-            }) {
-                "no" => DiskChoice::No,
-                "internal" => DiskChoice::Internal,
-                "external" => DiskChoice::External(file),
-                "reflink" => DiskChoice::Reflink(file),
-                "default" => continue,
-                other => {
-                    return Err(EngineError::Xml(format!(
-                        "disk {name}: snapshot='{other}': expected no, internal or external \
-                         (or a nested <volsnapshot><kind>reflink</kind></volsnapshot>)"
-                    )))
-                }
-            };
-            r.disks.push((name.to_string(), choice));
+            if let Some(choice) = choice {
+                r.disks.push((name, choice));
+            }
         }
     }
     Ok(r)
+}
+
+/// `<memory>` of a `<domainsnapshot>`, by libvirt's rules: a `file`
+/// without `snapshot=` means an external memory snapshot; a file with
+/// `snapshot='no'` or `'internal'` is a contradiction; the file's path is
+/// absolute. No `snapshot=` and no file: the default (`None`).
+fn parse_memory(m: &Element) -> Result<Option<MemoryChoice>> {
+    m.only_known("<memory>", &["snapshot", "file"], &[])?;
+    let file = m.attr("file");
+    let choice = match (m.attr("snapshot"), file) {
+        (None, None) => return Ok(None),
+        (None | Some("external"), Some(f)) => {
+            if !Path::new(f).is_absolute() {
+                return Err(EngineError::Xml(format!(
+                    "<memory file='{f}'>: the memory file's path must be absolute (libvirt's rule)"
+                )));
+            }
+            MemoryChoice::External(PathBuf::from(f))
+        }
+        (Some("external"), None) => {
+            return Err(EngineError::Xml(
+                "<memory snapshot='external'> needs file='PATH' (an absolute path)".into(),
+            ))
+        }
+        (Some(mode @ ("no" | "internal")), Some(f)) => {
+            return Err(EngineError::Xml(format!(
+                "<memory snapshot='{mode}' file='{f}'> contradicts itself: a memory file needs \
+                 snapshot='external' (or no snapshot= at all); drop file= for '{mode}'"
+            )))
+        }
+        (Some("no"), None) => MemoryChoice::No,
+        (Some("internal"), None) => MemoryChoice::Internal,
+        (Some("manual"), _) => {
+            return Err(EngineError::Xml(
+                "<memory snapshot='manual'>: a 'manual' memory snapshot is not supported (nor by libvirt); \
+                 use no, internal or external"
+                    .into(),
+            ))
+        }
+        (Some(other), _) => {
+            return Err(EngineError::Xml(format!(
+                "<memory snapshot='{other}'>: expected no, internal or external"
+            )))
+        }
+    };
+    Ok(Some(choice))
+}
+
+/// One `<disk>` of `<disks>`: its name and what is asked for it (`None`:
+/// the default). libvirt's rules: a `<source>` or `<driver>` without
+/// `snapshot=` means external; a source file needs external mode and an
+/// absolute path. What vsnap cannot do exactly is refused: overlays that
+/// are not local qcow2 files, `snapshot='manual'`, attributes and elements
+/// vsnap does not act on.
+fn parse_snapshot_disk(d: &Element) -> Result<(String, Option<DiskChoice>)> {
+    let name = d
+        .attr("name")
+        .ok_or_else(|| EngineError::Xml("a <disk> in <disks> has no name='...'".into()))?
+        .to_string();
+    let what = format!("<disk name='{name}'>");
+    d.only_known(
+        &what,
+        &["name", "snapshot", "type"],
+        &["source", "driver", "volsnapshot"],
+    )?;
+    d.only_one(&["source", "driver", "volsnapshot"])?;
+    match d.attr("type").unwrap_or("file") {
+        "file" => {}
+        "block" => {
+            return Err(EngineError::Xml(format!(
+                "{what}: type='block' (an overlay written onto a block device) is not supported by vsnap yet; \
+                 give the overlay a file, <source file='/absolute/path'/>, or leave the disk out with snapshot='no'"
+            )))
+        }
+        "network" => {
+            return Err(EngineError::Xml(format!(
+                "{what}: type='network' (an overlay on rbd, gluster, nbd, iscsi...) is not something vsnap can make: \
+                 it writes qcow2 overlays to local files; give <source file='/absolute/path'/>, or leave the disk \
+                 out with snapshot='no' (--disk {name}=no)"
+            )))
+        }
+        t @ ("volume" | "dir") => {
+            return Err(EngineError::Xml(format!(
+                "{what}: type='{t}' is not a disk snapshot type (libvirt refuses it too); use type='file'"
+            )))
+        }
+        t => {
+            return Err(EngineError::Xml(format!(
+                "{what}: unknown type='{t}'; use type='file' (the default)"
+            )))
+        }
+    }
+    let mut file = match d.child("source") {
+        Some(src) => {
+            src.only_known(&format!("{what} <source>"), &["file"], &[])?;
+            Some(PathBuf::from(src.attr("file").ok_or_else(|| {
+                EngineError::Xml(format!("{what}: <source> needs file='PATH'"))
+            })?))
+        }
+        None => None,
+    };
+    let driver = match d.child("driver") {
+        Some(dr) => {
+            dr.only_known(&format!("{what} <driver>"), &["type"], &[])?;
+            match dr.attr("type") {
+                Some("qcow2") => true,
+                Some("raw") => {
+                    return Err(EngineError::Xml(format!(
+                        "{what}: <driver type='raw'>: an overlay cannot be raw (it needs a backing file; \
+                         libvirt refuses it too); vsnap writes qcow2 overlays: drop <driver> or say qcow2"
+                    )))
+                }
+                Some(t) => {
+                    return Err(EngineError::Xml(format!(
+                        "{what}: <driver type='{t}'>: vsnap writes qcow2 overlays only; drop <driver> or say qcow2"
+                    )))
+                }
+                None => {
+                    return Err(EngineError::Xml(format!(
+                        "{what}: <driver> without type=; say <driver type='qcow2'/> or drop it"
+                    )))
+                }
+            }
+        }
+        None => false,
+    };
+    let mut kind = d.attr("snapshot").map(str::to_string);
+    if let Some(v) = d.child("volsnapshot") {
+        v.only_known(&format!("{what} <volsnapshot>"), &[], &["kind", "file"])?;
+        v.only_one(&["kind", "file"])?;
+        if let Some(k) = v.child_text("kind") {
+            kind = Some(k);
+        }
+        if let Some(f) = v.child_text("file") {
+            file = Some(PathBuf::from(f));
+        }
+    }
+    if let Some(f) = &file {
+        if !f.is_absolute() {
+            return Err(EngineError::Xml(format!(
+                "{what}: the snapshot file {} must be an absolute path (libvirt's rule)",
+                f.display()
+            )));
+        }
+    }
+    let kind = kind.unwrap_or_else(|| {
+        if file.is_some() || driver {
+            "external".into()
+        } else {
+            "default".into()
+        }
+    });
+    if let Some(f) = &file {
+        if kind != "external" && kind != "reflink" {
+            return Err(EngineError::Xml(format!(
+                "{what}: the file {} needs snapshot='external' (a '{kind}' snapshot makes no file); \
+                 drop the <source> or make it external",
+                f.display()
+            )));
+        }
+    }
+    if driver && kind != "external" {
+        return Err(EngineError::Xml(format!(
+            "{what}: <driver type='qcow2'> is the format of an external overlay; a '{kind}' snapshot has none: drop <driver>"
+        )));
+    }
+    let choice = match kind.as_str() {
+        "no" => DiskChoice::No,
+        "internal" => DiskChoice::Internal,
+        "external" => DiskChoice::External(file),
+        "reflink" => DiskChoice::Reflink(file),
+        "default" => return Ok((name, None)),
+        "manual" => {
+            return Err(EngineError::Xml(format!(
+                "{what}: snapshot='manual' (the disk left to you while the guest is paused) is not something \
+                 vsnap does; use no, internal or external (or a nested <volsnapshot><kind>reflink</kind></volsnapshot>)"
+            )))
+        }
+        other => {
+            return Err(EngineError::Xml(format!(
+                "{what}: snapshot='{other}': expected no, internal or external \
+                 (or a nested <volsnapshot><kind>reflink</kind></volsnapshot>)"
+            )))
+        }
+    };
+    Ok((name, Some(choice)))
 }
 
 /// `<domainsnapshot>` as libvirt writes it.
@@ -552,6 +700,17 @@ impl Engine {
                 )))
             }
             (None, true, false) => true, // libvirt's default for a running guest: a full checkpoint
+            (Some(MemoryChoice::No), true, false) => {
+                // libvirt: without --disk-only the snapshot is internal,
+                // and an internal snapshot of a running guest holds its
+                // memory. Not read as "disk-only" in silence.
+                return Err(EngineError::Invalid(format!(
+                    "<memory snapshot='no'/> of a running guest (domain {:?}) without disk-only: an internal \
+                     snapshot of a running guest must include the memory state (libvirt's rule); for a \
+                     snapshot of the disks alone add --disk-only",
+                    d.name
+                )));
+            }
             _ => false,
         };
         let memory_file: Option<PathBuf> = match &req.memory {
@@ -592,7 +751,9 @@ impl Engine {
                 DiskMode::No
             } else if memory {
                 DiskMode::Internal
-            } else if live_guest || disk.format == Format::Raw {
+            } else if live_guest || req.disk_only || disk.format == Format::Raw {
+                // --disk-only of a shut-off guest: external overlays of
+                // every disk, as `virsh snapshot-create --disk-only` makes.
                 DiskMode::External
             } else {
                 DiskMode::Internal
@@ -609,6 +770,7 @@ impl Engine {
                 overlay: None,
             })
             .collect();
+        let mut named: Vec<(&str, &str)> = Vec::new();
         for (who, choice) in &req.disks {
             let disk = d.disk(who).ok_or_else(|| {
                 EngineError::Invalid(format!(
@@ -621,6 +783,13 @@ impl Engine {
                         .join(", ")
                 ))
             })?;
+            if let Some((first, _)) = named.iter().find(|(_, t)| *t == disk.target.as_str()) {
+                return Err(EngineError::Invalid(format!(
+                    "disk {} is named twice in the request (as {first:?} and as {who:?}); name each disk once",
+                    disk.target
+                )));
+            }
+            named.push((who.as_str(), disk.target.as_str()));
             let c = chosen
                 .iter_mut()
                 .find(|c| c.target == disk.target)
@@ -1337,6 +1506,90 @@ mod tests {
         let mut new = s.clone();
         new.memory_file = Some("/vm/m.mem".into());
         assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
+    }
+
+    /// libvirt's `<domainsnapshot>` rules (formatsnapshot), a document
+    /// each: what vsnap reads, or the words of its refusal.
+    #[test]
+    fn domainsnapshot_documents_are_read_as_libvirt_reads_them_or_refused() {
+        fn doc(inner: &str) -> String {
+            format!("<domainsnapshot><name>s</name>{inner}</domainsnapshot>")
+        }
+        let ext = |p: &str| DiskChoice::External(Some(PathBuf::from(p)));
+        // Read: (document, memory, disks)
+        type Read<'a> = (&'a str, Option<MemoryChoice>, Vec<(&'a str, DiskChoice)>);
+        let read: &[Read] = &[
+            ("", None, vec![]),
+            // a memory file without snapshot= is an external memory snapshot
+            ("<memory file='/vm/m.mem'/>", Some(MemoryChoice::External("/vm/m.mem".into())), vec![]),
+            ("<memory snapshot='external' file='/vm/m.mem'/>", Some(MemoryChoice::External("/vm/m.mem".into())), vec![]),
+            ("<memory snapshot='no'/>", Some(MemoryChoice::No), vec![]),
+            ("<memory snapshot='internal'/>", Some(MemoryChoice::Internal), vec![]),
+            ("<memory/>", None, vec![]),
+            // a <source> or a <driver> without snapshot= means external
+            ("<disks><disk name='vda'><source file='/o/a.qcow2'/></disk></disks>", None, vec![("vda", ext("/o/a.qcow2"))]),
+            ("<disks><disk name='vda'><driver type='qcow2'/></disk></disks>", None, vec![("vda", DiskChoice::External(None))]),
+            (
+                "<disks><disk name='vda' snapshot='external' type='file'><driver type='qcow2'/><source file='/o/a.qcow2'/></disk></disks>",
+                None,
+                vec![("vda", ext("/o/a.qcow2"))],
+            ),
+            ("<disks><disk name='vda'/></disks>", None, vec![]),
+            ("<disks><disk name='vda' snapshot='no'/><disk name='vdb' snapshot='internal'/></disks>", None,
+             vec![("vda", DiskChoice::No), ("vdb", DiskChoice::Internal)]),
+            (
+                "<disks><disk name='vdb' snapshot='manual'><volsnapshot><kind>reflink</kind><file>/vm/b.r.raw</file></volsnapshot></disk></disks>",
+                None,
+                vec![("vdb", DiskChoice::Reflink(Some("/vm/b.r.raw".into())))],
+            ),
+            // output-only elements of libvirt's own dumpxml are ignored on create, as libvirt does
+            ("<state>running</state><creationTime>5</creationTime><parent><name>p</name></parent><active>1</active>", None, vec![]),
+        ];
+        for (inner, memory, disks) in read {
+            let r = parse_domainsnapshot(&doc(inner)).unwrap_or_else(|e| panic!("{inner}: {e}"));
+            assert_eq!(&r.memory, memory, "{inner}");
+            let want: Vec<(String, DiskChoice)> = disks
+                .iter()
+                .map(|(n, c)| (n.to_string(), c.clone()))
+                .collect();
+            assert_eq!(r.disks, want, "{inner}");
+        }
+        // Refused: (document, words of the error)
+        let refused: &[(&str, &[&str])] = &[
+            ("<memory snapshot='no' file='/vm/m.mem'/>", &["contradicts", "snapshot='external'"]),
+            ("<memory snapshot='internal' file='/vm/m.mem'/>", &["contradicts"]),
+            ("<memory snapshot='external'/>", &["needs file="]),
+            ("<memory snapshot='manual'/>", &["'manual' memory snapshot is not supported"]),
+            ("<memory file='m.mem'/>", &["m.mem", "must be absolute"]),
+            ("<memory snapshot='external' file='/m' colour='red'/>", &["colour", "not something vsnap acts on"]),
+            ("<disks><disk name='vda' snapshot='no'/><disk name='vda' snapshot='external'/></disks>", &["disk 'vda' is named twice"]),
+            ("<disks><disk name='vda' snapshot='internal'><source file='/o/a.qcow2'/></disk></disks>", &["/o/a.qcow2", "needs snapshot='external'"]),
+            ("<disks><disk name='vda' snapshot='no'><source file='/o/a.qcow2'/></disk></disks>", &["needs snapshot='external'"]),
+            ("<disks><disk name='vda'><source file='a.qcow2'/></disk></disks>", &["a.qcow2", "must be an absolute path"]),
+            ("<disks><disk name='vda'><driver type='raw'/><source file='/o/a.raw'/></disk></disks>", &["type='raw'", "cannot be raw"]),
+            ("<disks><disk name='vda'><driver type='qed'/><source file='/o/a.qed'/></disk></disks>", &["type='qed'", "qcow2 overlays only"]),
+            ("<disks><disk name='vda' snapshot='internal'><driver type='qcow2'/></disk></disks>", &["drop <driver>"]),
+            ("<disks><disk name='vda' snapshot='manual'/></disks>", &["snapshot='manual'", "no, internal or external"]),
+            ("<disks><disk name='vda' snapshot='external' type='network'><source protocol='rbd' name='pool/a'><host name='h'/></source></disk></disks>",
+             &["<disk name='vda'>", "type='network'", "snapshot='no'"]),
+            ("<disks><disk name='vda' snapshot='external' type='block'><source dev='/dev/sdz'/></disk></disks>", &["type='block'", "not supported"]),
+            ("<disks><disk name='vda' type='volume'/></disks>", &["type='volume'"]),
+            ("<disks><disk name='vda'><source file='/o/a.qcow2' startupPolicy='optional'/></disk></disks>", &["startupPolicy", "not something vsnap acts on"]),
+            ("<disks><disk name='vda'><source dev='/dev/sdz'/></disk></disks>", &["dev=", "not something vsnap acts on"]),
+            ("<disks><disk name='vda'><source file='/o/a.qcow2'><seclabel/></source></disk></disks>", &["<seclabel>"]),
+            ("<disks><disk name='vda' persistent='yes'/></disks>", &["persistent"]),
+            ("<disks><disk name='vda'><target dev='vda'/></disk></disks>", &["<target>"]),
+            ("<disks><disk name='vda'><driver type='qcow2'><metadata_cache/></driver></disk></disks>", &["<metadata_cache>"]),
+            ("<disks><volume name='x'/></disks>", &["<volume>"]),
+        ];
+        for (inner, words) in refused {
+            let e = parse_domainsnapshot(&doc(inner))
+                .map(|r| format!("accepted: {r:?}"))
+                .unwrap_or_else(|e| e.to_string());
+            for w in *words {
+                assert!(e.contains(w), "{inner}: {e:?} lacks {w:?}");
+            }
+        }
     }
 
     #[test]

@@ -41,6 +41,41 @@ impl Element {
         }
         Ok(())
     }
+    /// Refuse an attribute not in `attrs` or a child element not in
+    /// `children`: in a request, something vsnap does not act on must not
+    /// be dropped in silence (`what` names the element for the message).
+    pub fn only_known(&self, what: &str, attrs: &[&str], children: &[&str]) -> Result<()> {
+        if let Some((k, _)) = self
+            .attrs
+            .iter()
+            .find(|(k, _)| !attrs.contains(&k.as_str()))
+        {
+            return Err(EngineError::Xml(format!(
+                "{what}: attribute {k}='...' is not something vsnap acts on; remove it{}",
+                if attrs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (known here: {})", attrs.join(", "))
+                }
+            )));
+        }
+        if let Some(c) = self
+            .children
+            .iter()
+            .find(|c| !children.contains(&c.name.as_str()))
+        {
+            return Err(EngineError::Xml(format!(
+                "{what}: element <{}> is not something vsnap acts on; remove it{}",
+                c.name,
+                if children.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (known here: {})", children.join(", "))
+                }
+            )));
+        }
+        Ok(())
+    }
     /// Trimmed text of a child element (all of its text: pieces split by
     /// comments or CDATA sections are joined).
     pub fn child_text(&self, name: &str) -> Option<String> {
