@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde_json::json;
 use std::path::PathBuf;
-use vsnap_engine::domain::DomainRec;
+use vsnap_engine::domain::{DiskSource, DomDisk, DomainRec};
 use vsnap_engine::domsnap::{DiskChoice, DomSnapRequest, DomSnapshot, MemoryChoice};
 use vsnap_engine::Engine;
 
@@ -170,8 +170,35 @@ fn domain_json(engine: &Engine, d: &DomainRec) -> serde_json::Value {
     json!({
         "name": d.name, "uuid": d.uuid, "state": state, "qmp": opt_path_json(d.qmp.as_ref()), "agent": opt_path_json(d.agent.as_ref()),
         "current_snapshot": d.current,
-        "disks": d.disks.iter().map(|x| json!({"target": x.target, "source": path_json(&x.source), "format": x.format.as_str(), "readonly": x.readonly, "shareable": x.shareable})).collect::<Vec<_>>(),
+        "disks": d.disks.iter().map(disk_json).collect::<Vec<_>>(),
     })
+}
+
+fn disk_json(x: &DomDisk) -> serde_json::Value {
+    let ty = match &x.source {
+        DiskSource::File(_) => "file",
+        DiskSource::Block(_) => "block",
+        DiskSource::Unsupported { .. } => "unsupported",
+    };
+    json!({
+        "target": x.target,
+        "type": ty,
+        "device": x.device.as_str(),
+        "source": x.image().map(path_json),
+        "format": x.format.as_str(),
+        "readonly": x.readonly,
+        "shareable": x.shareable,
+        "snapshot": x.snapshot.map(|s| s.as_str()),
+        "unsupported": x.unsupported(),
+    })
+}
+
+/// A disk for the operator: `vda=/vm/a.qcow2`, or why vsnap cannot snapshot it.
+fn disk_text(x: &DomDisk) -> String {
+    match (x.image(), x.unsupported()) {
+        (Some(p), _) => format!("{}={}", x.target, p.display()),
+        (None, why) => format!("{} ({})", x.target, why.unwrap_or("?")),
+    }
 }
 
 pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Result<u8> {
@@ -181,10 +208,23 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
             let d = engine
                 .domain_define(&text, qmp.clone())
                 .with_context(|| format!("in {}", file.display()))?;
+            let left_out = vsnap_engine::domain::domain_left_out(&text);
             if json_out {
-                print_json(&domain_json(engine, &d));
+                let mut v = domain_json(engine, &d);
+                v["left_out"] = json!(left_out);
+                print_json(&v);
             } else {
                 println!("defined domain {} ({} disk(s))", d.name, d.disks.len());
+                for x in d.disks.iter().filter(|x| x.unsupported().is_some()) {
+                    println!(
+                        "  disk {} is recorded but vsnap cannot snapshot it: a snapshot must leave it out (snapshot='no' on the disk, or --disk {}=no)",
+                        disk_text(x),
+                        x.target
+                    );
+                }
+                if !left_out.is_empty() {
+                    println!("  left out: {}", left_out.join(", "));
+                }
             }
         }
         DomainCmd::Attach { name, qmp, agent } => {
@@ -196,11 +236,7 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
                     "attached domain {} ({} disk(s): {})",
                     d.name,
                     d.disks.len(),
-                    d.disks
-                        .iter()
-                        .map(|x| format!("{}={}", x.target, x.source.display()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    d.disks.iter().map(disk_text).collect::<Vec<_>>().join(", ")
                 );
             }
         }
@@ -253,13 +289,23 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
                 );
                 println!("Current:  {}", d.current.as_deref().unwrap_or("-"));
                 for x in &d.disks {
-                    println!(
-                        "Disk:     {} {} ({}){}",
-                        x.target,
-                        x.source.display(),
-                        x.format,
-                        if x.readonly { " readonly" } else { "" }
-                    );
+                    match x.image() {
+                        Some(p) => println!(
+                            "Disk:     {} {} ({}){}{}",
+                            x.target,
+                            p.display(),
+                            x.format,
+                            if x.readonly { " readonly" } else { "" },
+                            x.snapshot
+                                .map(|s| format!(" snapshot={}", s.as_str()))
+                                .unwrap_or_default()
+                        ),
+                        None => println!(
+                            "Disk:     {} not snapshotted: {}",
+                            x.target,
+                            x.unsupported().unwrap_or("?")
+                        ),
+                    }
                 }
             }
         }

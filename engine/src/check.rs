@@ -549,13 +549,18 @@ pub fn observe_domain(
             }
         }
     }
-    let mut files: BTreeSet<PathBuf> = d.disks.iter().map(|x| x.source.clone()).collect();
+    // Disks vsnap cannot snapshot (network, ...) have no local image.
+    let mut files: BTreeSet<PathBuf> = d
+        .disks
+        .iter()
+        .filter_map(|x| x.image().map(Path::to_path_buf))
+        .collect();
     // Never probed: the disks' formats as defined, overlays are qcow2
     // (vsnap made them), anything else by `image::assumed_format`.
     let mut formats: BTreeMap<PathBuf, Format> = d
         .disks
         .iter()
-        .map(|x| (x.source.clone(), x.format))
+        .filter_map(|x| Some((x.image()?.to_path_buf(), x.format)))
         .collect();
     let mut dirs = BTreeSet::new();
     let mut memory_files = BTreeSet::new();
@@ -655,14 +660,11 @@ pub fn observe_domain(
                 // disk: vsnap's naming.
                 let stem = name.split('.').next().unwrap_or("");
                 let ext = name.rsplit('.').next().unwrap_or("");
-                if d.disks.iter().any(|x| {
-                    x.source
-                        .file_stem()
+                if d.disks.iter().filter_map(|x| x.image()).any(|x| {
+                    x.file_stem()
                         .is_some_and(|s| s.to_string_lossy().split('.').next() == Some(stem))
                         && (ext == "qcow2"
-                            || x.source
-                                .extension()
-                                .is_some_and(|e| e.to_string_lossy() == ext))
+                            || x.extension().is_some_and(|e| e.to_string_lossy() == ext))
                 }) {
                     o.look_alike.push(path);
                 }
@@ -685,11 +687,14 @@ pub fn compare_domain(
     }
     if o.state != "shutoff" {
         for disk in &d.disks {
-            if !o.qemu_tops.contains(&canon(&disk.source)) {
+            let Some(image) = disk.image() else {
+                continue; // not a local image: vsnap never switches it
+            };
+            if !o.qemu_tops.contains(&canon(image)) {
                 v.push(format!(
                     "inv5: the catalog says disk {} is {}, but QEMU runs on {:?}",
                     disk.target,
-                    disk.source.display(),
+                    image.display(),
                     o.qemu_tops
                 ));
             }

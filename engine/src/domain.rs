@@ -21,17 +21,122 @@ pub const DOMAINS: &str = "domains";
 pub const XMLNS: &str = "https://vsnap.dev/xmlns/domain/1";
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
+/// `<disk snapshot='...'>` in `<domain>`: the disk's default in a snapshot
+/// that does not name it (libvirt's rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotDefault {
+    /// Left out of snapshots unless a request names it.
+    No,
+    Internal,
+    External,
+    /// libvirt leaves the disk to the user mid-snapshot; vsnap cannot, so
+    /// a snapshot that includes it by default is refused.
+    Manual,
+}
+
+impl SnapshotDefault {
+    pub fn parse(s: &str) -> Option<SnapshotDefault> {
+        Some(match s {
+            "no" => SnapshotDefault::No,
+            "internal" => SnapshotDefault::Internal,
+            "external" => SnapshotDefault::External,
+            "manual" => SnapshotDefault::Manual,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotDefault::No => "no",
+            SnapshotDefault::Internal => "internal",
+            SnapshotDefault::External => "external",
+            SnapshotDefault::Manual => "manual",
+        }
+    }
+}
+
+/// `<disk device='...'>` of a disk vsnap records (cdroms and read-only
+/// floppies are left out: read-only media).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskDevice {
+    Disk,
+    /// A writable floppy: snapshotted like a disk.
+    Floppy,
+    /// A SCSI LUN passed through: never snapshotted.
+    Lun,
+}
+
+impl DiskDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskDevice::Disk => "disk",
+            DiskDevice::Floppy => "floppy",
+            DiskDevice::Lun => "lun",
+        }
+    }
+}
+
+/// Where a disk's data is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskSource {
+    /// `<disk type='file'>`: an image file.
+    File(#[serde(with = "vsnap_steps::pathser")] PathBuf),
+    /// `<disk type='block'>` (or `<source dev=...>`): a block device.
+    Block(#[serde(with = "vsnap_steps::pathser")] PathBuf),
+    /// A disk vsnap cannot snapshot (network, storage-pool volume, NVMe,
+    /// vhost-user, directory, SCSI LUN): recorded so that a snapshot that
+    /// includes it is refused by name, and written back as it was given.
+    Unsupported {
+        /// Why, for the operator (`a network disk (rbd pool/img on mon1:6789)`).
+        why: String,
+        /// The `<disk>` element as given (written back by `dumpxml`).
+        xml: String,
+    },
+}
+
+impl DiskSource {
+    /// The local image (file or block device), if vsnap can snapshot it.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            DiskSource::File(p) | DiskSource::Block(p) => Some(p),
+            DiskSource::Unsupported { .. } => None,
+        }
+    }
+}
+
 /// One disk of a domain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomDisk {
     /// `vda`, or the name QEMU reports (drive id, or device id with `-blockdev`).
     pub target: String,
-    /// The active image now (after an external snapshot: the overlay).
-    #[serde(with = "vsnap_steps::pathser")]
-    pub source: PathBuf,
+    /// The active image now (after an external snapshot: the overlay), or
+    /// why vsnap cannot snapshot this disk.
+    pub source: DiskSource,
+    /// The driver's format (for an unsupported disk: as given, else raw;
+    /// never used).
     pub format: Format,
     pub readonly: bool,
     pub shareable: bool,
+    pub device: DiskDevice,
+    /// `<disk snapshot=...>`: the default in a snapshot (None: vsnap's own
+    /// default, see `plan_domain_snapshot`).
+    pub snapshot: Option<SnapshotDefault>,
+}
+
+impl DomDisk {
+    /// The local image (file or block device); `None` for a disk vsnap
+    /// cannot snapshot.
+    pub fn image(&self) -> Option<&Path> {
+        self.source.path()
+    }
+
+    /// Why vsnap cannot snapshot this disk, if it cannot.
+    pub fn unsupported(&self) -> Option<&str> {
+        match &self.source {
+            DiskSource::Unsupported { why, .. } => Some(why),
+            _ => None,
+        }
+    }
 }
 
 /// A domain as the catalog keeps it.
@@ -47,13 +152,83 @@ pub struct DomainRec {
     /// The current snapshot.
     pub current: Option<String>,
     pub next_seq: u64,
+    /// `<domain type=...>` as given (`kvm`, `qemu`); written back by
+    /// `dumpxml` (`kvm` when none was given). Appended: records written
+    /// before it existed are read as [`DomainRecV1`].
+    pub virt_type: Option<String>,
+}
+
+/// The layout of [`DomDisk`] before `source` was typed and `device` and
+/// `snapshot` were added (still read).
+#[derive(Deserialize)]
+struct DomDiskV1 {
+    target: String,
+    #[serde(with = "vsnap_steps::pathser")]
+    source: PathBuf,
+    format: Format,
+    readonly: bool,
+    shareable: bool,
+}
+
+/// The layout of [`DomainRec`] before `virt_type` (and [`DomDiskV1`]).
+#[derive(Deserialize)]
+struct DomainRecV1 {
+    name: String,
+    uuid: Option<String>,
+    disks: Vec<DomDiskV1>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    qmp: Option<PathBuf>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    agent: Option<PathBuf>,
+    current: Option<String>,
+    next_seq: u64,
+}
+
+/// A catalog record of a domain, in today's layout or the one before.
+pub fn decode_domain(v: &[u8]) -> std::result::Result<DomainRec, codec::CodecError> {
+    codec::decode::<DomainRec>(v).or_else(|e| {
+        let o: DomainRecV1 = codec::decode(v).map_err(|_| e)?;
+        Ok(DomainRec {
+            name: o.name,
+            uuid: o.uuid,
+            disks: o
+                .disks
+                .into_iter()
+                .map(|x| {
+                    // The old layout did not say; its dumpxml asked the
+                    // file system, and so does this.
+                    use std::os::unix::fs::FileTypeExt;
+                    let block =
+                        std::fs::metadata(&x.source).is_ok_and(|m| m.file_type().is_block_device());
+                    DomDisk {
+                        target: x.target,
+                        source: if block {
+                            DiskSource::Block(x.source)
+                        } else {
+                            DiskSource::File(x.source)
+                        },
+                        format: x.format,
+                        readonly: x.readonly,
+                        shareable: x.shareable,
+                        device: DiskDevice::Disk,
+                        snapshot: None,
+                    }
+                })
+                .collect(),
+            qmp: o.qmp,
+            agent: o.agent,
+            current: o.current,
+            next_seq: o.next_seq,
+            virt_type: None,
+        })
+    })
 }
 
 impl DomainRec {
     pub fn disk(&self, target_or_path: &str) -> Option<&DomDisk> {
         self.disks
             .iter()
-            .find(|d| d.target == target_or_path || d.source == Path::new(target_or_path))
+            .find(|d| d.target == target_or_path || d.image() == Some(Path::new(target_or_path)))
     }
 }
 
@@ -106,10 +281,20 @@ pub fn parse_domain_xml(text: &str) -> Result<DomainRec> {
     Ok(parse_domain_xml_typed(text)?.0)
 }
 
-/// [`parse_domain_xml`], and for each disk whether the XML says it is a
-/// block device (`<disk type='block'>` or `<source dev=...>`).
-fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<bool>)> {
-    let mut blocks = Vec::new();
+/// What [`parse_domain_xml`] leaves out of a domain, for the operator
+/// (`sda (cdrom, read-only media)`); empty when the XML does not parse.
+pub fn domain_left_out(text: &str) -> Vec<String> {
+    parse_domain_xml_typed(text)
+        .map(|x| x.1)
+        .unwrap_or_default()
+}
+
+/// libvirt's domain types that run QEMU.
+const QEMU_TYPES: &[&str] = &["kvm", "qemu", "hvf"];
+
+/// [`parse_domain_xml`], and the `<disk>`s it leaves out (read-only media).
+fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<String>)> {
+    let mut left_out = Vec::new();
     let root = xmltree::parse(text)?;
     if root.name != "domain" {
         return Err(EngineError::Xml(format!(
@@ -122,6 +307,14 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<bool>)> {
         .child_text("name")
         .ok_or_else(|| EngineError::Xml("<domain> has no <name>".into()))?;
     validate_name_of(NameKind::Domain, &name)?;
+    let virt_type = root.attr("type").map(str::to_string);
+    if let Some(t) = &virt_type {
+        if !QEMU_TYPES.contains(&t.as_str()) {
+            return Err(EngineError::Xml(format!(
+                "<domain type='{t}'> is not a QEMU domain; vsnap snapshots QEMU guests: type='kvm' or type='qemu'"
+            )));
+        }
+    }
     let mut d = DomainRec {
         name,
         uuid: root.child_text("uuid"),
@@ -130,18 +323,41 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<bool>)> {
         agent: None,
         current: None,
         next_seq: 0,
+        virt_type,
     };
     if let Some(devices) = root.child("devices") {
         for disk in devices.children_named("disk") {
-            let device = disk.attr("device").unwrap_or("disk");
-            if device != "disk" {
-                continue; // cdrom, floppy: nothing to snapshot
-            }
-            d.disks.push(parse_disk(disk)?);
-            blocks.push(
-                disk.attr("type") == Some("block")
-                    || disk.child("source").and_then(|s| s.attr("dev")).is_some(),
-            );
+            let has_source = disk
+                .child("source")
+                .is_some_and(|s| !s.attrs.is_empty() || !s.children.is_empty());
+            let device = match disk.attr("device").unwrap_or("disk") {
+                "disk" => DiskDevice::Disk,
+                "lun" => DiskDevice::Lun,
+                "floppy" if disk.child("readonly").is_none() && has_source => {
+                    DiskDevice::Floppy
+                }
+                m @ ("cdrom" | "floppy") => {
+                    let target = disk
+                        .child("target")
+                        .and_then(|t| t.attr("dev"))
+                        .unwrap_or("?");
+                    left_out.push(format!(
+                        "{target} ({m}, {})",
+                        if has_source {
+                            "read-only media"
+                        } else {
+                            "empty"
+                        }
+                    ));
+                    continue;
+                }
+                other => {
+                    return Err(EngineError::Xml(format!(
+                        "<disk device='{other}'> is not a device libvirt knows (disk, lun, floppy, cdrom)"
+                    )))
+                }
+            };
+            d.disks.push(parse_disk(disk, device)?);
         }
         for ch in devices.children_named("channel") {
             ch.only_one(&["target", "source"])?;
@@ -169,10 +385,81 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<bool>)> {
             )));
         }
     }
-    Ok((d, blocks))
+    Ok((d, left_out))
 }
 
-fn parse_disk(disk: &Element) -> Result<DomDisk> {
+/// Why vsnap cannot snapshot a `<disk>` of this type or device (None: a
+/// file or block device it can).
+fn unsupported_why(disk: &Element, ty: &str, device: DiskDevice) -> Result<Option<String>> {
+    let src = disk.child("source");
+    let a = |k: &str| src.and_then(|s| s.attr(k)).unwrap_or("?");
+    if device == DiskDevice::Lun {
+        return Ok(Some(format!(
+            "a SCSI LUN passed through to the guest (device='lun', {ty} {}): the guest sends SCSI commands to the device itself",
+            src.and_then(|s| s.attr("dev").or(s.attr("file")).or(s.attr("name")))
+                .unwrap_or("?")
+        )));
+    }
+    Ok(Some(match ty {
+        "file" | "block" => return Ok(None),
+        "network" => {
+            let hosts: Vec<String> = src
+                .into_iter()
+                .flat_map(|s| s.children_named("host"))
+                .map(|h| match (h.attr("name"), h.attr("port"), h.attr("socket")) {
+                    (_, _, Some(sock)) => sock.to_string(),
+                    (Some(n), Some(p), _) => format!("{n}:{p}"),
+                    (Some(n), None, _) => n.to_string(),
+                    _ => "?".into(),
+                })
+                .collect();
+            format!(
+                "a network disk ({} {}{}), not a local image",
+                a("protocol"),
+                a("name"),
+                if hosts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", hosts.join(", "))
+                }
+            )
+        }
+        "volume" => format!(
+            "a storage-pool volume (pool {}, volume {}), which libvirt resolves; vsnap reads no storage pools",
+            a("pool"),
+            a("volume")
+        ),
+        "nvme" => format!(
+            "an NVMe namespace ({} on PCI {}) driven by QEMU's own NVMe driver, not a local image",
+            a("namespace"),
+            src.and_then(|s| s.child("address"))
+                .map(|ad| {
+                    let f = |k: &str| {
+                        ad.attr(k)
+                            .map(|v| v.trim_start_matches("0x").to_string())
+                            .unwrap_or_else(|| "?".into())
+                    };
+                    format!("{}:{}:{}.{}", f("domain"), f("bus"), f("slot"), f("function"))
+                })
+                .unwrap_or_else(|| "?".into())
+        ),
+        "vhostuser" => format!(
+            "a vhost-user disk served by another process (socket {})",
+            a("path")
+        ),
+        "dir" => format!(
+            "a directory ({}) shown to the guest as a virtual FAT disk",
+            a("dir")
+        ),
+        other => {
+            return Err(EngineError::Xml(format!(
+                "<disk type='{other}'> is not a disk type libvirt knows (file, block, dir, network, volume, nvme, vhostuser)"
+            )))
+        }
+    }))
+}
+
+fn parse_disk(disk: &Element, device: DiskDevice) -> Result<DomDisk> {
     disk.only_one(&["target", "source", "driver"])?;
     let target = disk
         .child("target")
@@ -187,6 +474,31 @@ fn parse_disk(disk: &Element) -> Result<DomDisk> {
             "disk target {target:?} holds a control or invisible (format) character; name it as libvirt does (vda, sdb, ...)"
         )));
     }
+    let snapshot = match disk.attr("snapshot") {
+        None => None,
+        Some(s) => Some(SnapshotDefault::parse(s).ok_or_else(|| {
+            EngineError::Xml(format!(
+                "disk {target}: snapshot='{s}' is not one of libvirt's values (no, internal, external, manual)"
+            ))
+        })?),
+    };
+    let ty = disk.attr("type").unwrap_or("file");
+    let driver_type = disk.child("driver").and_then(|d| d.attr("type"));
+    let common = |source, format| DomDisk {
+        target: target.clone(),
+        source,
+        format,
+        readonly: disk.child("readonly").is_some(),
+        shareable: disk.child("shareable").is_some(),
+        device,
+        snapshot,
+    };
+    if let Some(why) = unsupported_why(disk, ty, device)? {
+        // Never snapshotted: its format is not checked.
+        let format = driver_type.and_then(Format::parse).unwrap_or(Format::Raw);
+        let xml = xmltree::write(disk, 0);
+        return Ok(common(DiskSource::Unsupported { why, xml }, format));
+    }
     let src = disk.child("source");
     let source = src
         .and_then(|s| s.attr("file").or_else(|| s.attr("dev")))
@@ -196,25 +508,27 @@ fn parse_disk(disk: &Element) -> Result<DomDisk> {
             ))
         })?;
     let source = PathBuf::from(source);
-    let format = match disk.child("driver").and_then(|d| d.attr("type")) {
+    let source = if ty == "block" || src.and_then(|s| s.attr("dev")).is_some() {
+        DiskSource::Block(source)
+    } else {
+        DiskSource::File(source)
+    };
+    let format = match driver_type {
         Some(t) => parse_format(t, &format!("disk {target}"))?,
         // libvirt's own default without format probing (which libvirt
         // leaves off): raw. Never guessed from the image's bytes, which a
         // guest writes (see image.rs).
         None => Format::Raw,
     };
-    Ok(DomDisk {
-        target,
-        source,
-        format,
-        readonly: disk.child("readonly").is_some(),
-        shareable: disk.child("shareable").is_some(),
-    })
+    Ok(common(source, format))
 }
 
 /// The `<domain>` subset vsnap keeps, as libvirt writes it.
 pub fn domain_to_xml(d: &DomainRec) -> String {
-    let mut x = String::from("<domain type='kvm'>\n");
+    let mut x = format!(
+        "<domain type='{}'>\n",
+        esc(d.virt_type.as_deref().unwrap_or("kvm"))
+    );
     x.push_str(&format!("  <name>{}</name>\n", esc(&d.name)));
     if let Some(u) = &d.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
@@ -227,21 +541,33 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
     }
     x.push_str("  <devices>\n");
     for disk in &d.disks {
-        use std::os::unix::fs::FileTypeExt;
-        let block = std::fs::metadata(&disk.source).is_ok_and(|m| m.file_type().is_block_device());
-        let (ty, attr) = if block {
-            ("block", "dev")
-        } else {
-            ("file", "file")
+        let (ty, attr, path) = match &disk.source {
+            DiskSource::File(p) => ("file", "file", p),
+            DiskSource::Block(p) => ("block", "dev", p),
+            DiskSource::Unsupported { xml, .. } => {
+                for line in xml.lines() {
+                    x.push_str("    ");
+                    x.push_str(line);
+                    x.push('\n');
+                }
+                continue;
+            }
         };
-        x.push_str(&format!("    <disk type='{ty}' device='disk'>\n"));
+        x.push_str(&format!(
+            "    <disk type='{ty}' device='{}'",
+            disk.device.as_str()
+        ));
+        if let Some(s) = disk.snapshot {
+            x.push_str(&format!(" snapshot='{}'", s.as_str()));
+        }
+        x.push_str(">\n");
         x.push_str(&format!(
             "      <driver name='qemu' type='{}'/>\n",
             disk.format
         ));
         x.push_str(&format!(
             "      <source {attr}='{}'/>\n",
-            esc(&disk.source.to_string_lossy())
+            esc(&path.to_string_lossy())
         ));
         x.push_str(&format!("      <target dev='{}'/>\n", esc(&disk.target)));
         if disk.readonly {
@@ -304,14 +630,14 @@ impl Engine {
             None => Err(EngineError::Invalid(format!(
                 "no domain named {name:?}; `vsnap domain list` lists them, `vsnap domain define` adds one"
             ))),
-            Some(b) => codec::decode(&b).map_err(|e| corrupt(name, e)),
+            Some(b) => decode_domain(&b).map_err(|e| corrupt(name, e)),
         }
     }
 
     pub fn domain_list(&self) -> Result<Vec<DomainRec>> {
         let mut out = Vec::new();
         for (k, v) in self.journal().catalog_scan(DOMAINS, b"")? {
-            out.push(codec::decode(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), e))?);
+            out.push(decode_domain(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), e))?);
         }
         Ok(out)
     }
@@ -326,14 +652,17 @@ impl Engine {
     /// Define a domain from `<domain>` XML; `qmp` overrides the metadata.
     pub fn domain_define(&self, xml: &str, qmp: Option<PathBuf>) -> Result<DomainRec> {
         let _g = self.lock_ops();
-        let (mut d, blocks) = parse_domain_xml_typed(xml)?;
+        let (mut d, _) = parse_domain_xml_typed(xml)?;
         if qmp.is_some() {
             d.qmp = qmp;
         }
         d.qmp = d.qmp.as_deref().map(absolute).transpose()?;
         d.agent = d.agent.as_deref().map(absolute).transpose()?;
         for disk in &mut d.disks {
-            disk.source = absolute(&disk.source)?;
+            match &mut disk.source {
+                DiskSource::File(p) | DiskSource::Block(p) => *p = absolute(p)?,
+                DiskSource::Unsupported { .. } => {}
+            }
         }
         if self.domain_exists(&d.name)? {
             return Err(EngineError::Invalid(format!(
@@ -342,13 +671,20 @@ impl Engine {
             )));
         }
         let mut ids: Vec<((u64, u64), &str)> = Vec::new();
-        for (disk, &block) in d.disks.iter().zip(&blocks) {
+        for disk in &d.disks {
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
-            let meta = std::fs::metadata(&disk.source).map_err(|_| {
+            let (source, block) = match &disk.source {
+                DiskSource::File(p) => (p, false),
+                DiskSource::Block(p) => (p, true),
+                // Recorded, never opened: a snapshot that includes it is
+                // refused (plan_domain_snapshot).
+                DiskSource::Unsupported { .. } => continue,
+            };
+            let meta = std::fs::metadata(source).map_err(|_| {
                 EngineError::Invalid(format!(
                     "disk {}: source {} does not exist; fix the <source> in the XML",
                     disk.target,
-                    disk.source.display()
+                    source.display()
                 ))
             })?;
             let ft = meta.file_type();
@@ -357,14 +693,14 @@ impl Engine {
                 return Err(EngineError::Invalid(format!(
                     "disk {}: <disk type='block'> names {}, which is {what}, not a block device; fix the <disk> in the XML",
                     disk.target,
-                    disk.source.display()
+                    source.display()
                 )));
             }
             if !block && !ft.is_file() {
                 return Err(EngineError::Invalid(format!(
                     "disk {}: source {} is {what}, not a disk image file; a <disk type='file'> names an image file (a block device is <disk type='block'> with <source dev=...>)",
                     disk.target,
-                    disk.source.display()
+                    source.display()
                 )));
             }
             let id = (meta.dev(), meta.ino());
@@ -372,13 +708,13 @@ impl Engine {
                 return Err(EngineError::Invalid(format!(
                     "disks {other} and {} both name the image {} (one image for two disks); give each disk its own image",
                     disk.target,
-                    disk.source.display()
+                    source.display()
                 )));
             }
             ids.push((id, &disk.target));
             // A loop or an over-deep chain is refused now, not found by
             // the first qemu-img that opens it.
-            vsnap_steps::qemu_img::backing_chain(&disk.source, disk.format)
+            vsnap_steps::qemu_img::backing_chain(source, disk.format)
                 .map_err(|e| EngineError::Invalid(format!("disk {}: {e}", disk.target)))?;
         }
         self.journal().catalog_apply(&[put_domain(&d)])?;
@@ -415,12 +751,20 @@ impl Engine {
                 )));
             }
             let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("");
+            use std::os::unix::fs::FileTypeExt;
+            let block = std::fs::metadata(file).is_ok_and(|m| m.file_type().is_block_device());
             disks.push(DomDisk {
                 target: target.clone(),
-                source: PathBuf::from(file),
+                source: if block {
+                    DiskSource::Block(PathBuf::from(file))
+                } else {
+                    DiskSource::File(PathBuf::from(file))
+                },
                 format: parse_format(drv, &format!("disk {target}"))?,
                 readonly: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
                 shareable: false,
+                device: DiskDevice::Disk,
+                snapshot: None,
             });
         }
         let d = DomainRec {
@@ -431,6 +775,7 @@ impl Engine {
             agent: agent.map(absolute).transpose()?,
             current: None,
             next_seq: 0,
+            virt_type: None,
         };
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)
@@ -543,7 +888,7 @@ mod tests {
         assert_eq!(d.disks.len(), 2, "the cdrom is skipped");
         assert_eq!(d.disks[0].target, "vda");
         assert_eq!(d.disks[0].format, Format::Qcow2);
-        assert_eq!(d.disks[1].source, PathBuf::from("/vm/b.raw"));
+        assert_eq!(d.disks[1].image(), Some(Path::new("/vm/b.raw")));
         assert!(d.disks[1].shareable);
         assert_eq!(d.agent, Some(PathBuf::from("/run/vm1.qga")));
         assert_eq!(d.qmp, Some(PathBuf::from("/run/vm1.qmp")));
@@ -571,6 +916,233 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("'/'"), "{e}");
+    }
+
+    /// A `<domain>` with these `<devices>`.
+    fn dom(devices: &str) -> String {
+        format!("<domain type='kvm'><name>t</name><devices>{devices}</devices></domain>")
+    }
+
+    /// What is recorded of each `<disk>` document (from libvirt's
+    /// formatdomain examples): (xml, target, source path, device, snapshot,
+    /// words of the reason vsnap cannot snapshot it).
+    #[allow(clippy::type_complexity)]
+    const DISKS: &[(&str, &str, Option<&str>, DiskDevice, Option<SnapshotDefault>, &[&str])] = &[
+        (
+            "<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='rbd' name='image_name2'><host name='hostname' port='7000'/><auth username='myuser'><secret type='ceph' usage='mypassid'/></auth></source><target dev='vdc' bus='virtio'/></disk>",
+            "vdc", None, DiskDevice::Disk, None, &["network disk", "rbd image_name2", "hostname:7000"],
+        ),
+        (
+            "<disk type='network'><driver name='qemu' type='raw' io='threads' ioeventfd='on' event_idx='off'/><source protocol='gluster' name='Volume/Image'><host name='example.org' port='6000'/></source><target dev='vda' bus='virtio'/></disk>",
+            "vda", None, DiskDevice::Disk, None, &["network disk", "gluster Volume/Image", "example.org:6000"],
+        ),
+        (
+            "<disk type='network'><source protocol='nbd' name='bar'><host transport='unix' socket='/path/to/sock'/></source><target dev='hdb' bus='ide'/></disk>",
+            "hdb", None, DiskDevice::Disk, None, &["network disk", "nbd bar", "/path/to/sock"],
+        ),
+        (
+            "<disk type='network' device='disk' snapshot='no'><driver name='qemu' type='raw'/><source protocol='iscsi' name='iqn.2013-07.com.example:iscsi-nopool/2'><host name='example.com' port='3260'/></source><target dev='vdb' bus='virtio'/></disk>",
+            "vdb", None, DiskDevice::Disk, Some(SnapshotDefault::No), &["network disk", "iscsi", "example.com:3260"],
+        ),
+        (
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='blk-pool0' volume='blk-pool0-vol0'/><target dev='hdk' bus='ide'/></disk>",
+            "hdk", None, DiskDevice::Disk, None, &["storage-pool volume", "blk-pool0", "blk-pool0-vol0"],
+        ),
+        (
+            "<disk type='nvme' device='disk'><driver name='qemu' type='raw'/><source type='pci' managed='yes' namespace='1'><address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/></source><target dev='vde' bus='virtio'/></disk>",
+            "vde", None, DiskDevice::Disk, None, &["NVMe", "0000:01:00.0"],
+        ),
+        (
+            "<disk type='vhostuser' device='disk'><driver name='qemu' type='raw'/><source type='unix' path='/tmp/vhost-blk.sock'><reconnect enabled='yes' timeout='10'/></source><target dev='vdf' bus='virtio'/></disk>",
+            "vdf", None, DiskDevice::Disk, None, &["vhost-user", "/tmp/vhost-blk.sock"],
+        ),
+        (
+            "<disk type='block' device='lun'><driver name='qemu' type='raw'/><source dev='/dev/sda'/><target dev='sda' bus='scsi'/><address type='drive' controller='0' bus='0' target='3' unit='0'/></disk>",
+            "sda", None, DiskDevice::Lun, None, &["SCSI LUN", "/dev/sda"],
+        ),
+        (
+            "<disk type='network' device='lun'><driver name='qemu' type='raw'/><source protocol='iscsi' name='iqn.2013-07.com.example:iscsi-nopool/1'><host name='example.com' port='3260'/></source><target dev='sdb' bus='scsi'/></disk>",
+            "sdb", None, DiskDevice::Lun, None, &["SCSI LUN", "device='lun'"],
+        ),
+        (
+            "<disk type='file' device='floppy'><driver name='qemu' type='raw'/><source file='/vm/fd.img'/><target dev='fda'/></disk>",
+            "fda", Some("/vm/fd.img"), DiskDevice::Floppy, None, &[],
+        ),
+        (
+            "<disk type='file' snapshot='external'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/domain.qcow'/><target dev='vda' bus='virtio'/></disk>",
+            "vda", Some("/var/lib/libvirt/images/domain.qcow"), DiskDevice::Disk, Some(SnapshotDefault::External), &[],
+        ),
+        (
+            "<disk type='file' snapshot='internal'><driver name='qemu' type='qcow2'/><source file='/vm/i.qcow2'/><target dev='vdi'/></disk>",
+            "vdi", Some("/vm/i.qcow2"), DiskDevice::Disk, Some(SnapshotDefault::Internal), &[],
+        ),
+        (
+            "<disk type='file' snapshot='manual'><driver name='qemu' type='qcow2'/><source file='/vm/m.qcow2'/><target dev='vdm'/></disk>",
+            "vdm", Some("/vm/m.qcow2"), DiskDevice::Disk, Some(SnapshotDefault::Manual), &[],
+        ),
+        (
+            "<disk type='block' device='disk' snapshot='no'><driver name='qemu' type='raw'/><source dev='/dev/vg/lv'/><target dev='vdg'/></disk>",
+            "vdg", Some("/dev/vg/lv"), DiskDevice::Disk, Some(SnapshotDefault::No), &[],
+        ),
+    ];
+
+    #[test]
+    fn records_every_kind_of_disk_and_writes_it_back() {
+        for (xml, target, source, device, snapshot, why) in DISKS {
+            let d = parse_domain_xml(&dom(xml)).unwrap_or_else(|e| panic!("{xml}: {e}"));
+            assert_eq!(d.disks.len(), 1, "{xml}");
+            let disk = &d.disks[0];
+            assert_eq!(disk.target, *target, "{xml}");
+            assert_eq!(disk.image(), source.map(Path::new), "{xml}");
+            assert_eq!(disk.device, *device, "{xml}");
+            assert_eq!(disk.snapshot, *snapshot, "{xml}");
+            match disk.unsupported() {
+                Some(w) => {
+                    assert!(!why.is_empty(), "{xml}: unexpectedly unsupported: {w}");
+                    for word in *why {
+                        assert!(w.contains(word), "{xml}: {w:?} lacks {word:?}");
+                    }
+                }
+                None => assert!(why.is_empty(), "{xml}: recorded as a local image"),
+            }
+            let back = domain_to_xml(&d);
+            assert_eq!(parse_domain_xml(&back).unwrap(), d, "{back}");
+            if let Some(s) = snapshot {
+                assert!(
+                    back.contains(&format!("snapshot='{}'", s.as_str())),
+                    "{back}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn block_disks_and_the_domain_type_are_kept() {
+        let x = "<domain type='qemu'><name>t</name><devices><disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/nonexistent/blk'/><target dev='vdb'/></disk><disk type='file'><source file='/vm/a.raw'/><target dev='vda'/></disk></devices></domain>";
+        let d = parse_domain_xml(x).unwrap();
+        assert_eq!(d.virt_type.as_deref(), Some("qemu"));
+        assert_eq!(
+            d.disks[0].source,
+            DiskSource::Block("/nonexistent/blk".into())
+        );
+        assert_eq!(d.disks[1].source, DiskSource::File("/vm/a.raw".into()));
+        let back = domain_to_xml(&d);
+        assert!(back.starts_with("<domain type='qemu'>"), "{back}");
+        assert!(back.contains("<disk type='block' device='disk'>"), "{back}");
+        assert!(back.contains("<source dev='/nonexistent/blk'/>"), "{back}");
+        assert_eq!(parse_domain_xml(&back).unwrap(), d);
+        let kvm = parse_domain_xml(&dom("")).unwrap();
+        assert_eq!(kvm.virt_type.as_deref(), Some("kvm"));
+        assert!(domain_to_xml(&kvm).starts_with("<domain type='kvm'>"));
+        let e = parse_domain_xml("<domain type='xen'><name>t</name></domain>")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("type='xen'") && e.contains("kvm"), "{e}");
+    }
+
+    #[test]
+    fn read_only_media_are_left_out_and_named() {
+        let x = dom(
+            "<disk type='file' device='cdrom'><source file='/iso/a.iso'/><target dev='sda'/><readonly/></disk>\
+             <disk type='file' device='floppy'><source file='/vm/ro.img'/><target dev='fda'/><readonly/></disk>\
+             <disk type='file' device='floppy'><target dev='fdb'/></disk>\
+             <disk type='file' device='disk'><source file='/vm/a.raw'/><target dev='vda'/></disk>",
+        );
+        let d = parse_domain_xml(&x).unwrap();
+        assert_eq!(d.disks.len(), 1);
+        assert_eq!(d.disks[0].target, "vda");
+        assert_eq!(
+            domain_left_out(&x),
+            [
+                "sda (cdrom, read-only media)",
+                "fda (floppy, read-only media)",
+                "fdb (floppy, empty)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_snapshot_type_or_device_is_named() {
+        for (xml, words) in [
+            (
+                "<disk snapshot='sometimes'><source file='/a'/><target dev='vda'/></disk>",
+                &["vda", "snapshot='sometimes'", "manual"][..],
+            ),
+            (
+                "<disk type='cloud'><source file='/a'/><target dev='vda'/></disk>",
+                &["type='cloud'", "network"],
+            ),
+            (
+                "<disk device='tape'><source file='/a'/><target dev='vda'/></disk>",
+                &["device='tape'", "lun"],
+            ),
+        ] {
+            let e = parse_domain_xml(&dom(xml)).unwrap_err().to_string();
+            for w in words {
+                assert!(e.contains(w), "{xml}: {e:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn reads_domains_written_before_typed_disks() {
+        #[derive(Serialize)]
+        struct OldDisk {
+            target: String,
+            source: String,
+            format: Format,
+            readonly: bool,
+            shareable: bool,
+        }
+        #[derive(Serialize)]
+        struct Old {
+            name: String,
+            uuid: Option<String>,
+            disks: Vec<OldDisk>,
+            qmp: Option<String>,
+            agent: Option<String>,
+            current: Option<String>,
+            next_seq: u64,
+        }
+        let old = Old {
+            name: "vm1".into(),
+            uuid: Some("u".into()),
+            disks: vec![OldDisk {
+                target: "vda".into(),
+                source: "/vm/a.qcow2".into(),
+                format: Format::Qcow2,
+                readonly: false,
+                shareable: true,
+            }],
+            qmp: Some("/run/q".into()),
+            agent: None,
+            current: Some("s1".into()),
+            next_seq: 3,
+        };
+        let d = decode_domain(&codec::encode(&old)).unwrap();
+        assert_eq!(
+            d,
+            DomainRec {
+                name: "vm1".into(),
+                uuid: Some("u".into()),
+                disks: vec![DomDisk {
+                    target: "vda".into(),
+                    source: DiskSource::File("/vm/a.qcow2".into()),
+                    format: Format::Qcow2,
+                    readonly: false,
+                    shareable: true,
+                    device: DiskDevice::Disk,
+                    snapshot: None,
+                }],
+                qmp: Some("/run/q".into()),
+                agent: None,
+                current: Some("s1".into()),
+                next_seq: 3,
+                virt_type: None,
+            }
+        );
+        // And today's layout reads as itself.
+        assert_eq!(decode_domain(&codec::encode(&d)).unwrap(), d);
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! A guest that was paused stays paused; the disks the request leaves out
 //! are not touched.
 
-use crate::domain::{self, block_key, domain_to_xml, put_domain, DomState, DomainRec};
+use crate::domain::{
+    self, block_key, domain_to_xml, put_domain, DiskSource, DomState, DomainRec, SnapshotDefault,
+};
 use crate::plan::Plan;
 use crate::xmltree::{self, esc, Element};
 use crate::{now_unix, validate_name, Engine, EngineError, Result};
@@ -745,9 +747,15 @@ impl Engine {
                 .map_err(EngineError::Check)?;
         }
 
-        // Resolve every disk's choice.
-        let default_mode = |disk: &domain::DomDisk| {
-            if disk.readonly || disk.shareable {
+        // Resolve every disk's choice: the request's, else the domain's
+        // `<disk snapshot=...>` (libvirt's rule), else vsnap's default.
+        // `None`: `snapshot='manual'`, which vsnap cannot honour.
+        let default_mode = |disk: &domain::DomDisk| match disk.snapshot {
+            Some(SnapshotDefault::No) => Some(DiskMode::No),
+            Some(SnapshotDefault::Internal) => Some(DiskMode::Internal),
+            Some(SnapshotDefault::External) => Some(DiskMode::External),
+            Some(SnapshotDefault::Manual) => None,
+            None => Some(if disk.readonly || disk.shareable {
                 DiskMode::No
             } else if memory {
                 DiskMode::Internal
@@ -757,18 +765,12 @@ impl Engine {
                 DiskMode::External
             } else {
                 DiskMode::Internal
-            }
+            }),
         };
-        let mut chosen: Vec<Chosen> = d
+        let mut picks: Vec<(&domain::DomDisk, Option<DiskMode>, Option<PathBuf>)> = d
             .disks
             .iter()
-            .map(|disk| Chosen {
-                target: disk.target.clone(),
-                source: disk.source.clone(),
-                format: disk.format,
-                mode: default_mode(disk),
-                overlay: None,
-            })
+            .map(|disk| (disk, default_mode(disk), None))
             .collect();
         let mut named: Vec<(&str, &str)> = Vec::new();
         for (who, choice) in &req.disks {
@@ -790,16 +792,44 @@ impl Engine {
                 )));
             }
             named.push((who.as_str(), disk.target.as_str()));
-            let c = chosen
+            let pick = picks
                 .iter_mut()
-                .find(|c| c.target == disk.target)
-                .expect("every disk is in chosen");
-            (c.mode, c.overlay) = match choice {
-                DiskChoice::No => (DiskMode::No, None),
-                DiskChoice::Internal => (DiskMode::Internal, None),
-                DiskChoice::External(p) => (DiskMode::External, p.clone()),
-                DiskChoice::Reflink(p) => (DiskMode::Reflink, p.clone()),
+                .find(|p| p.0.target == disk.target)
+                .expect("every disk is in picks");
+            (pick.1, pick.2) = match choice {
+                DiskChoice::No => (Some(DiskMode::No), None),
+                DiskChoice::Internal => (Some(DiskMode::Internal), None),
+                DiskChoice::External(p) => (Some(DiskMode::External), p.clone()),
+                DiskChoice::Reflink(p) => (Some(DiskMode::Reflink), p.clone()),
             };
+        }
+        let mut chosen: Vec<Chosen> = Vec::new();
+        for (disk, mode, overlay) in picks {
+            let t = &disk.target;
+            let leave_out = format!(
+                "leave it out with --disk {t}=no (or <disk name='{t}' snapshot='no'/> in the <domainsnapshot>)"
+            );
+            let Some(mode) = mode else {
+                return Err(EngineError::Invalid(format!(
+                    "disk {t}: the domain says snapshot='manual' (libvirt leaves this disk's snapshot to you), which vsnap cannot do in the middle of a snapshot; {leave_out}, or name its kind (--disk {t}=internal, --disk {t}=external)"
+                )));
+            };
+            if mode == DiskMode::No {
+                continue;
+            }
+            let Some(image) = disk.image() else {
+                return Err(EngineError::Invalid(format!(
+                    "disk {t}: vsnap cannot snapshot {}; {leave_out}, or mark it snapshot='no' in the domain XML",
+                    disk.unsupported().unwrap_or("this disk")
+                )));
+            };
+            chosen.push(Chosen {
+                target: t.clone(),
+                source: image.to_path_buf(),
+                format: disk.format,
+                mode,
+                overlay,
+            });
         }
         chosen.retain(|c| c.mode != DiskMode::No);
         if chosen.is_empty() {
@@ -1244,7 +1274,7 @@ impl Engine {
                     .iter_mut()
                     .find(|x| x.target == c.target)
                     .expect("chosen disks exist");
-                disk.source = o.clone();
+                disk.source = DiskSource::File(o.clone());
                 disk.format = Format::Qcow2;
             }
         }
@@ -1258,9 +1288,11 @@ impl Engine {
             state: snap_state,
             memory_internal: memory,
             quiesced: req.quiesce,
+            // A disk vsnap cannot snapshot (network, ...) is left out.
             disks: d
                 .disks
                 .iter()
+                .filter(|disk| disk.image().is_some())
                 .map(
                     |disk| match chosen.iter().find(|c| c.target == disk.target) {
                         Some(c) if c.mode == DiskMode::Reflink => DomSnapDisk {
@@ -1278,7 +1310,7 @@ impl Engine {
                         None => DomSnapDisk {
                             target: disk.target.clone(),
                             mode: DiskMode::No,
-                            state_file: disk.source.clone(),
+                            state_file: disk.image().expect("filtered").to_path_buf(),
                             overlay: None,
                         },
                     },

@@ -174,6 +174,41 @@ pub fn parse(text: &str) -> Result<Element> {
     root.ok_or_else(|| EngineError::Xml("empty document".into()))
 }
 
+/// Write an element back as XML, `indent` spaces in, one child a line
+/// (whitespace-only text is layout and left out; attribute and child order
+/// are kept). What [`parse`] reads from this is the same element, up to
+/// layout whitespace.
+pub fn write(e: &Element, indent: usize) -> String {
+    let mut x = String::new();
+    write_into(&mut x, e, indent);
+    x
+}
+
+fn write_into(x: &mut String, e: &Element, indent: usize) {
+    let pad = " ".repeat(indent);
+    x.push_str(&pad);
+    x.push('<');
+    x.push_str(&e.name);
+    for (k, v) in &e.attrs {
+        x.push_str(&format!(" {k}='{}'", esc(v)));
+    }
+    let text = e.text.trim();
+    if e.children.is_empty() && text.is_empty() {
+        x.push_str("/>\n");
+        return;
+    }
+    x.push('>');
+    x.push_str(&esc(text));
+    if !e.children.is_empty() {
+        x.push('\n');
+        for c in &e.children {
+            write_into(x, c, indent + 2);
+        }
+        x.push_str(&pad);
+    }
+    x.push_str(&format!("</{}>\n", e.name));
+}
+
 /// Escape text or an attribute value.
 pub fn esc(s: &str) -> String {
     quick_xml::escape::escape(s).into_owned()
@@ -198,6 +233,21 @@ mod tests {
         let e = parse("<a><n>s<!-- x -->1</n><m>p<![CDATA[<q>]]>r</m></a>").unwrap();
         assert_eq!(e.child_text("n").as_deref(), Some("s1"));
         assert_eq!(e.child_text("m").as_deref(), Some("p<q>r"));
+    }
+
+    #[test]
+    fn writes_back_what_it_read() {
+        let src = "<disk type='network' device='disk'>\n  <source protocol='rbd' name='p/i&amp;j'>\n    <host name='m1' port='6789'/>\n  </source>\n  <serial>ab&lt;c</serial>\n</disk>";
+        let e = parse(src).unwrap();
+        let w = write(&e, 4);
+        assert!(
+            w.starts_with("    <disk type='network' device='disk'>\n"),
+            "{w}"
+        );
+        assert!(w.contains("<serial>ab&lt;c</serial>"), "{w}");
+        let again = parse(&w).unwrap();
+        assert_eq!(write(&again, 4), w);
+        assert_eq!(again.child("source").unwrap().attr("name"), Some("p/i&j"));
     }
 
     #[test]

@@ -793,7 +793,7 @@ impl Suite {
         let disks: Vec<(PathBuf, Format)> = d
             .disks
             .iter()
-            .map(|x| (x.source.clone(), x.format))
+            .filter_map(|x| Some((x.image()?.to_path_buf(), x.format)))
             .collect();
         self.guest.boot(&disks)
     }
@@ -814,12 +814,15 @@ impl Suite {
             .filter(|x| want_seq && chosen.contains(&x.target))
         {
             // A live image is read with -U: a stale but never too new view.
-            if let Ok((s, _)) = image_seq(&self.root, &disk.source, None) {
+            let Some(image) = disk.image() else {
+                continue;
+            };
+            if let Ok((s, _)) = image_seq(&self.root, image, None) {
                 seq.insert(disk.target.clone(), s);
             } else if !live {
                 return Err(format!(
                     "cannot read the writer's records from {}",
-                    disk.source.display()
+                    image.display()
                 ));
             }
         }
@@ -976,13 +979,13 @@ impl Suite {
                         .disks
                         .iter()
                         .find(|x| x.target == sd.target)
-                        .map(|x| x.source.clone());
+                        .and_then(|x| x.image().map(Path::to_path_buf));
                     let old = before
                         .dom
                         .disks
                         .iter()
                         .find(|x| x.target == sd.target)
-                        .map(|x| x.source.clone());
+                        .and_then(|x| x.image().map(Path::to_path_buf));
                     let want = match (sd.mode, &sd.overlay) {
                         (DiskMode::External, Some(o)) => Some(o.clone()),
                         _ => old.clone(),
@@ -1294,11 +1297,12 @@ impl Suite {
             d.disks
                 .iter()
                 .filter(|x| x.format == Format::Qcow2)
-                .map(|x| {
-                    (
-                        x.source.clone(),
-                        qemu_img::snapshot_names(&x.source, true).unwrap_or_default(),
-                    )
+                .filter_map(|x| {
+                    let image = x.image()?;
+                    Some((
+                        image.to_path_buf(),
+                        qemu_img::snapshot_names(image, true).unwrap_or_default(),
+                    ))
                 })
                 .collect()
         };
@@ -1503,21 +1507,18 @@ impl Suite {
     fn writer_progress(&mut self) -> Result<String, String> {
         self.ensure_guest()?;
         let (d, _, _) = self.domain()?;
-        let disk = d.disks.first().ok_or("no disk")?;
-        let (s0, _) = image_seq(&self.root, &disk.source, None)?;
+        let disk = d.disks.first().and_then(|x| x.image()).ok_or("no disk")?;
+        let (s0, _) = image_seq(&self.root, disk, None)?;
         let t = Instant::now();
         loop {
-            let (s, _) = image_seq(&self.root, &disk.source, None)?;
+            let (s, _) = image_seq(&self.root, disk, None)?;
             if s > s0 {
-                return Ok(format!(
-                    "writer on {}: seq {s0} -> {s}",
-                    disk.source.display()
-                ));
+                return Ok(format!("writer on {}: seq {s0} -> {s}", disk.display()));
             }
             if t.elapsed() > Duration::from_secs(60) {
                 return Err(format!(
                     "the guest's writer made no progress on {} in 60 s (seq {s0})",
-                    disk.source.display()
+                    disk.display()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
