@@ -37,7 +37,9 @@
 //! Run: `cargo bench -p vsnap-cli --bench pause` (cargo builds the release
 //! `vsnap`). Environment: VSNAP_BENCH_ITERS (default 20, at least 15),
 //! VSNAP_BENCH_WARMUP (default 3), VSNAP_BENCH_DIR (default /var/tmp: a real
-//! disk), VSNAP_BENCH_DISKS (default 1,4,16), VSNAP_BENCH_WRITER (default 0).
+//! disk), VSNAP_BENCH_DISKS (default 1,4,16), VSNAP_BENCH_DEPTH (chain
+//! depths of every disk's image, default 1; e.g. 1,20: each disk a chain
+//! of 20 qcow2 files, the guest on its top), VSNAP_BENCH_WRITER (default 0).
 
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -359,7 +361,12 @@ fn flatten(g: &Guest, disks: &[Disk], base_nodes: &BTreeSet<String>, img: &Path,
         );
         let job = format!("flat{k}");
         ok(
-            q.execute("block-commit", json!({"job-id": job, "device": top})),
+            // Into the node the new overlay sits on (not the chain's
+            // bottom, QEMU's default base).
+            q.execute(
+                "block-commit",
+                json!({"job-id": job, "device": top, "base-node": d.base_node}),
+            ),
             "block-commit",
         );
         jobs.push(job);
@@ -411,7 +418,15 @@ fn flatten(g: &Guest, disks: &[Disk], base_nodes: &BTreeSet<String>, img: &Path,
     let bases: BTreeSet<&Path> = disks.iter().map(|d| d.base_file.as_path()).collect();
     for e in std::fs::read_dir(img).expect("image dir").flatten() {
         let p = e.path();
-        if !bases.contains(p.as_path()) {
+        // The chain under each disk (make_chain's `d<k>.b<j>.qcow2`) stays.
+        let layer = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.split('.').nth(1))
+            .is_some_and(|m| {
+                m.len() > 1 && m.starts_with('b') && m[1..].bytes().all(|c| c.is_ascii_digit())
+            });
+        if !bases.contains(p.as_path()) && !layer {
             std::fs::remove_file(&p).unwrap_or_else(|err| panic!("remove {}: {err}", p.display()));
         }
     }
@@ -459,18 +474,46 @@ fn make_disk(path: &Path, format_ext4: bool) {
     let _ = std::fs::remove_file(raw);
 }
 
+/// A disk whose image is a chain `depth` files long: `path` on top of
+/// `path.b1` ... on top of the base (`path.b<depth-1>`, made by
+/// [`make_disk`]). Depth 1 is the base alone.
+fn make_chain(path: &Path, depth: usize, format_ext4: bool) {
+    let layer = |j: usize| {
+        if j == 0 {
+            path.to_path_buf()
+        } else {
+            path.with_extension(format!("b{j}.qcow2"))
+        }
+    };
+    make_disk(&layer(depth - 1), format_ext4);
+    for j in (0..depth - 1).rev() {
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(layer(j + 1))
+            .arg(layer(j)));
+    }
+}
+
 fn vsnap_cmd(vsnap: &Path, state: &Path) -> Command {
     let mut c = Command::new(vsnap);
     c.arg("--state-dir").arg(state);
     c
 }
 
-fn bench(n: usize, vsnap: &Path, dir: &Path, warmup: usize, iters: usize, writer: bool) -> Results {
+fn bench(
+    n: usize,
+    depth: usize,
+    vsnap: &Path,
+    dir: &Path,
+    warmup: usize,
+    iters: usize,
+    writer: bool,
+) -> Results {
     let img = dir.join("img");
     std::fs::create_dir_all(&img).expect("bench dir");
     let files: Vec<PathBuf> = (0..n).map(|k| img.join(format!("d{k}.qcow2"))).collect();
     for f in &files {
-        make_disk(f, writer);
+        make_chain(f, depth, writer);
     }
     let t = Instant::now();
     let g = Guest::boot(dir, &files);
@@ -626,6 +669,12 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .filter(|&n| n > 0)
         .collect();
+    let depths: Vec<usize> = std::env::var("VSNAP_BENCH_DEPTH")
+        .unwrap_or_else(|_| "1".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
     let base = std::env::var_os("VSNAP_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -649,17 +698,19 @@ fn main() {
         loadavg()
     );
     let mut all = Vec::new();
-    for &n in &counts {
-        let sub = dir.join(format!("n{n}"));
-        let r = bench(n, &vsnap, &sub, warmup, iters, writer);
-        println!(
-            "bench pause: {n} disk(s): guest booted in {:.1} s ({}): {}",
-            r.boot.as_secs_f64(),
-            r.accel,
-            r.ready
-        );
-        let _ = std::fs::remove_dir_all(&sub);
-        all.push((n, r));
+    for &depth in &depths {
+        for &n in &counts {
+            let sub = dir.join(format!("n{n}-d{depth}"));
+            let r = bench(n, depth, &vsnap, &sub, warmup, iters, writer);
+            println!(
+                "bench pause: {n} disk(s), chain depth {depth}: guest booted in {:.1} s ({}): {}",
+                r.boot.as_secs_f64(),
+                r.accel,
+                r.ready
+            );
+            let _ = std::fs::remove_dir_all(&sub);
+            all.push((format!("{n}/{depth}"), r));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -674,8 +725,13 @@ fn main() {
     println!("  vsnap cmd    = wall time of the whole `vsnap snapshot create DOMAIN NAME --disk-only` process");
     println!();
     println!(
-        "{:>5}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
-        "disks", "vsnap window", "floor window", "ratio p50 (p90)", "sync window", "vsnap cmd"
+        "{:>7}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
+        "disks/depth",
+        "vsnap window",
+        "floor window",
+        "ratio p50 (p90)",
+        "sync window",
+        "vsnap cmd"
     );
     let mut verdicts = Vec::new();
     for (n, r) in &all {
@@ -684,7 +740,7 @@ fn main() {
             pct(&r.vsnap_tx, 90.0) / pct(&r.floor_window, 90.0),
         );
         println!(
-            "{:>5}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
+            "{:>7}  {:>17}  {:>17}  {:>15}  {:>17}  {:>17}",
             n,
             pp(&r.vsnap_tx),
             pp(&r.floor_window),
@@ -693,7 +749,7 @@ fn main() {
             pp(&r.vsnap_cmd)
         );
         verdicts.push(format!(
-            "{n} disk(s): vsnap window / floor window = {r50:.2}x at p50 ({}); sync window / floor window = {:.2}x",
+            "{n} (disks/depth): vsnap window / floor window = {r50:.2}x at p50 ({}); sync window / floor window = {:.2}x",
             if r50 <= TARGET_RATIO {
                 format!("within the {TARGET_RATIO}x target")
             } else {
@@ -707,8 +763,8 @@ fn main() {
         "Transaction round trips alone (client clock) and vsnap's whole pivot step, ms, p50 / p90:"
     );
     println!(
-        "{:>5}  {:>17}  {:>17}  {:>17}  {:>26}",
-        "disks",
+        "{:>7}  {:>17}  {:>17}  {:>17}  {:>26}",
+        "disks/depth",
         "vsnap tx (running)",
         "floor tx (paused)",
         "sync tx (paused)",
@@ -716,7 +772,7 @@ fn main() {
     );
     for (n, r) in &all {
         println!(
-            "{:>5}  {:>17}  {:>17}  {:>17}  {:>26}",
+            "{:>7}  {:>17}  {:>17}  {:>17}  {:>26}",
             n,
             pp(&r.vsnap_tx),
             pp(&r.floor_tx),

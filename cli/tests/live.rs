@@ -158,6 +158,49 @@ fn dry_run_steps(state: &Path, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// A unix socket in front of a QEMU monitor socket: forwards every
+/// connection to it, both ways, and counts the connections made.
+struct CountingProxy {
+    path: PathBuf,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    fn start(path: &Path, real: &Path) -> CountingProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let listener = UnixListener::bind(path).expect("bind the proxy socket");
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (n, real) = (count.clone(), real.to_path_buf());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { break };
+                n.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = UnixStream::connect(&real) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &client, &mut &server);
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &s2, &mut &c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CountingProxy {
+            path: path.to_path_buf(),
+            count,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 fn case<T>(name: &str, f: impl FnOnce() -> T) -> T {
     struct Guard<'a>(&'a str, Instant);
     impl Drop for Guard<'_> {
@@ -1140,6 +1183,40 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
             );
         }
         vsnap(state, &["domain", "check", "blk"]).ok();
+    });
+
+    // vsnap's promise: one monitor connection per plan (with its
+    // planning), not one per step and per question. Counted from outside,
+    // by a socket in front of QEMU's that forwards and counts connections.
+    case("one_monitor_connection_per_plan", || {
+        let pstate = root.join("proxy-state");
+        let proxy = CountingProxy::start(&root.join("b-proxy.sock"), &qmp_b);
+        vsnap(
+            &pstate,
+            &["domain", "attach", "blkp", "--qmp", s(&proxy.path)],
+        )
+        .ok();
+        let before = proxy.count();
+        vsnap(
+            &pstate,
+            &[
+                "snapshot",
+                "create",
+                "blkp",
+                "p1",
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vdc=no",
+            ],
+        )
+        .ok();
+        let made = proxy.count() - before;
+        let on = qemu_disks(&qmp_b);
+        assert_eq!(on["vda"], disks.join("vda.bs1.p1.qcow2"));
+        assert_eq!(on["vdb"], disks.join("vdb.bs1.p1.qcow2"));
+        say!("disk-only snapshot of 2 disks: {made} monitor connection(s)");
+        assert_eq!(made, 1, "one monitor connection for the whole plan");
     });
 
     case("dead_qmp_socket", || {

@@ -501,7 +501,7 @@ pub fn observe_domain(
     let live = state != DomState::Shutoff;
     if let (true, Some(qmp)) = (live, &d.qmp) {
         match vsnap_steps::live::qmp(qmp)
-            .and_then(|mut q| Ok((q.query_block()?, q.query_named_block_nodes()?)))
+            .and_then(|mut q| Ok((q.query_block()?, q.query_named_block_nodes_flat()?)))
         {
             Ok((blocks, nodes)) => {
                 for b in blocks.as_array().into_iter().flatten() {

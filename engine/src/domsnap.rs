@@ -1098,7 +1098,9 @@ impl Engine {
             let qmp = d.qmp.clone().expect("a live guest has a monitor");
             let mut q = live::qmp(&qmp).map_err(EngineError::Check)?;
             let blocks = q.query_block().map_err(EngineError::Check)?;
-            let nodes = q.query_named_block_nodes().map_err(EngineError::Check)?;
+            let nodes = q
+                .query_named_block_nodes_flat()
+                .map_err(EngineError::Check)?;
             drop(q);
             // Each chosen disk's device and top node, found by its image.
             let mut found: Vec<(String, String)> = Vec::new();
@@ -1366,6 +1368,9 @@ impl Engine {
         dry_run: bool,
     ) -> Result<DomSnapDone> {
         let _g = self.lock_ops();
+        // One QEMU monitor connection for the planning's questions and
+        // every step of the plan (released when this call returns).
+        let _held = live::hold_connections();
         let (plan, snapshot, _) = self.plan_domain_snapshot(req)?;
         let plan_text = plan.render();
         let id = if dry_run {

@@ -422,6 +422,8 @@ impl Engine {
         let cx = self.cx();
         let mut out = Vec::new();
         for stored in self.journal.unfinished()? {
+            // One monitor connection per plan, as when it ran.
+            let _held = vsnap_steps::live::hold_connections();
             out.push(plan::recover_one(&self.journal, &stored, dry_run, &cx)?);
         }
         Ok(out)

@@ -1,7 +1,9 @@
 //! Steps that act on a running guest: through its QEMU monitor (QMP) and
-//! its guest agent. Each call connects for the length of the step and
-//! disconnects (a monitor serves one client at a time), with timeouts
-//! everywhere: a dead QEMU or a silent agent is an error, never a hang.
+//! its guest agent, with timeouts everywhere: a dead QEMU or a silent agent
+//! is an error, never a hang. A monitor serves one client at a time: each
+//! call connects for its own length, unless the caller holds the
+//! connection for a whole plan ([`hold_connections`]: the engine does, so
+//! a plan and its planning use one connection).
 
 use crate::agent::Agent;
 use crate::qmp::{blockdev_snapshot_action, qcow2_overlay_args, Qmp};
@@ -31,8 +33,98 @@ pub struct LiveDisk {
     pub overlay: String,
 }
 
-pub fn qmp(path: &Path) -> StepResult<Qmp> {
-    Qmp::connect(path, CONNECT_TIMEOUT)
+// --- one monitor connection per plan -------------------------------------
+
+thread_local! {
+    /// The monitor connection kept between the calls of one plan (and its
+    /// planning): see [`hold_connections`].
+    static HELD: std::cell::RefCell<Option<Qmp>> = const { std::cell::RefCell::new(None) };
+    /// How many [`Held`] guards are alive on this thread.
+    static HOLDING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Keep the monitor connection open between calls until the returned guard
+/// is dropped: a plan (with its planning) talks to QEMU over ONE connection
+/// instead of connecting once per step and per query. A QEMU monitor
+/// serves one client at a time, so the guard must not outlive the plan;
+/// dropping the last guard disconnects. Connections made without a guard
+/// last as long as their [`QmpLease`].
+pub fn hold_connections() -> Held {
+    HOLDING.with(|h| h.set(h.get() + 1));
+    Held(())
+}
+
+/// See [`hold_connections`].
+#[must_use = "the connection is held only while the guard lives"]
+pub struct Held(());
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let left = HOLDING.with(|h| {
+            h.set(h.get().saturating_sub(1));
+            h.get()
+        });
+        if left == 0 {
+            // Disconnect (outside the borrow: Qmp's drop does I/O).
+            let q = HELD.with(|c| c.borrow_mut().take());
+            drop(q);
+        }
+    }
+}
+
+/// A monitor connection: the held one when it is to the same socket and
+/// still open (QEMU may have gone since: then a new one), else a new one.
+/// Derefs to [`Qmp`]. Dropped while [`hold_connections`] is in force, it
+/// goes back to be held (unless QEMU closed it).
+pub struct QmpLease(Option<Qmp>);
+
+impl std::ops::Deref for QmpLease {
+    type Target = Qmp;
+    fn deref(&self) -> &Qmp {
+        self.0
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for QmpLease {
+    fn deref_mut(&mut self) -> &mut Qmp {
+        self.0
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for QmpLease {
+    fn drop(&mut self) {
+        let Some(q) = self.0.take() else { return };
+        if HOLDING.with(|h| h.get()) > 0 && !q.is_closed() {
+            let old = HELD.with(|c| c.borrow_mut().replace(q));
+            drop(old);
+        }
+    }
+}
+
+/// Connections made to QEMU monitors by this process (tests and benches
+/// count them: one per plan is the promise).
+pub fn connections_made() -> u64 {
+    CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn qmp(path: &Path) -> StepResult<QmpLease> {
+    let held = HELD.with(|c| c.borrow_mut().take());
+    if let Some(mut q) = held {
+        // Still open (what QEMU sent meanwhile is read; its events are
+        // dropped: a step waits only for events of its own commands).
+        if q.path() == path && q.poll_events().is_ok() {
+            return Ok(QmpLease(Some(q)));
+        }
+    }
+    let q = Qmp::connect(path, CONNECT_TIMEOUT)?;
+    CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(QmpLease(Some(q)))
 }
 
 pub fn agent(path: &Path) -> StepResult<Agent> {
@@ -60,7 +152,7 @@ pub fn top_node(blocks: &Value, device: &str) -> Option<String> {
 }
 
 fn node_names(q: &mut Qmp) -> StepResult<Vec<String>> {
-    let nodes = q.query_named_block_nodes()?;
+    let nodes = q.query_named_block_nodes_flat()?;
     Ok(nodes
         .as_array()
         .map(|a| {
@@ -442,7 +534,7 @@ pub fn snapshot_save_probe(
     if q.query_job(job)?.is_some() {
         let _ = q.wait_job(job, JOB_TIMEOUT);
     }
-    let nodes = q.query_named_block_nodes()?;
+    let nodes = q.query_named_block_nodes_flat()?;
     let have = devices
         .iter()
         .filter(|d| node_snapshots(&nodes, d).is_some_and(|s| s.iter().any(|n| n == tag)))
@@ -483,7 +575,7 @@ pub fn snapshot_delete(
     devices: &[String],
 ) -> StepResult<()> {
     let mut q = qmp(qmp_path)?;
-    let nodes = q.query_named_block_nodes()?;
+    let nodes = q.query_named_block_nodes_flat()?;
     let with: Vec<&str> = devices
         .iter()
         .filter(|d| node_snapshots(&nodes, d).is_some_and(|s| s.iter().any(|n| n == tag)))
