@@ -167,6 +167,85 @@ pub struct DomSnapRequest {
     pub halt: bool,
 }
 
+/// What a caller asks besides (or instead of) a `<domainsnapshot>`
+/// document: the command line's flags, typed. Each field left at its
+/// default leaves the document's choice (or vsnap's default) alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomSnapFlags {
+    /// The snapshot's name; wins over the document's `<name>`.
+    pub name: Option<String>,
+    /// Wins over the document's `<description>`.
+    pub description: Option<String>,
+    /// Require a running guest.
+    pub live: bool,
+    /// Disks only, no memory.
+    pub disk_only: bool,
+    /// Freeze the guest's filesystems through its agent around the switch.
+    pub quiesce: bool,
+    /// Wins over the document's `<memory>`. `MemoryChoice::No` means
+    /// disk-only (vsnap's `--memory no`).
+    pub memory: Option<MemoryChoice>,
+    /// Per-disk choices, by target or source path; each replaces what the
+    /// document asked for the same name. Given twice, the last one counts.
+    pub disks: Vec<(String, DiskChoice)>,
+    /// Do not record the snapshot in the catalog.
+    pub no_metadata: bool,
+    /// The overlays exist already.
+    pub reuse_external: bool,
+    /// Shut the guest off after the snapshot.
+    pub halt: bool,
+}
+
+impl DomSnapRequest {
+    /// The request for `domain`: the `<domainsnapshot>` document `xml`, if
+    /// any, read with [`parse_domainsnapshot`], merged with `flags`, which
+    /// win: a name, description or memory choice given in `flags` replaces
+    /// the document's; a disk named in `flags.disks` replaces the
+    /// document's choice for that disk (by the same name); the booleans
+    /// are or-ed with the document's (which has none of its own).
+    /// `MemoryChoice::No` sets `disk_only`, and a disk-only request asks
+    /// no memory choice.
+    ///
+    /// Needs nothing but the text: it reads no catalog and no file, and
+    /// changes nothing. Fails only when `xml` is not a `<domainsnapshot>`
+    /// vsnap accepts ([`EngineError::Xml`], saying why). Whether the domain, its disks
+    /// and the choices exist and fit is checked by
+    /// [`Engine::plan_domain_snapshot`], not here.
+    pub fn new(domain: &str, xml: Option<&str>, flags: DomSnapFlags) -> Result<DomSnapRequest> {
+        let mut req = match xml {
+            Some(text) => parse_domainsnapshot(text)?,
+            None => DomSnapRequest::default(),
+        };
+        req.domain = domain.to_string();
+        if flags.name.is_some() {
+            req.name = flags.name;
+        }
+        if flags.description.is_some() {
+            req.description = flags.description;
+        }
+        req.live |= flags.live;
+        req.disk_only |= flags.disk_only;
+        req.quiesce |= flags.quiesce;
+        req.no_metadata |= flags.no_metadata;
+        req.reuse_external |= flags.reuse_external;
+        req.halt |= flags.halt;
+        if let Some(m) = flags.memory {
+            if m == MemoryChoice::No {
+                req.disk_only = true;
+            }
+            req.memory = Some(m);
+        }
+        if req.disk_only && req.memory == Some(MemoryChoice::No) {
+            req.memory = None;
+        }
+        for (who, choice) in flags.disks {
+            req.disks.retain(|(w, _)| *w != who);
+            req.disks.push((who, choice));
+        }
+        Ok(req)
+    }
+}
+
 fn key(domain: &str, name: &str) -> Vec<u8> {
     let mut k = domain.as_bytes().to_vec();
     k.push(0);
@@ -1630,5 +1709,150 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("<colour>"), "{e}");
+    }
+
+    const MERGE_XML: &str = "<domainsnapshot><name>x</name><description>from xml</description>\
+        <memory snapshot='external' file='/m/mem'/>\
+        <disks><disk name='vda' snapshot='internal'/><disk name='vdb' snapshot='no'/></disks>\
+        </domainsnapshot>";
+
+    #[test]
+    fn request_new_without_xml_is_the_flags() {
+        let r = DomSnapRequest::new(
+            "d",
+            None,
+            DomSnapFlags {
+                name: Some("s".into()),
+                live: true,
+                quiesce: true,
+                halt: true,
+                disks: vec![("vda".into(), DiskChoice::External(None))],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.domain, "d");
+        assert_eq!(r.name.as_deref(), Some("s"));
+        assert!(r.live && r.quiesce && r.halt);
+        assert!(!r.disk_only && !r.no_metadata && !r.reuse_external);
+        assert_eq!(r.memory, None);
+        assert_eq!(r.disks, vec![("vda".into(), DiskChoice::External(None))]);
+    }
+
+    #[test]
+    fn request_new_flags_win_over_xml() {
+        // Nothing given: the document's choices stand.
+        let r = DomSnapRequest::new("d", Some(MERGE_XML), DomSnapFlags::default()).unwrap();
+        assert_eq!(r.name.as_deref(), Some("x"));
+        assert_eq!(r.description.as_deref(), Some("from xml"));
+        assert_eq!(r.memory, Some(MemoryChoice::External("/m/mem".into())));
+        assert_eq!(
+            r.disks,
+            vec![
+                ("vda".into(), DiskChoice::Internal),
+                ("vdb".into(), DiskChoice::No)
+            ]
+        );
+        // Given: the flags win.
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                name: Some("y".into()),
+                description: Some("from flags".into()),
+                memory: Some(MemoryChoice::Internal),
+                no_metadata: true,
+                reuse_external: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.domain, "d");
+        assert_eq!(r.name.as_deref(), Some("y"));
+        assert_eq!(r.description.as_deref(), Some("from flags"));
+        assert_eq!(r.memory, Some(MemoryChoice::Internal));
+        assert!(r.no_metadata && r.reuse_external && !r.disk_only);
+    }
+
+    #[test]
+    fn request_new_memory_no_is_disk_only() {
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                memory: Some(MemoryChoice::No),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.disk_only);
+        assert_eq!(r.memory, None);
+        // --disk-only alone keeps the document's memory choice for the
+        // planner to judge; with the document's snapshot='no' it is dropped.
+        let r = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><memory snapshot='no'/></domainsnapshot>"),
+            DomSnapFlags {
+                disk_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.disk_only);
+        assert_eq!(r.memory, None);
+        // The document's snapshot='no' alone does not make it disk-only.
+        let r = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><memory snapshot='no'/></domainsnapshot>"),
+            DomSnapFlags::default(),
+        )
+        .unwrap();
+        assert!(!r.disk_only);
+        assert_eq!(r.memory, Some(MemoryChoice::No));
+    }
+
+    #[test]
+    fn request_new_disk_flag_replaces_the_xml_choice() {
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                disks: vec![
+                    (
+                        "vdb".into(),
+                        DiskChoice::External(Some("/o/b.qcow2".into())),
+                    ),
+                    ("vdc".into(), DiskChoice::Internal),
+                    ("vdc".into(), DiskChoice::No),
+                ],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            r.disks,
+            vec![
+                ("vda".into(), DiskChoice::Internal),
+                (
+                    "vdb".into(),
+                    DiskChoice::External(Some("/o/b.qcow2".into()))
+                ),
+                ("vdc".into(), DiskChoice::No),
+            ]
+        );
+    }
+
+    #[test]
+    fn request_new_refuses_a_bad_document() {
+        let e = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><colour/></domainsnapshot>"),
+            DomSnapFlags {
+                name: Some("s".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, EngineError::Xml(_)), "{e}");
     }
 }

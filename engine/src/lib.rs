@@ -16,7 +16,7 @@ pub mod xmltree;
 
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
 pub use plan::{Plan, PlanReport};
-pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest};
+pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
 pub use vsnap_journal::Outcome;
 pub use vsnap_steps::{Format, Progress};
 

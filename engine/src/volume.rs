@@ -38,6 +38,50 @@ pub struct CreateRequest {
     pub format: Option<Format>,
 }
 
+/// What a caller asks besides (or instead of) a `<volsnapshot>` document:
+/// the command line's options, typed. A field left `None` leaves the
+/// document's choice (or vsnap's default) alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolSnapFlags {
+    /// Wins over the document's `<name>`.
+    pub name: Option<String>,
+    /// Wins over the document's `<description>`.
+    pub description: Option<String>,
+    /// Wins over the document's `<kind>`.
+    pub kind: Option<SnapKind>,
+    /// Wins over the document's `<file>`.
+    pub file: Option<PathBuf>,
+    /// The image's format (the document has none); see
+    /// [`CreateRequest::format`].
+    pub format: Option<Format>,
+}
+
+impl CreateRequest {
+    /// The request for `image`: the `<volsnapshot>` document `xml`, if
+    /// any, read with [`crate::xml::parse_volsnapshot`], merged with
+    /// `flags`, which win field by field (name, description, kind, file).
+    ///
+    /// Needs nothing but the text: it reads no catalog and no image, and
+    /// changes nothing. Fails only when `xml` is not a `<volsnapshot>`
+    /// vsnap accepts ([`EngineError::Xml`], saying why). Whether the
+    /// image, the name and the kind fit is checked by
+    /// [`Engine::plan_vol_create`], not here.
+    pub fn new(image: &Path, xml: Option<&str>, flags: VolSnapFlags) -> Result<CreateRequest> {
+        let spec = match xml {
+            Some(text) => crate::xml::parse_volsnapshot(text)?,
+            None => crate::xml::VolSnapshotSpec::default(),
+        };
+        Ok(CreateRequest {
+            image: image.to_path_buf(),
+            name: flags.name.or(spec.name),
+            kind: flags.kind.or(spec.kind),
+            file: flags.file.or(spec.file),
+            description: flags.description.or(spec.description),
+            format: flags.format,
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct RevertRequest {
     pub image: PathBuf,
@@ -1079,5 +1123,69 @@ impl Engine {
             .map(|c| c.name == s.name)
             .unwrap_or(false);
         Ok(crate::xml::volsnapshot_to_xml(&s, current))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = "<volsnapshot><name>x</name><description>from xml</description>\
+        <kind>external</kind><file>/f/x.qcow2</file></volsnapshot>";
+
+    #[test]
+    fn create_request_new_flags_win_over_xml() {
+        let img = Path::new("/vm/a.qcow2");
+        let r = CreateRequest::new(img, Some(XML), VolSnapFlags::default()).unwrap();
+        assert_eq!(r.image, img);
+        assert_eq!(r.name.as_deref(), Some("x"));
+        assert_eq!(r.description.as_deref(), Some("from xml"));
+        assert_eq!(r.kind, Some(SnapKind::External));
+        assert_eq!(r.file.as_deref(), Some(Path::new("/f/x.qcow2")));
+        assert_eq!(r.format, None);
+        let r = CreateRequest::new(
+            img,
+            Some(XML),
+            VolSnapFlags {
+                name: Some("y".into()),
+                description: Some("from flags".into()),
+                kind: Some(SnapKind::Internal),
+                file: Some("/g/y".into()),
+                format: Some(Format::Qcow2),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.name.as_deref(), Some("y"));
+        assert_eq!(r.description.as_deref(), Some("from flags"));
+        assert_eq!(r.kind, Some(SnapKind::Internal));
+        assert_eq!(r.file.as_deref(), Some(Path::new("/g/y")));
+        assert_eq!(r.format, Some(Format::Qcow2));
+        // Only some flags: the document fills the rest.
+        let r = CreateRequest::new(
+            img,
+            Some(XML),
+            VolSnapFlags {
+                name: Some("z".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.name.as_deref(), Some("z"));
+        assert_eq!(r.kind, Some(SnapKind::External));
+    }
+
+    #[test]
+    fn create_request_new_without_xml_and_with_a_bad_one() {
+        let img = Path::new("/vm/a.raw");
+        let r = CreateRequest::new(img, None, VolSnapFlags::default()).unwrap();
+        assert_eq!(r.name, None);
+        assert_eq!(r.kind, None);
+        let e = CreateRequest::new(
+            img,
+            Some("<volsnapshot><colour/></volsnapshot>"),
+            VolSnapFlags::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, EngineError::Xml(_)), "{e}");
     }
 }
