@@ -398,7 +398,7 @@ fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
 
 fn resolve(engine: &Engine, domain: &str, name: &Option<String>) -> anyhow::Result<DomSnapshot> {
     match name {
-        Some(n) => Ok(engine.domain_snapshot_lookup(domain, n)?),
+        Some(n) => Ok(engine.domain_snapshot_lookup_by_name(domain, n)?),
         None => engine
             .domain_snapshot_current(domain)?
             .ok_or_else(|| anyhow::anyhow!("domain {domain:?} has no current snapshot; name one")),
@@ -583,7 +583,7 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
         }
         SnapCmd::Dumpxml { domain, name } => {
             let s = resolve(engine, domain, name)?;
-            let x = engine.domain_snapshot_xml(domain, &s.name)?;
+            let x = engine.domain_snapshot_get_xml_desc(domain, &s.name)?;
             if json_out {
                 print_json(&json!({ "xml": x }));
             } else {

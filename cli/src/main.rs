@@ -699,7 +699,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             }
         },
         SnapCmd::HasCurrent { image } => {
-            let yes = engine.vol_snapshot_has_current(image)?;
+            let yes = engine.vol_has_current_snapshot(image)?;
             if cli.json {
                 print_json(&json!(yes));
             } else {
@@ -708,7 +708,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(if yes { EXIT_OK } else { EXIT_NO })
         }
         SnapCmd::Count { image, kind } => {
-            let n = engine.vol_snapshot_count(image, kind.map(Into::into))?;
+            let n = engine.vol_snapshot_num(image, kind.map(Into::into))?;
             if cli.json {
                 print_json(&json!(n));
             } else {
@@ -717,7 +717,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         SnapCmd::Info { image, name } => {
-            let s = engine.vol_snapshot_lookup(image, name)?;
+            let s = engine.vol_snapshot_lookup_by_name(image, name)?;
             let cur = engine
                 .vol_snapshot_current(image)?
                 .is_some_and(|c| c.name == s.name);
@@ -754,7 +754,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         SnapCmd::Dumpxml { image, name } => {
-            let x = engine.vol_snapshot_xml(image, name)?;
+            let x = engine.vol_snapshot_get_xml_desc(image, name)?;
             if cli.json {
                 print_json(&json!({ "xml": x }));
             } else {

@@ -1460,12 +1460,65 @@ impl Engine {
         })
     }
 
+    /// Take a domain snapshot from a `<domainsnapshot>` document and typed
+    /// flags (libvirt's `virDomainSnapshotCreateXML`):
+    /// [`DomSnapRequest::new`] then [`Engine::domain_snapshot_create`].
+    /// With `dry_run`, only the plan is compiled and nothing is changed.
+    ///
+    /// Needs the domain defined (`domain_define`/`domain_attach`); a
+    /// running one, its QMP socket (and the agent's, to quiesce). Changes:
+    /// the chosen disks are snapshotted (overlays, internal snapshots or
+    /// clones; a running guest's disks switched by QEMU), the snapshot is
+    /// recorded and made current (unless `no_metadata`). On failure before
+    /// the pivot nothing is left changed (the plan rolled back; `Xml` and
+    /// every refusal before a plan change nothing); after it, see
+    /// [`EngineError::needs_attention`]. Errors: `Xml` (the document);
+    /// from [`Engine::plan_domain_snapshot`], `Invalid` (no such domain, a
+    /// name in use, a choice that does not fit its disks or state),
+    /// `BadName`, `Check` (an image or QEMU found unfit); and those of
+    /// running the plan (`Step`, `StepRepaired`, `AfterPivot`, `Journal`).
+    pub fn domain_snapshot_create_xml(
+        &self,
+        domain: &str,
+        xml: Option<&str>,
+        flags: DomSnapFlags,
+        dry_run: bool,
+    ) -> Result<DomSnapDone> {
+        self.domain_snapshot_create(&DomSnapRequest::new(domain, xml, flags)?, dry_run)
+    }
+
+    /// Every snapshot of the domain, oldest first (libvirt's
+    /// `virDomainListAllSnapshots`). Needs the domain defined; changes
+    /// nothing. Errors: `Invalid` (no such domain), `Journal` (the catalog
+    /// cannot be read, or a record does not decode).
     pub fn domain_snapshot_list(&self, domain: &str) -> Result<Vec<DomSnapshot>> {
         let d = self.domain(domain)?;
         snapshots(self.journal(), &d.name)
     }
 
-    pub fn domain_snapshot_lookup(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
+    /// The names of the domain's snapshots, oldest first (libvirt's
+    /// `virDomainSnapshotListNames`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_snapshot_list_names(&self, domain: &str) -> Result<Vec<String>> {
+        Ok(self
+            .domain_snapshot_list(domain)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect())
+    }
+
+    /// How many snapshots the domain has (libvirt's
+    /// `virDomainSnapshotNum`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_snapshot_num(&self, domain: &str) -> Result<usize> {
+        Ok(self.domain_snapshot_list(domain)?.len())
+    }
+
+    /// The snapshot named `name` (libvirt's
+    /// `virDomainSnapshotLookupByName`). Needs the domain defined; changes
+    /// nothing. Errors: `Invalid` (no such domain, or no snapshot of that
+    /// name), `Journal`.
+    pub fn domain_snapshot_lookup_by_name(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
         self.domain_snapshot_list(domain)?.into_iter().find(|s| s.name == name).ok_or_else(|| {
             EngineError::Invalid(format!(
                 "domain {domain:?} has no snapshot named {name:?}; `vsnap snapshot list {domain}` lists them"
@@ -1473,16 +1526,32 @@ impl Engine {
         })
     }
 
+    /// The current snapshot (the last made or reverted to), if any
+    /// (libvirt's `virDomainSnapshotCurrent`, which fails where this
+    /// returns `None`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
     pub fn domain_snapshot_current(&self, domain: &str) -> Result<Option<DomSnapshot>> {
         let d = self.domain(domain)?;
         match d.current {
             None => Ok(None),
-            Some(c) => self.domain_snapshot_lookup(domain, &c).map(Some),
+            Some(c) => self.domain_snapshot_lookup_by_name(domain, &c).map(Some),
         }
     }
 
-    pub fn domain_snapshot_xml(&self, domain: &str, name: &str) -> Result<String> {
-        let s = self.domain_snapshot_lookup(domain, name)?;
+    /// Whether the domain has a current snapshot (libvirt's
+    /// `virDomainHasCurrentSnapshot`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_has_current_snapshot(&self, domain: &str) -> Result<bool> {
+        Ok(self.domain_snapshot_current(domain)?.is_some())
+    }
+
+    /// The snapshot named `name` as a `<domainsnapshot>` document, with
+    /// the domain as it was and `<active>` for the current one (libvirt's
+    /// `virDomainSnapshotGetXMLDesc`); [`parse_domainsnapshot`] reads it
+    /// back. Changes nothing. Errors: those of
+    /// [`Engine::domain_snapshot_lookup_by_name`].
+    pub fn domain_snapshot_get_xml_desc(&self, domain: &str, name: &str) -> Result<String> {
+        let s = self.domain_snapshot_lookup_by_name(domain, name)?;
         let cur = self.domain(domain)?.current.as_deref() == Some(name);
         Ok(domainsnapshot_to_xml(&s, cur))
     }

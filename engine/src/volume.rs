@@ -1038,7 +1038,13 @@ impl Engine {
         self.finish(plan, snap, deleted, dry_run)
     }
 
-    /// Every snapshot of the volume, oldest first, optionally of one kind.
+    /// Every snapshot of the volume, oldest first, optionally of one kind
+    /// (libvirt's `virStorageVolListAllSnapshots`, were there one).
+    ///
+    /// Needs the image to exist (a regular file; any spelling of its path:
+    /// it is canonicalized). Changes nothing. Errors: `NoImage`, `Invalid`
+    /// (not a regular file), `Journal` (the catalog cannot be read). An
+    /// image vsnap never snapshotted has none (an empty list, not an error).
     pub fn vol_snapshot_list(
         &self,
         image: &Path,
@@ -1052,7 +1058,14 @@ impl Engine {
         Ok(v)
     }
 
-    pub fn vol_snapshot_names(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<String>> {
+    /// The names of the volume's snapshots, oldest first, optionally of
+    /// one kind (libvirt's `virDomainSnapshotListNames`). Needs, changes
+    /// and fails as [`Engine::vol_snapshot_list`].
+    pub fn vol_snapshot_list_names(
+        &self,
+        image: &Path,
+        kind: Option<SnapKind>,
+    ) -> Result<Vec<String>> {
         Ok(self
             .vol_snapshot_list(image, kind)?
             .into_iter()
@@ -1060,11 +1073,18 @@ impl Engine {
             .collect())
     }
 
-    pub fn vol_snapshot_count(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
+    /// How many snapshots the volume has, optionally of one kind
+    /// (libvirt's `virDomainSnapshotNum`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
+    pub fn vol_snapshot_num(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
         Ok(self.vol_snapshot_list(image, kind)?.len())
     }
 
-    pub fn vol_snapshot_lookup(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
+    /// The snapshot named `name` (libvirt's
+    /// `virDomainSnapshotLookupByName`). Needs the image to exist; changes
+    /// nothing. Errors: `NoSnapshot` (no snapshot of that name), `NoImage`,
+    /// `Invalid` (not a regular file), `Journal`.
+    pub fn vol_snapshot_lookup_by_name(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
         let image = canonical_image(image)?;
         catalog::snapshots(self.journal(), &image)?
             .into_iter()
@@ -1075,7 +1095,10 @@ impl Engine {
             })
     }
 
-    /// The current snapshot (the last made or reverted to), if any.
+    /// The current snapshot (the last made or reverted to), if any
+    /// (libvirt's `virDomainSnapshotCurrent`, which fails where this
+    /// returns `None`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
     pub fn vol_snapshot_current(&self, image: &Path) -> Result<Option<VolSnapshot>> {
         let image = canonical_image(image)?;
         let Some(rec) = catalog::volume(self.journal(), &image)? else {
@@ -1083,12 +1106,38 @@ impl Engine {
         };
         match rec.current {
             None => Ok(None),
-            Some(name) => self.vol_snapshot_lookup(&image, &name).map(Some),
+            Some(name) => self.vol_snapshot_lookup_by_name(&image, &name).map(Some),
         }
     }
 
-    pub fn vol_snapshot_has_current(&self, image: &Path) -> Result<bool> {
+    /// Whether the volume has a current snapshot (libvirt's
+    /// `virDomainHasCurrentSnapshot`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
+    pub fn vol_has_current_snapshot(&self, image: &Path) -> Result<bool> {
         Ok(self.vol_snapshot_current(image)?.is_some())
+    }
+
+    /// Take a snapshot from a `<volsnapshot>` document and typed flags
+    /// (libvirt's `virDomainSnapshotCreateXML`): [`CreateRequest::new`]
+    /// then [`Engine::vol_snapshot_create`]. With `dry_run`, only the plan
+    /// is compiled and nothing is changed.
+    ///
+    /// Needs the image to exist, unused by any running QEMU and not
+    /// claimed by another state directory. Changes: the snapshot is made
+    /// (files as the kind needs, the catalog records it and makes it
+    /// current). On failure before the pivot, nothing is left changed
+    /// (the plan rolled back; `Xml` and every refusal before a plan change
+    /// nothing); after it, see [`EngineError::needs_attention`]. Errors:
+    /// `Xml` (the document), then those of [`Engine::plan_vol_create`] and
+    /// of running the plan.
+    pub fn vol_snapshot_create_xml(
+        &self,
+        image: &Path,
+        xml: Option<&str>,
+        flags: VolSnapFlags,
+        dry_run: bool,
+    ) -> Result<Done> {
+        self.vol_snapshot_create(&CreateRequest::new(image, xml, flags)?, dry_run)
     }
 
     /// Names of the snapshots whose parent is `name`.
@@ -1107,9 +1156,14 @@ impl Engine {
             .collect())
     }
 
-    /// The `<volsnapshot>` XML description.
-    pub fn vol_snapshot_xml(&self, image: &Path, name: &str) -> Result<String> {
-        let s = self.vol_snapshot_lookup(image, name)?;
+    /// The snapshot named `name` as a `<volsnapshot>` document, with
+    /// `<current>` (libvirt's `virDomainSnapshotGetXMLDesc`); it reads
+    /// back with [`crate::xml::parse_volsnapshot`]. Changes nothing.
+    /// Errors: those of [`Engine::vol_snapshot_lookup_by_name`], and
+    /// `Invalid` when the image's or the snapshot file's path is not UTF-8
+    /// (XML cannot carry it).
+    pub fn vol_snapshot_get_xml_desc(&self, image: &Path, name: &str) -> Result<String> {
+        let s = self.vol_snapshot_lookup_by_name(image, name)?;
         for p in std::iter::once(&s.volume).chain(s.file.as_ref()) {
             if p.to_str().is_none() {
                 return Err(EngineError::Invalid(format!(
