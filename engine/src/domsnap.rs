@@ -79,7 +79,9 @@ pub struct DomSnapshot {
     pub parent: Option<String>,
     pub seq: u64,
     /// libvirt's: `running`, `paused`, `shutoff`, `disk-snapshot`.
-    pub state: String,
+    /// (Records written while this was a string are read as
+    /// [`DomSnapshotV2`].)
+    pub state: DomSnapState,
     /// Guest memory kept inside the disks (`snapshot-save`).
     pub memory_internal: bool,
     pub quiesced: bool,
@@ -91,6 +93,81 @@ pub struct DomSnapshot {
     /// existed are read as [`DomSnapshotV1`].
     #[serde(with = "vsnap_steps::pathser::opt")]
     pub memory_file: Option<PathBuf>,
+}
+
+/// The state a domain snapshot records (libvirt's `<state>`): the
+/// guest's when its memory was kept, else `disk-snapshot`. Written as
+/// libvirt writes it (`running`, `paused`, `shutoff`, `disk-snapshot`) in
+/// XML, JSON and `Display` alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomSnapState {
+    /// The guest ran; its memory was kept.
+    Running,
+    /// The guest was paused; its memory was kept.
+    Paused,
+    /// The guest was shut off (an offline snapshot).
+    Shutoff,
+    /// A running or paused guest's disks only, no memory.
+    DiskSnapshot,
+}
+
+impl DomSnapState {
+    /// libvirt's word: `running`, `paused`, `shutoff`, `disk-snapshot`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomSnapState::Running => "running",
+            DomSnapState::Paused => "paused",
+            DomSnapState::Shutoff => "shutoff",
+            DomSnapState::DiskSnapshot => "disk-snapshot",
+        }
+    }
+
+    /// The state for libvirt's word; `None` for any other.
+    pub fn parse(s: &str) -> Option<DomSnapState> {
+        [
+            DomSnapState::Running,
+            DomSnapState::Paused,
+            DomSnapState::Shutoff,
+            DomSnapState::DiskSnapshot,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DomSnapState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl From<DomState> for DomSnapState {
+    fn from(s: DomState) -> DomSnapState {
+        match s {
+            DomState::Running => DomSnapState::Running,
+            DomState::Paused => DomSnapState::Paused,
+            DomState::Shutoff => DomSnapState::Shutoff,
+        }
+    }
+}
+
+/// The layout of [`DomSnapshot`] while `state` was a string (still read).
+#[derive(Deserialize)]
+struct DomSnapshotV2 {
+    name: String,
+    domain: String,
+    description: Option<String>,
+    creation_time: i64,
+    parent: Option<String>,
+    seq: u64,
+    state: String,
+    memory_internal: bool,
+    quiesced: bool,
+    disks: Vec<DomSnapDisk>,
+    domain_xml: String,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    memory_file: Option<PathBuf>,
 }
 
 /// The layout of [`DomSnapshot`] before `memory_file` (still read).
@@ -110,7 +187,30 @@ struct DomSnapshotV1 {
 }
 
 fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
+    // The layouts cannot be mistaken for one another: where the current
+    // one has the state's variant index (0-3), the older ones have the
+    // length of a word of at least 6 bytes.
+    let state = |s: String| {
+        DomSnapState::parse(&s)
+            .ok_or_else(|| codec::CodecError::Payload(format!("unknown snapshot state {s:?}")))
+    };
     codec::decode::<DomSnapshot>(v).or_else(|e| {
+        if let Ok(o) = codec::decode::<DomSnapshotV2>(v) {
+            return Ok(DomSnapshot {
+                name: o.name,
+                domain: o.domain,
+                description: o.description,
+                creation_time: o.creation_time,
+                parent: o.parent,
+                seq: o.seq,
+                state: state(o.state)?,
+                memory_internal: o.memory_internal,
+                quiesced: o.quiesced,
+                disks: o.disks,
+                domain_xml: o.domain_xml,
+                memory_file: o.memory_file,
+            });
+        }
         let o: DomSnapshotV1 = codec::decode(v).map_err(|_| e)?;
         Ok(DomSnapshot {
             name: o.name,
@@ -119,7 +219,7 @@ fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecErr
             creation_time: o.creation_time,
             parent: o.parent,
             seq: o.seq,
-            state: o.state,
+            state: state(o.state)?,
             memory_internal: o.memory_internal,
             quiesced: o.quiesced,
             disks: o.disks,
@@ -1234,7 +1334,7 @@ impl Engine {
                 if req.halt {
                     steps.push(Step::QmpQuit { qmp: qmp.clone() });
                 }
-                snap_state = state.as_str().to_string();
+                snap_state = DomSnapState::from(state);
             } else {
                 let mut live_disks = Vec::new();
                 for (i, (c, (dev, node))) in chosen.iter().zip(&found).enumerate() {
@@ -1317,9 +1417,9 @@ impl Engine {
                     }
                 }
                 snap_state = if memory_file.is_some() {
-                    state.as_str().to_string()
+                    DomSnapState::from(state)
                 } else {
-                    "disk-snapshot".into()
+                    DomSnapState::DiskSnapshot
                 };
             }
         } else {
@@ -1342,7 +1442,7 @@ impl Engine {
             push_clones(&mut steps, &chosen, &tag);
             pivot = steps.len() as u32;
             steps.push(Step::Catalog);
-            snap_state = "shutoff".into();
+            snap_state = DomSnapState::Shutoff;
         }
 
         // The catalog after the pivot.
@@ -1623,7 +1723,7 @@ mod tests {
             creation_time: 1,
             parent: None,
             seq: 0,
-            state: "disk-snapshot".into(),
+            state: DomSnapState::DiskSnapshot,
             memory_internal: false,
             quiesced: false,
             disks: vec![DomSnapDisk {
@@ -1683,9 +1783,82 @@ mod tests {
         let s = decode_snapshot(&codec::encode(&old)).unwrap();
         assert_eq!((s.name.as_str(), s.seq, s.quiesced), ("s1", 3, true));
         assert_eq!(s.memory_file, None);
+        assert_eq!(s.state, DomSnapState::DiskSnapshot);
         let mut new = s.clone();
         new.memory_file = Some("/vm/m.mem".into());
         assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
+    }
+
+    /// Records written while `state` was a string (`DomSnapshotV2`) read
+    /// with each of libvirt's words; an unknown word is an error, not a
+    /// default; a current record is not mistaken for an old one.
+    #[test]
+    fn reads_snapshots_written_with_a_string_state() {
+        #[derive(Serialize)]
+        struct V2 {
+            name: String,
+            domain: String,
+            description: Option<String>,
+            creation_time: i64,
+            parent: Option<String>,
+            seq: u64,
+            state: String,
+            memory_internal: bool,
+            quiesced: bool,
+            disks: Vec<DomSnapDisk>,
+            domain_xml: String,
+            #[serde(with = "vsnap_steps::pathser::opt")]
+            memory_file: Option<PathBuf>,
+        }
+        let old = |state: &str| V2 {
+            name: "s1".into(),
+            domain: "d".into(),
+            description: Some("x".into()),
+            creation_time: 7,
+            parent: Some("s0".into()),
+            seq: 3,
+            state: state.into(),
+            memory_internal: true,
+            quiesced: false,
+            disks: vec![DomSnapDisk {
+                target: "vda".into(),
+                mode: DiskMode::External,
+                state_file: "/vm/a.qcow2".into(),
+                overlay: Some("/vm/a.s1.qcow2".into()),
+            }],
+            domain_xml: "<domain/>".into(),
+            memory_file: Some("/vm/m.mem".into()),
+        };
+        for (word, state) in [
+            ("running", DomSnapState::Running),
+            ("paused", DomSnapState::Paused),
+            ("shutoff", DomSnapState::Shutoff),
+            ("disk-snapshot", DomSnapState::DiskSnapshot),
+        ] {
+            let s = decode_snapshot(&codec::encode(&old(word))).unwrap();
+            assert_eq!(s.state, state);
+            assert_eq!(s.state.to_string(), word);
+            assert_eq!(serde_json::to_value(s.state).unwrap(), word);
+            assert_eq!(DomSnapState::parse(word), Some(state));
+            assert_eq!(
+                (
+                    s.name.as_str(),
+                    s.parent.as_deref(),
+                    s.seq,
+                    s.memory_internal
+                ),
+                ("s1", Some("s0"), 3, true)
+            );
+            assert_eq!(s.memory_file.as_deref(), Some(Path::new("/vm/m.mem")));
+            assert_eq!(
+                s.disks[0].overlay.as_deref(),
+                Some(Path::new("/vm/a.s1.qcow2"))
+            );
+            // Written again, it is the current layout, and reads back equal.
+            assert_eq!(decode_snapshot(&codec::encode(&s)).unwrap(), s);
+        }
+        let e = decode_snapshot(&codec::encode(&old("frozen"))).unwrap_err();
+        assert!(e.to_string().contains("frozen"), "{e}");
     }
 
     /// libvirt's `<domainsnapshot>` rules (formatsnapshot), a document

@@ -15,7 +15,7 @@ pub mod xml;
 pub mod xmltree;
 
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
-pub use plan::{Plan, PlanReport};
+pub use plan::{Plan, PlanOutcome, PlanReport};
 pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
 pub use vsnap_journal::Outcome;
 pub use vsnap_steps::{Format, Progress};

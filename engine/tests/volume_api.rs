@@ -1287,7 +1287,11 @@ fn recovery_finishes_a_plan_with_every_step_done() {
     };
     let (engine, reports) = Engine::open(&state).unwrap();
     assert_eq!(reports.len(), 1, "{reports:?}");
-    assert_eq!(reports[0].outcome, "committed", "{reports:?}");
+    assert_eq!(
+        reports[0].outcome,
+        vsnap_engine::PlanOutcome::Committed,
+        "{reports:?}"
+    );
     let stored = engine.journal().plan(id).unwrap();
     assert_eq!(stored.outcome(), Some(&Outcome::Committed));
     assert_eq!(
