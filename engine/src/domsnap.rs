@@ -29,13 +29,18 @@ use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::live::LiveDisk;
 use vsnap_steps::{fsops, live, qemu_img, CloneMode, Format, Step};
 
+/// The catalog tree of domain snapshots (`DomSnapshot`, keyed by domain and
+/// name).
 pub const DOMSNAPS: &str = "domsnaps";
 
 /// What a snapshot did with one disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskMode {
+    /// Left out of the snapshot.
     No,
+    /// An internal snapshot inside the qcow2 image.
     Internal,
+    /// A new overlay took the disk's place; the old image holds the state.
     External,
     /// A whole-file copy-on-write clone (FICLONE) of a raw image, taken
     /// outside QEMU while the guest is paused; the image stays the active
@@ -44,6 +49,7 @@ pub enum DiskMode {
 }
 
 impl DiskMode {
+    /// libvirt's word (`no`, `internal`, `external`), or `reflink`.
     pub fn as_str(self) -> &'static str {
         match self {
             DiskMode::No => "no",
@@ -57,7 +63,9 @@ impl DiskMode {
 /// One disk of a domain snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomSnapDisk {
+    /// The disk's target (`vda`).
     pub target: String,
+    /// What the snapshot did with it.
     pub mode: DiskMode,
     /// Internal: the image holding the snapshot. External: the frozen image
     /// (the disk's source before the snapshot), which holds its state.
@@ -72,25 +80,33 @@ pub struct DomSnapDisk {
 /// A domain snapshot as the catalog keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomSnapshot {
+    /// The snapshot's name, unique per domain.
     pub name: String,
+    /// The domain's name.
     pub domain: String,
+    /// Free text given when it was made.
     pub description: Option<String>,
+    /// When it was made, in seconds since the epoch.
     pub creation_time: i64,
+    /// The snapshot that was current when it was made.
     pub parent: Option<String>,
+    /// Its place in the order of creation.
     pub seq: u64,
     /// libvirt's: `running`, `paused`, `shutoff`, `disk-snapshot`.
     /// (Records written while this was a string are read as
-    /// [`DomSnapshotV2`].)
+    /// `DomSnapshotV2`.)
     pub state: DomSnapState,
     /// Guest memory kept inside the disks (`snapshot-save`).
     pub memory_internal: bool,
+    /// The guest's filesystems were frozen through its agent around the switch.
     pub quiesced: bool,
+    /// Every disk of the domain, and what the snapshot did with it.
     pub disks: Vec<DomSnapDisk>,
     /// The domain as it was when the snapshot was taken.
     pub domain_xml: String,
     /// `--memory external:PATH`: the file holding the guest's memory state
     /// (QEMU's migration stream). Appended: records written before it
-    /// existed are read as [`DomSnapshotV1`].
+    /// existed are read as `DomSnapshotV1`.
     #[serde(with = "vsnap_steps::pathser::opt")]
     pub memory_file: Option<PathBuf>,
 }
@@ -232,7 +248,9 @@ fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecErr
 /// What to do with one disk, as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskChoice {
+    /// Leave the disk out.
     No,
+    /// An internal snapshot (qcow2 only).
     Internal,
     /// The overlay's path (default: `<stem>.<snapshot>.qcow2` beside the image).
     External(Option<PathBuf>),
@@ -240,30 +258,42 @@ pub enum DiskChoice {
     Reflink(Option<PathBuf>),
 }
 
+/// What to do with the guest's memory, as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemoryChoice {
+    /// No memory: disks only.
     No,
+    /// Inside the disks (QEMU's `snapshot-save`).
     Internal,
+    /// To this file (QEMU's migration stream).
     External(PathBuf),
 }
 
 /// A domain snapshot request: flags, or a `<domainsnapshot>` document.
 #[derive(Clone, Debug, Default)]
 pub struct DomSnapRequest {
+    /// The domain's name.
     pub domain: String,
+    /// The snapshot's name (default: the creation time in seconds).
     pub name: Option<String>,
+    /// Free text kept with the snapshot.
     pub description: Option<String>,
     /// Require a running guest.
     pub live: bool,
+    /// Disks only, no memory.
     pub disk_only: bool,
     /// Freeze the guest's filesystems through its agent around the switch.
     pub quiesce: bool,
+    /// What to do with the guest's memory (default: see
+    /// `plan_domain_snapshot`).
     pub memory: Option<MemoryChoice>,
     /// Per-disk choices, by target or source path.
     pub disks: Vec<(String, DiskChoice)>,
+    /// Do not record the snapshot in the catalog (the disks still switch).
     pub no_metadata: bool,
     /// The overlays exist already (made by the caller, backed by the images).
     pub reuse_external: bool,
+    /// Shut the guest off after the snapshot.
     pub halt: bool,
 }
 
@@ -353,6 +383,7 @@ fn key(domain: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// The catalog change that writes a domain snapshot's record.
 pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
     CatalogOp::Put {
         tree: DOMSNAPS.into(),
@@ -361,6 +392,7 @@ pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
     }
 }
 
+/// The catalog change that removes a domain snapshot's record.
 pub fn delete_snapshot_op(domain: &str, name: &str) -> CatalogOp {
     CatalogOp::Delete {
         tree: DOMSNAPS.into(),
@@ -1660,9 +1692,13 @@ impl Engine {
 /// The result of a domain snapshot.
 #[derive(Clone, Debug, Serialize)]
 pub struct DomSnapDone {
+    /// The journal's plan id (None for a dry run).
     pub plan: Option<u64>,
+    /// The compiled plan, one line per step.
     pub plan_text: String,
+    /// The snapshot made (or that a dry run would make).
     pub snapshot: DomSnapshot,
+    /// Whether this was a dry run (nothing changed).
     pub dry_run: bool,
 }
 

@@ -43,6 +43,7 @@ pub struct Plan {
     pub op: String,
     /// One line for operators.
     pub summary: String,
+    /// The steps, in order; `pivot` indexes them.
     pub steps: Vec<Step>,
     /// Index of the pivot in `steps`.
     pub pivot: u32,
@@ -108,6 +109,7 @@ impl Plan {
         Ok(())
     }
 
+    /// What the journal keeps of the plan beside its body.
     pub fn header(&self) -> PlanHeader {
         PlanHeader {
             op: self.op.clone(),
@@ -132,6 +134,8 @@ impl Plan {
         s
     }
 
+    /// The plan a stored plan's body holds; `Journal` (`Corrupt`, naming the
+    /// plan) if it does not decode.
     pub fn decode(stored: &StoredPlan) -> Result<Plan> {
         codec::decode(&stored.body).map_err(|e| {
             EngineError::Journal(vsnap_journal::JournalError::Corrupt {

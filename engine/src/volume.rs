@@ -21,6 +21,7 @@ use vsnap_steps::{clone, fsops, qemu_img, CloneMode, Format, Step};
 /// Create a snapshot of one volume.
 #[derive(Clone, Debug, Default)]
 pub struct CreateRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
     /// Default: the creation time in seconds, as libvirt does; when that
     /// name is in use, `<seconds>-1`, `-2`, ...
@@ -31,6 +32,7 @@ pub struct CreateRequest {
     /// Where the frozen state (external) or clone (reflink/copy) goes.
     /// Default: beside the image, `<stem>.<name>.<ext>`.
     pub file: Option<PathBuf>,
+    /// Free text kept with the snapshot.
     pub description: Option<String>,
     /// The image's format (`--format`), needed the first time vsnap sees
     /// an image whose name does not state it (see `image.rs`); vsnap
@@ -82,15 +84,21 @@ impl CreateRequest {
     }
 }
 
+/// Revert a volume to one of its snapshots.
 #[derive(Clone, Debug, Default)]
 pub struct RevertRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
+    /// The snapshot to revert to.
     pub name: String,
 }
 
+/// Delete a volume snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct DeleteRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
+    /// The snapshot to delete.
     pub name: String,
     /// Delete the snapshot's whole subtree instead of re-parenting children.
     pub children: bool,
@@ -107,6 +115,7 @@ pub struct Done {
     pub snapshot: VolSnapshot,
     /// Snapshots deleted with it (`--children`).
     pub deleted: Vec<String>,
+    /// Whether this was a dry run (nothing changed).
     pub dry_run: bool,
 }
 
@@ -865,6 +874,16 @@ impl Engine {
         Ok((plan, snap))
     }
 
+    /// Revert the volume to snapshot `req.name` (or, with `dry_run`, only
+    /// compile the plan): the image's path becomes the snapshot's state;
+    /// what was written to the image since is discarded; the snapshot
+    /// becomes current.
+    ///
+    /// Needs the image unused by any running QEMU and this state
+    /// directory's. On failure before the pivot nothing is left changed
+    /// (the plan rolled back); after it, see
+    /// [`EngineError::needs_attention`]. Errors: `NoSnapshot`, `NoImage`,
+    /// those of [`Engine::plan_vol_revert`], and those of running the plan.
     pub fn vol_snapshot_revert(&self, req: &RevertRequest, dry_run: bool) -> Result<Done> {
         let _g = self.lock_ops();
         let (plan, snap) = self.plan_vol_revert(req)?;
@@ -1032,6 +1051,17 @@ impl Engine {
         Ok((plan, snap, deleted))
     }
 
+    /// Delete snapshot `req.name` (with `req.children`, its whole
+    /// subtree; else its children get its parent) or, with `dry_run`, only
+    /// compile the plan. The image's current state is kept; the snapshot's
+    /// files are removed (an external one's data merged where a survivor
+    /// needs it, by a safe rebase).
+    ///
+    /// Needs the image unused by any running QEMU and this state
+    /// directory's. On failure before the pivot nothing is left changed;
+    /// after it, see [`EngineError::needs_attention`]. Errors:
+    /// `NoSnapshot`, `NoImage`, those of [`Engine::plan_vol_delete`], and
+    /// those of running the plan.
     pub fn vol_snapshot_delete(&self, req: &DeleteRequest, dry_run: bool) -> Result<Done> {
         let _g = self.lock_ops();
         let (plan, snap, deleted) = self.plan_vol_delete(req)?;
