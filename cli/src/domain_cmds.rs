@@ -7,7 +7,7 @@ use clap::Subcommand;
 use serde_json::json;
 use std::path::PathBuf;
 use vsnap_engine::domain::{DiskSource, DomDisk, DomainRec};
-use vsnap_engine::domsnap::{DiskChoice, DomSnapRequest, DomSnapshot, MemoryChoice};
+use vsnap_engine::domsnap::{DiskChoice, DomSnapFlags, DomSnapRequest, DomSnapshot, MemoryChoice};
 use vsnap_engine::Engine;
 
 #[derive(Subcommand)]
@@ -374,6 +374,19 @@ fn parse_disk_spec(s: &str) -> anyhow::Result<(String, DiskChoice)> {
     Ok((who.to_string(), choice))
 }
 
+/// `--memory internal|no|external:PATH`.
+fn parse_memory_flag(m: &str) -> anyhow::Result<MemoryChoice> {
+    Ok(match m {
+        "internal" => MemoryChoice::Internal,
+        // vsnap's flag: --memory no is --disk-only (`DomSnapRequest::new`).
+        "no" => MemoryChoice::No,
+        _ => match m.strip_prefix("external:") {
+            Some(p) if !p.is_empty() => MemoryChoice::External(PathBuf::from(p)),
+            _ => bail!("--memory {m:?}: expected internal or external:PATH"),
+        },
+    })
+}
+
 fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
     json!({
         "name": s.name, "domain": s.domain, "description": s.description, "creation_time": s.creation_time,
@@ -385,7 +398,7 @@ fn snap_json(s: &DomSnapshot, current: bool) -> serde_json::Value {
 
 fn resolve(engine: &Engine, domain: &str, name: &Option<String>) -> anyhow::Result<DomSnapshot> {
     match name {
-        Some(n) => Ok(engine.domain_snapshot_lookup(domain, n)?),
+        Some(n) => Ok(engine.domain_snapshot_lookup_by_name(domain, n)?),
         None => engine
             .domain_snapshot_current(domain)?
             .ok_or_else(|| anyhow::anyhow!("domain {domain:?} has no current snapshot; name one")),
@@ -410,50 +423,32 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
             halt,
             dry_run,
         } => {
-            let mut req = match xml {
-                Some(f) => {
-                    let text = vsnap_engine::read_xml_file(f).context("--xml")?;
-                    vsnap_engine::domsnap::parse_domainsnapshot(&text)
-                        .with_context(|| format!("in {}", f.display()))?
-                }
-                None => DomSnapRequest::default(),
+            // The flags' syntax is the CLI's; how they merge with the
+            // document is the engine's (`DomSnapRequest::new`).
+            let text = match xml {
+                Some(f) => Some(vsnap_engine::read_xml_file(f).context("--xml")?),
+                None => None,
             };
-            req.domain = domain.clone();
-            if name.is_some() {
-                req.name = name.clone();
-            }
-            if description.is_some() {
-                req.description = description.clone();
-            }
-            req.live |= *live;
-            req.disk_only |= *disk_only;
-            req.quiesce |= *quiesce;
-            req.no_metadata |= *no_metadata;
-            req.reuse_external |= *reuse_external;
-            req.halt |= *halt;
-            if let Some(m) = memory {
-                req.memory = Some(match m.as_str() {
-                    "internal" => MemoryChoice::Internal,
-                    // vsnap's flag: --memory no is --disk-only.
-                    "no" => {
-                        req.disk_only = true;
-                        MemoryChoice::No
-                    }
-                    _ => match m.strip_prefix("external:") {
-                        Some(p) if !p.is_empty() => MemoryChoice::External(PathBuf::from(p)),
-                        _ => bail!("--memory {m:?}: expected internal or external:PATH"),
-                    },
-                });
-            }
-            if req.disk_only && req.memory == Some(MemoryChoice::No) {
-                req.memory = None;
-            }
-            // --disk T=... replaces what the XML asked for the same name.
-            for d in disks {
-                let (who, choice) = parse_disk_spec(d)?;
-                req.disks.retain(|(w, _)| *w != who);
-                req.disks.push((who, choice));
-            }
+            let flags = DomSnapFlags {
+                name: name.clone(),
+                description: description.clone(),
+                live: *live,
+                disk_only: *disk_only,
+                quiesce: *quiesce,
+                memory: memory.as_deref().map(parse_memory_flag).transpose()?,
+                disks: disks
+                    .iter()
+                    .map(|d| parse_disk_spec(d))
+                    .collect::<anyhow::Result<_>>()?,
+                no_metadata: *no_metadata,
+                reuse_external: *reuse_external,
+                halt: *halt,
+            };
+            let req = match (xml, text.as_deref()) {
+                (Some(f), Some(t)) => DomSnapRequest::new(domain, Some(t), flags)
+                    .with_context(|| format!("in {}", f.display()))?,
+                _ => DomSnapRequest::new(domain, None, flags)?,
+            };
             let done = engine.domain_snapshot_create(&req, *dry_run)?;
             if json_out {
                 print_json(&json!({
@@ -588,7 +583,7 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
         }
         SnapCmd::Dumpxml { domain, name } => {
             let s = resolve(engine, domain, name)?;
-            let x = engine.domain_snapshot_xml(domain, &s.name)?;
+            let x = engine.domain_snapshot_get_xml_desc(domain, &s.name)?;
             if json_out {
                 print_json(&json!({ "xml": x }));
             } else {

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::OnceLock;
 use vsnap_engine::{
-    CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapshot,
+    CreateRequest, DeleteRequest, Done, Engine, RevertRequest, SnapKind, VolSnapFlags, VolSnapshot,
 };
 
 /// Transactional snapshots of QEMU disk images.
@@ -586,35 +586,26 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
     let engine = open(cli)?;
     match cmd {
         SnapCmd::Create(a) => {
-            let mut req = CreateRequest {
-                image: a.image.clone(),
-                ..Default::default()
+            // The options' syntax is the CLI's; how they merge with the
+            // document is the engine's (`CreateRequest::new`).
+            let flags = VolSnapFlags {
+                name: a.name.clone(),
+                description: a.description.clone(),
+                kind: a.kind.map(Into::into),
+                file: a.file.clone(),
+                format: a.format.map(|f| match f {
+                    FormatArg::Raw => vsnap_engine::Format::Raw,
+                    FormatArg::Qcow2 => vsnap_engine::Format::Qcow2,
+                }),
             };
-            if let Some(x) = &a.xml {
-                let text = vsnap_engine::read_xml_file(x).context("--xml")?;
-                let spec = vsnap_engine::xml::parse_volsnapshot(&text)
-                    .with_context(|| format!("in {}", x.display()))?;
-                req.name = spec.name;
-                req.description = spec.description;
-                req.kind = spec.kind;
-                req.file = spec.file;
-            }
-            if a.name.is_some() {
-                req.name = a.name.clone();
-            }
-            if a.description.is_some() {
-                req.description = a.description.clone();
-            }
-            if let Some(k) = a.kind {
-                req.kind = Some(k.into());
-            }
-            if a.file.is_some() {
-                req.file = a.file.clone();
-            }
-            req.format = a.format.map(|f| match f {
-                FormatArg::Raw => vsnap_engine::Format::Raw,
-                FormatArg::Qcow2 => vsnap_engine::Format::Qcow2,
-            });
+            let req = match &a.xml {
+                Some(x) => {
+                    let text = vsnap_engine::read_xml_file(x).context("--xml")?;
+                    CreateRequest::new(&a.image, Some(&text), flags)
+                        .with_context(|| format!("in {}", x.display()))?
+                }
+                None => CreateRequest::new(&a.image, None, flags)?,
+            };
             let d = engine.vol_snapshot_create(&req, a.dry_run)?;
             Ok(done_output(cli, "created", &d))
         }
@@ -708,7 +699,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             }
         },
         SnapCmd::HasCurrent { image } => {
-            let yes = engine.vol_snapshot_has_current(image)?;
+            let yes = engine.vol_has_current_snapshot(image)?;
             if cli.json {
                 print_json(&json!(yes));
             } else {
@@ -717,7 +708,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(if yes { EXIT_OK } else { EXIT_NO })
         }
         SnapCmd::Count { image, kind } => {
-            let n = engine.vol_snapshot_count(image, kind.map(Into::into))?;
+            let n = engine.vol_snapshot_num(image, kind.map(Into::into))?;
             if cli.json {
                 print_json(&json!(n));
             } else {
@@ -726,7 +717,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         SnapCmd::Info { image, name } => {
-            let s = engine.vol_snapshot_lookup(image, name)?;
+            let s = engine.vol_snapshot_lookup_by_name(image, name)?;
             let cur = engine
                 .vol_snapshot_current(image)?
                 .is_some_and(|c| c.name == s.name);
@@ -763,7 +754,7 @@ fn snapshot(cli: &Cli, cmd: &SnapCmd) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         SnapCmd::Dumpxml { image, name } => {
-            let x = engine.vol_snapshot_xml(image, name)?;
+            let x = engine.vol_snapshot_get_xml_desc(image, name)?;
             if cli.json {
                 print_json(&json!({ "xml": x }));
             } else {

@@ -57,7 +57,9 @@ fn try_main(args: &Args) -> anyhow::Result<u8> {
     let dir = state_dir(args.state_dir.clone());
     let engine = vsnap_engine::Engine::open_without_recovery(&dir)?;
     let reports = engine.recover(args.dry_run)?;
-    let attention = reports.iter().any(|r| r.outcome == "needs-attention");
+    let attention = reports
+        .iter()
+        .any(|r| r.outcome == vsnap_engine::PlanOutcome::NeedsAttention);
     if args.json {
         print_json(&serde_json::json!({
             "state_dir": dir,

@@ -19,9 +19,14 @@ use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::Format;
 
+/// The catalog tree of volumes (`VolumeRec`, keyed by path).
 pub const VOLUMES: &str = "volumes";
+/// The catalog tree of volume snapshots (`VolSnapshot`, keyed by volume and
+/// name).
 pub const VOLSNAPS: &str = "volsnaps";
+/// The catalog tree of image formats vsnap recorded (`image.rs`).
 pub const VOLFORMAT: &str = "volformat";
+/// The catalog tree of this state directory's own values (its owner id).
 pub const META: &str = "meta";
 const OWNER_ID: &[u8] = b"owner-id";
 /// The identity of each snapshot's file (see [`SnapFileId`]), keyed like
@@ -44,6 +49,7 @@ pub enum SnapKind {
 }
 
 impl SnapKind {
+    /// The kind's word: `internal`, `external`, `reflink`, `copy`.
     pub fn as_str(self) -> &'static str {
         match self {
             SnapKind::Internal => "internal",
@@ -52,6 +58,7 @@ impl SnapKind {
             SnapKind::Copy => "copy",
         }
     }
+    /// The kind for its word; `None` for any other.
     pub fn parse(s: &str) -> Option<SnapKind> {
         match s {
             "internal" => Some(SnapKind::Internal),
@@ -82,6 +89,7 @@ impl std::fmt::Display for SnapKind {
 /// A volume vsnap has snapshotted. Its `path` is always its active image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRec {
+    /// The image's canonical path.
     #[serde(with = "vsnap_steps::pathser")]
     pub path: PathBuf,
     /// The current snapshot: the last one made or reverted to.
@@ -93,13 +101,20 @@ pub struct VolumeRec {
 /// One volume snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolSnapshot {
+    /// The snapshot's name, unique per volume.
     pub name: String,
+    /// The volume (its image's canonical path).
     #[serde(with = "vsnap_steps::pathser")]
     pub volume: PathBuf,
+    /// How the snapshot is kept.
     pub kind: SnapKind,
+    /// Free text given when it was made.
     pub description: Option<String>,
+    /// When it was made, in seconds since the epoch.
     pub creation_time: i64,
+    /// The snapshot that was current when it was made.
     pub parent: Option<String>,
+    /// Its place in the order of creation (the volume's `next_seq` then).
     pub seq: u64,
     /// External: the frozen file. Reflink/copy: the clone. Internal: None.
     #[serde(with = "vsnap_steps::pathser::opt")]
@@ -112,7 +127,9 @@ pub struct VolSnapshot {
 /// (by a symlink, or another file under the same name) is not used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapFileId {
+    /// The file's device number.
     pub dev: u64,
+    /// The file's inode number.
     pub ino: u64,
     /// Whole-file snapshots (reflink/copy), whose content never changes:
     /// the size and a fingerprint of the first 64 KiB
@@ -122,6 +139,7 @@ pub struct SnapFileId {
 }
 
 impl SnapFileId {
+    /// The device and inode, as `fsops` compares them.
     pub fn file_id(&self) -> vsnap_steps::fsops::FileId {
         vsnap_steps::fsops::FileId {
             dev: self.dev,
@@ -212,6 +230,7 @@ pub fn plain_file_mismatch(path: &Path) -> Option<String> {
     }
 }
 
+/// The catalog change that records a snapshot file's identity.
 pub fn put_snapshot_id(volume: &Path, name: &str, id: &SnapFileId) -> CatalogOp {
     CatalogOp::Put {
         tree: VOLSNAPIDS.into(),
@@ -253,6 +272,7 @@ fn snap_key(volume: &Path, name: &str) -> Vec<u8> {
     k
 }
 
+/// The catalog change that writes a volume's record.
 pub fn put_volume(v: &VolumeRec) -> CatalogOp {
     CatalogOp::Put {
         tree: VOLUMES.into(),
@@ -261,6 +281,7 @@ pub fn put_volume(v: &VolumeRec) -> CatalogOp {
     }
 }
 
+/// The catalog change that writes a snapshot's record.
 pub fn put_snapshot(s: &VolSnapshot) -> CatalogOp {
     CatalogOp::Put {
         tree: VOLSNAPS.into(),
@@ -269,6 +290,7 @@ pub fn put_snapshot(s: &VolSnapshot) -> CatalogOp {
     }
 }
 
+/// The catalog change that removes a snapshot's record.
 pub fn delete_snapshot(volume: &Path, name: &str) -> CatalogOp {
     CatalogOp::Delete {
         tree: VOLSNAPS.into(),
@@ -335,6 +357,7 @@ fn scan<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
+/// The record of the volume at `path` (a canonical path), if vsnap has one.
 pub fn volume(j: &Journal, path: &Path) -> Result<Option<VolumeRec>> {
     get(j, VOLUMES, &path_key(path))
 }

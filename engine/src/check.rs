@@ -14,8 +14,10 @@ use vsnap_steps::{fsops, qemu_img, Format, StepError};
 /// What was seen on disk for one volume.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Observation {
+    /// The image looked at.
     #[serde(with = "vsnap_steps::pathser")]
     pub image: PathBuf,
+    /// Whether it exists.
     pub image_exists: bool,
     /// Internal snapshot names in the image (qcow2 only).
     pub internal_names: Vec<String>,
@@ -33,16 +35,22 @@ pub struct Observation {
     pub in_use: Vec<PathBuf>,
     /// Leaked clusters `qemu-img check` found, all files together.
     pub leaked_clusters: u64,
+    /// What was seen that is worth saying but not wrong.
     pub notes: Vec<String>,
 }
 
 /// The result of a check: empty `violations` means consistent.
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckReport {
+    /// The image checked (its canonical path), or the domain's name for
+    /// `domain_check`.
     #[serde(with = "vsnap_steps::pathser")]
     pub image: PathBuf,
+    /// How many snapshots the catalog records for it.
     pub snapshots: usize,
+    /// How many unfinished plans the journal has.
     pub unfinished_plans: usize,
+    /// What disagrees with the catalog, one line each; empty: consistent.
     pub violations: Vec<String>,
     /// Not violations: leaked clusters, files in use that could not be checked.
     pub notes: Vec<String>,
@@ -468,10 +476,13 @@ pub struct DomainObservation {
     pub internal: BTreeMap<PathBuf, Vec<String>>,
     /// Files that exist among those the catalog names.
     pub existing: BTreeSet<PathBuf>,
+    /// `qemu-img check` or chain problems, one line each.
     pub damage: Vec<String>,
     /// Leaked clusters `qemu-img check` found (shut-off domains).
     pub leaked_clusters: u64,
+    /// What was seen that is worth saying but not wrong.
     pub notes: Vec<String>,
+    /// vsnap temporary files (`.vsnap-*.tmp`) beside the disks' images.
     pub temp_files: Vec<PathBuf>,
     /// `<stem>.<x>.qcow2` files beside the disks' images.
     pub look_alike: Vec<PathBuf>,
@@ -837,7 +848,9 @@ impl Engine {
 /// One snapshot file [`Engine::vol_adopt_files`] recorded anew.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdoptedFile {
+    /// The snapshot whose file was recorded anew.
     pub snapshot: String,
+    /// The file.
     #[serde(with = "vsnap_steps::pathser")]
     pub file: PathBuf,
     /// Why it needed adopting (what the old record said).
@@ -847,8 +860,10 @@ pub struct AdoptedFile {
 /// What [`Engine::vol_adopt_files`] did.
 #[derive(Clone, Debug, Serialize)]
 pub struct AdoptReport {
+    /// The volume (its canonical path).
     #[serde(with = "vsnap_steps::pathser")]
     pub image: PathBuf,
+    /// The files recorded anew.
     pub adopted: Vec<AdoptedFile>,
     /// Snapshot files already recorded as they are.
     pub unchanged: usize,
@@ -869,7 +884,7 @@ impl Engine {
     /// different file under its name is refused, not adopted.
     ///
     /// Changes: only the catalog's identity records, all in one write.
-    /// On refusal ([`EngineError::Invalid`] listing every problem), or any
+    /// On refusal ([`crate::EngineError::Invalid`] listing every problem), or any
     /// other error, nothing is changed.
     pub fn vol_adopt_files(&self, image: &Path) -> Result<AdoptReport> {
         use crate::catalog::{self, SnapFileId};

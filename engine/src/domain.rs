@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp};
 use vsnap_steps::{live, Format, StepError};
 
+/// The catalog tree of domains (`DomainRec`, keyed by name).
 pub const DOMAINS: &str = "domains";
 /// The XML namespace of vsnap's `<metadata>` element.
 pub const XMLNS: &str = "https://vsnap.dev/xmlns/domain/1";
+/// The name of the guest agent's virtio-serial channel in `<domain>`.
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 
 /// `<disk snapshot='...'>` in `<domain>`: the disk's default in a snapshot
@@ -27,7 +29,9 @@ pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 pub enum SnapshotDefault {
     /// Left out of snapshots unless a request names it.
     No,
+    /// An internal snapshot (qcow2) unless the request says otherwise.
     Internal,
+    /// An external snapshot (a new overlay) unless the request says otherwise.
     External,
     /// libvirt leaves the disk to the user mid-snapshot; vsnap cannot, so
     /// a snapshot that includes it by default is refused.
@@ -35,6 +39,7 @@ pub enum SnapshotDefault {
 }
 
 impl SnapshotDefault {
+    /// The default for libvirt's word (`no`, `internal`, `external`, `manual`).
     pub fn parse(s: &str) -> Option<SnapshotDefault> {
         Some(match s {
             "no" => SnapshotDefault::No,
@@ -45,6 +50,7 @@ impl SnapshotDefault {
         })
     }
 
+    /// libvirt's word for it.
     pub fn as_str(self) -> &'static str {
         match self {
             SnapshotDefault::No => "no",
@@ -59,6 +65,7 @@ impl SnapshotDefault {
 /// floppies are left out: read-only media).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskDevice {
+    /// A disk.
     Disk,
     /// A writable floppy: snapshotted like a disk.
     Floppy,
@@ -67,6 +74,7 @@ pub enum DiskDevice {
 }
 
 impl DiskDevice {
+    /// libvirt's word: `disk`, `floppy`, `lun`.
     pub fn as_str(self) -> &'static str {
         match self {
             DiskDevice::Disk => "disk",
@@ -115,8 +123,11 @@ pub struct DomDisk {
     /// The driver's format (for an unsupported disk: as given, else raw;
     /// never used).
     pub format: Format,
+    /// `<readonly/>`: left out of snapshots by default.
     pub readonly: bool,
+    /// `<shareable/>`: left out of snapshots by default.
     pub shareable: bool,
+    /// What the guest sees (`<disk device=...>`).
     pub device: DiskDevice,
     /// `<disk snapshot=...>`: the default in a snapshot (None: vsnap's own
     /// default, see `plan_domain_snapshot`).
@@ -142,19 +153,25 @@ impl DomDisk {
 /// A domain as the catalog keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainRec {
+    /// The domain's name (`<name>`), unique in the state directory.
     pub name: String,
+    /// `<uuid>`, if given.
     pub uuid: Option<String>,
+    /// Its disks, in the document's order.
     pub disks: Vec<DomDisk>,
+    /// The QEMU monitor socket (QMP) of the running guest, if known.
     #[serde(with = "vsnap_steps::pathser::opt")]
     pub qmp: Option<PathBuf>,
+    /// The guest agent's socket, if known.
     #[serde(with = "vsnap_steps::pathser::opt")]
     pub agent: Option<PathBuf>,
     /// The current snapshot.
     pub current: Option<String>,
+    /// Orders the domain's snapshots by creation (the next one's `seq`).
     pub next_seq: u64,
     /// `<domain type=...>` as given (`kvm`, `qemu`); written back by
     /// `dumpxml` (`kvm` when none was given). Appended: records written
-    /// before it existed are read as [`DomainRecV1`].
+    /// before it existed are read as `DomainRecV1`.
     pub virt_type: Option<String>,
 }
 
@@ -225,6 +242,7 @@ pub fn decode_domain(v: &[u8]) -> std::result::Result<DomainRec, codec::CodecErr
 }
 
 impl DomainRec {
+    /// The disk named by its target (`vda`) or its image's path.
     pub fn disk(&self, target_or_path: &str) -> Option<&DomDisk> {
         self.disks
             .iter()
@@ -236,13 +254,16 @@ impl DomainRec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DomState {
+    /// QEMU runs the guest.
     Running,
+    /// QEMU has the guest paused.
     Paused,
     /// No QEMU answers on the monitor (or none is configured).
     Shutoff,
 }
 
 impl DomState {
+    /// libvirt's word: `running`, `paused`, `shutoff`.
     pub fn as_str(self) -> &'static str {
         match self {
             DomState::Running => "running",
@@ -252,6 +273,7 @@ impl DomState {
     }
 }
 
+/// The catalog change that writes a domain's record.
 pub fn put_domain(d: &DomainRec) -> CatalogOp {
     CatalogOp::Put {
         tree: DOMAINS.into(),
@@ -634,6 +656,7 @@ impl Engine {
         }
     }
 
+    /// Every domain defined, by name. Changes nothing. Errors: `Journal`.
     pub fn domain_list(&self) -> Result<Vec<DomainRec>> {
         let mut out = Vec::new();
         for (k, v) in self.journal().catalog_scan(DOMAINS, b"")? {
@@ -827,6 +850,8 @@ impl Engine {
         }
     }
 
+    /// The domain as libvirt `<domain>` XML (its disks as they are now).
+    /// Errors: `Invalid` (no such domain), `Journal`.
     pub fn domain_xml(&self, name: &str) -> Result<String> {
         Ok(domain_to_xml(&self.domain(name)?))
     }

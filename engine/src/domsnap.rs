@@ -29,13 +29,18 @@ use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::live::LiveDisk;
 use vsnap_steps::{fsops, live, qemu_img, CloneMode, Format, Step};
 
+/// The catalog tree of domain snapshots (`DomSnapshot`, keyed by domain and
+/// name).
 pub const DOMSNAPS: &str = "domsnaps";
 
 /// What a snapshot did with one disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskMode {
+    /// Left out of the snapshot.
     No,
+    /// An internal snapshot inside the qcow2 image.
     Internal,
+    /// A new overlay took the disk's place; the old image holds the state.
     External,
     /// A whole-file copy-on-write clone (FICLONE) of a raw image, taken
     /// outside QEMU while the guest is paused; the image stays the active
@@ -44,6 +49,7 @@ pub enum DiskMode {
 }
 
 impl DiskMode {
+    /// libvirt's word (`no`, `internal`, `external`), or `reflink`.
     pub fn as_str(self) -> &'static str {
         match self {
             DiskMode::No => "no",
@@ -57,7 +63,9 @@ impl DiskMode {
 /// One disk of a domain snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomSnapDisk {
+    /// The disk's target (`vda`).
     pub target: String,
+    /// What the snapshot did with it.
     pub mode: DiskMode,
     /// Internal: the image holding the snapshot. External: the frozen image
     /// (the disk's source before the snapshot), which holds its state.
@@ -72,25 +80,110 @@ pub struct DomSnapDisk {
 /// A domain snapshot as the catalog keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomSnapshot {
+    /// The snapshot's name, unique per domain.
     pub name: String,
+    /// The domain's name.
     pub domain: String,
+    /// Free text given when it was made.
     pub description: Option<String>,
+    /// When it was made, in seconds since the epoch.
     pub creation_time: i64,
+    /// The snapshot that was current when it was made.
     pub parent: Option<String>,
+    /// Its place in the order of creation.
     pub seq: u64,
     /// libvirt's: `running`, `paused`, `shutoff`, `disk-snapshot`.
-    pub state: String,
+    /// (Records written while this was a string are read as
+    /// `DomSnapshotV2`.)
+    pub state: DomSnapState,
     /// Guest memory kept inside the disks (`snapshot-save`).
     pub memory_internal: bool,
+    /// The guest's filesystems were frozen through its agent around the switch.
     pub quiesced: bool,
+    /// Every disk of the domain, and what the snapshot did with it.
     pub disks: Vec<DomSnapDisk>,
     /// The domain as it was when the snapshot was taken.
     pub domain_xml: String,
     /// `--memory external:PATH`: the file holding the guest's memory state
     /// (QEMU's migration stream). Appended: records written before it
-    /// existed are read as [`DomSnapshotV1`].
+    /// existed are read as `DomSnapshotV1`.
     #[serde(with = "vsnap_steps::pathser::opt")]
     pub memory_file: Option<PathBuf>,
+}
+
+/// The state a domain snapshot records (libvirt's `<state>`): the
+/// guest's when its memory was kept, else `disk-snapshot`. Written as
+/// libvirt writes it (`running`, `paused`, `shutoff`, `disk-snapshot`) in
+/// XML, JSON and `Display` alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomSnapState {
+    /// The guest ran; its memory was kept.
+    Running,
+    /// The guest was paused; its memory was kept.
+    Paused,
+    /// The guest was shut off (an offline snapshot).
+    Shutoff,
+    /// A running or paused guest's disks only, no memory.
+    DiskSnapshot,
+}
+
+impl DomSnapState {
+    /// libvirt's word: `running`, `paused`, `shutoff`, `disk-snapshot`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomSnapState::Running => "running",
+            DomSnapState::Paused => "paused",
+            DomSnapState::Shutoff => "shutoff",
+            DomSnapState::DiskSnapshot => "disk-snapshot",
+        }
+    }
+
+    /// The state for libvirt's word; `None` for any other.
+    pub fn parse(s: &str) -> Option<DomSnapState> {
+        [
+            DomSnapState::Running,
+            DomSnapState::Paused,
+            DomSnapState::Shutoff,
+            DomSnapState::DiskSnapshot,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DomSnapState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl From<DomState> for DomSnapState {
+    fn from(s: DomState) -> DomSnapState {
+        match s {
+            DomState::Running => DomSnapState::Running,
+            DomState::Paused => DomSnapState::Paused,
+            DomState::Shutoff => DomSnapState::Shutoff,
+        }
+    }
+}
+
+/// The layout of [`DomSnapshot`] while `state` was a string (still read).
+#[derive(Deserialize)]
+struct DomSnapshotV2 {
+    name: String,
+    domain: String,
+    description: Option<String>,
+    creation_time: i64,
+    parent: Option<String>,
+    seq: u64,
+    state: String,
+    memory_internal: bool,
+    quiesced: bool,
+    disks: Vec<DomSnapDisk>,
+    domain_xml: String,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    memory_file: Option<PathBuf>,
 }
 
 /// The layout of [`DomSnapshot`] before `memory_file` (still read).
@@ -110,7 +203,30 @@ struct DomSnapshotV1 {
 }
 
 fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
+    // The layouts cannot be mistaken for one another: where the current
+    // one has the state's variant index (0-3), the older ones have the
+    // length of a word of at least 6 bytes.
+    let state = |s: String| {
+        DomSnapState::parse(&s)
+            .ok_or_else(|| codec::CodecError::Payload(format!("unknown snapshot state {s:?}")))
+    };
     codec::decode::<DomSnapshot>(v).or_else(|e| {
+        if let Ok(o) = codec::decode::<DomSnapshotV2>(v) {
+            return Ok(DomSnapshot {
+                name: o.name,
+                domain: o.domain,
+                description: o.description,
+                creation_time: o.creation_time,
+                parent: o.parent,
+                seq: o.seq,
+                state: state(o.state)?,
+                memory_internal: o.memory_internal,
+                quiesced: o.quiesced,
+                disks: o.disks,
+                domain_xml: o.domain_xml,
+                memory_file: o.memory_file,
+            });
+        }
         let o: DomSnapshotV1 = codec::decode(v).map_err(|_| e)?;
         Ok(DomSnapshot {
             name: o.name,
@@ -119,7 +235,7 @@ fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecErr
             creation_time: o.creation_time,
             parent: o.parent,
             seq: o.seq,
-            state: o.state,
+            state: state(o.state)?,
             memory_internal: o.memory_internal,
             quiesced: o.quiesced,
             disks: o.disks,
@@ -132,7 +248,9 @@ fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecErr
 /// What to do with one disk, as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskChoice {
+    /// Leave the disk out.
     No,
+    /// An internal snapshot (qcow2 only).
     Internal,
     /// The overlay's path (default: `<stem>.<snapshot>.qcow2` beside the image).
     External(Option<PathBuf>),
@@ -140,31 +258,122 @@ pub enum DiskChoice {
     Reflink(Option<PathBuf>),
 }
 
+/// What to do with the guest's memory, as asked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemoryChoice {
+    /// No memory: disks only.
     No,
+    /// Inside the disks (QEMU's `snapshot-save`).
     Internal,
+    /// To this file (QEMU's migration stream).
     External(PathBuf),
 }
 
 /// A domain snapshot request: flags, or a `<domainsnapshot>` document.
 #[derive(Clone, Debug, Default)]
 pub struct DomSnapRequest {
+    /// The domain's name.
     pub domain: String,
+    /// The snapshot's name (default: the creation time in seconds).
     pub name: Option<String>,
+    /// Free text kept with the snapshot.
     pub description: Option<String>,
     /// Require a running guest.
     pub live: bool,
+    /// Disks only, no memory.
     pub disk_only: bool,
     /// Freeze the guest's filesystems through its agent around the switch.
     pub quiesce: bool,
+    /// What to do with the guest's memory (default: see
+    /// `plan_domain_snapshot`).
     pub memory: Option<MemoryChoice>,
     /// Per-disk choices, by target or source path.
     pub disks: Vec<(String, DiskChoice)>,
+    /// Do not record the snapshot in the catalog (the disks still switch).
     pub no_metadata: bool,
     /// The overlays exist already (made by the caller, backed by the images).
     pub reuse_external: bool,
+    /// Shut the guest off after the snapshot.
     pub halt: bool,
+}
+
+/// What a caller asks besides (or instead of) a `<domainsnapshot>`
+/// document: the command line's flags, typed. Each field left at its
+/// default leaves the document's choice (or vsnap's default) alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomSnapFlags {
+    /// The snapshot's name; wins over the document's `<name>`.
+    pub name: Option<String>,
+    /// Wins over the document's `<description>`.
+    pub description: Option<String>,
+    /// Require a running guest.
+    pub live: bool,
+    /// Disks only, no memory.
+    pub disk_only: bool,
+    /// Freeze the guest's filesystems through its agent around the switch.
+    pub quiesce: bool,
+    /// Wins over the document's `<memory>`. `MemoryChoice::No` means
+    /// disk-only (vsnap's `--memory no`).
+    pub memory: Option<MemoryChoice>,
+    /// Per-disk choices, by target or source path; each replaces what the
+    /// document asked for the same name. Given twice, the last one counts.
+    pub disks: Vec<(String, DiskChoice)>,
+    /// Do not record the snapshot in the catalog.
+    pub no_metadata: bool,
+    /// The overlays exist already.
+    pub reuse_external: bool,
+    /// Shut the guest off after the snapshot.
+    pub halt: bool,
+}
+
+impl DomSnapRequest {
+    /// The request for `domain`: the `<domainsnapshot>` document `xml`, if
+    /// any, read with [`parse_domainsnapshot`], merged with `flags`, which
+    /// win: a name, description or memory choice given in `flags` replaces
+    /// the document's; a disk named in `flags.disks` replaces the
+    /// document's choice for that disk (by the same name); the booleans
+    /// are or-ed with the document's (which has none of its own).
+    /// `MemoryChoice::No` sets `disk_only`, and a disk-only request asks
+    /// no memory choice.
+    ///
+    /// Needs nothing but the text: it reads no catalog and no file, and
+    /// changes nothing. Fails only when `xml` is not a `<domainsnapshot>`
+    /// vsnap accepts ([`EngineError::Xml`], saying why). Whether the domain, its disks
+    /// and the choices exist and fit is checked by
+    /// [`Engine::plan_domain_snapshot`], not here.
+    pub fn new(domain: &str, xml: Option<&str>, flags: DomSnapFlags) -> Result<DomSnapRequest> {
+        let mut req = match xml {
+            Some(text) => parse_domainsnapshot(text)?,
+            None => DomSnapRequest::default(),
+        };
+        req.domain = domain.to_string();
+        if flags.name.is_some() {
+            req.name = flags.name;
+        }
+        if flags.description.is_some() {
+            req.description = flags.description;
+        }
+        req.live |= flags.live;
+        req.disk_only |= flags.disk_only;
+        req.quiesce |= flags.quiesce;
+        req.no_metadata |= flags.no_metadata;
+        req.reuse_external |= flags.reuse_external;
+        req.halt |= flags.halt;
+        if let Some(m) = flags.memory {
+            if m == MemoryChoice::No {
+                req.disk_only = true;
+            }
+            req.memory = Some(m);
+        }
+        if req.disk_only && req.memory == Some(MemoryChoice::No) {
+            req.memory = None;
+        }
+        for (who, choice) in flags.disks {
+            req.disks.retain(|(w, _)| *w != who);
+            req.disks.push((who, choice));
+        }
+        Ok(req)
+    }
 }
 
 fn key(domain: &str, name: &str) -> Vec<u8> {
@@ -174,6 +383,7 @@ fn key(domain: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// The catalog change that writes a domain snapshot's record.
 pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
     CatalogOp::Put {
         tree: DOMSNAPS.into(),
@@ -182,6 +392,7 @@ pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
     }
 }
 
+/// The catalog change that removes a domain snapshot's record.
 pub fn delete_snapshot_op(domain: &str, name: &str) -> CatalogOp {
     CatalogOp::Delete {
         tree: DOMSNAPS.into(),
@@ -1157,7 +1368,7 @@ impl Engine {
                 if req.halt {
                     steps.push(Step::QmpQuit { qmp: qmp.clone() });
                 }
-                snap_state = state.as_str().to_string();
+                snap_state = DomSnapState::from(state);
             } else {
                 let mut live_disks = Vec::new();
                 for (i, (c, (dev, node))) in chosen.iter().zip(&found).enumerate() {
@@ -1240,9 +1451,9 @@ impl Engine {
                     }
                 }
                 snap_state = if memory_file.is_some() {
-                    state.as_str().to_string()
+                    DomSnapState::from(state)
                 } else {
-                    "disk-snapshot".into()
+                    DomSnapState::DiskSnapshot
                 };
             }
         } else {
@@ -1265,7 +1476,7 @@ impl Engine {
             push_clones(&mut steps, &chosen, &tag);
             pivot = steps.len() as u32;
             steps.push(Step::Catalog);
-            snap_state = "shutoff".into();
+            snap_state = DomSnapState::Shutoff;
         }
 
         // The catalog after the pivot.
@@ -1386,12 +1597,65 @@ impl Engine {
         })
     }
 
+    /// Take a domain snapshot from a `<domainsnapshot>` document and typed
+    /// flags (libvirt's `virDomainSnapshotCreateXML`):
+    /// [`DomSnapRequest::new`] then [`Engine::domain_snapshot_create`].
+    /// With `dry_run`, only the plan is compiled and nothing is changed.
+    ///
+    /// Needs the domain defined (`domain_define`/`domain_attach`); a
+    /// running one, its QMP socket (and the agent's, to quiesce). Changes:
+    /// the chosen disks are snapshotted (overlays, internal snapshots or
+    /// clones; a running guest's disks switched by QEMU), the snapshot is
+    /// recorded and made current (unless `no_metadata`). On failure before
+    /// the pivot nothing is left changed (the plan rolled back; `Xml` and
+    /// every refusal before a plan change nothing); after it, see
+    /// [`EngineError::needs_attention`]. Errors: `Xml` (the document);
+    /// from [`Engine::plan_domain_snapshot`], `Invalid` (no such domain, a
+    /// name in use, a choice that does not fit its disks or state),
+    /// `BadName`, `Check` (an image or QEMU found unfit); and those of
+    /// running the plan (`Step`, `StepRepaired`, `AfterPivot`, `Journal`).
+    pub fn domain_snapshot_create_xml(
+        &self,
+        domain: &str,
+        xml: Option<&str>,
+        flags: DomSnapFlags,
+        dry_run: bool,
+    ) -> Result<DomSnapDone> {
+        self.domain_snapshot_create(&DomSnapRequest::new(domain, xml, flags)?, dry_run)
+    }
+
+    /// Every snapshot of the domain, oldest first (libvirt's
+    /// `virDomainListAllSnapshots`). Needs the domain defined; changes
+    /// nothing. Errors: `Invalid` (no such domain), `Journal` (the catalog
+    /// cannot be read, or a record does not decode).
     pub fn domain_snapshot_list(&self, domain: &str) -> Result<Vec<DomSnapshot>> {
         let d = self.domain(domain)?;
         snapshots(self.journal(), &d.name)
     }
 
-    pub fn domain_snapshot_lookup(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
+    /// The names of the domain's snapshots, oldest first (libvirt's
+    /// `virDomainSnapshotListNames`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_snapshot_list_names(&self, domain: &str) -> Result<Vec<String>> {
+        Ok(self
+            .domain_snapshot_list(domain)?
+            .into_iter()
+            .map(|s| s.name)
+            .collect())
+    }
+
+    /// How many snapshots the domain has (libvirt's
+    /// `virDomainSnapshotNum`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_snapshot_num(&self, domain: &str) -> Result<usize> {
+        Ok(self.domain_snapshot_list(domain)?.len())
+    }
+
+    /// The snapshot named `name` (libvirt's
+    /// `virDomainSnapshotLookupByName`). Needs the domain defined; changes
+    /// nothing. Errors: `Invalid` (no such domain, or no snapshot of that
+    /// name), `Journal`.
+    pub fn domain_snapshot_lookup_by_name(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
         self.domain_snapshot_list(domain)?.into_iter().find(|s| s.name == name).ok_or_else(|| {
             EngineError::Invalid(format!(
                 "domain {domain:?} has no snapshot named {name:?}; `vsnap snapshot list {domain}` lists them"
@@ -1399,16 +1663,32 @@ impl Engine {
         })
     }
 
+    /// The current snapshot (the last made or reverted to), if any
+    /// (libvirt's `virDomainSnapshotCurrent`, which fails where this
+    /// returns `None`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
     pub fn domain_snapshot_current(&self, domain: &str) -> Result<Option<DomSnapshot>> {
         let d = self.domain(domain)?;
         match d.current {
             None => Ok(None),
-            Some(c) => self.domain_snapshot_lookup(domain, &c).map(Some),
+            Some(c) => self.domain_snapshot_lookup_by_name(domain, &c).map(Some),
         }
     }
 
-    pub fn domain_snapshot_xml(&self, domain: &str, name: &str) -> Result<String> {
-        let s = self.domain_snapshot_lookup(domain, name)?;
+    /// Whether the domain has a current snapshot (libvirt's
+    /// `virDomainHasCurrentSnapshot`). Needs, changes and fails as
+    /// [`Engine::domain_snapshot_list`].
+    pub fn domain_has_current_snapshot(&self, domain: &str) -> Result<bool> {
+        Ok(self.domain_snapshot_current(domain)?.is_some())
+    }
+
+    /// The snapshot named `name` as a `<domainsnapshot>` document, with
+    /// the domain as it was and `<active>` for the current one (libvirt's
+    /// `virDomainSnapshotGetXMLDesc`); [`parse_domainsnapshot`] reads it
+    /// back. Changes nothing. Errors: those of
+    /// [`Engine::domain_snapshot_lookup_by_name`].
+    pub fn domain_snapshot_get_xml_desc(&self, domain: &str, name: &str) -> Result<String> {
+        let s = self.domain_snapshot_lookup_by_name(domain, name)?;
         let cur = self.domain(domain)?.current.as_deref() == Some(name);
         Ok(domainsnapshot_to_xml(&s, cur))
     }
@@ -1417,9 +1697,13 @@ impl Engine {
 /// The result of a domain snapshot.
 #[derive(Clone, Debug, Serialize)]
 pub struct DomSnapDone {
+    /// The journal's plan id (None for a dry run).
     pub plan: Option<u64>,
+    /// The compiled plan, one line per step.
     pub plan_text: String,
+    /// The snapshot made (or that a dry run would make).
     pub snapshot: DomSnapshot,
+    /// Whether this was a dry run (nothing changed).
     pub dry_run: bool,
 }
 
@@ -1480,7 +1764,7 @@ mod tests {
             creation_time: 1,
             parent: None,
             seq: 0,
-            state: "disk-snapshot".into(),
+            state: DomSnapState::DiskSnapshot,
             memory_internal: false,
             quiesced: false,
             disks: vec![DomSnapDisk {
@@ -1540,9 +1824,82 @@ mod tests {
         let s = decode_snapshot(&codec::encode(&old)).unwrap();
         assert_eq!((s.name.as_str(), s.seq, s.quiesced), ("s1", 3, true));
         assert_eq!(s.memory_file, None);
+        assert_eq!(s.state, DomSnapState::DiskSnapshot);
         let mut new = s.clone();
         new.memory_file = Some("/vm/m.mem".into());
         assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
+    }
+
+    /// Records written while `state` was a string (`DomSnapshotV2`) read
+    /// with each of libvirt's words; an unknown word is an error, not a
+    /// default; a current record is not mistaken for an old one.
+    #[test]
+    fn reads_snapshots_written_with_a_string_state() {
+        #[derive(Serialize)]
+        struct V2 {
+            name: String,
+            domain: String,
+            description: Option<String>,
+            creation_time: i64,
+            parent: Option<String>,
+            seq: u64,
+            state: String,
+            memory_internal: bool,
+            quiesced: bool,
+            disks: Vec<DomSnapDisk>,
+            domain_xml: String,
+            #[serde(with = "vsnap_steps::pathser::opt")]
+            memory_file: Option<PathBuf>,
+        }
+        let old = |state: &str| V2 {
+            name: "s1".into(),
+            domain: "d".into(),
+            description: Some("x".into()),
+            creation_time: 7,
+            parent: Some("s0".into()),
+            seq: 3,
+            state: state.into(),
+            memory_internal: true,
+            quiesced: false,
+            disks: vec![DomSnapDisk {
+                target: "vda".into(),
+                mode: DiskMode::External,
+                state_file: "/vm/a.qcow2".into(),
+                overlay: Some("/vm/a.s1.qcow2".into()),
+            }],
+            domain_xml: "<domain/>".into(),
+            memory_file: Some("/vm/m.mem".into()),
+        };
+        for (word, state) in [
+            ("running", DomSnapState::Running),
+            ("paused", DomSnapState::Paused),
+            ("shutoff", DomSnapState::Shutoff),
+            ("disk-snapshot", DomSnapState::DiskSnapshot),
+        ] {
+            let s = decode_snapshot(&codec::encode(&old(word))).unwrap();
+            assert_eq!(s.state, state);
+            assert_eq!(s.state.to_string(), word);
+            assert_eq!(serde_json::to_value(s.state).unwrap(), word);
+            assert_eq!(DomSnapState::parse(word), Some(state));
+            assert_eq!(
+                (
+                    s.name.as_str(),
+                    s.parent.as_deref(),
+                    s.seq,
+                    s.memory_internal
+                ),
+                ("s1", Some("s0"), 3, true)
+            );
+            assert_eq!(s.memory_file.as_deref(), Some(Path::new("/vm/m.mem")));
+            assert_eq!(
+                s.disks[0].overlay.as_deref(),
+                Some(Path::new("/vm/a.s1.qcow2"))
+            );
+            // Written again, it is the current layout, and reads back equal.
+            assert_eq!(decode_snapshot(&codec::encode(&s)).unwrap(), s);
+        }
+        let e = decode_snapshot(&codec::encode(&old("frozen"))).unwrap_err();
+        assert!(e.to_string().contains("frozen"), "{e}");
     }
 
     /// libvirt's `<domainsnapshot>` rules (formatsnapshot), a document
@@ -1635,5 +1992,150 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("<colour>"), "{e}");
+    }
+
+    const MERGE_XML: &str = "<domainsnapshot><name>x</name><description>from xml</description>\
+        <memory snapshot='external' file='/m/mem'/>\
+        <disks><disk name='vda' snapshot='internal'/><disk name='vdb' snapshot='no'/></disks>\
+        </domainsnapshot>";
+
+    #[test]
+    fn request_new_without_xml_is_the_flags() {
+        let r = DomSnapRequest::new(
+            "d",
+            None,
+            DomSnapFlags {
+                name: Some("s".into()),
+                live: true,
+                quiesce: true,
+                halt: true,
+                disks: vec![("vda".into(), DiskChoice::External(None))],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.domain, "d");
+        assert_eq!(r.name.as_deref(), Some("s"));
+        assert!(r.live && r.quiesce && r.halt);
+        assert!(!r.disk_only && !r.no_metadata && !r.reuse_external);
+        assert_eq!(r.memory, None);
+        assert_eq!(r.disks, vec![("vda".into(), DiskChoice::External(None))]);
+    }
+
+    #[test]
+    fn request_new_flags_win_over_xml() {
+        // Nothing given: the document's choices stand.
+        let r = DomSnapRequest::new("d", Some(MERGE_XML), DomSnapFlags::default()).unwrap();
+        assert_eq!(r.name.as_deref(), Some("x"));
+        assert_eq!(r.description.as_deref(), Some("from xml"));
+        assert_eq!(r.memory, Some(MemoryChoice::External("/m/mem".into())));
+        assert_eq!(
+            r.disks,
+            vec![
+                ("vda".into(), DiskChoice::Internal),
+                ("vdb".into(), DiskChoice::No)
+            ]
+        );
+        // Given: the flags win.
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                name: Some("y".into()),
+                description: Some("from flags".into()),
+                memory: Some(MemoryChoice::Internal),
+                no_metadata: true,
+                reuse_external: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.domain, "d");
+        assert_eq!(r.name.as_deref(), Some("y"));
+        assert_eq!(r.description.as_deref(), Some("from flags"));
+        assert_eq!(r.memory, Some(MemoryChoice::Internal));
+        assert!(r.no_metadata && r.reuse_external && !r.disk_only);
+    }
+
+    #[test]
+    fn request_new_memory_no_is_disk_only() {
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                memory: Some(MemoryChoice::No),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.disk_only);
+        assert_eq!(r.memory, None);
+        // --disk-only alone keeps the document's memory choice for the
+        // planner to judge; with the document's snapshot='no' it is dropped.
+        let r = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><memory snapshot='no'/></domainsnapshot>"),
+            DomSnapFlags {
+                disk_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.disk_only);
+        assert_eq!(r.memory, None);
+        // The document's snapshot='no' alone does not make it disk-only.
+        let r = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><memory snapshot='no'/></domainsnapshot>"),
+            DomSnapFlags::default(),
+        )
+        .unwrap();
+        assert!(!r.disk_only);
+        assert_eq!(r.memory, Some(MemoryChoice::No));
+    }
+
+    #[test]
+    fn request_new_disk_flag_replaces_the_xml_choice() {
+        let r = DomSnapRequest::new(
+            "d",
+            Some(MERGE_XML),
+            DomSnapFlags {
+                disks: vec![
+                    (
+                        "vdb".into(),
+                        DiskChoice::External(Some("/o/b.qcow2".into())),
+                    ),
+                    ("vdc".into(), DiskChoice::Internal),
+                    ("vdc".into(), DiskChoice::No),
+                ],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            r.disks,
+            vec![
+                ("vda".into(), DiskChoice::Internal),
+                (
+                    "vdb".into(),
+                    DiskChoice::External(Some("/o/b.qcow2".into()))
+                ),
+                ("vdc".into(), DiskChoice::No),
+            ]
+        );
+    }
+
+    #[test]
+    fn request_new_refuses_a_bad_document() {
+        let e = DomSnapRequest::new(
+            "d",
+            Some("<domainsnapshot><colour/></domainsnapshot>"),
+            DomSnapFlags {
+                name: Some("s".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, EngineError::Xml(_)), "{e}");
     }
 }

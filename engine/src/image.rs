@@ -135,7 +135,11 @@ pub enum Claim {
     /// This state directory's claim.
     Ours,
     /// Another state directory's (or one that cannot be read).
-    Foreign { owner: String },
+    Foreign {
+        /// The owner the claim names (its state directory), or why it
+        /// cannot be read.
+        owner: String,
+    },
 }
 
 fn this_state_dir(j: &Journal) -> PathBuf {
@@ -217,7 +221,7 @@ pub fn check_claim(j: &Journal, image: &Path) -> Result<()> {
 }
 
 /// Claim the image for this state directory before a plan changes it:
-/// one `symlink(2)` (see [`claim_text`]), then an fsync of the directory.
+/// one `symlink(2)` (see `claim_text`), then an fsync of the directory.
 /// Of two state directories racing for the image exactly one makes it; the
 /// other is refused. Returns whether this call made the claim (so that a
 /// plan that rolls back can take it back).

@@ -4,6 +4,8 @@
 //! path fixed, then run journal-first (see [`plan`]). [`Engine::open`] takes
 //! the state directory's lock and runs recovery before any new plan.
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod check;
 pub mod domain;
@@ -15,8 +17,8 @@ pub mod xml;
 pub mod xmltree;
 
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
-pub use plan::{Plan, PlanReport};
-pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest};
+pub use plan::{Plan, PlanOutcome, PlanReport};
+pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
 pub use vsnap_journal::Outcome;
 pub use vsnap_steps::{Format, Progress};
 
@@ -28,13 +30,21 @@ use vsnap_steps::{Cx, StepError};
 /// Errors of the engine: each names what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The journal or catalog could not be read or written (nothing was
+    /// changed by a plan that had not begun).
     #[error(transparent)]
     Journal(#[from] vsnap_journal::JournalError),
     #[error("plan {plan}: step {index} ({step}) failed: {source}; the plan was rolled back, nothing changed")]
+    /// A step before the pivot failed; the plan was rolled back and
+    /// nothing changed.
     Step {
+        /// The plan's id.
         plan: u64,
+        /// The failed step's index in the plan.
         index: u32,
+        /// The failed step's name.
         step: &'static str,
+        /// Why it failed.
         #[source]
         source: StepError,
     },
@@ -43,11 +53,17 @@ pub enum EngineError {
     /// `detail` is the step's error and what was repaired.
     #[error("plan {plan}: step {index} ({step}) failed: {}; the plan was rolled back and {}", .detail.0, .detail.1)]
     StepRepaired {
+        /// The plan's id.
         plan: u64,
+        /// The failed step's index in the plan.
         index: u32,
+        /// The failed step's name.
         step: &'static str,
+        /// The step's error, and what the rollback repaired.
         detail: Box<(StepError, String)>,
     },
+    /// Asking QEMU (QMP) or checking an image outside a plan failed;
+    /// nothing changed.
     #[error(transparent)]
     Check(StepError),
     /// A step after the pivot failed: the change is committed (this is
@@ -55,67 +71,132 @@ pub enum EngineError {
     /// `vsnap-recover` (or the next command) finishes it. Exit 1.
     #[error("plan {plan}: the change is committed, but step {index} ({step}) failed {tries} time(s): {reason}; left to do: {left}; fix the cause and run `vsnap-recover` (or any vsnap command on this state directory), which finishes it; `vsnap plan show {plan}` lists the plan")]
     AfterPivot {
+        /// The plan's id.
         plan: u64,
+        /// The failed step's index in the plan.
         index: u32,
+        /// The failed step, described.
         step: String,
+        /// How many times it was tried.
         tries: u32,
+        /// Why it failed, the last time.
         reason: String,
+        /// The steps left to do.
         left: String,
     },
+    /// The plan ended needing an operator (recovery could not tell, or
+    /// could not finish); nothing was deleted. Exit 1.
     #[error("plan {plan} needs attention: {reason}")]
-    NeedsAttention { plan: u64, reason: String },
-    #[error("plan {plan}: {source}; the journal may be damaged: inspect it with `vsnap plan show {plan}`")]
-    IllegalJournal {
+    NeedsAttention {
+        /// The plan's id.
         plan: u64,
+        /// Why, and what to do.
+        reason: String,
+    },
+    #[error("plan {plan}: {source}; the journal may be damaged: inspect it with `vsnap plan show {plan}`")]
+    /// A plan's records are not a sequence the runner writes: the
+    /// journal may be damaged; recovery does nothing with the plan.
+    IllegalJournal {
+        /// The plan's id.
+        plan: u64,
+        /// What is wrong with the sequence.
         #[source]
         source: vsnap_recovery::IllegalSequence,
     },
     #[error("invalid {kind} name {name:?}: {why}; choose a name of at most 200 bytes without '/', '..', NUL, control or invisible (format) characters that does not start with '.' or '-'")]
+    /// A snapshot or domain name vsnap refuses (see [`validate_name_of`]).
     BadName {
+        /// What the name names.
         kind: NameKind,
+        /// The name as given.
         name: String,
+        /// What is wrong with it.
         why: String,
     },
+    /// A request that cannot be done as asked (no such domain or
+    /// snapshot, a choice that does not fit); the message says why and
+    /// what to do. Nothing changed.
     #[error("{0}")]
     Invalid(String),
+    /// The image does not exist.
     #[error("image {0} does not exist; give the path of an existing disk image")]
     NoImage(PathBuf),
     #[error("volume {volume} has no snapshot named {name:?}; `vsnap vol snapshot list {volume}` lists them")]
-    NoSnapshot { volume: PathBuf, name: String },
+    /// The volume has no snapshot of that name.
+    NoSnapshot {
+        /// The volume (its canonical path).
+        volume: PathBuf,
+        /// The name asked for.
+        name: String,
+    },
     #[error("volume {volume} already has a snapshot named {name:?}; choose another name or delete it first")]
-    Duplicate { volume: PathBuf, name: String },
+    /// The volume has a snapshot of that name already.
+    Duplicate {
+        /// The volume (its canonical path).
+        volume: PathBuf,
+        /// The name in use.
+        name: String,
+    },
     #[error("{path} already exists; vsnap never overwrites a file it did not create: choose another --file or name")]
-    Exists { path: PathBuf },
+    /// A file the plan would create exists already.
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The directory the snapshot's files go to is not writable.
     #[error("directory {0} is not writable; vsnap writes the snapshot's files beside the image (or where --file says)")]
     ReadOnly(PathBuf),
     #[error("the plan would create {path} twice: by `{first}` and by `{second}`; give each its own file (--file, or --disk TARGET=external:PATH)")]
+    /// Two steps of one plan would create the same file.
     SamePath {
+        /// The file.
         path: PathBuf,
+        /// The first step, described.
         first: String,
+        /// The second step, described.
         second: String,
     },
     #[error("cannot create {path} (for `{step}`): {why}; choose a shorter snapshot name, or a shorter path with --file (--disk TARGET=external:PATH)")]
+    /// A file the plan would create has a name or path the filesystem
+    /// cannot take.
     PathTooLong {
+        /// The file.
         path: PathBuf,
+        /// What is too long.
         why: String,
+        /// The step that would create it, described.
         step: String,
     },
+    /// An XML document vsnap does not accept, and why.
     #[error("malformed XML: {0}")]
     Xml(String),
     /// vsnap does not know the image's format and will not guess it from
     /// the image's bytes.
     #[error("format of {image} unknown: {why}")]
-    FormatUnknown { image: PathBuf, why: String },
+    FormatUnknown {
+        /// The image.
+        image: PathBuf,
+        /// Why vsnap cannot tell (and how to say it: `--format`).
+        why: String,
+    },
     /// Another state directory manages the image.
     #[error("{image} is managed by another vsnap state directory: {owner} (claim {claim}); an image belongs to one state directory: use that one (--state-dir), or, if it no longer manages the image, remove the claim file")]
     Owned {
+        /// The image.
         image: PathBuf,
+        /// The owning state directory, as its claim names it.
         owner: String,
+        /// The claim file beside the image.
         claim: PathBuf,
     },
     /// The image has a second name.
     #[error("{image} has {links} hard links; after a snapshot the other name(s) would be the frozen snapshot (or a stale copy) and whatever writes through them would change it: remove the other link(s) (`find / -xdev -samefile {image}` lists them) or snapshot a copy of the image")]
-    HardLinked { image: PathBuf, links: u64 },
+    HardLinked {
+        /// The image.
+        image: PathBuf,
+        /// Its link count.
+        links: u64,
+    },
 }
 
 impl EngineError {
@@ -130,6 +211,7 @@ impl EngineError {
     }
 }
 
+/// The engine's result: [`EngineError`] unless said otherwise.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 pub(crate) fn now_unix() -> i64 {
@@ -178,7 +260,9 @@ pub fn is_invisible(c: char) -> bool {
 /// What a name names, for errors ("invalid domain name", not "snapshot").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NameKind {
+    /// A snapshot's name (volume or domain).
     Snapshot,
+    /// A domain's name.
     Domain,
 }
 
@@ -388,6 +472,8 @@ impl Engine {
         self.progress = Box::new(f);
     }
 
+    /// The journal (and catalog store) this engine writes; for
+    /// inspection: every change goes through a plan.
     pub fn journal(&self) -> &Journal {
         &self.journal
     }

@@ -43,6 +43,7 @@ pub struct Plan {
     pub op: String,
     /// One line for operators.
     pub summary: String,
+    /// The steps, in order; `pivot` indexes them.
     pub steps: Vec<Step>,
     /// Index of the pivot in `steps`.
     pub pivot: u32,
@@ -108,6 +109,7 @@ impl Plan {
         Ok(())
     }
 
+    /// What the journal keeps of the plan beside its body.
     pub fn header(&self) -> PlanHeader {
         PlanHeader {
             op: self.op.clone(),
@@ -132,6 +134,8 @@ impl Plan {
         s
     }
 
+    /// The plan a stored plan's body holds; `Journal` (`Corrupt`, naming the
+    /// plan) if it does not decode.
     pub fn decode(stored: &StoredPlan) -> Result<Plan> {
         codec::decode(&stored.body).map_err(|e| {
             EngineError::Journal(vsnap_journal::JournalError::Corrupt {
@@ -166,14 +170,52 @@ pub(crate) fn normalise(p: &Path) -> PathBuf {
     out
 }
 
+/// How recovery ended (or, in a dry run, would end) one plan. Written
+/// as `committed`, `rolled-back`, `needs-attention` or `nothing` (JSON
+/// and `Display` alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanOutcome {
+    /// Rolled forward to the end: the change is made.
+    Committed,
+    /// Rolled back: nothing of the plan is left.
+    RolledBack,
+    /// An operator must look (`detail` says why; nothing was deleted).
+    NeedsAttention,
+    /// The plan had finished already.
+    Nothing,
+}
+
+impl PlanOutcome {
+    /// The word the CLI prints: `committed`, `rolled-back`,
+    /// `needs-attention`, `nothing`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanOutcome::Committed => "committed",
+            PlanOutcome::RolledBack => "rolled-back",
+            PlanOutcome::NeedsAttention => "needs-attention",
+            PlanOutcome::Nothing => "nothing",
+        }
+    }
+}
+
+impl std::fmt::Display for PlanOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// The end of one plan, as the runner or recovery saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PlanReport {
+    /// The plan's id in the journal.
     pub plan: u64,
+    /// The plan's operation (e.g. `vol.snapshot.create`).
     pub op: String,
+    /// One line saying what the plan does.
     pub summary: String,
-    /// `committed`, `rolled-back`, `needs-attention`, or `nothing`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: PlanOutcome,
     /// Why (recovery) or what happened, for one line of output.
     pub detail: String,
 }
@@ -506,7 +548,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
         plan: stored.id.0,
         op: plan.op.clone(),
         summary: plan.summary.clone(),
-        outcome: String::new(),
+        outcome: PlanOutcome::Nothing,
         detail: String::new(),
     };
     let illegal = |e: vsnap_recovery::IllegalSequence| EngineError::IllegalJournal {
@@ -533,14 +575,14 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
     }
     match decision {
         Decision::Nothing | Decision::ProbePivot => {
-            report.outcome = "nothing".into();
+            report.outcome = PlanOutcome::Nothing;
             report.detail = "already finished".into();
         }
         Decision::RollBack {
             undo,
             already_rolling_back,
         } => {
-            report.outcome = "rolled-back".into();
+            report.outcome = PlanOutcome::RolledBack;
             report.detail = format!(
                 "{seen_note}rolled back: undid {} step(s) {:?}, newest first",
                 undo.len(),
@@ -549,7 +591,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             if !dry_run {
                 let r = rollback(j, stored.id, &plan, &undo, already_rolling_back, cx);
                 if let Err(EngineError::NeedsAttention { reason, .. }) = &r {
-                    report.outcome = "needs-attention".into();
+                    report.outcome = PlanOutcome::NeedsAttention;
                     report.detail = reason.clone();
                     return Ok(report);
                 }
@@ -560,7 +602,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             }
         }
         Decision::RollForward { from } => {
-            report.outcome = "committed".into();
+            report.outcome = PlanOutcome::Committed;
             report.detail = format!(
                 "{seen_note}rolled forward from step {from} of {}",
                 plan.steps.len()
@@ -571,7 +613,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 match r {
                     Ok(()) => {}
                     Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {
-                        report.outcome = "needs-attention".into();
+                        report.outcome = PlanOutcome::NeedsAttention;
                         report.detail = reason;
                     }
                     Err(Forward::Fatal(EngineError::AfterPivot {
@@ -592,7 +634,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                             id,
                             Record::Finished(Outcome::NeedsAttention(reason.clone())),
                         )?;
-                        report.outcome = "needs-attention".into();
+                        report.outcome = PlanOutcome::NeedsAttention;
                         report.detail = reason;
                     }
                     Err(Forward::Fatal(e)) => return Err(e),
@@ -607,7 +649,7 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 "vsnap plan show ID",
                 &format!("vsnap plan show {}", stored.id),
             );
-            report.outcome = "needs-attention".into();
+            report.outcome = PlanOutcome::NeedsAttention;
             report.detail = reason.clone();
             if !dry_run {
                 j.append(stored.id, Record::Finished(Outcome::NeedsAttention(reason)))?;
@@ -723,5 +765,21 @@ mod tests {
             .check_paths()
             .unwrap_err();
         assert!(e.to_string().contains("4095"), "{e}");
+    }
+
+    /// The words `vsnap-recover` prints and writes in JSON are the ones
+    /// the string field had.
+    #[test]
+    fn plan_outcome_words() {
+        for (o, w) in [
+            (PlanOutcome::Committed, "committed"),
+            (PlanOutcome::RolledBack, "rolled-back"),
+            (PlanOutcome::NeedsAttention, "needs-attention"),
+            (PlanOutcome::Nothing, "nothing"),
+        ] {
+            assert_eq!(o.to_string(), w);
+            assert_eq!(serde_json::to_value(o).unwrap(), w);
+        }
+        assert_eq!(format!("{:<9}|", PlanOutcome::Nothing), "nothing  |");
     }
 }

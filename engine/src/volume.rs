@@ -21,6 +21,7 @@ use vsnap_steps::{clone, fsops, qemu_img, CloneMode, Format, Step};
 /// Create a snapshot of one volume.
 #[derive(Clone, Debug, Default)]
 pub struct CreateRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
     /// Default: the creation time in seconds, as libvirt does; when that
     /// name is in use, `<seconds>-1`, `-2`, ...
@@ -31,6 +32,7 @@ pub struct CreateRequest {
     /// Where the frozen state (external) or clone (reflink/copy) goes.
     /// Default: beside the image, `<stem>.<name>.<ext>`.
     pub file: Option<PathBuf>,
+    /// Free text kept with the snapshot.
     pub description: Option<String>,
     /// The image's format (`--format`), needed the first time vsnap sees
     /// an image whose name does not state it (see `image.rs`); vsnap
@@ -38,15 +40,65 @@ pub struct CreateRequest {
     pub format: Option<Format>,
 }
 
+/// What a caller asks besides (or instead of) a `<volsnapshot>` document:
+/// the command line's options, typed. A field left `None` leaves the
+/// document's choice (or vsnap's default) alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolSnapFlags {
+    /// Wins over the document's `<name>`.
+    pub name: Option<String>,
+    /// Wins over the document's `<description>`.
+    pub description: Option<String>,
+    /// Wins over the document's `<kind>`.
+    pub kind: Option<SnapKind>,
+    /// Wins over the document's `<file>`.
+    pub file: Option<PathBuf>,
+    /// The image's format (the document has none); see
+    /// [`CreateRequest::format`].
+    pub format: Option<Format>,
+}
+
+impl CreateRequest {
+    /// The request for `image`: the `<volsnapshot>` document `xml`, if
+    /// any, read with [`crate::xml::parse_volsnapshot`], merged with
+    /// `flags`, which win field by field (name, description, kind, file).
+    ///
+    /// Needs nothing but the text: it reads no catalog and no image, and
+    /// changes nothing. Fails only when `xml` is not a `<volsnapshot>`
+    /// vsnap accepts ([`EngineError::Xml`], saying why). Whether the
+    /// image, the name and the kind fit is checked by
+    /// [`Engine::plan_vol_create`], not here.
+    pub fn new(image: &Path, xml: Option<&str>, flags: VolSnapFlags) -> Result<CreateRequest> {
+        let spec = match xml {
+            Some(text) => crate::xml::parse_volsnapshot(text)?,
+            None => crate::xml::VolSnapshotSpec::default(),
+        };
+        Ok(CreateRequest {
+            image: image.to_path_buf(),
+            name: flags.name.or(spec.name),
+            kind: flags.kind.or(spec.kind),
+            file: flags.file.or(spec.file),
+            description: flags.description.or(spec.description),
+            format: flags.format,
+        })
+    }
+}
+
+/// Revert a volume to one of its snapshots.
 #[derive(Clone, Debug, Default)]
 pub struct RevertRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
+    /// The snapshot to revert to.
     pub name: String,
 }
 
+/// Delete a volume snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct DeleteRequest {
+    /// The disk image, by the path it is used under.
     pub image: PathBuf,
+    /// The snapshot to delete.
     pub name: String,
     /// Delete the snapshot's whole subtree instead of re-parenting children.
     pub children: bool,
@@ -63,6 +115,7 @@ pub struct Done {
     pub snapshot: VolSnapshot,
     /// Snapshots deleted with it (`--children`).
     pub deleted: Vec<String>,
+    /// Whether this was a dry run (nothing changed).
     pub dry_run: bool,
 }
 
@@ -821,6 +874,16 @@ impl Engine {
         Ok((plan, snap))
     }
 
+    /// Revert the volume to snapshot `req.name` (or, with `dry_run`, only
+    /// compile the plan): the image's path becomes the snapshot's state;
+    /// what was written to the image since is discarded; the snapshot
+    /// becomes current.
+    ///
+    /// Needs the image unused by any running QEMU and this state
+    /// directory's. On failure before the pivot nothing is left changed
+    /// (the plan rolled back); after it, see
+    /// [`EngineError::needs_attention`]. Errors: `NoSnapshot`, `NoImage`,
+    /// those of [`Engine::plan_vol_revert`], and those of running the plan.
     pub fn vol_snapshot_revert(&self, req: &RevertRequest, dry_run: bool) -> Result<Done> {
         let _g = self.lock_ops();
         let (plan, snap) = self.plan_vol_revert(req)?;
@@ -988,13 +1051,30 @@ impl Engine {
         Ok((plan, snap, deleted))
     }
 
+    /// Delete snapshot `req.name` (with `req.children`, its whole
+    /// subtree; else its children get its parent) or, with `dry_run`, only
+    /// compile the plan. The image's current state is kept; the snapshot's
+    /// files are removed (an external one's data merged where a survivor
+    /// needs it, by a safe rebase).
+    ///
+    /// Needs the image unused by any running QEMU and this state
+    /// directory's. On failure before the pivot nothing is left changed;
+    /// after it, see [`EngineError::needs_attention`]. Errors:
+    /// `NoSnapshot`, `NoImage`, those of [`Engine::plan_vol_delete`], and
+    /// those of running the plan.
     pub fn vol_snapshot_delete(&self, req: &DeleteRequest, dry_run: bool) -> Result<Done> {
         let _g = self.lock_ops();
         let (plan, snap, deleted) = self.plan_vol_delete(req)?;
         self.finish(plan, snap, deleted, dry_run)
     }
 
-    /// Every snapshot of the volume, oldest first, optionally of one kind.
+    /// Every snapshot of the volume, oldest first, optionally of one kind
+    /// (libvirt's `virStorageVolListAllSnapshots`, were there one).
+    ///
+    /// Needs the image to exist (a regular file; any spelling of its path:
+    /// it is canonicalized). Changes nothing. Errors: `NoImage`, `Invalid`
+    /// (not a regular file), `Journal` (the catalog cannot be read). An
+    /// image vsnap never snapshotted has none (an empty list, not an error).
     pub fn vol_snapshot_list(
         &self,
         image: &Path,
@@ -1008,7 +1088,14 @@ impl Engine {
         Ok(v)
     }
 
-    pub fn vol_snapshot_names(&self, image: &Path, kind: Option<SnapKind>) -> Result<Vec<String>> {
+    /// The names of the volume's snapshots, oldest first, optionally of
+    /// one kind (libvirt's `virDomainSnapshotListNames`). Needs, changes
+    /// and fails as [`Engine::vol_snapshot_list`].
+    pub fn vol_snapshot_list_names(
+        &self,
+        image: &Path,
+        kind: Option<SnapKind>,
+    ) -> Result<Vec<String>> {
         Ok(self
             .vol_snapshot_list(image, kind)?
             .into_iter()
@@ -1016,11 +1103,18 @@ impl Engine {
             .collect())
     }
 
-    pub fn vol_snapshot_count(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
+    /// How many snapshots the volume has, optionally of one kind
+    /// (libvirt's `virDomainSnapshotNum`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
+    pub fn vol_snapshot_num(&self, image: &Path, kind: Option<SnapKind>) -> Result<usize> {
         Ok(self.vol_snapshot_list(image, kind)?.len())
     }
 
-    pub fn vol_snapshot_lookup(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
+    /// The snapshot named `name` (libvirt's
+    /// `virDomainSnapshotLookupByName`). Needs the image to exist; changes
+    /// nothing. Errors: `NoSnapshot` (no snapshot of that name), `NoImage`,
+    /// `Invalid` (not a regular file), `Journal`.
+    pub fn vol_snapshot_lookup_by_name(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
         let image = canonical_image(image)?;
         catalog::snapshots(self.journal(), &image)?
             .into_iter()
@@ -1031,7 +1125,10 @@ impl Engine {
             })
     }
 
-    /// The current snapshot (the last made or reverted to), if any.
+    /// The current snapshot (the last made or reverted to), if any
+    /// (libvirt's `virDomainSnapshotCurrent`, which fails where this
+    /// returns `None`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
     pub fn vol_snapshot_current(&self, image: &Path) -> Result<Option<VolSnapshot>> {
         let image = canonical_image(image)?;
         let Some(rec) = catalog::volume(self.journal(), &image)? else {
@@ -1039,12 +1136,38 @@ impl Engine {
         };
         match rec.current {
             None => Ok(None),
-            Some(name) => self.vol_snapshot_lookup(&image, &name).map(Some),
+            Some(name) => self.vol_snapshot_lookup_by_name(&image, &name).map(Some),
         }
     }
 
-    pub fn vol_snapshot_has_current(&self, image: &Path) -> Result<bool> {
+    /// Whether the volume has a current snapshot (libvirt's
+    /// `virDomainHasCurrentSnapshot`). Needs, changes and fails as
+    /// [`Engine::vol_snapshot_list`].
+    pub fn vol_has_current_snapshot(&self, image: &Path) -> Result<bool> {
         Ok(self.vol_snapshot_current(image)?.is_some())
+    }
+
+    /// Take a snapshot from a `<volsnapshot>` document and typed flags
+    /// (libvirt's `virDomainSnapshotCreateXML`): [`CreateRequest::new`]
+    /// then [`Engine::vol_snapshot_create`]. With `dry_run`, only the plan
+    /// is compiled and nothing is changed.
+    ///
+    /// Needs the image to exist, unused by any running QEMU and not
+    /// claimed by another state directory. Changes: the snapshot is made
+    /// (files as the kind needs, the catalog records it and makes it
+    /// current). On failure before the pivot, nothing is left changed
+    /// (the plan rolled back; `Xml` and every refusal before a plan change
+    /// nothing); after it, see [`EngineError::needs_attention`]. Errors:
+    /// `Xml` (the document), then those of [`Engine::plan_vol_create`] and
+    /// of running the plan.
+    pub fn vol_snapshot_create_xml(
+        &self,
+        image: &Path,
+        xml: Option<&str>,
+        flags: VolSnapFlags,
+        dry_run: bool,
+    ) -> Result<Done> {
+        self.vol_snapshot_create(&CreateRequest::new(image, xml, flags)?, dry_run)
     }
 
     /// Names of the snapshots whose parent is `name`.
@@ -1063,9 +1186,14 @@ impl Engine {
             .collect())
     }
 
-    /// The `<volsnapshot>` XML description.
-    pub fn vol_snapshot_xml(&self, image: &Path, name: &str) -> Result<String> {
-        let s = self.vol_snapshot_lookup(image, name)?;
+    /// The snapshot named `name` as a `<volsnapshot>` document, with
+    /// `<current>` (libvirt's `virDomainSnapshotGetXMLDesc`); it reads
+    /// back with [`crate::xml::parse_volsnapshot`]. Changes nothing.
+    /// Errors: those of [`Engine::vol_snapshot_lookup_by_name`], and
+    /// `Invalid` when the image's or the snapshot file's path is not UTF-8
+    /// (XML cannot carry it).
+    pub fn vol_snapshot_get_xml_desc(&self, image: &Path, name: &str) -> Result<String> {
+        let s = self.vol_snapshot_lookup_by_name(image, name)?;
         for p in std::iter::once(&s.volume).chain(s.file.as_ref()) {
             if p.to_str().is_none() {
                 return Err(EngineError::Invalid(format!(
@@ -1079,5 +1207,69 @@ impl Engine {
             .map(|c| c.name == s.name)
             .unwrap_or(false);
         Ok(crate::xml::volsnapshot_to_xml(&s, current))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XML: &str = "<volsnapshot><name>x</name><description>from xml</description>\
+        <kind>external</kind><file>/f/x.qcow2</file></volsnapshot>";
+
+    #[test]
+    fn create_request_new_flags_win_over_xml() {
+        let img = Path::new("/vm/a.qcow2");
+        let r = CreateRequest::new(img, Some(XML), VolSnapFlags::default()).unwrap();
+        assert_eq!(r.image, img);
+        assert_eq!(r.name.as_deref(), Some("x"));
+        assert_eq!(r.description.as_deref(), Some("from xml"));
+        assert_eq!(r.kind, Some(SnapKind::External));
+        assert_eq!(r.file.as_deref(), Some(Path::new("/f/x.qcow2")));
+        assert_eq!(r.format, None);
+        let r = CreateRequest::new(
+            img,
+            Some(XML),
+            VolSnapFlags {
+                name: Some("y".into()),
+                description: Some("from flags".into()),
+                kind: Some(SnapKind::Internal),
+                file: Some("/g/y".into()),
+                format: Some(Format::Qcow2),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.name.as_deref(), Some("y"));
+        assert_eq!(r.description.as_deref(), Some("from flags"));
+        assert_eq!(r.kind, Some(SnapKind::Internal));
+        assert_eq!(r.file.as_deref(), Some(Path::new("/g/y")));
+        assert_eq!(r.format, Some(Format::Qcow2));
+        // Only some flags: the document fills the rest.
+        let r = CreateRequest::new(
+            img,
+            Some(XML),
+            VolSnapFlags {
+                name: Some("z".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.name.as_deref(), Some("z"));
+        assert_eq!(r.kind, Some(SnapKind::External));
+    }
+
+    #[test]
+    fn create_request_new_without_xml_and_with_a_bad_one() {
+        let img = Path::new("/vm/a.raw");
+        let r = CreateRequest::new(img, None, VolSnapFlags::default()).unwrap();
+        assert_eq!(r.name, None);
+        assert_eq!(r.kind, None);
+        let e = CreateRequest::new(
+            img,
+            Some("<volsnapshot><colour/></volsnapshot>"),
+            VolSnapFlags::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, EngineError::Xml(_)), "{e}");
     }
 }

@@ -25,9 +25,13 @@ use std::path::PathBuf;
 /// What a `<volsnapshot>` document asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VolSnapshotSpec {
+    /// `<name>`.
     pub name: Option<String>,
+    /// `<description>`.
     pub description: Option<String>,
+    /// `<kind>`.
     pub kind: Option<SnapKind>,
+    /// `<file>`.
     pub file: Option<PathBuf>,
 }
 

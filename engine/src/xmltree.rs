@@ -6,25 +6,32 @@ use crate::{EngineError, Result};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
+/// An element of a libvirt document: its name, attributes, children and text.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Element {
     /// Local name (any namespace prefix removed).
     pub name: String,
+    /// Attributes (local names), in the document's order.
     pub attrs: Vec<(String, String)>,
+    /// Child elements, in the document's order.
     pub children: Vec<Element>,
+    /// The element's own text as read, all pieces joined (not trimmed).
     pub text: String,
 }
 
 impl Element {
+    /// The attribute's value, if given.
     pub fn attr(&self, name: &str) -> Option<&str> {
         self.attrs
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+    /// The first child of that name.
     pub fn child(&self, name: &str) -> Option<&Element> {
         self.children.iter().find(|c| c.name == name)
     }
+    /// Every child of that name, in order.
     pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
         self.children.iter().filter(move |c| c.name == name)
     }

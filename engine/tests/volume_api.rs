@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vsnap_engine::{
     xml, CreateRequest, DeleteRequest, Engine, EngineError, Format, RevertRequest, SnapKind,
-    VolSnapshot,
+    VolSnapFlags, VolSnapshot,
 };
 use vsnap_steps::qemu_img;
 
@@ -231,12 +231,14 @@ impl Fx {
 
     fn snap(&self, name: &str) -> VolSnapshot {
         self.engine
-            .vol_snapshot_lookup(&self.image, name)
+            .vol_snapshot_lookup_by_name(&self.image, name)
             .unwrap_or_else(|e| panic!("lookup {name}: {e}"))
     }
 
     fn names(&self) -> Vec<String> {
-        self.engine.vol_snapshot_names(&self.image, None).unwrap()
+        self.engine
+            .vol_snapshot_list_names(&self.image, None)
+            .unwrap()
     }
 
     fn current(&self) -> Option<String> {
@@ -486,11 +488,11 @@ fn queries(c: Case) {
     let e = &fx.engine;
     let img = &fx.image;
     assert_eq!(e.vol_snapshot_current(img).unwrap(), None);
-    assert!(!e.vol_snapshot_has_current(img).unwrap());
-    assert!(e.vol_snapshot_names(img, None).unwrap().is_empty());
-    assert_eq!(e.vol_snapshot_count(img, None).unwrap(), 0);
+    assert!(!e.vol_has_current_snapshot(img).unwrap());
+    assert!(e.vol_snapshot_list_names(img, None).unwrap().is_empty());
+    assert_eq!(e.vol_snapshot_num(img, None).unwrap(), 0);
     assert!(matches!(
-        e.vol_snapshot_lookup(img, "s1"),
+        e.vol_snapshot_lookup_by_name(img, "s1"),
         Err(EngineError::NoSnapshot { .. })
     ));
     assert!(matches!(
@@ -504,7 +506,7 @@ fn queries(c: Case) {
         ..fx.req("s1")
     });
     assert_eq!(fx.current().as_deref(), Some("s1"));
-    assert!(e.vol_snapshot_has_current(img).unwrap());
+    assert!(e.vol_has_current_snapshot(img).unwrap());
     fx.create("s2");
     assert_eq!(fx.current().as_deref(), Some("s2"));
     fx.revert("s1");
@@ -523,24 +525,21 @@ fn queries(c: Case) {
             .as_deref(),
         Some("s3")
     );
-    assert!(e.vol_snapshot_has_current(img).unwrap());
+    assert!(e.vol_has_current_snapshot(img).unwrap());
     assert_eq!(fx.names(), vec!["s1", "s2", "s3"], "names, oldest first");
     assert_eq!(
-        e.vol_snapshot_names(img, Some(c.kind)).unwrap(),
+        e.vol_snapshot_list_names(img, Some(c.kind)).unwrap(),
         vec!["s1", "s2", "s3"]
     );
     assert!(
-        e.vol_snapshot_names(img, Some(c.other_family()))
+        e.vol_snapshot_list_names(img, Some(c.other_family()))
             .unwrap()
             .is_empty(),
         "the kind filter"
     );
-    assert_eq!(e.vol_snapshot_count(img, None).unwrap(), 3);
-    assert_eq!(e.vol_snapshot_count(img, Some(c.kind)).unwrap(), 3);
-    assert_eq!(
-        e.vol_snapshot_count(img, Some(c.other_family())).unwrap(),
-        0
-    );
+    assert_eq!(e.vol_snapshot_num(img, None).unwrap(), 3);
+    assert_eq!(e.vol_snapshot_num(img, Some(c.kind)).unwrap(), 3);
+    assert_eq!(e.vol_snapshot_num(img, Some(c.other_family())).unwrap(), 0);
     let listed = e.vol_snapshot_list(img, None).unwrap();
     assert_eq!(
         listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
@@ -572,7 +571,7 @@ fn queries(c: Case) {
     assert_eq!(fx.snap("s2").description, None);
     assert_eq!(fx.snap("s1").format, c.format);
     assert!(matches!(
-        e.vol_snapshot_lookup(img, "nope"),
+        e.vol_snapshot_lookup_by_name(img, "nope"),
         Err(EngineError::NoSnapshot { .. })
     ));
 
@@ -586,7 +585,7 @@ fn queries(c: Case) {
     // A volume is named by its path: another spelling of it is the same volume.
     let other_spelling = fx.work.join(".").join(img.file_name().unwrap());
     assert_eq!(
-        e.vol_snapshot_names(&other_spelling, None).unwrap(),
+        e.vol_snapshot_list_names(&other_spelling, None).unwrap(),
         vec!["s1", "s2", "s3"]
     );
     assert_eq!(
@@ -598,6 +597,70 @@ fn queries(c: Case) {
     );
 }
 
+/// `vol_snapshot_create_xml`: the document's choices, the flags winning;
+/// a dry run and a refused document change nothing.
+fn create_xml(c: Case) {
+    let fx = Fx::new(c);
+    let e = &fx.engine;
+    let img = &fx.image;
+    let doc = format!(
+        "<volsnapshot><name>from-xml</name><description>d1</description><kind>{}</kind></volsnapshot>",
+        c.kind
+    );
+    let flags = VolSnapFlags {
+        name: Some("s1".into()),
+        ..Default::default()
+    };
+    let d = e
+        .vol_snapshot_create_xml(img, Some(&doc), flags.clone(), true)
+        .unwrap();
+    assert!(d.dry_run && d.plan.is_none());
+    assert_eq!(d.snapshot.name, "s1", "the flags' name wins");
+    assert_eq!(e.vol_snapshot_num(img, None).unwrap(), 0, "a dry run");
+    let d = e
+        .vol_snapshot_create_xml(img, Some(&doc), flags, false)
+        .unwrap();
+    assert!(!d.dry_run && d.plan.is_some());
+    fx.check();
+    let s = e.vol_snapshot_lookup_by_name(img, "s1").unwrap();
+    assert_eq!(s, d.snapshot);
+    assert_eq!(s.kind, c.kind, "the document's kind");
+    assert_eq!(
+        s.description.as_deref(),
+        Some("d1"),
+        "the document's description"
+    );
+    assert!(matches!(
+        e.vol_snapshot_lookup_by_name(img, "from-xml"),
+        Err(EngineError::NoSnapshot { .. })
+    ));
+    // No document: the flags alone (and the description the flags give).
+    e.vol_snapshot_create_xml(
+        img,
+        None,
+        VolSnapFlags {
+            name: Some("s2".into()),
+            description: Some("d2".into()),
+            kind: Some(c.kind),
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    fx.check();
+    assert_eq!(fx.snap("s2").description.as_deref(), Some("d2"));
+    let err = e
+        .vol_snapshot_create_xml(
+            img,
+            Some("<volsnapshot><colour/></volsnapshot>"),
+            VolSnapFlags::default(),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Xml(_)), "{err}");
+    assert_eq!(fx.names(), ["s1", "s2"]);
+}
+
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -605,7 +668,7 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// `vol_snapshot_xml` round-trips through `xml::parse_volsnapshot`.
+/// `vol_snapshot_get_xml_desc` round-trips through `xml::parse_volsnapshot`.
 fn xml_round_trips(c: Case) {
     let fx = Fx::new(c);
     fx.create_req(&CreateRequest {
@@ -615,7 +678,10 @@ fn xml_round_trips(c: Case) {
     fx.create("s2");
     for name in ["s1", "s2"] {
         let s = fx.snap(name);
-        let x = fx.engine.vol_snapshot_xml(&fx.image, name).unwrap();
+        let x = fx
+            .engine
+            .vol_snapshot_get_xml_desc(&fx.image, name)
+            .unwrap();
         let spec = xml::parse_volsnapshot(&x)
             .unwrap_or_else(|e| panic!("dumpxml of {name} does not parse: {e}\n{x}"));
         assert_eq!(spec.name.as_deref(), Some(name), "{x}");
@@ -631,15 +697,21 @@ fn xml_round_trips(c: Case) {
             "{x}"
         );
     }
-    let x1 = fx.engine.vol_snapshot_xml(&fx.image, "s1").unwrap();
-    let x2 = fx.engine.vol_snapshot_xml(&fx.image, "s2").unwrap();
+    let x1 = fx
+        .engine
+        .vol_snapshot_get_xml_desc(&fx.image, "s1")
+        .unwrap();
+    let x2 = fx
+        .engine
+        .vol_snapshot_get_xml_desc(&fx.image, "s2")
+        .unwrap();
     assert!(x1.contains("<current>no</current>") && x2.contains("<current>yes</current>"));
     assert!(
         !x1.contains("<parent>") && x2.contains("<parent>") && x2.contains("<name>s1</name>"),
         "{x2}"
     );
     assert!(matches!(
-        fx.engine.vol_snapshot_xml(&fx.image, "nope"),
+        fx.engine.vol_snapshot_get_xml_desc(&fx.image, "nope"),
         Err(EngineError::NoSnapshot { .. })
     ));
 }
@@ -924,6 +996,10 @@ macro_rules! kind_tests {
                 super::queries(C)
             }
             #[test]
+            fn create_xml() {
+                super::create_xml(C)
+            }
+            #[test]
             fn xml_round_trips() {
                 super::xml_round_trips(C)
             }
@@ -1048,18 +1124,18 @@ fn reflink_and_copy_share_a_volume_and_filter_by_kind() {
     });
     let e = &fx.engine;
     assert_eq!(
-        e.vol_snapshot_names(&fx.image, Some(SnapKind::Reflink))
+        e.vol_snapshot_list_names(&fx.image, Some(SnapKind::Reflink))
             .unwrap(),
         vec!["r1"]
     );
     assert_eq!(
-        e.vol_snapshot_names(&fx.image, Some(SnapKind::Copy))
+        e.vol_snapshot_list_names(&fx.image, Some(SnapKind::Copy))
             .unwrap(),
         vec!["c1"]
     );
-    assert_eq!(e.vol_snapshot_count(&fx.image, None).unwrap(), 2);
+    assert_eq!(e.vol_snapshot_num(&fx.image, None).unwrap(), 2);
     assert_eq!(
-        e.vol_snapshot_count(&fx.image, Some(SnapKind::External))
+        e.vol_snapshot_num(&fx.image, Some(SnapKind::External))
             .unwrap(),
         0
     );
@@ -1211,7 +1287,11 @@ fn recovery_finishes_a_plan_with_every_step_done() {
     };
     let (engine, reports) = Engine::open(&state).unwrap();
     assert_eq!(reports.len(), 1, "{reports:?}");
-    assert_eq!(reports[0].outcome, "committed", "{reports:?}");
+    assert_eq!(
+        reports[0].outcome,
+        vsnap_engine::PlanOutcome::Committed,
+        "{reports:?}"
+    );
     let stored = engine.journal().plan(id).unwrap();
     assert_eq!(stored.outcome(), Some(&Outcome::Committed));
     assert_eq!(
