@@ -329,6 +329,7 @@ fn create_overlay_run(
         .virtual_size
         .div_ceil(512)
         * 512;
+
     let size = size.to_string();
     let args: [&OsStr; 11] = [
         "create".as_ref(),
@@ -374,10 +375,13 @@ pub fn image_info(path: &Path, format: Format, force_share: bool) -> StepResult<
     }
     match format {
         Format::Raw => {
-            let len = f
-                .metadata()
-                .map_err(|e| crate::fsops::io_err("stat", path, e))?
-                .len();
+            // A block device's length is where a seek to its end lands
+            // (its stat size is 0); a file's, the same as its stat size.
+            let len = {
+                use std::io::Seek;
+                (&f).seek(std::io::SeekFrom::End(0))
+                    .map_err(|e| crate::fsops::io_err("find the size of", path, e))?
+            };
             Ok(ImageInfo {
                 format: "raw".into(),
                 // QEMU rounds a raw file's size up to whole sectors.
