@@ -591,3 +591,36 @@ fn quit_step_is_retriable_and_probes_a_gone_qemu() {
     .unwrap();
     vm.kill();
 }
+
+/// The blockdev-add step adds without asking QEMU for every node first:
+/// run again (after a crash), QEMU's duplicate-name error for the plan's
+/// own node is success; with one connection held for all of it.
+#[test]
+fn blockdev_add_step_is_idempotent_and_one_held_connection_serves_it_all() {
+    let mut overlay = PathBuf::new();
+    let vm = Vm::start_prepared(|dir| {
+        overlay = dir.join("disk.ov1.qcow2");
+        qemu_img::create_overlay(&overlay, &dir.join("disk.qcow2"), Format::Qcow2).unwrap();
+    });
+    let held = vsnap_steps::live::hold_connections();
+    let before = vsnap_steps::live::connections_made();
+    for _ in 0..3 {
+        vsnap_steps::live::blockdev_add(&vm.sock, "ov1", "ov1-file", &overlay).unwrap();
+    }
+    assert_eq!(
+        vsnap_steps::live::blockdev_add_probe(&vm.sock, "ov1").unwrap(),
+        vsnap_steps::Probe::Applied
+    );
+    assert_eq!(
+        vsnap_steps::live::connections_made() - before,
+        1,
+        "one connection for every call while held"
+    );
+    // Another node on the same file node name is still QEMU's error.
+    let e = vsnap_steps::live::blockdev_add(&vm.sock, "ov2", "ov1-file", &overlay).unwrap_err();
+    assert!(e.to_string().contains("blockdev-add"), "{e}");
+    drop(held);
+    let mut q = vm.qmp();
+    let nodes = q.query_named_block_nodes_flat().unwrap();
+    assert!(node(&nodes, "ov1").is_some() && node(&nodes, "ov2").is_none());
+}

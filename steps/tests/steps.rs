@@ -154,6 +154,34 @@ fn create_overlay() {
     assert_eq!(probe(&step), Probe::NotApplied);
 }
 
+/// The overlay's size is given to qemu-img (which then opens no backing
+/// file): the backing's virtual size as QEMU sees it, a raw file's length
+/// rounded up to 512 bytes. Compared with qemu-img's own answer.
+#[test]
+fn overlay_size_is_the_backing_size_qemu_img_would_find() {
+    let d = tmp();
+    for (name, len) in [("a.raw", 1000usize), ("b.raw", 4 << 20)] {
+        let base = d.path().join(name);
+        std::fs::write(&base, vec![0u8; len]).unwrap();
+        let ours = d.path().join(format!("{name}.ours"));
+        qemu_img::create_overlay(&ours, &base, Format::Raw).unwrap();
+        let theirs = d.path().join(format!("{name}.theirs"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&theirs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let size = |p: &Path| {
+            qemu_img::info(p, Format::Qcow2, false)
+                .unwrap()
+                .virtual_size
+        };
+        assert_eq!(size(&ours), size(&theirs), "{name}");
+    }
+}
+
 #[test]
 fn create_overlay_on_raw_backing_and_after_a_crash() {
     let d = tmp();
