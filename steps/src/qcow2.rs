@@ -450,6 +450,143 @@ pub fn qemu_holds_file(f: &File) -> std::io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+// --- writing a new, empty overlay ----------------------------------------
+
+/// Cluster size of the overlays vsnap writes (QEMU's default).
+const OVERLAY_CLUSTER: u64 = 64 << 10;
+const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// QEMU 7.2's feature name table, as `qemu-img create` writes it: (type,
+/// bit, name); type 0 incompatible, 1 compatible, 2 autoclear.
+const FEATURE_NAMES: [(u8, u8, &str); 8] = [
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+];
+
+/// What [`overlay_layout`] returns: (offset, bytes) pieces, the file's
+/// length.
+pub type OverlayLayout = (Vec<(u64, Vec<u8>)>, u64);
+
+/// The metadata of a new, empty qcow2 image of `size` bytes (a multiple
+/// of 512) backed by `backing` in `backing_format`: what `qemu-img create
+/// -f qcow2 -u -b BACKING -F FMT IMAGE SIZE` (QEMU 7.2, default options:
+/// version 3, 64 KiB clusters, 16-bit refcounts, zlib) writes, byte for
+/// byte: the header with its backing-format and feature-name extensions
+/// and the backing name in cluster 0, the refcount table in cluster 1,
+/// its one refcount block in cluster 2, the (zero) L1 table from cluster
+/// 3. Returned as (offset, bytes) pieces and the file's length; the rest
+/// reads as zeros.
+pub fn overlay_layout(
+    backing: &[u8],
+    backing_format: &str,
+    size: u64,
+) -> std::io::Result<OverlayLayout> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    if !size.is_multiple_of(512) {
+        return Err(invalid(format!(
+            "overlay size {size} is not a multiple of 512"
+        )));
+    }
+    if backing.is_empty() || backing.len() > MAX_BACKING_NAME as usize {
+        return Err(invalid(format!(
+            "backing file name of {} bytes (1 to {MAX_BACKING_NAME} allowed)",
+            backing.len()
+        )));
+    }
+    let c = OVERLAY_CLUSTER;
+    // One L2 table maps c/8 clusters; the L1 table has one entry per L2.
+    let l1_size = size.div_ceil(c * (c / 8));
+    let l1_bytes = l1_size * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(invalid(format!(
+            "overlay size {size} is too large for qcow2"
+        )));
+    }
+    let l1_clusters = l1_bytes.div_ceil(c);
+    let l1_offset = if l1_size == 0 { 0 } else { 3 * c };
+
+    let mut h = Vec::with_capacity(0x300 + backing.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&3u32.to_be_bytes()); // version
+    h.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset, set below
+    h.extend_from_slice(&(backing.len() as u32).to_be_bytes());
+    h.extend_from_slice(&16u32.to_be_bytes()); // cluster_bits
+    h.extend_from_slice(&size.to_be_bytes());
+    h.extend_from_slice(&0u32.to_be_bytes()); // crypt_method
+    h.extend_from_slice(&(l1_size as u32).to_be_bytes());
+    h.extend_from_slice(&l1_offset.to_be_bytes());
+    h.extend_from_slice(&c.to_be_bytes()); // refcount_table_offset
+    h.extend_from_slice(&1u32.to_be_bytes()); // refcount_table_clusters
+    h.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
+    h.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
+    h.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
+    h.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
+    h.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
+    h.extend_from_slice(&4u32.to_be_bytes()); // refcount_order: 16 bits
+    h.extend_from_slice(&112u32.to_be_bytes()); // header_length
+    h.push(0); // compression_type: zlib
+    h.resize(112, 0);
+    let ext = |h: &mut Vec<u8>, kind: u32, data: &[u8]| {
+        h.extend_from_slice(&kind.to_be_bytes());
+        h.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        h.extend_from_slice(data);
+        h.resize(h.len().next_multiple_of(8), 0);
+    };
+    ext(&mut h, EXT_BACKING_FORMAT, backing_format.as_bytes());
+    let mut table = Vec::with_capacity(48 * FEATURE_NAMES.len());
+    for (kind, bit, name) in FEATURE_NAMES {
+        let start = table.len();
+        table.push(kind);
+        table.push(bit);
+        table.extend_from_slice(name.as_bytes());
+        table.resize(start + 48, 0);
+    }
+    ext(&mut h, EXT_FEATURE_TABLE, &table);
+    ext(&mut h, EXT_END, &[]);
+    let backing_offset = h.len() as u64;
+    h[8..16].copy_from_slice(&backing_offset.to_be_bytes());
+    h.extend_from_slice(backing);
+
+    // Refcounts: header, refcount table, refcount block, the L1 clusters.
+    let used = 3 + l1_clusters;
+    let mut refblock = Vec::with_capacity(used as usize * 2);
+    for _ in 0..used {
+        refblock.extend_from_slice(&1u16.to_be_bytes());
+    }
+    let pieces = vec![
+        (0, h),
+        (c, (2 * c).to_be_bytes().to_vec()),
+        (2 * c, refblock),
+    ];
+    let len = if l1_size == 0 {
+        3 * c
+    } else {
+        l1_offset + l1_bytes
+    };
+    Ok((pieces, len))
+}
+
+/// Write a new, empty qcow2 overlay (see [`overlay_layout`]) into `f`,
+/// a new empty file; the caller fsyncs it.
+pub fn write_overlay(
+    f: &File,
+    backing: &[u8],
+    backing_format: &str,
+    size: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (pieces, len) = overlay_layout(backing, backing_format, size)?;
+    for (off, bytes) in pieces {
+        f.write_all_at(&bytes, off)?;
+    }
+    f.set_len(len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

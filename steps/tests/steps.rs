@@ -182,6 +182,112 @@ fn overlay_size_is_the_backing_size_qemu_img_would_find() {
     }
 }
 
+/// `qemu-io -f FMT -c "write -P BYTE 0 64k" PATH`.
+fn qemu_io_write_byte(path: &Path, fmt: &str, byte: u8) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", fmt, "-c", &format!("write -P {byte} 0 64k")])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Whether the first 64 KiB of `path` (opened as FMT) are all BYTE.
+fn qemu_io_reads_byte(path: &Path, fmt: &str, byte: u8) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", fmt, "-c", &format!("read -P {byte} 0 64k")])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !text.contains("Pattern verification failed")
+}
+
+/// vsnap writes its overlays natively: the very bytes `qemu-img create
+/// -f qcow2 -u -b BACKING -F FMT IMAGE SIZE` writes (QEMU 7.2, the
+/// version setup.sh installs; with another qemu-img the same image as
+/// `qemu-img info` and `qemu-img check` see it), for sizes with no L1
+/// entry, one, many and an L1 table of several clusters, raw and qcow2
+/// backings, a long and a non-UTF-8 backing name; and QEMU reads the
+/// backing's data through it.
+#[test]
+fn native_overlays_are_what_qemu_img_writes() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tmp();
+    let version = std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v72 = String::from_utf8_lossy(&version.stdout).starts_with("qemu-img version 7.2");
+    let long = d.path().join("b".repeat(200));
+    let odd = d
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"back\xffing.raw"));
+    let raw = d.path().join("base.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    qemu_io_write_byte(&raw, "raw", 0x44);
+    let q = d.path().join("base.qcow2");
+    qcow2(&q, 4 * MIB);
+    for b in [&long, &odd] {
+        std::fs::copy(&raw, b).unwrap();
+    }
+    let cases: Vec<(&Path, Format, u64)> = vec![
+        (&raw, Format::Raw, 0),
+        (&raw, Format::Raw, 512),
+        (&raw, Format::Raw, 1 << 20),
+        (&q, Format::Qcow2, 4 * MIB),
+        (&raw, Format::Raw, 10 << 30),
+        (&raw, Format::Raw, 10 << 40),
+        (&long, Format::Raw, 1 << 20),
+        (&odd, Format::Raw, 1 << 20),
+    ];
+    for (i, (backing, fmt, size)) in cases.into_iter().enumerate() {
+        let ours = d.path().join(format!("ours{i}.qcow2"));
+        let f = std::fs::File::create(&ours).unwrap();
+        vsnap_steps::qcow2::write_overlay(&f, backing.as_os_str().as_bytes(), fmt.as_str(), size)
+            .unwrap();
+        drop(f);
+        let theirs = d.path().join(format!("theirs{i}.qcow2"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-b"])
+            .arg(backing)
+            .args(["-F", fmt.as_str()])
+            .arg(&theirs)
+            .arg(size.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let what = format!("case {i}: {} {fmt} {size}", backing.display());
+        if v72 {
+            assert!(
+                std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+                "{what}: not the bytes qemu-img writes"
+            );
+        }
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", "-q", "-f", "qcow2"])
+            .arg(&ours)
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "{what}: qemu-img check: {check:?}");
+        let (a, b) = (
+            qemu_img::info(&ours, Format::Qcow2, false).unwrap(),
+            qemu_img::info(&theirs, Format::Qcow2, false).unwrap(),
+        );
+        assert_eq!(
+            (a.virtual_size, &a.backing, a.backing_format),
+            (b.virtual_size, &b.backing, b.backing_format),
+            "{what}"
+        );
+    }
+    // The data below shows through (case 2: the raw base, 1 MiB).
+    assert!(qemu_io_reads_byte(
+        &d.path().join("ours2.qcow2"),
+        "qcow2",
+        0x44
+    ));
+}
+
 #[test]
 fn create_overlay_on_raw_backing_and_after_a_crash() {
     let d = tmp();
