@@ -8,15 +8,22 @@
 //!
 //! Durability protocol (DESIGN.md section 3), each line durable (flushed)
 //! before the next action:
-//! 1. [`Journal::begin`] appends the whole plan, state `Planned`;
-//! 2. [`Journal::append`] `Started(i)` before a step and `Done(i)` after it;
-//! 3. [`Journal::commit_pivot`] writes `Done(pivot)` and the catalog changes
-//!    it implies in **one** sled transaction;
+//! 1. the whole plan (header and opaque body) is written before any step
+//!    runs: a plan with no record yet is one that has not started;
+//! 2. `Started(i)` before a step and `Done(i)` after it;
+//! 3. `Done(pivot)` and the catalog changes it implies in **one** sled
+//!    transaction;
 //! 4. on failure before the pivot: `RollingBack`, then `Undone(i)` per step;
 //! 5. at the end `Finished(outcome)`.
 //!
-//! Every `append`, `begin`, `commit_pivot` returns only after the flush
-//! that covers its record (group commit, see [`group`]).
+//! The engine's runner writes these through [`Journal::begin_with`] (the
+//! plan with its first records, and catalog changes when the first step is
+//! a no-op pivot) and [`Journal::append_all`] (the records that have no
+//! action between them, with the pivot's catalog changes when they carry
+//! `Done(pivot)`): one transaction, one flush each. [`Journal::begin`],
+//! [`Journal::append`] and [`Journal::commit_pivot`] are the one-record
+//! forms (tests, tools). Every one returns only after the flush that covers
+//! its records (group commit, see [`group`]).
 
 pub mod codec;
 pub mod failpoint;

@@ -623,7 +623,8 @@ impl Journal {
         self.commit.close();
     }
 
-    /// Append a new plan (state `Planned`); durable on return.
+    /// Append a new plan, with no record yet (not started); durable on
+    /// return.
     pub fn begin(&self, header: PlanHeader, body: Vec<u8>) -> Result<PlanId> {
         self.begin_with(header, body, &[], &[])
     }
