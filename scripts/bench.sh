@@ -11,6 +11,11 @@
 #        16 disks) against its QMP floor (stop/transaction/cont).
 #   3. cargo bench -p vsnap-journal
 #        the journal's own benchmarks (group commit), if the crate has any.
+#   4. cargo bench -p vsnap-cli --bench vs_libvirt
+#        a live disk-only snapshot, whole command, vsnap against libvirt's
+#        `virsh snapshot-create-as --disk-only --atomic --no-metadata` (1, 4,
+#        16 disks; chain depth 1, 20); it runs scripts/libvirt-setup.sh,
+#        which installs libvirt and starts libvirtd when needed.
 #
 # Environment: VSNAP_BENCH_ITERS, VSNAP_BENCH_WARMUP, VSNAP_BENCH_DIR
 # (default /var/tmp); see the top comment of each bench for the rest.
@@ -34,4 +39,7 @@ if compgen -G 'journal/benches/*.rs' >/dev/null || grep -q '^\[\[bench\]\]' jour
 else
     echo "bench: the journal has no benchmark yet (no journal/benches/, no [[bench]] in journal/Cargo.toml): skipped"
 fi
+
+printf '\n==== cargo bench -p vsnap-cli --bench vs_libvirt ====\n'
+cargo bench -p vsnap-cli --bench vs_libvirt || status=1
 exit "$status"
