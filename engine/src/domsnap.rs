@@ -22,141 +22,18 @@ use crate::domain::{
 use crate::plan::Plan;
 use crate::xmltree::{self, esc, Element};
 use crate::{now_unix, validate_name, Engine, EngineError, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use vsnap_journal::{codec, CatalogOp, Journal};
 use vsnap_steps::live::LiveDisk;
 use vsnap_steps::{fsops, live, qemu_img, CloneMode, Format, Step};
 
-/// The catalog tree of domain snapshots (`DomSnapshot`, keyed by domain and
-/// name).
-pub const DOMSNAPS: &str = "domsnaps";
-
-/// What a snapshot did with one disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskMode {
-    /// Left out of the snapshot.
-    No,
-    /// An internal snapshot inside the qcow2 image.
-    Internal,
-    /// A new overlay took the disk's place; the old image holds the state.
-    External,
-    /// A whole-file copy-on-write clone (FICLONE) of a raw image, taken
-    /// outside QEMU while the guest is paused; the image stays the active
-    /// disk. (Appended: the catalog stores this enum with bincode.)
-    Reflink,
-}
-
-impl DiskMode {
-    /// libvirt's word (`no`, `internal`, `external`), or `reflink`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskMode::No => "no",
-            DiskMode::Internal => "internal",
-            DiskMode::External => "external",
-            DiskMode::Reflink => "reflink",
-        }
-    }
-}
-
-/// One disk of a domain snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomSnapDisk {
-    /// The disk's target (`vda`).
-    pub target: String,
-    /// What the snapshot did with it.
-    pub mode: DiskMode,
-    /// Internal: the image holding the snapshot. External: the frozen image
-    /// (the disk's source before the snapshot), which holds its state.
-    /// Reflink: the clone.
-    #[serde(with = "vsnap_steps::pathser")]
-    pub state_file: PathBuf,
-    /// External: the overlay that became the disk's active image.
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    pub overlay: Option<PathBuf>,
-}
-
-/// A domain snapshot as the catalog keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomSnapshot {
-    /// The snapshot's name, unique per domain.
-    pub name: String,
-    /// The domain's name.
-    pub domain: String,
-    /// Free text given when it was made.
-    pub description: Option<String>,
-    /// When it was made, in seconds since the epoch.
-    pub creation_time: i64,
-    /// The snapshot that was current when it was made.
-    pub parent: Option<String>,
-    /// Its place in the order of creation.
-    pub seq: u64,
-    /// libvirt's: `running`, `paused`, `shutoff`, `disk-snapshot`.
-    /// (Records written while this was a string are read as
-    /// `DomSnapshotV2`.)
-    pub state: DomSnapState,
-    /// Guest memory kept inside the disks (`snapshot-save`).
-    pub memory_internal: bool,
-    /// The guest's filesystems were frozen through its agent around the switch.
-    pub quiesced: bool,
-    /// Every disk of the domain, and what the snapshot did with it.
-    pub disks: Vec<DomSnapDisk>,
-    /// The domain as it was when the snapshot was taken.
-    pub domain_xml: String,
-    /// `--memory external:PATH`: the file holding the guest's memory state
-    /// (QEMU's migration stream). Appended: records written before it
-    /// existed are read as `DomSnapshotV1`.
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    pub memory_file: Option<PathBuf>,
-}
-
-/// The state a domain snapshot records (libvirt's `<state>`): the
-/// guest's when its memory was kept, else `disk-snapshot`. Written as
-/// libvirt writes it (`running`, `paused`, `shutoff`, `disk-snapshot`) in
-/// XML, JSON and `Display` alike.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DomSnapState {
-    /// The guest ran; its memory was kept.
-    Running,
-    /// The guest was paused; its memory was kept.
-    Paused,
-    /// The guest was shut off (an offline snapshot).
-    Shutoff,
-    /// A running or paused guest's disks only, no memory.
-    DiskSnapshot,
-}
-
-impl DomSnapState {
-    /// libvirt's word: `running`, `paused`, `shutoff`, `disk-snapshot`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DomSnapState::Running => "running",
-            DomSnapState::Paused => "paused",
-            DomSnapState::Shutoff => "shutoff",
-            DomSnapState::DiskSnapshot => "disk-snapshot",
-        }
-    }
-
-    /// The state for libvirt's word; `None` for any other.
-    pub fn parse(s: &str) -> Option<DomSnapState> {
-        [
-            DomSnapState::Running,
-            DomSnapState::Paused,
-            DomSnapState::Shutoff,
-            DomSnapState::DiskSnapshot,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for DomSnapState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
+// The records live in the catalog (which depends on nothing here); their
+// paths under `domsnap` are kept for the CLI and the tests.
+pub use crate::catalog::dom::{
+    delete_snapshot_op, put_snapshot_op, snapshots, DiskMode, DomSnapDisk, DomSnapState,
+    DomSnapshot, DOMSNAPS,
+};
 
 impl From<DomState> for DomSnapState {
     fn from(s: DomState) -> DomSnapState {
@@ -166,83 +43,6 @@ impl From<DomState> for DomSnapState {
             DomState::Shutoff => DomSnapState::Shutoff,
         }
     }
-}
-
-/// The layout of [`DomSnapshot`] while `state` was a string (still read).
-#[derive(Deserialize)]
-struct DomSnapshotV2 {
-    name: String,
-    domain: String,
-    description: Option<String>,
-    creation_time: i64,
-    parent: Option<String>,
-    seq: u64,
-    state: String,
-    memory_internal: bool,
-    quiesced: bool,
-    disks: Vec<DomSnapDisk>,
-    domain_xml: String,
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    memory_file: Option<PathBuf>,
-}
-
-/// The layout of [`DomSnapshot`] before `memory_file` (still read).
-#[derive(Deserialize)]
-struct DomSnapshotV1 {
-    name: String,
-    domain: String,
-    description: Option<String>,
-    creation_time: i64,
-    parent: Option<String>,
-    seq: u64,
-    state: String,
-    memory_internal: bool,
-    quiesced: bool,
-    disks: Vec<DomSnapDisk>,
-    domain_xml: String,
-}
-
-fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
-    // The layouts cannot be mistaken for one another: where the current
-    // one has the state's variant index (0-3), the older ones have the
-    // length of a word of at least 6 bytes.
-    let state = |s: String| {
-        DomSnapState::parse(&s)
-            .ok_or_else(|| codec::CodecError::Payload(format!("unknown snapshot state {s:?}")))
-    };
-    codec::decode::<DomSnapshot>(v).or_else(|e| {
-        if let Ok(o) = codec::decode::<DomSnapshotV2>(v) {
-            return Ok(DomSnapshot {
-                name: o.name,
-                domain: o.domain,
-                description: o.description,
-                creation_time: o.creation_time,
-                parent: o.parent,
-                seq: o.seq,
-                state: state(o.state)?,
-                memory_internal: o.memory_internal,
-                quiesced: o.quiesced,
-                disks: o.disks,
-                domain_xml: o.domain_xml,
-                memory_file: o.memory_file,
-            });
-        }
-        let o: DomSnapshotV1 = codec::decode(v).map_err(|_| e)?;
-        Ok(DomSnapshot {
-            name: o.name,
-            domain: o.domain,
-            description: o.description,
-            creation_time: o.creation_time,
-            parent: o.parent,
-            seq: o.seq,
-            state: state(o.state)?,
-            memory_internal: o.memory_internal,
-            quiesced: o.quiesced,
-            disks: o.disks,
-            domain_xml: o.domain_xml,
-            memory_file: None,
-        })
-    })
 }
 
 /// What to do with one disk, as asked.
@@ -374,48 +174,6 @@ impl DomSnapRequest {
         }
         Ok(req)
     }
-}
-
-fn key(domain: &str, name: &str) -> Vec<u8> {
-    let mut k = domain.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(name.as_bytes());
-    k
-}
-
-/// The catalog change that writes a domain snapshot's record.
-pub fn put_snapshot_op(s: &DomSnapshot) -> CatalogOp {
-    CatalogOp::Put {
-        tree: DOMSNAPS.into(),
-        key: key(&s.domain, &s.name),
-        value: codec::encode(s),
-    }
-}
-
-/// The catalog change that removes a domain snapshot's record.
-pub fn delete_snapshot_op(domain: &str, name: &str) -> CatalogOp {
-    CatalogOp::Delete {
-        tree: DOMSNAPS.into(),
-        key: key(domain, name),
-    }
-}
-
-/// Every snapshot of a domain, oldest first.
-pub fn snapshots(j: &Journal, domain: &str) -> Result<Vec<DomSnapshot>> {
-    let mut prefix = domain.as_bytes().to_vec();
-    prefix.push(0);
-    let mut out: Vec<DomSnapshot> = Vec::new();
-    for (k, v) in j.catalog_scan(DOMSNAPS, &prefix)? {
-        out.push(decode_snapshot(&v).map_err(|e| {
-            EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
-                tree: DOMSNAPS.into(),
-                key: String::from_utf8_lossy(&k).replace('\0', "/"),
-                reason: e.to_string(),
-            })
-        })?);
-    }
-    out.sort_by_key(|s| s.seq);
-    Ok(out)
 }
 
 /// Parse libvirt's `<domainsnapshot>` (as virsh writes it) plus the seed's
@@ -1790,116 +1548,6 @@ mod tests {
             default_clone(Path::new("/vm/vdb.raw"), "s1"),
             Path::new("/vm/vdb.s1.raw")
         );
-    }
-
-    #[test]
-    fn reads_snapshots_written_before_memory_file() {
-        #[derive(Serialize)]
-        struct Old {
-            name: String,
-            domain: String,
-            description: Option<String>,
-            creation_time: i64,
-            parent: Option<String>,
-            seq: u64,
-            state: String,
-            memory_internal: bool,
-            quiesced: bool,
-            disks: Vec<DomSnapDisk>,
-            domain_xml: String,
-        }
-        let old = Old {
-            name: "s1".into(),
-            domain: "d".into(),
-            description: None,
-            creation_time: 7,
-            parent: None,
-            seq: 3,
-            state: "disk-snapshot".into(),
-            memory_internal: false,
-            quiesced: true,
-            disks: vec![],
-            domain_xml: "<domain/>".into(),
-        };
-        let s = decode_snapshot(&codec::encode(&old)).unwrap();
-        assert_eq!((s.name.as_str(), s.seq, s.quiesced), ("s1", 3, true));
-        assert_eq!(s.memory_file, None);
-        assert_eq!(s.state, DomSnapState::DiskSnapshot);
-        let mut new = s.clone();
-        new.memory_file = Some("/vm/m.mem".into());
-        assert_eq!(decode_snapshot(&codec::encode(&new)).unwrap(), new);
-    }
-
-    /// Records written while `state` was a string (`DomSnapshotV2`) read
-    /// with each of libvirt's words; an unknown word is an error, not a
-    /// default; a current record is not mistaken for an old one.
-    #[test]
-    fn reads_snapshots_written_with_a_string_state() {
-        #[derive(Serialize)]
-        struct V2 {
-            name: String,
-            domain: String,
-            description: Option<String>,
-            creation_time: i64,
-            parent: Option<String>,
-            seq: u64,
-            state: String,
-            memory_internal: bool,
-            quiesced: bool,
-            disks: Vec<DomSnapDisk>,
-            domain_xml: String,
-            #[serde(with = "vsnap_steps::pathser::opt")]
-            memory_file: Option<PathBuf>,
-        }
-        let old = |state: &str| V2 {
-            name: "s1".into(),
-            domain: "d".into(),
-            description: Some("x".into()),
-            creation_time: 7,
-            parent: Some("s0".into()),
-            seq: 3,
-            state: state.into(),
-            memory_internal: true,
-            quiesced: false,
-            disks: vec![DomSnapDisk {
-                target: "vda".into(),
-                mode: DiskMode::External,
-                state_file: "/vm/a.qcow2".into(),
-                overlay: Some("/vm/a.s1.qcow2".into()),
-            }],
-            domain_xml: "<domain/>".into(),
-            memory_file: Some("/vm/m.mem".into()),
-        };
-        for (word, state) in [
-            ("running", DomSnapState::Running),
-            ("paused", DomSnapState::Paused),
-            ("shutoff", DomSnapState::Shutoff),
-            ("disk-snapshot", DomSnapState::DiskSnapshot),
-        ] {
-            let s = decode_snapshot(&codec::encode(&old(word))).unwrap();
-            assert_eq!(s.state, state);
-            assert_eq!(s.state.to_string(), word);
-            assert_eq!(serde_json::to_value(s.state).unwrap(), word);
-            assert_eq!(DomSnapState::parse(word), Some(state));
-            assert_eq!(
-                (
-                    s.name.as_str(),
-                    s.parent.as_deref(),
-                    s.seq,
-                    s.memory_internal
-                ),
-                ("s1", Some("s0"), 3, true)
-            );
-            assert_eq!(s.memory_file.as_deref(), Some(Path::new("/vm/m.mem")));
-            assert_eq!(
-                s.disks[0].overlay.as_deref(),
-                Some(Path::new("/vm/a.s1.qcow2"))
-            );
-            // Written again, it is the current layout, and reads back equal.
-            assert_eq!(decode_snapshot(&codec::encode(&s)).unwrap(), s);
-        }
-        let e = decode_snapshot(&codec::encode(&old("frozen"))).unwrap_err();
-        assert!(e.to_string().contains("frozen"), "{e}");
     }
 
     /// libvirt's `<domainsnapshot>` rules (formatsnapshot), a document
