@@ -14,6 +14,7 @@ use crate::{validate_name_of, Engine, EngineError, NameKind, Result};
 use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use vsnap_steps::qmp::BlockDevice;
 use vsnap_steps::{live, Format, StepError};
 
 // The records live in the catalog (which depends on nothing here); their
@@ -371,31 +372,16 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
 }
 
 /// The name QEMU's `query-block` gives a device: `device`, else the
-/// peripheral id inside `qdev` (`/machine/peripheral/vda/virtio-backend`).
+/// peripheral id inside `qdev` (`/machine/peripheral/vda/virtio-backend`);
+/// see [`vsnap_steps::qmp::BlockDevice::target`].
 pub fn block_target(entry: &Value) -> Option<String> {
-    let dev = entry.get("device").and_then(Value::as_str).unwrap_or("");
-    if !dev.is_empty() {
-        return Some(dev.to_string());
-    }
-    let qdev = entry.get("qdev").and_then(Value::as_str)?;
-    match qdev.strip_prefix("/machine/peripheral/") {
-        Some(rest) => rest.split('/').next().map(str::to_string),
-        None => Some(qdev.to_string()),
-    }
+    BlockDevice::from_value(entry).target()
 }
 
-/// The key [`vsnap_steps::live::block_entry`] matches on.
+/// The key [`vsnap_steps::live::block_entry`] matches on
+/// ([`vsnap_steps::qmp::BlockDevice::key`]).
 pub fn block_key(entry: &Value) -> String {
-    let dev = entry.get("device").and_then(Value::as_str).unwrap_or("");
-    if dev.is_empty() {
-        entry
-            .get("qdev")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    } else {
-        dev.to_string()
-    }
+    BlockDevice::from_value(entry).key
 }
 
 /// A path as given, made absolute against the current directory (sockets
@@ -510,14 +496,14 @@ impl Engine {
             )));
         }
         let mut q = live::qmp(qmp).map_err(EngineError::Check)?;
-        let blocks = q.query_block().map_err(EngineError::Check)?;
+        let blocks = q.query_block_typed().map_err(EngineError::Check)?;
         let mut disks = Vec::new();
-        for b in blocks.as_array().into_iter().flatten() {
-            let Some(ins) = b.get("inserted") else {
+        for b in &blocks {
+            let Some(ins) = &b.inserted else {
                 continue;
             };
-            let target = block_target(b).unwrap_or_default();
-            let file = ins.get("file").and_then(Value::as_str).unwrap_or("");
+            let target = b.target().unwrap_or_default();
+            let file = ins.file.as_str();
             if file.is_empty() || file.starts_with("json:") {
                 return Err(EngineError::Invalid(format!(
                     "disk {target}: QEMU names its image {file:?}, not a plain file; define the domain from XML instead"
@@ -528,7 +514,7 @@ impl Engine {
                     "disk {target}: QEMU names its image {file:?}, a relative path (relative to QEMU's own directory); start QEMU with absolute image paths, or define the domain from XML"
                 )));
             }
-            let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("");
+            let drv = ins.drv.as_str();
             use std::os::unix::fs::FileTypeExt;
             let block = std::fs::metadata(file).is_ok_and(|m| m.file_type().is_block_device());
             disks.push(DomDisk {
@@ -539,7 +525,7 @@ impl Engine {
                     DiskSource::File(PathBuf::from(file))
                 },
                 format: parse_format(drv, &format!("disk {target}"))?,
-                readonly: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                readonly: ins.ro,
                 shareable: false,
                 device: DiskDevice::Disk,
                 snapshot: None,

@@ -17,7 +17,7 @@
 //! are not touched.
 
 use crate::domain::{
-    self, block_key, domain_to_xml, put_domain, DiskSource, DomState, DomainRec, SnapshotDefault,
+    self, domain_to_xml, put_domain, DiskSource, DomState, DomainRec, SnapshotDefault,
 };
 use crate::plan::Plan;
 use crate::xmltree::{self, esc, Element};
@@ -1066,42 +1066,32 @@ impl Engine {
         if live_guest {
             let qmp = d.qmp.clone().expect("a live guest has a monitor");
             let mut q = live::qmp(&qmp).map_err(EngineError::Check)?;
-            let blocks = q.query_block().map_err(EngineError::Check)?;
+            let blocks = q.query_block_typed().map_err(EngineError::Check)?;
             let nodes = q
-                .query_named_block_nodes_flat()
+                .query_named_block_nodes_typed()
                 .map_err(EngineError::Check)?;
             drop(q);
             // Each chosen disk's device and top node, found by its image.
             let mut found: Vec<(String, String)> = Vec::new();
             for c in &chosen {
-                let entry = blocks.as_array().into_iter().flatten().find(|b| {
-                    b.get("inserted")
-                        .and_then(|i| i.get("file"))
-                        .and_then(Value::as_str)
-                        .map(|f| canon(Path::new(f)))
-                        == Some(canon(&c.source))
+                let entry = blocks.iter().find_map(|b| {
+                    let ins = b.inserted.as_ref()?;
+                    (canon(Path::new(&ins.file)) == canon(&c.source)).then_some((b, ins))
                 });
-                let Some(entry) = entry else {
+                let Some((entry, ins)) = entry else {
                     return Err(EngineError::Invalid(format!(
                         "QEMU does not use {} (disk {}) now; the domain definition is stale: `vsnap domain undefine` and `vsnap domain attach` it again",
                         c.source.display(),
                         c.target
                     )));
                 };
-                let node = entry["inserted"]["node-name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                found.push((block_key(entry), node));
+                found.push((entry.key.clone(), ins.node_name.clone()));
             }
             if memory {
                 for (c, (_, node)) in chosen.iter().zip(&found) {
-                    let has = nodes.as_array().into_iter().flatten().any(|n| {
-                        n.get("node-name").and_then(Value::as_str) == Some(node.as_str())
-                            && n["image"]["snapshots"]
-                                .as_array()
-                                .is_some_and(|a| a.iter().any(|s| s["name"] == name.as_str()))
-                    });
+                    let has = nodes
+                        .iter()
+                        .any(|n| n.node_name == *node && n.snapshots.contains(&name));
                     if has {
                         return Err(EngineError::Invalid(format!(
                             "disk {}: its image already holds an internal snapshot named {name:?}; choose another name",
