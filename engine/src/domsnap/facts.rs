@@ -303,13 +303,10 @@ fn choose_disks(
     Ok(chosen)
 }
 
-/// One chosen disk against the world: its image exists, its chain is
-/// sound, it is vsnap's to change (one link, no other state directory's
-/// claim), its kind fits its format, the guest's state and the memory
-/// choice, and its new file (resolved here: the default beside the image,
-/// or the request's, made absolute) is free, in a writable directory
-/// (for a reflink, on the image's own filesystem, which can clone). Sets
-/// `real` and `new_file`.
+/// One chosen disk against the world: its image ([`check_image`]), its
+/// kind ([`check_mode`]), its new file, resolved here ([`resolve_clone`],
+/// [`resolve_overlay`]), or offline the image itself
+/// ([`check_offline_image`]). Sets `real` and `new_file`.
 fn check_disk(
     e: &Engine,
     c: &mut Chosen,
@@ -319,6 +316,31 @@ fn check_disk(
     memory: bool,
     live_guest: bool,
 ) -> Result<()> {
+    check_image(e, c)?;
+    check_mode(c, memory, live_guest)?;
+    if let Some(p) = &c.new_file {
+        crate::volume::not_a_temp_name(
+            p,
+            &format!("--disk {}={}:PATH", c.target, c.mode.as_str()),
+        )?;
+    }
+    if c.mode == DiskMode::Reflink {
+        c.new_file = Some(resolve_clone(c, name)?);
+    }
+    if c.mode == DiskMode::External {
+        c.new_file = Some(resolve_overlay(c, req, name, existing)?);
+    } else if !live_guest {
+        check_offline_image(c, name)?;
+    }
+    c.real = canon(&c.source);
+    Ok(())
+}
+
+/// The image exists, its backing chain is sound (no loop, not too deep),
+/// it is vsnap's to change (one link, no other state directory's claim;
+/// not asked of a block device), and a block device is not asked for
+/// what needs a file beside it.
+fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
     if !c.source.exists() {
         return Err(EngineError::Invalid(format!(
             "disk {}: its image {} is missing; the domain definition is stale",
@@ -364,6 +386,12 @@ fn check_disk(
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// The disk's kind fits its format, the guest's state and the memory
+/// choice (no IO).
+fn check_mode(c: &Chosen, memory: bool, live_guest: bool) -> Result<()> {
     match c.mode {
         DiskMode::Internal if c.format != Format::Qcow2 => {
             return Err(EngineError::Invalid(format!(
@@ -403,100 +431,113 @@ fn check_disk(
         }
         _ => {}
     }
-    if let Some(p) = &c.new_file {
-        crate::volume::not_a_temp_name(
-            p,
-            &format!("--disk {}={}:PATH", c.target, c.mode.as_str()),
-        )?;
+    Ok(())
+}
+
+/// A reflink disk's clone: the request's path (made absolute) or
+/// `<stem>.<snapshot>.<ext>` beside the image; it must not exist, and its
+/// directory must exist, be writable, and be on the image's filesystem,
+/// which can clone.
+fn resolve_clone(c: &Chosen, name: &str) -> Result<PathBuf> {
+    let dst = match &c.new_file {
+        Some(p) => absolute(p),
+        None => default_clone(&c.source, name),
+    };
+    if std::fs::symlink_metadata(&dst).is_ok() {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: {} already exists; vsnap never overwrites a file it did not create: \
+             choose another snapshot name or --disk {}=reflink:PATH",
+            c.target,
+            dst.display(),
+            c.target
+        )));
     }
-    if c.mode == DiskMode::Reflink {
-        let dst = match &c.new_file {
-            Some(p) => absolute(p),
-            None => default_clone(&c.source, name),
-        };
-        if std::fs::symlink_metadata(&dst).is_ok() {
-            return Err(EngineError::Invalid(format!(
-                "disk {}: {} already exists; vsnap never overwrites a file it did not create: \
-                 choose another snapshot name or --disk {}=reflink:PATH",
-                c.target,
-                dst.display(),
-                c.target
-            )));
-        }
-        let dir = file_dir(&dst, &c.target, "clone", "reflink")?;
-        use std::os::unix::fs::MetadataExt;
-        let same_fs = match (std::fs::metadata(&dir), std::fs::metadata(&c.source)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev(),
-            _ => false,
-        };
-        if !same_fs || !vsnap_steps::clone::reflink_supported(&dir) {
-            return Err(EngineError::Invalid(format!(
-                "disk {}: {} cannot hold a reflink clone of {} ({}); reflinks need one \
-                 filesystem that can clone (btrfs, xfs): use --disk {}=external",
-                c.target,
-                dir.display(),
-                c.source.display(),
-                if same_fs {
-                    "its filesystem cannot clone"
-                } else {
-                    "another filesystem"
-                },
-                c.target
-            )));
-        }
-        c.new_file = Some(dst);
+    let dir = file_dir(&dst, &c.target, "clone", "reflink")?;
+    use std::os::unix::fs::MetadataExt;
+    let same_fs = match (std::fs::metadata(&dir), std::fs::metadata(&c.source)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    };
+    if !same_fs || !vsnap_steps::clone::reflink_supported(&dir) {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: {} cannot hold a reflink clone of {} ({}); reflinks need one \
+             filesystem that can clone (btrfs, xfs): use --disk {}=external",
+            c.target,
+            dir.display(),
+            c.source.display(),
+            if same_fs {
+                "its filesystem cannot clone"
+            } else {
+                "another filesystem"
+            },
+            c.target
+        )));
     }
-    if c.mode == DiskMode::External {
-        let o = match &c.new_file {
-            Some(p) => absolute(p),
-            None => default_overlay(&c.source, name, existing),
-        };
-        let exists = std::fs::symlink_metadata(&o).is_ok();
-        if req.reuse_external {
-            if !exists {
-                return Err(EngineError::Invalid(format!(
-                    "--reuse-external: overlay {} for disk {} does not exist",
-                    o.display(),
-                    c.target
-                )));
-            }
-            let info = qemu_img::image_info(&o, Format::Qcow2, true).map_err(EngineError::Check)?;
-            if info.backing.as_deref().map(canon) != Some(canon(&c.source)) {
-                return Err(EngineError::Invalid(format!(
-                    "--reuse-external: overlay {} is backed by {:?}, not by disk {}'s image {}",
-                    o.display(),
-                    info.backing,
-                    c.target,
-                    c.source.display()
-                )));
-            }
-        } else if exists {
+    Ok(dst)
+}
+
+/// An external disk's overlay: the request's path (made absolute) or the
+/// default beside the image; it must not exist (with `--reuse-external`:
+/// it must, backed by the image), in a writable directory.
+fn resolve_overlay(
+    c: &Chosen,
+    req: &DomSnapRequest,
+    name: &str,
+    existing: &[DomSnapshot],
+) -> Result<PathBuf> {
+    let o = match &c.new_file {
+        Some(p) => absolute(p),
+        None => default_overlay(&c.source, name, existing),
+    };
+    let exists = std::fs::symlink_metadata(&o).is_ok();
+    if req.reuse_external {
+        if !exists {
             return Err(EngineError::Invalid(format!(
-                "disk {}: overlay {} already exists; vsnap never overwrites a file it did not create: \
-                 choose another snapshot name or --disk {}=external:PATH",
-                c.target,
+                "--reuse-external: overlay {} for disk {} does not exist",
                 o.display(),
                 c.target
             )));
         }
-        file_dir(&o, &c.target, "overlay", "external")?;
-        c.new_file = Some(o);
-    } else if !live_guest {
-        // Offline: the image must not be held by some QEMU we do not know of.
-        let info = qemu_img::image_info(&c.source, c.format, false).map_err(EngineError::Check)?;
-        if c.format == Format::Qcow2 {
-            qemu_img::refuse_damaged(&c.source).map_err(EngineError::Check)?;
-        }
-        if info.snapshots.iter().any(|s| s == name) {
+        let info = qemu_img::image_info(&o, Format::Qcow2, true).map_err(EngineError::Check)?;
+        if info.backing.as_deref().map(canon) != Some(canon(&c.source)) {
             return Err(EngineError::Invalid(format!(
-                "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",
+                "--reuse-external: overlay {} is backed by {:?}, not by disk {}'s image {}",
+                o.display(),
+                info.backing,
                 c.target,
                 c.source.display()
             )));
         }
-        writable_for(c.source.parent().unwrap_or(Path::new("/")), &c.target)?;
+    } else if exists {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: overlay {} already exists; vsnap never overwrites a file it did not create: \
+             choose another snapshot name or --disk {}=external:PATH",
+            c.target,
+            o.display(),
+            c.target
+        )));
     }
-    c.real = canon(&c.source);
+    file_dir(&o, &c.target, "overlay", "external")?;
+    Ok(o)
+}
+
+/// Offline, an internal snapshot or a clone: the image must not be held
+/// by some QEMU we do not know of, not be damaged (qcow2), not hold an
+/// internal snapshot of the new name, and its directory must be writable.
+fn check_offline_image(c: &Chosen, name: &str) -> Result<()> {
+    // Offline: the image must not be held by some QEMU we do not know of.
+    let info = qemu_img::image_info(&c.source, c.format, false).map_err(EngineError::Check)?;
+    if c.format == Format::Qcow2 {
+        qemu_img::refuse_damaged(&c.source).map_err(EngineError::Check)?;
+    }
+    if info.snapshots.iter().any(|s| s == name) {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",
+            c.target,
+            c.source.display()
+        )));
+    }
+    writable_for(c.source.parent().unwrap_or(Path::new("/")), &c.target)?;
     Ok(())
 }
 
