@@ -2,7 +2,7 @@
 //! reads them (formatsnapshot) or refused with the reason, nothing
 //! changed. Real `vsnap`, real `qemu-img`. (Against the running test
 //! guest: `live.rs`, case `xml_read_as_libvirt_reads_it`; the parser's
-//! whole table: `engine/src/domsnap.rs` unit tests.)
+//! whole table: `engine/src/domsnap/request.rs` unit tests.)
 
 mod common;
 

@@ -488,15 +488,6 @@ pub struct DomainObservation {
     pub look_alike: Vec<PathBuf>,
 }
 
-fn chain_files(image: &serde_json::Value, out: &mut BTreeSet<PathBuf>) {
-    if let Some(f) = image.get("filename").and_then(serde_json::Value::as_str) {
-        out.insert(canon(Path::new(f)));
-    }
-    if let Some(b) = image.get("backing-image") {
-        chain_files(b, out);
-    }
-}
-
 /// Read everything [`compare_domain`] needs (read-only).
 pub fn observe_domain(
     d: &crate::domain::DomainRec,
@@ -504,7 +495,6 @@ pub fn observe_domain(
     state: crate::domain::DomState,
 ) -> DomainObservation {
     use crate::domain::DomState;
-    use serde_json::Value;
     let mut o = DomainObservation {
         state: state.as_str().into(),
         ..Default::default()
@@ -512,40 +502,26 @@ pub fn observe_domain(
     let live = state != DomState::Shutoff;
     if let (true, Some(qmp)) = (live, &d.qmp) {
         match vsnap_steps::live::qmp(qmp)
-            .and_then(|mut q| Ok((q.query_block()?, q.query_named_block_nodes_flat()?)))
+            .and_then(|mut q| Ok((q.query_block_typed()?, q.query_named_block_nodes_typed()?)))
         {
             Ok((blocks, nodes)) => {
-                for b in blocks.as_array().into_iter().flatten() {
-                    let Some(ins) = b.get("inserted") else {
-                        continue;
-                    };
-                    if let Some(f) = ins.get("file").and_then(Value::as_str) {
-                        o.qemu_tops.push(canon(Path::new(f)));
+                for ins in blocks.iter().filter_map(|b| b.inserted.as_ref()) {
+                    if !ins.file.is_empty() {
+                        o.qemu_tops.push(canon(Path::new(&ins.file)));
                     }
-                    if let Some(img) = ins.get("image") {
-                        chain_files(img, &mut o.qemu_chain_files);
-                    }
+                    o.qemu_chain_files
+                        .extend(ins.chain.iter().map(|f| canon(Path::new(f))));
                 }
-                for n in nodes.as_array().into_iter().flatten() {
-                    let name = n.get("node-name").and_then(Value::as_str).unwrap_or("");
-                    let file = n.get("file").and_then(Value::as_str).unwrap_or("");
-                    if name.starts_with("vsnap-") {
+                for n in nodes {
+                    if n.node_name.starts_with("vsnap-") {
                         o.vsnap_nodes
-                            .push((name.to_string(), canon(Path::new(file))));
+                            .push((n.node_name.clone(), canon(Path::new(&n.file))));
                     }
-                    if n.get("drv").and_then(Value::as_str) == Some("qcow2") {
-                        let names: Vec<String> = n["image"]["snapshots"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|s| s["name"].as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
+                    if n.drv == "qcow2" {
                         o.internal
-                            .entry(canon(Path::new(file)))
+                            .entry(canon(Path::new(&n.file)))
                             .or_default()
-                            .extend(names);
+                            .extend(n.snapshots);
                     }
                 }
             }

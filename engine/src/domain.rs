@@ -8,247 +8,25 @@
 //! The agent socket is the unix `<channel>` whose target is
 //! `org.qemu.guest_agent.0`.
 
+use crate::catalog::dom as catalog;
 use crate::xmltree::{self, esc, Element};
 use crate::{validate_name_of, Engine, EngineError, NameKind, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use vsnap_journal::{codec, CatalogOp};
+use vsnap_steps::qmp::BlockDevice;
 use vsnap_steps::{live, Format, StepError};
 
-/// The catalog tree of domains (`DomainRec`, keyed by name).
-pub const DOMAINS: &str = "domains";
+// The records live in the catalog (which depends on nothing here); their
+// paths under `domain` are kept for the CLI and the tests.
+pub use crate::catalog::dom::{
+    decode_domain, put_domain, DiskDevice, DiskSource, DomDisk, DomainRec, SnapshotDefault, DOMAINS,
+};
+
 /// The XML namespace of vsnap's `<metadata>` element.
 pub const XMLNS: &str = "https://vsnap.dev/xmlns/domain/1";
 /// The name of the guest agent's virtio-serial channel in `<domain>`.
 pub const AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
-
-/// `<disk snapshot='...'>` in `<domain>`: the disk's default in a snapshot
-/// that does not name it (libvirt's rule).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapshotDefault {
-    /// Left out of snapshots unless a request names it.
-    No,
-    /// An internal snapshot (qcow2) unless the request says otherwise.
-    Internal,
-    /// An external snapshot (a new overlay) unless the request says otherwise.
-    External,
-    /// libvirt leaves the disk to the user mid-snapshot; vsnap cannot, so
-    /// a snapshot that includes it by default is refused.
-    Manual,
-}
-
-impl SnapshotDefault {
-    /// The default for libvirt's word (`no`, `internal`, `external`, `manual`).
-    pub fn parse(s: &str) -> Option<SnapshotDefault> {
-        Some(match s {
-            "no" => SnapshotDefault::No,
-            "internal" => SnapshotDefault::Internal,
-            "external" => SnapshotDefault::External,
-            "manual" => SnapshotDefault::Manual,
-            _ => return None,
-        })
-    }
-
-    /// libvirt's word for it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotDefault::No => "no",
-            SnapshotDefault::Internal => "internal",
-            SnapshotDefault::External => "external",
-            SnapshotDefault::Manual => "manual",
-        }
-    }
-}
-
-/// `<disk device='...'>` of a disk vsnap records (cdroms and read-only
-/// floppies are left out: read-only media).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskDevice {
-    /// A disk.
-    Disk,
-    /// A writable floppy: snapshotted like a disk.
-    Floppy,
-    /// A SCSI LUN passed through: never snapshotted.
-    Lun,
-}
-
-impl DiskDevice {
-    /// libvirt's word: `disk`, `floppy`, `lun`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskDevice::Disk => "disk",
-            DiskDevice::Floppy => "floppy",
-            DiskDevice::Lun => "lun",
-        }
-    }
-}
-
-/// Where a disk's data is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskSource {
-    /// `<disk type='file'>`: an image file.
-    File(#[serde(with = "vsnap_steps::pathser")] PathBuf),
-    /// `<disk type='block'>` (or `<source dev=...>`): a block device.
-    Block(#[serde(with = "vsnap_steps::pathser")] PathBuf),
-    /// A disk vsnap cannot snapshot (network, storage-pool volume, NVMe,
-    /// vhost-user, directory, SCSI LUN): recorded so that a snapshot that
-    /// includes it is refused by name, and written back as it was given.
-    Unsupported {
-        /// Why, for the operator (`a network disk (rbd pool/img on mon1:6789)`).
-        why: String,
-        /// The `<disk>` element as given (written back by `dumpxml`).
-        xml: String,
-    },
-}
-
-impl DiskSource {
-    /// The local image (file or block device), if vsnap can snapshot it.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            DiskSource::File(p) | DiskSource::Block(p) => Some(p),
-            DiskSource::Unsupported { .. } => None,
-        }
-    }
-}
-
-/// One disk of a domain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomDisk {
-    /// `vda`, or the name QEMU reports (drive id, or device id with `-blockdev`).
-    pub target: String,
-    /// The active image now (after an external snapshot: the overlay), or
-    /// why vsnap cannot snapshot this disk.
-    pub source: DiskSource,
-    /// The driver's format (for an unsupported disk: as given, else raw;
-    /// never used).
-    pub format: Format,
-    /// `<readonly/>`: left out of snapshots by default.
-    pub readonly: bool,
-    /// `<shareable/>`: left out of snapshots by default.
-    pub shareable: bool,
-    /// What the guest sees (`<disk device=...>`).
-    pub device: DiskDevice,
-    /// `<disk snapshot=...>`: the default in a snapshot (None: vsnap's own
-    /// default, see `plan_domain_snapshot`).
-    pub snapshot: Option<SnapshotDefault>,
-}
-
-impl DomDisk {
-    /// The local image (file or block device); `None` for a disk vsnap
-    /// cannot snapshot.
-    pub fn image(&self) -> Option<&Path> {
-        self.source.path()
-    }
-
-    /// Why vsnap cannot snapshot this disk, if it cannot.
-    pub fn unsupported(&self) -> Option<&str> {
-        match &self.source {
-            DiskSource::Unsupported { why, .. } => Some(why),
-            _ => None,
-        }
-    }
-}
-
-/// A domain as the catalog keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DomainRec {
-    /// The domain's name (`<name>`), unique in the state directory.
-    pub name: String,
-    /// `<uuid>`, if given.
-    pub uuid: Option<String>,
-    /// Its disks, in the document's order.
-    pub disks: Vec<DomDisk>,
-    /// The QEMU monitor socket (QMP) of the running guest, if known.
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    pub qmp: Option<PathBuf>,
-    /// The guest agent's socket, if known.
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    pub agent: Option<PathBuf>,
-    /// The current snapshot.
-    pub current: Option<String>,
-    /// Orders the domain's snapshots by creation (the next one's `seq`).
-    pub next_seq: u64,
-    /// `<domain type=...>` as given (`kvm`, `qemu`); written back by
-    /// `dumpxml` (`kvm` when none was given). Appended: records written
-    /// before it existed are read as `DomainRecV1`.
-    pub virt_type: Option<String>,
-}
-
-/// The layout of [`DomDisk`] before `source` was typed and `device` and
-/// `snapshot` were added (still read).
-#[derive(Deserialize)]
-struct DomDiskV1 {
-    target: String,
-    #[serde(with = "vsnap_steps::pathser")]
-    source: PathBuf,
-    format: Format,
-    readonly: bool,
-    shareable: bool,
-}
-
-/// The layout of [`DomainRec`] before `virt_type` (and [`DomDiskV1`]).
-#[derive(Deserialize)]
-struct DomainRecV1 {
-    name: String,
-    uuid: Option<String>,
-    disks: Vec<DomDiskV1>,
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    qmp: Option<PathBuf>,
-    #[serde(with = "vsnap_steps::pathser::opt")]
-    agent: Option<PathBuf>,
-    current: Option<String>,
-    next_seq: u64,
-}
-
-/// A catalog record of a domain, in today's layout or the one before.
-pub fn decode_domain(v: &[u8]) -> std::result::Result<DomainRec, codec::CodecError> {
-    codec::decode::<DomainRec>(v).or_else(|e| {
-        let o: DomainRecV1 = codec::decode(v).map_err(|_| e)?;
-        Ok(DomainRec {
-            name: o.name,
-            uuid: o.uuid,
-            disks: o
-                .disks
-                .into_iter()
-                .map(|x| {
-                    // The old layout did not say; its dumpxml asked the
-                    // file system, and so does this.
-                    use std::os::unix::fs::FileTypeExt;
-                    let block =
-                        std::fs::metadata(&x.source).is_ok_and(|m| m.file_type().is_block_device());
-                    DomDisk {
-                        target: x.target,
-                        source: if block {
-                            DiskSource::Block(x.source)
-                        } else {
-                            DiskSource::File(x.source)
-                        },
-                        format: x.format,
-                        readonly: x.readonly,
-                        shareable: x.shareable,
-                        device: DiskDevice::Disk,
-                        snapshot: None,
-                    }
-                })
-                .collect(),
-            qmp: o.qmp,
-            agent: o.agent,
-            current: o.current,
-            next_seq: o.next_seq,
-            virt_type: None,
-        })
-    })
-}
-
-impl DomainRec {
-    /// The disk named by its target (`vda`) or its image's path.
-    pub fn disk(&self, target_or_path: &str) -> Option<&DomDisk> {
-        self.disks
-            .iter()
-            .find(|d| d.target == target_or_path || d.image() == Some(Path::new(target_or_path)))
-    }
-}
 
 /// What QEMU says of a domain now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -271,23 +49,6 @@ impl DomState {
             DomState::Shutoff => "shutoff",
         }
     }
-}
-
-/// The catalog change that writes a domain's record.
-pub fn put_domain(d: &DomainRec) -> CatalogOp {
-    CatalogOp::Put {
-        tree: DOMAINS.into(),
-        key: d.name.as_bytes().to_vec(),
-        value: codec::encode(d),
-    }
-}
-
-fn corrupt(key: &str, e: impl std::fmt::Display) -> EngineError {
-    EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
-        tree: DOMAINS.into(),
-        key: key.into(),
-        reason: e.to_string(),
-    })
 }
 
 fn parse_format(s: &str, what: &str) -> Result<Format> {
@@ -611,31 +372,16 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
 }
 
 /// The name QEMU's `query-block` gives a device: `device`, else the
-/// peripheral id inside `qdev` (`/machine/peripheral/vda/virtio-backend`).
+/// peripheral id inside `qdev` (`/machine/peripheral/vda/virtio-backend`);
+/// see [`vsnap_steps::qmp::BlockDevice::target`].
 pub fn block_target(entry: &Value) -> Option<String> {
-    let dev = entry.get("device").and_then(Value::as_str).unwrap_or("");
-    if !dev.is_empty() {
-        return Some(dev.to_string());
-    }
-    let qdev = entry.get("qdev").and_then(Value::as_str)?;
-    match qdev.strip_prefix("/machine/peripheral/") {
-        Some(rest) => rest.split('/').next().map(str::to_string),
-        None => Some(qdev.to_string()),
-    }
+    BlockDevice::from_value(entry).target()
 }
 
-/// The key [`vsnap_steps::live::block_entry`] matches on.
+/// The key [`vsnap_steps::live::block_entry`] matches on
+/// ([`vsnap_steps::qmp::BlockDevice::key`]).
 pub fn block_key(entry: &Value) -> String {
-    let dev = entry.get("device").and_then(Value::as_str).unwrap_or("");
-    if dev.is_empty() {
-        entry
-            .get("qdev")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    } else {
-        dev.to_string()
-    }
+    BlockDevice::from_value(entry).key
 }
 
 /// A path as given, made absolute against the current directory (sockets
@@ -648,21 +394,16 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 impl Engine {
     /// A domain by name.
     pub fn domain(&self, name: &str) -> Result<DomainRec> {
-        match self.journal().catalog_get(DOMAINS, name.as_bytes())? {
-            None => Err(EngineError::Invalid(format!(
+        catalog::domain(self.journal(), name)?.ok_or_else(|| {
+            EngineError::Invalid(format!(
                 "no domain named {name:?}; `vsnap domain list` lists them, `vsnap domain define` adds one"
-            ))),
-            Some(b) => decode_domain(&b).map_err(|e| corrupt(name, e)),
-        }
+            ))
+        })
     }
 
     /// Every domain defined, by name. Changes nothing. Errors: `Journal`.
     pub fn domain_list(&self) -> Result<Vec<DomainRec>> {
-        let mut out = Vec::new();
-        for (k, v) in self.journal().catalog_scan(DOMAINS, b"")? {
-            out.push(decode_domain(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), e))?);
-        }
-        Ok(out)
+        catalog::domains(self.journal())
     }
 
     fn domain_exists(&self, name: &str) -> Result<bool> {
@@ -755,14 +496,14 @@ impl Engine {
             )));
         }
         let mut q = live::qmp(qmp).map_err(EngineError::Check)?;
-        let blocks = q.query_block().map_err(EngineError::Check)?;
+        let blocks = q.query_block_typed().map_err(EngineError::Check)?;
         let mut disks = Vec::new();
-        for b in blocks.as_array().into_iter().flatten() {
-            let Some(ins) = b.get("inserted") else {
+        for b in &blocks {
+            let Some(ins) = &b.inserted else {
                 continue;
             };
-            let target = block_target(b).unwrap_or_default();
-            let file = ins.get("file").and_then(Value::as_str).unwrap_or("");
+            let target = b.target().unwrap_or_default();
+            let file = ins.file.as_str();
             if file.is_empty() || file.starts_with("json:") {
                 return Err(EngineError::Invalid(format!(
                     "disk {target}: QEMU names its image {file:?}, not a plain file; define the domain from XML instead"
@@ -773,7 +514,7 @@ impl Engine {
                     "disk {target}: QEMU names its image {file:?}, a relative path (relative to QEMU's own directory); start QEMU with absolute image paths, or define the domain from XML"
                 )));
             }
-            let drv = ins.get("drv").and_then(Value::as_str).unwrap_or("");
+            let drv = ins.drv.as_str();
             use std::os::unix::fs::FileTypeExt;
             let block = std::fs::metadata(file).is_ok_and(|m| m.file_type().is_block_device());
             disks.push(DomDisk {
@@ -784,7 +525,7 @@ impl Engine {
                     DiskSource::File(PathBuf::from(file))
                 },
                 format: parse_format(drv, &format!("disk {target}"))?,
-                readonly: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                readonly: ins.ro,
                 shareable: false,
                 device: DiskDevice::Disk,
                 snapshot: None,
@@ -809,21 +550,18 @@ impl Engine {
     pub fn domain_undefine(&self, name: &str, drop_snapshot_metadata: bool) -> Result<()> {
         let _g = self.lock_ops();
         let d = self.domain(name)?;
-        let snaps = crate::domsnap::snapshots(self.journal(), &d.name)?;
+        let snaps = catalog::snapshots(self.journal(), &d.name)?;
         if !snaps.is_empty() && !drop_snapshot_metadata {
             return Err(EngineError::Invalid(format!(
                 "domain {name:?} has {} snapshot(s); pass --snapshots-metadata to forget them too (their files stay)",
                 snaps.len()
             )));
         }
-        let mut ops = vec![CatalogOp::Delete {
-            tree: DOMAINS.into(),
-            key: name.as_bytes().to_vec(),
-        }];
+        let mut ops = vec![catalog::delete_domain_op(name)];
         ops.extend(
             snaps
                 .iter()
-                .map(|s| crate::domsnap::delete_snapshot_op(&d.name, &s.name)),
+                .map(|s| catalog::delete_snapshot_op(&d.name, &s.name)),
         );
         self.journal().catalog_apply(&ops)?;
         Ok(())
@@ -1107,67 +845,6 @@ mod tests {
                 assert!(e.contains(w), "{xml}: {e:?} lacks {w:?}");
             }
         }
-    }
-
-    #[test]
-    fn reads_domains_written_before_typed_disks() {
-        #[derive(Serialize)]
-        struct OldDisk {
-            target: String,
-            source: String,
-            format: Format,
-            readonly: bool,
-            shareable: bool,
-        }
-        #[derive(Serialize)]
-        struct Old {
-            name: String,
-            uuid: Option<String>,
-            disks: Vec<OldDisk>,
-            qmp: Option<String>,
-            agent: Option<String>,
-            current: Option<String>,
-            next_seq: u64,
-        }
-        let old = Old {
-            name: "vm1".into(),
-            uuid: Some("u".into()),
-            disks: vec![OldDisk {
-                target: "vda".into(),
-                source: "/vm/a.qcow2".into(),
-                format: Format::Qcow2,
-                readonly: false,
-                shareable: true,
-            }],
-            qmp: Some("/run/q".into()),
-            agent: None,
-            current: Some("s1".into()),
-            next_seq: 3,
-        };
-        let d = decode_domain(&codec::encode(&old)).unwrap();
-        assert_eq!(
-            d,
-            DomainRec {
-                name: "vm1".into(),
-                uuid: Some("u".into()),
-                disks: vec![DomDisk {
-                    target: "vda".into(),
-                    source: DiskSource::File("/vm/a.qcow2".into()),
-                    format: Format::Qcow2,
-                    readonly: false,
-                    shareable: true,
-                    device: DiskDevice::Disk,
-                    snapshot: None,
-                }],
-                qmp: Some("/run/q".into()),
-                agent: None,
-                current: Some("s1".into()),
-                next_seq: 3,
-                virt_type: None,
-            }
-        );
-        // And today's layout reads as itself.
-        assert_eq!(decode_domain(&codec::encode(&d)).unwrap(), d);
     }
 
     #[test]

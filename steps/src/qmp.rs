@@ -710,6 +710,154 @@ impl Qmp {
     }
 }
 
+/// One entry of `query-block`, typed: the one place its JSON is read for
+/// the engine (the steps' own probes still match the raw value through
+/// [`crate::live::block_entry`], with the same rule as [`BlockDevice::key`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockDevice {
+    /// `device` if QEMU gives one, else `qdev`: what a step's `device`
+    /// names ([`crate::live::LiveDisk::device`]).
+    pub key: String,
+    /// `device` (empty for a device whose drive is a `-blockdev` node).
+    pub device: String,
+    /// `qdev`: the guest device's id or QOM path
+    /// (`/machine/peripheral/vda/virtio-backend`).
+    pub qdev: String,
+    /// The medium, `None` for an empty drive (a cdrom without a disc).
+    pub inserted: Option<BlockInserted>,
+}
+
+/// The `inserted` part of a [`BlockDevice`]: the device's top node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockInserted {
+    /// The top node's `node-name`.
+    pub node_name: String,
+    /// Its `file` as QEMU names it (a path, or a `json:` pseudo-filename).
+    pub file: String,
+    /// Its driver (`qcow2`, `raw`).
+    pub drv: String,
+    /// Whether it is read-only (`ro`).
+    pub ro: bool,
+    /// Every file of the chain from `image` down through `backing-image`,
+    /// top first, as QEMU names them.
+    pub chain: Vec<String>,
+}
+
+impl BlockDevice {
+    /// The name a domain gives the device: `device`, else the peripheral
+    /// id inside `qdev` (`/machine/peripheral/vda/virtio-backend` gives
+    /// `vda`), else `qdev` whole; `None` when QEMU gives neither.
+    pub fn target(&self) -> Option<String> {
+        if !self.device.is_empty() {
+            return Some(self.device.clone());
+        }
+        if self.qdev.is_empty() {
+            return None;
+        }
+        match self.qdev.strip_prefix("/machine/peripheral/") {
+            Some(rest) => rest.split('/').next().map(str::to_string),
+            None => Some(self.qdev.clone()),
+        }
+    }
+
+    /// One `query-block` entry; a field QEMU leaves out reads as empty
+    /// (`qdev` absent is `None` for [`BlockDevice::target`]).
+    pub fn from_value(entry: &Value) -> BlockDevice {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let device = text(entry, "device");
+        let qdev = text(entry, "qdev");
+        let inserted = entry.get("inserted").map(|ins| {
+            let mut chain = Vec::new();
+            let mut img = ins.get("image");
+            while let Some(i) = img {
+                if let Some(f) = i.get("filename").and_then(Value::as_str) {
+                    chain.push(f.to_string());
+                }
+                img = i.get("backing-image");
+            }
+            BlockInserted {
+                node_name: text(ins, "node-name"),
+                file: text(ins, "file"),
+                drv: text(ins, "drv"),
+                ro: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
+                chain,
+            }
+        });
+        BlockDevice {
+            key: if device.is_empty() {
+                qdev.clone()
+            } else {
+                device.clone()
+            },
+            device,
+            qdev,
+            inserted,
+        }
+    }
+
+    /// Every entry of a `query-block` answer, in QEMU's order.
+    pub fn parse_all(blocks: &Value) -> Vec<BlockDevice> {
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(BlockDevice::from_value)
+            .collect()
+    }
+}
+
+/// One node of `query-named-block-nodes` (flat), typed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockNode {
+    /// Its `node-name`.
+    pub node_name: String,
+    /// Its driver (`qcow2`, `raw`, `file`).
+    pub drv: String,
+    /// Its `file` as QEMU names it.
+    pub file: String,
+    /// The names of the internal snapshots its own image holds
+    /// (`image.snapshots`).
+    pub snapshots: Vec<String>,
+}
+
+impl BlockNode {
+    /// Every node of a `query-named-block-nodes` answer, in QEMU's order.
+    pub fn parse_all(nodes: &Value) -> Vec<BlockNode> {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| BlockNode {
+                node_name: text(n, "node-name"),
+                drv: text(n, "drv"),
+                file: text(n, "file"),
+                snapshots: n["image"]["snapshots"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s["name"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+impl Qmp {
+    /// `query-block`, typed ([`BlockDevice::parse_all`]).
+    pub fn query_block_typed(&mut self) -> StepResult<Vec<BlockDevice>> {
+        Ok(BlockDevice::parse_all(&self.query_block()?))
+    }
+
+    /// `query-named-block-nodes` with `flat: true`, typed
+    /// ([`BlockNode::parse_all`]).
+    pub fn query_named_block_nodes_typed(&mut self) -> StepResult<Vec<BlockNode>> {
+        Ok(BlockNode::parse_all(&self.query_named_block_nodes_flat()?))
+    }
+}
+
 /// `blockdev-add` arguments for an overlay prepared beforehand (a qcow2
 /// file, e.g. `qemu-img create -b ... -F ...`): a qcow2 node `node_name`
 /// on a file node `file_node_name` defined inline (deleted with it), with
@@ -1122,5 +1270,55 @@ pub(crate) mod wire {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    #[test]
+    fn reads_query_block_and_named_nodes() {
+        let blocks = json!([
+            {"device": "", "qdev": "/machine/peripheral/vdb/virtio-backend",
+             "inserted": {"node-name": "n1", "file": "/vm/b.s1.qcow2", "drv": "qcow2", "ro": false,
+                          "image": {"filename": "/vm/b.s1.qcow2",
+                                    "backing-image": {"filename": "/vm/b.qcow2"}}}},
+            {"device": "ide0-cd0", "qdev": "/machine/unattached/device[20]"},
+            {"device": "vda", "qdev": "/machine/peripheral/vda-dev/virtio-backend",
+             "inserted": {"node-name": "n2", "file": "/vm/a.raw", "drv": "raw", "ro": true}}
+        ]);
+        let b = BlockDevice::parse_all(&blocks);
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[0].key, "/machine/peripheral/vdb/virtio-backend");
+        assert_eq!(b[0].target().as_deref(), Some("vdb"));
+        let ins = b[0].inserted.as_ref().unwrap();
+        assert_eq!(
+            (ins.node_name.as_str(), ins.drv.as_str(), ins.ro),
+            ("n1", "qcow2", false)
+        );
+        assert_eq!(ins.chain, ["/vm/b.s1.qcow2", "/vm/b.qcow2"]);
+        assert_eq!(b[1].inserted, None);
+        assert_eq!(b[2].key, "vda");
+        assert_eq!(b[2].target().as_deref(), Some("vda"));
+        assert!(b[2].inserted.as_ref().unwrap().ro);
+        // The steps' own matcher agrees with `key`.
+        for d in &b {
+            let raw = crate::live::block_entry(&blocks, &d.key).unwrap();
+            assert_eq!(BlockDevice::from_value(raw), *d);
+        }
+
+        let nodes = json!([
+            {"node-name": "n1", "drv": "qcow2", "file": "/vm/b.s1.qcow2",
+             "image": {"snapshots": [{"name": "s0"}, {"name": "s1"}]}},
+            {"node-name": "n1f", "drv": "file", "file": "/vm/b.s1.qcow2", "image": {}}
+        ]);
+        let n = BlockNode::parse_all(&nodes);
+        assert_eq!(n[0].snapshots, ["s0", "s1"]);
+        assert!(n[1].snapshots.is_empty());
+        assert_eq!(
+            (n[1].node_name.as_str(), n[1].drv.as_str()),
+            ("n1f", "file")
+        );
     }
 }
