@@ -620,9 +620,15 @@ fn locate_in_qemu(d: &DomainRec, chosen: &mut [Chosen], name: &str, memory: bool
     let qmp = d.qmp.clone().expect("a live guest has a monitor");
     let mut q = live::qmp(&qmp).map_err(EngineError::Check)?;
     let blocks = q.query_block_typed().map_err(EngineError::Check)?;
-    let nodes = q
-        .query_named_block_nodes_typed()
-        .map_err(EngineError::Check)?;
+    // Every node of every chain: asked only when its answer is used (a
+    // snapshot with memory), as it costs QEMU a walk of the whole graph
+    // (70 ms at 16 disks of depth 30).
+    let nodes = if memory {
+        q.query_named_block_nodes_typed()
+            .map_err(EngineError::Check)?
+    } else {
+        Vec::new()
+    };
     drop(q);
     for c in chosen.iter_mut() {
         let found = blocks.iter().find_map(|b| {
