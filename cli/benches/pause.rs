@@ -41,231 +41,22 @@
 //! depths of every disk's image, default 1; e.g. 1,20: each disk a chain
 //! of 20 qcow2 files, the guest on its top), VSNAP_BENCH_WRITER (default 0).
 
+mod common;
+
+use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vsnap_engine::domain::block_key;
 use vsnap_steps::live::{self, LiveDisk};
 use vsnap_steps::qemu_img;
-use vsnap_steps::qmp::{blockdev_snapshot_action, Qmp};
-use vsnap_steps::{Format, StepResult};
+use vsnap_steps::qmp::blockdev_snapshot_action;
+use vsnap_steps::Format;
 
 const TARGET_RATIO: f64 = 1.2;
 const DISK_SIZE: &str = "32M";
-/// Timeout of the bench's own QMP calls (a loaded machine is slow, but
-/// nothing may hang forever).
-const QMP_TIMEOUT: Duration = Duration::from_secs(60);
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const DOMAIN: &str = "bench";
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ok<T>(r: StepResult<T>, what: &str) -> T {
-    r.unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf()
-}
-
-/// Run a command to completion; its stdout, or a panic with its stderr.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn vsnap_binary() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vsnap"));
-    if exe.is_file() {
-        return exe;
-    }
-    let root = repo_root();
-    eprintln!(
-        "{} is missing: cargo build --release -p vsnap-cli",
-        exe.display()
-    );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--release", "-p", "vsnap-cli"])
-        .current_dir(&root));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("release").join("vsnap");
-    assert!(
-        bin.is_file(),
-        "{} still missing after the build",
-        bin.display()
-    );
-    bin
-}
-
-/// Whether `pid` is a live (not zombie) QEMU process.
-fn qemu_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (comm) S ...": comm may hold spaces; the state follows the last ')'.
-    let Some(close) = stat.rfind(')') else {
-        return false;
-    };
-    let comm = stat.split_once('(').map(|x| x.1).unwrap_or("");
-    let state = stat[close + 1..].trim_start().chars().next().unwrap_or('X');
-    comm.starts_with("qemu-system") && !matches!(state, 'Z' | 'X')
-}
-
-/// Poll `cond` until it holds or `timeout` passes (a short sleep between
-/// polls; never a fixed wait).
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A running test guest. Dropping it ends QEMU: QMP `quit`, then SIGKILL
-/// by its pid if it has not exited within 5 s.
-struct Guest {
-    qmp: PathBuf,
-    agent: PathBuf,
-    console: PathBuf,
-    pid: u32,
-    accel: String,
-}
-
-impl Guest {
-    fn boot(dir: &Path, disks: &[PathBuf]) -> Guest {
-        let root = repo_root();
-        let out = run(Command::new(root.join("guest/run.sh"))
-            .arg("-d")
-            .arg(dir)
-            .arg("--blockdev")
-            .args(disks.iter().map(|d| format!("{}:qcow2", d.display()))));
-        let dir = PathBuf::from(out.trim());
-        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no qemu.pid in {} after guest/run.sh", dir.display()));
-        let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
-        let accel = if cmdline.contains("accel=kvm") {
-            "kvm"
-        } else {
-            "tcg"
-        };
-        Guest {
-            qmp: dir.join("qmp.sock"),
-            agent: dir.join("qga.sock"),
-            console: dir.join("console.log"),
-            pid,
-            accel: accel.into(),
-        }
-    }
-
-    /// Waits for `VSNAP-GUEST-READY` on the console; returns the line.
-    fn wait_ready(&self) -> String {
-        let mut line = String::new();
-        let mut dead = false;
-        let found = wait_until(BOOT_TIMEOUT, || {
-            if !qemu_alive(self.pid) {
-                dead = true;
-                return true;
-            }
-            let log = std::fs::read_to_string(&self.console).unwrap_or_default();
-            match log.lines().find(|l| l.contains("VSNAP-GUEST-READY")) {
-                Some(l) => {
-                    line = l.trim().to_string();
-                    true
-                }
-                None => false,
-            }
-        });
-        let tail = || std::fs::read_to_string(&self.console).unwrap_or_default();
-        assert!(!dead, "QEMU exited during boot; console:\n{}", tail());
-        assert!(
-            found,
-            "no VSNAP-GUEST-READY within {BOOT_TIMEOUT:?}; console:\n{}",
-            tail()
-        );
-        line
-    }
-}
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if !qemu_alive(self.pid) {
-            return;
-        }
-        if let Ok(mut q) = Qmp::connect(&self.qmp, Duration::from_secs(2)) {
-            let _ = q.quit();
-        }
-        if !wait_until(Duration::from_secs(5), || !qemu_alive(self.pid)) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &self.pid.to_string()])
-                .status();
-            wait_until(Duration::from_secs(5), || !qemu_alive(self.pid));
-        }
-    }
-}
-
-/// One disk as QEMU shows it after boot.
-struct Disk {
-    /// `query-block`'s key (`qdev` with -blockdev), as vsnap matches it.
-    key: String,
-    /// The base image's format node (the device's top between measurements).
-    base_node: String,
-    base_file: PathBuf,
-}
-
-fn top_nodes(q: &mut Qmp, disks: &[Disk]) -> Vec<String> {
-    let blocks = ok(q.query_block(), "query-block");
-    disks
-        .iter()
-        .map(|d| {
-            live::top_node(&blocks, &d.key)
-                .unwrap_or_else(|| panic!("query-block has no device {}", d.key))
-        })
-        .collect()
-}
-
-fn node_names(q: &mut Qmp) -> Vec<(String, String)> {
-    let nodes = ok(q.query_named_block_nodes(), "query-named-block-nodes");
-    nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|n| {
-            let s = |k: &str| n.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-            (s("node-name"), s("drv"))
-        })
-        .collect()
-}
 
 /// Overlays prepared the way vsnap's live plan prepares them, with vsnap's
 /// own steps: `qemu-img create -f qcow2 -b BASE -F qcow2 OVERLAY` (step
@@ -344,77 +135,10 @@ fn paused_transaction(qmp_path: &Path, actions: Vec<Value>, what: &str) -> (Dura
     (resume.timestamp.since(&stop.timestamp), tx)
 }
 
-/// Back to the base graph (untimed): checks that every disk was switched,
-/// commits each overlay into its base (active commit: ready, complete),
-/// deletes the overlay nodes that remain (added with blockdev-add), checks
-/// that exactly the boot-time nodes are left, removes the overlay files.
+/// Back to the base graph (untimed, [`commit_back`]), then the overlay
+/// files removed.
 fn flatten(g: &Guest, disks: &[Disk], base_nodes: &BTreeSet<String>, img: &Path, series: &str) {
-    let mut q = ok(live::qmp(&g.qmp), "connect");
-    q.set_timeout(QMP_TIMEOUT);
-    let tops = top_nodes(&mut q, disks);
-    let mut jobs = Vec::new();
-    for (k, (d, top)) in disks.iter().zip(&tops).enumerate() {
-        assert_ne!(
-            top, &d.base_node,
-            "{series}: disk {} was not switched to an overlay",
-            d.key
-        );
-        let job = format!("flat{k}");
-        ok(
-            // Into the node the new overlay sits on (not the chain's
-            // bottom, QEMU's default base).
-            q.execute(
-                "block-commit",
-                json!({"job-id": job, "device": top, "base-node": d.base_node}),
-            ),
-            "block-commit",
-        );
-        jobs.push(job);
-    }
-    for job in &jobs {
-        ok(
-            q.wait_event_where(
-                "BLOCK_JOB_READY",
-                |e| e.data["device"] == job.as_str(),
-                QMP_TIMEOUT,
-            ),
-            "BLOCK_JOB_READY",
-        );
-    }
-    for job in &jobs {
-        ok(
-            q.execute("job-complete", json!({ "id": job })),
-            "job-complete",
-        );
-    }
-    for job in &jobs {
-        let e = ok(
-            q.wait_event_where(
-                "BLOCK_JOB_COMPLETED",
-                |e| e.data["device"] == job.as_str(),
-                QMP_TIMEOUT,
-            ),
-            "BLOCK_JOB_COMPLETED",
-        );
-        if let Some(err) = e.data.get("error") {
-            panic!("commit job {job} failed: {err}");
-        }
-    }
-    for (name, drv) in node_names(&mut q) {
-        if !base_nodes.contains(&name) && drv != "file" {
-            ok(q.blockdev_del(&name), "blockdev-del");
-        }
-    }
-    let left: BTreeSet<String> = node_names(&mut q).into_iter().map(|n| n.0).collect();
-    assert_eq!(
-        &left, base_nodes,
-        "{series}: nodes left after the commit-back"
-    );
-    let tops = top_nodes(&mut q, disks);
-    for (d, top) in disks.iter().zip(&tops) {
-        assert_eq!(top, &d.base_node, "{series}: top after the commit-back");
-    }
-    drop(q);
+    commit_back(&g.qmp, disks, base_nodes, series);
     let bases: BTreeSet<&Path> = disks.iter().map(|d| d.base_file.as_path()).collect();
     for e in std::fs::read_dir(img).expect("image dir").flatten() {
         let p = e.path();
@@ -522,29 +246,9 @@ fn bench(
 
     // The disks as QEMU has them, in -device order (d0 = vda, ...).
     let mut q = ok(live::qmp(&g.qmp), "connect");
-    let blocks = ok(q.query_block(), "query-block");
     let base_nodes: BTreeSet<String> = node_names(&mut q).into_iter().map(|n| n.0).collect();
+    let disks = disks_at_boot(&mut q, &files);
     drop(q);
-    let disks: Vec<Disk> = files
-        .iter()
-        .map(|f| {
-            let canon = std::fs::canonicalize(f).expect("disk path");
-            let entry = blocks
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|b| b["inserted"]["file"].as_str().map(Path::new) == Some(canon.as_path()))
-                .unwrap_or_else(|| panic!("query-block does not show {}", f.display()));
-            Disk {
-                key: block_key(entry),
-                base_node: entry["inserted"]["node-name"]
-                    .as_str()
-                    .expect("node-name")
-                    .to_string(),
-                base_file: canon,
-            }
-        })
-        .collect();
 
     let state = dir.join("state");
     let mut r = Results {
@@ -641,22 +345,8 @@ fn bench(
     r
 }
 
-/// Nearest-rank percentile, in milliseconds.
-fn pct(v: &[Duration], p: f64) -> f64 {
-    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
-    ms[rank.min(ms.len()) - 1]
-}
-
 fn pp(v: &[Duration]) -> String {
     format!("{:.2} / {:.2}", pct(v, 50.0), pct(v, 90.0))
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn main() {
