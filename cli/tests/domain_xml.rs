@@ -9,38 +9,11 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// A state directory and a work directory `vm/`.
-struct Fx {
-    state: PathBuf,
-    work: PathBuf,
-    _tmp: TempDir,
-}
+/// The fixture: [`Work`] (a state directory and `vm/`), with this file's
+/// own methods.
+type Fx = Work;
 
-impl Fx {
-    fn new(tag: &str) -> Fx {
-        let tmp = TempDir::new(tag);
-        let state = tmp.join("state");
-        let work = tmp.join("vm");
-        std::fs::create_dir(&work).unwrap();
-        // the state directory exists before the first `world()`
-        vsnap(&state, &["plan", "list"]).ok();
-        Fx {
-            state,
-            work,
-            _tmp: tmp,
-        }
-    }
-
-    fn vsnap(&self, args: &[&str]) -> Out {
-        vsnap(&self.state, args)
-    }
-
-    /// `args` exit 2 naming `words`, and nothing changed at all.
-    #[track_caller]
-    fn refused(&self, images: &[&Path], args: &[&str], words: &[&str]) -> Out {
-        refused_untouched(&self.state, &[&self.work], images, args, words)
-    }
-
+impl Work {
     /// An image `name` in the work directory.
     fn image(&self, name: &str, format: &str) -> PathBuf {
         let f = self.work.join(name);

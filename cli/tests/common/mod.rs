@@ -725,3 +725,41 @@ const fn libc_s_ifmt() -> u32 {
 pub fn p(path: &Path) -> &str {
     s(path)
 }
+
+/// A state directory and a work directory `vm/` under a new temporary
+/// directory; the tests' fixture (each test file adds its own methods).
+pub struct Work {
+    pub state: PathBuf,
+    pub work: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Work {
+    pub fn new(tag: &str) -> Work {
+        let tmp = TempDir::new(tag);
+        let state = tmp.join("state");
+        let work = tmp.join("vm");
+        std::fs::create_dir(&work).unwrap();
+        // the state directory exists before the first `world()`
+        vsnap(&state, &["plan", "list"]).ok();
+        Work {
+            state,
+            work,
+            _tmp: tmp,
+        }
+    }
+
+    pub fn vsnap(&self, args: &[&str]) -> Out {
+        vsnap(&self.state, args)
+    }
+
+    pub fn world(&self, images: &[&Path]) -> World {
+        world(&self.state, &[&self.work], images)
+    }
+
+    /// `args` exit 2 naming `words`, and nothing changed at all.
+    #[track_caller]
+    pub fn refused(&self, images: &[&Path], args: &[&str], words: &[&str]) -> Out {
+        refused_untouched(&self.state, &[&self.work], images, args, words)
+    }
+}
