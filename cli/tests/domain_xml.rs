@@ -330,25 +330,6 @@ fn a_writable_floppy_is_a_disk_and_read_only_media_are_named() {
         .stdout_has(&["device='floppy'"]);
 }
 
-/// A loop device over a file, detached on drop.
-struct LoopDev(String);
-
-impl LoopDev {
-    fn attach(file: &Path) -> LoopDev {
-        let o = Out::from_command("losetup", &["-f", "--show", p(file)]);
-        o.ok();
-        LoopDev(o.stdout.trim().to_string())
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn dumpxml_keeps_type_block_and_the_domain_type() {
     let fx = Fx::new("dx-block");

@@ -241,3 +241,76 @@ fn domainsnapshot_documents_vsnap_cannot_do_exactly_are_refused_untouched() {
         fx.refused(&x, extra, &words);
     }
 }
+
+/// `<disk type='block'><source dev=...>` (libvirt's way to put an overlay
+/// onto a block device the caller made; a loop device here): planned as
+/// an overlay written onto the device, done for real (the image's data
+/// reads through it, the domain's disk becomes the device, the saved head
+/// of the device is gone after the pivot); a symlink to the device and a
+/// regular file are refused untouched.
+#[test]
+fn an_overlay_onto_a_block_device() {
+    let fx = Fx::new("dsx-block");
+    let devfile = fx.root.join("dev.img");
+    std::fs::write(&devfile, vec![0xabu8; 8 << 20]).unwrap();
+    let dev = LoopDev::attach(&devfile);
+    let a = fx.vm.join("a.qcow2");
+    qemu_io_write(&a, "qcow2", 0, 64 * 1024, 0x44);
+    let block = |name: &str, dev: &str| {
+        fx.doc(
+            name,
+            &format!(
+                "<disks><disk name='vda' snapshot='external' type='block'><driver type='qcow2'/>\
+                 <source dev='{dev}'/></disk><disk name='vdb' snapshot='no'/><disk name='vdc' snapshot='no'/></disks>"
+            ),
+        )
+    };
+    let link = fx.root.join("dev-link");
+    std::os::unix::fs::symlink(dev.path(), &link).unwrap();
+    fx.refused(&block("l1", p(&link)), &[], &[p(&link), "symlink"]);
+    let plain = fx.root.join("plain.img");
+    std::fs::write(&plain, vec![0u8; 8 << 20]).unwrap();
+    fx.refused(
+        &block("f1", p(&plain)),
+        &[],
+        &[p(&plain), "not a block device"],
+    );
+
+    let x = block("b1", dev.path().to_str().unwrap());
+    let v = vsnap(
+        &fx.state,
+        &[
+            "--json",
+            "snapshot",
+            "create",
+            "d",
+            "--xml",
+            p(&x),
+            "--dry-run",
+        ],
+    )
+    .ok()
+    .json();
+    let steps = v["steps"].to_string();
+    let head = fx.state.join("devhead.d.b1.vda");
+    assert!(
+        steps.contains(&format!("write overlay onto block device {}", dev.0))
+            && steps.contains(&format!("remove {}", head.display())),
+        "{steps}"
+    );
+    vsnap(&fx.state, &["snapshot", "create", "d", "--xml", p(&x)]).ok();
+    assert!(qemu_io_reads(dev.path(), "qcow2", 0, 64 * 1024, 0x44));
+    assert!(
+        !head.exists(),
+        "the device's saved head goes after the pivot"
+    );
+    let dom = vsnap(&fx.state, &["domain", "dumpxml", "d"])
+        .ok()
+        .stdout
+        .clone();
+    assert!(
+        dom.contains(&format!("<source dev='{}'/>", dev.0)) && dom.contains("type='block'"),
+        "{dom}"
+    );
+    vsnap(&fx.state, &["domain", "check", "d"]).ok();
+}

@@ -1219,6 +1219,57 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         assert_eq!(made, 1, "one monitor connection for the whole plan");
     });
 
+    // `<disk type='block'>`: the overlay written onto a block device (a
+    // loop device) and switched in live, through QEMU's host_device driver.
+    case("live_overlay_onto_a_block_device", || {
+        let pstate = root.join("proxy-state");
+        let devfile = root.join("b-vdc-dev.img");
+        std::fs::File::create(&devfile)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let dev = LoopDev::attach(&devfile);
+        let f = root.join("b-block.xml");
+        std::fs::write(
+            &f,
+            format!(
+                "<domainsnapshot><name>p2</name><disks><disk name='vda' snapshot='no'/><disk name='vdb' snapshot='no'/>\
+                 <disk name='vdc' snapshot='external' type='block'><source dev='{}'/></disk></disks></domainsnapshot>",
+                dev.0
+            ),
+        )
+        .unwrap();
+        vsnap(
+            &pstate,
+            &[
+                "snapshot",
+                "create",
+                "blkp",
+                "--xml",
+                s(&f),
+                "--live",
+                "--disk-only",
+            ],
+        )
+        .ok();
+        let on = qemu_disks(&qmp_b);
+        assert_eq!(on["vdc"], dev.path(), "QEMU's vdc is the device now");
+        assert_eq!(on["vda"], disks.join("vda.bs1.p1.qcow2"), "vda left alone");
+        let info = vsnap(&pstate, &["--json", "domain", "info", "blkp"])
+            .ok()
+            .json();
+        let vdc = info["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["target"] == "vdc")
+            .unwrap()
+            .clone();
+        assert_eq!(vdc["source"], dev.0.as_str(), "{info}");
+        assert!(!pstate.join("devhead.blkp.p2.vdc").exists());
+        vsnap(&pstate, &["domain", "check", "blkp"]).ok();
+    });
+
     case("dead_qmp_socket", || {
         b.kill();
         assert!(qmp_b.exists(), "a killed QEMU leaves its socket file");

@@ -376,25 +376,6 @@ fn a_chain_deeper_than_the_limit_is_refused_at_once() {
 
 // ------------------------------------------------- item: block-device disks
 
-/// A loop device over a file, detached on drop.
-struct LoopDev(String);
-
-impl LoopDev {
-    fn attach(file: &Path) -> LoopDev {
-        let o = Out::from_command("losetup", &["-f", "--show", p(file)]);
-        o.ok();
-        LoopDev(o.stdout.trim().to_string())
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
-
 #[test]
 fn a_block_device_disk_gets_no_overlay_in_dev() {
     let fx = Fx::new("pp-blockdev");

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod clone;
+pub mod device;
 pub mod fdpass;
 pub mod fsops;
 pub mod live;

@@ -316,7 +316,7 @@ pub fn create_overlay_fd(
 /// whole 512-byte sectors). Given to qemu-img with -u, it opens no backing
 /// file; without, it opens the whole chain to learn a size (about 1 ms per
 /// file: 20 ms at depth 20, per disk).
-fn overlay_size(backing: &Path, backing_format: Format) -> StepResult<u64> {
+pub(crate) fn overlay_size(backing: &Path, backing_format: Format) -> StepResult<u64> {
     Ok(image_info(backing, backing_format, true)?
         .virtual_size
         .div_ceil(512)

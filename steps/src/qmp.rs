@@ -863,11 +863,20 @@ impl Qmp {
 /// on a file node `file_node_name` defined inline (deleted with it), with
 /// `backing: null` so that `blockdev-snapshot` can attach the old top.
 pub fn qcow2_overlay_args(node_name: &str, file_node_name: &str, path: &Path) -> Value {
+    // An overlay on a block device (a `<disk type='block'>` target) is
+    // opened by QEMU's host_device driver; a file by its file driver.
+    let protocol = {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => "host_device",
+            _ => "file",
+        }
+    };
     json!({
         "driver": "qcow2",
         "node-name": node_name,
         "file": {
-            "driver": "file",
+            "driver": protocol,
             "node-name": file_node_name,
             "filename": path.to_string_lossy(),
         },

@@ -346,6 +346,22 @@ pub enum Step {
         overlay: PathBuf,
         format: Format,
     },
+    /// A new qcow2 overlay written onto the block device `device` (a
+    /// `<disk type='block'>` target the caller made), backed by `backing`
+    /// (`-F backing_format`): the device's first bytes are saved to `saved`
+    /// (in the state directory) first, then the overlay's metadata is
+    /// written over them ([`crate::device`]). Probe: the device starts
+    /// with exactly that metadata. Undo: the saved bytes written back,
+    /// then `saved` removed. After the pivot a `RemoveFile` of `saved`.
+    OverlayOnDevice {
+        #[serde(with = "crate::pathser")]
+        device: PathBuf,
+        #[serde(with = "crate::pathser")]
+        backing: PathBuf,
+        backing_format: Format,
+        #[serde(with = "crate::pathser")]
+        saved: PathBuf,
+    },
 }
 
 impl Step {
@@ -373,6 +389,7 @@ impl Step {
             Step::QmpQuit { .. } => "qmp-quit",
             Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
             Step::ExternalFreeze { .. } => "external-freeze",
+            Step::OverlayOnDevice { .. } => "overlay-on-device",
         }
     }
 
@@ -395,6 +412,9 @@ impl Step {
                 overlay.clone(),
                 fsops::temp_path(overlay, "part"),
             ],
+            Step::OverlayOnDevice { saved, .. } => {
+                vec![saved.clone(), fsops::temp_path(saved, "part")]
+            }
             Step::InternalCreate { .. }
             | Step::InternalApply { .. }
             | Step::InternalDelete { .. }
@@ -558,6 +578,17 @@ impl Step {
                 image.display(),
                 file.display(),
                 overlay.display()
+            ),
+            Step::OverlayOnDevice {
+                device,
+                backing,
+                backing_format,
+                saved,
+            } => format!(
+                "write overlay onto block device {} backed by {} ({backing_format}); its first bytes saved to {}",
+                device.display(),
+                backing.display(),
+                saved.display()
             ),
         }
     }
@@ -761,6 +792,12 @@ impl Step {
                     _ => Probe::NotApplied,
                 })
             }
+            Step::OverlayOnDevice {
+                device,
+                backing,
+                backing_format,
+                ..
+            } => crate::device::probe(device, backing, *backing_format),
         }
     }
 
@@ -905,6 +942,12 @@ impl Step {
                 // they share a directory (the default).
                 fsync_dirs(file, overlay)
             }
+            Step::OverlayOnDevice {
+                device,
+                backing,
+                backing_format,
+                saved,
+            } => crate::device::apply(device, backing, *backing_format, saved),
         }
     }
 
@@ -989,6 +1032,7 @@ impl Step {
                 create.undo(cx)?;
                 link.undo(cx)
             }
+            Step::OverlayOnDevice { device, saved, .. } => crate::device::undo(device, saved),
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
@@ -1003,7 +1047,7 @@ impl Step {
 }
 
 /// A new qcow2 overlay at `path` backed by `backing` (absolute): written
-/// by qemu-img to a temporary name of ours (created O_EXCL), fsynced, then
+/// natively into a temporary name of ours (created O_EXCL), fsynced, then
 /// renamed to `path`. The caller fsyncs the directory.
 fn overlay_in_place(path: &Path, backing: &Path, backing_format: Format) -> StepResult<()> {
     if !backing.is_absolute() {

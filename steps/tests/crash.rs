@@ -239,3 +239,33 @@ fn qemu_img_steps_crash_before_running() {
     assert_eq!(info.backing.as_deref(), Some(base.as_path()));
     assert!(qemu_img::io_read_pattern(&top, Format::Qcow2, 0, MIB, 0x3c).unwrap());
 }
+
+/// An overlay onto a block device, killed after the device's head was
+/// saved (nothing written yet) and after the overlay was written: probe,
+/// apply and undo cope, and the undo puts the device's bytes back exactly.
+#[test]
+fn overlay_on_device_crashes() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    qcow2(&base, 4 * MIB);
+    let dev = LoopDev::new(8 << 20, 0xab);
+    let saved = d.path().join("devhead.d.s1.vda");
+    let len = vsnap_steps::device::overlay_bytes(&base, Format::Qcow2)
+        .unwrap()
+        .len();
+    let before = dev.head(len);
+    let setup = || Step::OverlayOnDevice {
+        device: dev.dev.clone(),
+        backing: base.clone(),
+        backing_format: Format::Qcow2,
+        saved: saved.clone(),
+    };
+    for (point, after) in [
+        ("step.overlay-on-device.saved", Probe::NotApplied),
+        ("step.overlay-on-device.written", Probe::Applied),
+    ] {
+        check(d.path(), &setup, point, after);
+        assert_eq!(dev.head(len), before, "the device's head after {point}");
+        assert!(!saved.exists());
+    }
+}

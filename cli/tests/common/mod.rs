@@ -763,3 +763,26 @@ impl Work {
         refused_untouched(&self.state, &[&self.work], images, args, words)
     }
 }
+
+/// A loop block device over a file, detached on drop.
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        let o = Out::from_command("losetup", &["-f", "--show", p(file)]);
+        o.ok();
+        LoopDev(o.stdout.trim().to_string())
+    }
+
+    pub fn path(&self) -> &Path {
+        Path::new(&self.0)
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}

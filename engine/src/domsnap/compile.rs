@@ -59,11 +59,7 @@ pub(crate) fn compile_live_transaction(req: &DomSnapRequest, f: &Facts) -> Shape
         }
         let overlay = c.new_file.clone().expect("external disks have an overlay");
         if !req.reuse_external {
-            steps.push(Step::CreateOverlay {
-                path: overlay.clone(),
-                backing: c.real.clone(),
-                backing_format: c.format,
-            });
+            steps.push(overlay_step(c));
         }
         live_disks.push((i, overlay, c.block.as_ref().expect("a live guest's disk")));
     }
@@ -137,6 +133,7 @@ pub(crate) fn compile_live_transaction(req: &DomSnapRequest, f: &Facts) -> Shape
             steps.push(Step::AgentThaw { agent: a });
         }
     }
+    push_device_heads_removal(&mut steps, &f.disks);
     Shape {
         steps,
         pivot,
@@ -194,21 +191,45 @@ pub(crate) fn compile_offline(req: &DomSnapRequest, f: &Facts) -> Shape {
                 image: c.real.clone(),
                 name: f.name.clone(),
             }),
-            DiskMode::External if !req.reuse_external => steps.push(Step::CreateOverlay {
-                path: c.new_file.clone().expect("external disks have an overlay"),
-                backing: c.real.clone(),
-                backing_format: c.format,
-            }),
+            DiskMode::External if !req.reuse_external => steps.push(overlay_step(c)),
             _ => {}
         }
     }
     push_clones(&mut steps, &f.disks, &f.tag);
     let pivot = steps.len() as u32;
     steps.push(Step::Catalog);
+    push_device_heads_removal(&mut steps, &f.disks);
     Shape {
         steps,
         pivot,
         state: DomSnapState::Shutoff,
+    }
+}
+
+/// An external disk's overlay: a new file, or written onto the block
+/// device the request named (its first bytes saved first).
+fn overlay_step(c: &Chosen) -> Step {
+    let overlay = c.new_file.clone().expect("external disks have an overlay");
+    match &c.device_head {
+        Some(saved) => Step::OverlayOnDevice {
+            device: overlay,
+            backing: c.real.clone(),
+            backing_format: c.format,
+            saved: saved.clone(),
+        },
+        None => Step::CreateOverlay {
+            path: overlay,
+            backing: c.real.clone(),
+            backing_format: c.format,
+        },
+    }
+}
+
+/// After the pivot: the saved first bytes of the block devices the
+/// overlays went onto are no longer needed (nothing will undo them).
+fn push_device_heads_removal(steps: &mut Vec<Step>, chosen: &[Chosen]) {
+    for saved in chosen.iter().filter_map(|c| c.device_head.clone()) {
+        steps.push(Step::RemoveFile { path: saved });
     }
 }
 
@@ -253,7 +274,11 @@ pub(crate) fn records(
                 .iter_mut()
                 .find(|x| x.target == c.target)
                 .expect("chosen disks exist");
-            disk.source = DiskSource::File(o.clone());
+            disk.source = if c.device_head.is_some() {
+                DiskSource::Block(o.clone())
+            } else {
+                DiskSource::File(o.clone())
+            };
             disk.format = Format::Qcow2;
         }
     }
@@ -398,7 +423,16 @@ mod tests {
                 device: target.into(),
                 node: format!("node-{target}"),
             }),
+            device_head: None,
         }
+    }
+
+    /// [`chosen`], external onto block device `dev`.
+    fn on_device(target: &str, dev: &str, live: bool) -> Chosen {
+        let mut c = chosen(target, DiskMode::External, live);
+        c.new_file = Some(dev.into());
+        c.device_head = Some(format!("/state/devhead.d.s1.{target}").into());
+        c
     }
 
     fn facts(state: DomState, disks: Vec<Chosen>) -> Facts {
@@ -599,6 +633,67 @@ mod tests {
             assert_eq!(kinds(&plan), want, "{what}");
             plan.assert_well_formed();
         }
+    }
+
+    /// `<disk type='block'>` targets: the overlay written onto the device
+    /// (its first bytes saved) instead of a new file, the saved copy
+    /// removed after the pivot; the domain's disk becomes that device.
+    #[test]
+    fn block_device_targets_compile_to_overlays_on_the_device() {
+        let req = DomSnapRequest {
+            domain: "d".into(),
+            disk_only: true,
+            ..Default::default()
+        };
+        let live = facts(
+            DomState::Running,
+            vec![
+                on_device("vda", "/dev/loop7", true),
+                chosen("vdc", DiskMode::External, true),
+            ],
+        );
+        let (plan, snap, dom) = compile(&req, &live);
+        assert_eq!(
+            kinds(&plan),
+            [
+                "overlay-on-device",
+                "create-overlay",
+                "qmp-blockdev-add",
+                "qmp-blockdev-add",
+                "*qmp-transaction",
+                "remove-file",
+            ]
+        );
+        plan.assert_well_formed();
+        let Step::OverlayOnDevice { device, saved, .. } = &plan.steps[0] else {
+            panic!("{:?}", plan.steps[0]);
+        };
+        assert_eq!(
+            (device.to_str(), saved.to_str()),
+            (Some("/dev/loop7"), Some("/state/devhead.d.s1.vda"))
+        );
+        assert_eq!(
+            plan.steps[5],
+            Step::RemoveFile {
+                path: saved.clone()
+            }
+        );
+        let vda = dom.disks.iter().find(|d| d.target == "vda").unwrap();
+        assert_eq!(vda.source, DiskSource::Block("/dev/loop7".into()));
+        assert_eq!(
+            snap.disks[0].overlay.as_deref(),
+            Some(Path::new("/dev/loop7"))
+        );
+        let off = facts(
+            DomState::Shutoff,
+            vec![on_device("vda", "/dev/loop7", false)],
+        );
+        let (plan, _, _) = compile(&req, &off);
+        assert_eq!(
+            kinds(&plan),
+            ["overlay-on-device", "*catalog", "remove-file"]
+        );
+        plan.assert_well_formed();
     }
 
     #[test]

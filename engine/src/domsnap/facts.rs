@@ -65,6 +65,10 @@ pub(crate) struct Chosen {
     pub new_file: Option<PathBuf>,
     /// A running guest's view of the disk (`None` offline).
     pub block: Option<LiveBlock>,
+    /// External onto a block device (`<disk type='block'>`): `new_file`
+    /// is the device, and this is where its first bytes are saved (in the
+    /// state directory) before the overlay's metadata replaces them.
+    pub device_head: Option<PathBuf>,
 }
 
 /// Where a running guest's disk is in QEMU (from `query-block`).
@@ -229,6 +233,8 @@ fn choose_disks(
             DiskMode::Internal
         }),
     };
+    // Disks whose overlay goes onto a block device.
+    let mut on_device: Vec<&str> = Vec::new();
     let mut picks: Vec<(&DomDisk, Option<DiskMode>, Option<PathBuf>)> = d
         .disks
         .iter()
@@ -263,6 +269,10 @@ fn choose_disks(
             DiskChoice::Internal => (Some(DiskMode::Internal), None),
             DiskChoice::External(p) => (Some(DiskMode::External), p.clone()),
             DiskChoice::Reflink(p) => (Some(DiskMode::Reflink), p.clone()),
+            DiskChoice::ExternalDevice(p) => {
+                on_device.push(disk.target.as_str());
+                (Some(DiskMode::External), Some(p.clone()))
+            }
         };
     }
     let mut chosen: Vec<Chosen> = Vec::new();
@@ -293,6 +303,7 @@ fn choose_disks(
             mode,
             new_file,
             block: None,
+            device_head: on_device.contains(&t.as_str()).then(PathBuf::new),
         });
     }
     if chosen.is_empty() {
@@ -327,7 +338,9 @@ fn check_disk(
     if c.mode == DiskMode::Reflink {
         c.new_file = Some(resolve_clone(c, name)?);
     }
-    if c.mode == DiskMode::External {
+    if c.mode == DiskMode::External && c.device_head.is_some() {
+        c.device_head = Some(resolve_device_target(e, c, req, name)?);
+    } else if c.mode == DiskMode::External {
         c.new_file = Some(resolve_overlay(c, req, name, existing)?);
     } else if !live_guest {
         check_offline_image(c, name)?;
@@ -519,6 +532,58 @@ fn resolve_overlay(
     }
     file_dir(&o, &c.target, "overlay", "external")?;
     Ok(o)
+}
+
+/// A `<disk type='block'>` target: the device must be given by its real
+/// path (not a symlink), be a block device nothing uses (opened
+/// exclusively: not mounted, not held), hold at least the overlay's
+/// metadata, and be neither the disk's own image nor in its chain. Returns
+/// where its first bytes are saved: `<state dir>/devhead.<domain>.<snapshot>.<target>`.
+fn resolve_device_target(
+    e: &Engine,
+    c: &Chosen,
+    req: &DomSnapRequest,
+    name: &str,
+) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = c.new_file.clone().expect("a block target names its device");
+    if req.reuse_external {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: --reuse-external with a block device target is not supported; vsnap writes the overlay onto {} itself",
+            c.target,
+            dev.display()
+        )));
+    }
+    let f = vsnap_steps::device::open(&dev, false).map_err(EngineError::Check)?;
+    let have = vsnap_steps::device::size(&f, &dev).map_err(EngineError::Check)?;
+    let rdev = f.metadata().map(|m| m.rdev()).unwrap_or(0);
+    drop(f);
+    // Exclusively, as the step will: refused now while mounted or held.
+    drop(vsnap_steps::device::open(&dev, true).map_err(EngineError::Check)?);
+    let need = vsnap_steps::device::overlay_bytes(&c.real, c.format)
+        .map_err(EngineError::Check)?
+        .len() as u64;
+    if have < need {
+        return Err(EngineError::Invalid(format!(
+            "disk {}: block device {} holds {have} bytes; the overlay's metadata alone needs {need}: give a larger device",
+            c.target,
+            dev.display()
+        )));
+    }
+    let chain = qemu_img::backing_chain(&c.real, c.format).map_err(EngineError::Check)?;
+    for (file, _) in &chain {
+        let same = std::fs::metadata(file).is_ok_and(|m| m.rdev() == rdev && rdev != 0);
+        if same || canon(file) == canon(&dev) {
+            return Err(EngineError::Invalid(format!(
+                "disk {}: block device {} is the disk's own image or in its backing chain; give another device",
+                c.target,
+                dev.display()
+            )));
+        }
+    }
+    Ok(e.journal()
+        .state_dir()
+        .join(format!("devhead.{}.{name}.{}", req.domain, c.target)))
 }
 
 /// Offline, an internal snapshot or a clone: the image must not be held

@@ -16,6 +16,9 @@ pub enum DiskChoice {
     External(Option<PathBuf>),
     /// The clone's path (default: `<stem>.<snapshot>.<ext>` beside the image).
     Reflink(Option<PathBuf>),
+    /// The overlay written onto this block device (`<disk type='block'>`
+    /// with `<source dev=...>`), which the caller made for it.
+    ExternalDevice(PathBuf),
 }
 
 /// What to do with the guest's memory, as asked.
@@ -269,14 +272,9 @@ fn parse_snapshot_disk(d: &Element) -> Result<(String, Option<DiskChoice>)> {
         &["source", "driver", "volsnapshot"],
     )?;
     d.only_one(&["source", "driver", "volsnapshot"])?;
-    match d.attr("type").unwrap_or("file") {
-        "file" => {}
-        "block" => {
-            return Err(EngineError::Xml(format!(
-                "{what}: type='block' (an overlay written onto a block device) is not supported by vsnap yet; \
-                 give the overlay a file, <source file='/absolute/path'/>, or leave the disk out with snapshot='no'"
-            )))
-        }
+    let block = match d.attr("type").unwrap_or("file") {
+        "file" => false,
+        "block" => true,
         "network" => {
             return Err(EngineError::Xml(format!(
                 "{what}: type='network' (an overlay on rbd, gluster, nbd, iscsi...) is not something vsnap can make: \
@@ -294,13 +292,27 @@ fn parse_snapshot_disk(d: &Element) -> Result<(String, Option<DiskChoice>)> {
                 "{what}: unknown type='{t}'; use type='file' (the default)"
             )))
         }
-    }
+    };
+    // type='block': the overlay goes onto the device `<source dev=...>`.
+    let (attr, hint) = if block {
+        (
+            "dev",
+            "dev='/dev/...' (the device the overlay is written onto)",
+        )
+    } else {
+        ("file", "file='PATH'")
+    };
     let mut file = match d.child("source") {
         Some(src) => {
-            src.only_known(&format!("{what} <source>"), &["file"], &[])?;
-            Some(PathBuf::from(src.attr("file").ok_or_else(|| {
-                EngineError::Xml(format!("{what}: <source> needs file='PATH'"))
+            src.only_known(&format!("{what} <source>"), &[attr], &[])?;
+            Some(PathBuf::from(src.attr(attr).ok_or_else(|| {
+                EngineError::Xml(format!("{what}: <source> needs {hint}"))
             })?))
+        }
+        None if block => {
+            return Err(EngineError::Xml(format!(
+                "{what}: type='block' needs <source {hint}/>"
+            )))
         }
         None => None,
     };
@@ -369,9 +381,16 @@ fn parse_snapshot_disk(d: &Element) -> Result<(String, Option<DiskChoice>)> {
             "{what}: <driver type='qcow2'> is the format of an external overlay; a '{kind}' snapshot has none: drop <driver>"
         )));
     }
+    if block && (kind != "external" || d.child("volsnapshot").is_some()) {
+        return Err(EngineError::Xml(format!(
+            "{what}: type='block' is an external overlay written onto a device; snapshot='{kind}' (or a \
+             nested <volsnapshot>) does not go with it"
+        )));
+    }
     let choice = match kind.as_str() {
         "no" => DiskChoice::No,
         "internal" => DiskChoice::Internal,
+        "external" if block => DiskChoice::ExternalDevice(file.expect("a block target has its device")),
         "external" => DiskChoice::External(file),
         "reflink" => DiskChoice::Reflink(file),
         "default" => return Ok((name, None)),
@@ -473,6 +492,14 @@ mod tests {
                 None,
                 vec![("vdb", DiskChoice::Reflink(Some("/vm/b.r.raw".into())))],
             ),
+            // an overlay written onto a block device (libvirt's type='block')
+            (
+                "<disks><disk name='vda' snapshot='external' type='block'><driver type='qcow2'/><source dev='/dev/sdz'/></disk></disks>",
+                None,
+                vec![("vda", DiskChoice::ExternalDevice("/dev/sdz".into()))],
+            ),
+            ("<disks><disk name='vda' type='block'><source dev='/dev/sdz'/></disk></disks>", None,
+             vec![("vda", DiskChoice::ExternalDevice("/dev/sdz".into()))]),
             // output-only elements of libvirt's own dumpxml are ignored on create, as libvirt does
             ("<state>running</state><creationTime>5</creationTime><parent><name>p</name></parent><active>1</active>", None, vec![]),
         ];
@@ -503,7 +530,10 @@ mod tests {
             ("<disks><disk name='vda' snapshot='manual'/></disks>", &["snapshot='manual'", "no, internal or external"]),
             ("<disks><disk name='vda' snapshot='external' type='network'><source protocol='rbd' name='pool/a'><host name='h'/></source></disk></disks>",
              &["<disk name='vda'>", "type='network'", "snapshot='no'"]),
-            ("<disks><disk name='vda' snapshot='external' type='block'><source dev='/dev/sdz'/></disk></disks>", &["type='block'", "not supported"]),
+            ("<disks><disk name='vda' type='block'/></disks>", &["type='block' needs <source dev="]),
+            ("<disks><disk name='vda' type='block'><source file='/o/a'/></disk></disks>", &["file=", "not something vsnap acts on"]),
+            ("<disks><disk name='vda' snapshot='internal' type='block'><source dev='/dev/sdz'/></disk></disks>", &["needs snapshot='external'"]),
+            ("<disks><disk name='vda' type='block'><source dev='sdz'/></disk></disks>", &["must be an absolute path"]),
             ("<disks><disk name='vda' type='volume'/></disks>", &["type='volume'"]),
             ("<disks><disk name='vda'><source file='/o/a.qcow2' startupPolicy='optional'/></disk></disks>", &["startupPolicy", "not something vsnap acts on"]),
             ("<disks><disk name='vda'><source dev='/dev/sdz'/></disk></disks>", &["dev=", "not something vsnap acts on"]),

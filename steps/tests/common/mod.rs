@@ -94,3 +94,47 @@ impl Drop for LoopMount {
         }
     }
 }
+
+/// A loop block device over a file of `size` bytes filled with `byte`;
+/// detached on drop. Fails the test loudly when it cannot be made (needs
+/// root and loop devices).
+pub struct LoopDev {
+    pub dev: PathBuf,
+    pub file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDev {
+    pub fn new(size: usize, byte: u8) -> LoopDev {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dev.img");
+        std::fs::write(&file, vec![byte; size]).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        LoopDev {
+            dev,
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// The device's first `len` bytes.
+    pub fn head(&self, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&self.dev).unwrap();
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, 0).unwrap();
+        b
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
