@@ -254,6 +254,19 @@ pub enum RefusalKind {
     Io,
 }
 
+impl RefusalKind {
+    /// The kind of a refusal caused by `e` on a path the request names:
+    /// [`RefusalKind::NotFound`] when it does not exist, else
+    /// [`RefusalKind::Io`].
+    pub(crate) fn of_io(e: &std::io::Error) -> RefusalKind {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RefusalKind::NotFound
+        } else {
+            RefusalKind::Io
+        }
+    }
+}
+
 impl EngineError {
     /// A refusal of `kind` with `message`.
     pub(crate) fn refused(kind: RefusalKind, message: String) -> Self {
@@ -496,8 +509,10 @@ pub(crate) fn file_type_name(ft: &std::fs::FileType) -> &'static str {
 pub fn read_xml_file(path: &Path) -> Result<String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let cannot =
-        |e: std::io::Error| EngineError::io(format!("cannot read {}: {e}", path.display()));
+    let cannot = |e: std::io::Error| {
+        let kind = RefusalKind::of_io(&e);
+        EngineError::refused(kind, format!("cannot read {}: {e}", path.display()))
+    };
     // O_NONBLOCK: opening a FIFO must not wait for a writer.
     let f = std::fs::OpenOptions::new()
         .read(true)

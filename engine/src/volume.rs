@@ -202,10 +202,11 @@ fn user_file(file: &Path) -> Result<PathBuf> {
     })?;
     not_a_temp_name(&abs, "--file")?;
     let dir = std::fs::canonicalize(parent_dir(&abs)).map_err(|e| {
-        EngineError::io(format!(
-            "directory of --file {} is not usable: {e}",
-            file.display()
-        ))
+        let kind = crate::RefusalKind::of_io(&e);
+        EngineError::refused(
+            kind,
+            format!("directory of --file {} is not usable: {e}", file.display()),
+        )
     })?;
     Ok(dir.join(name))
 }

@@ -294,3 +294,38 @@ fn failures_have_no_kind() {
     };
     assert_eq!(e.kind(), None);
 }
+
+/// Paths a request names: missing is `NotFound`, the wrong kind of file
+/// or an oversized description `BadRequest`.
+#[test]
+fn named_paths_and_text() {
+    let fx = Fx::new();
+    refused(
+        vsnap_engine::read_xml_file(&fx.vm.join("none.xml")),
+        RefusalKind::NotFound,
+        "cannot read",
+    );
+    refused(
+        vsnap_engine::read_xml_file(&fx.vm),
+        RefusalKind::BadRequest,
+        "give the path of an XML file",
+    );
+    let long = "x".repeat(vsnap_engine::MAX_DESCRIPTION_BYTES + 1);
+    refused(
+        vsnap_engine::validate_description(Some(&long)),
+        RefusalKind::BadRequest,
+        "a description may have at most",
+    );
+    let a = fx.image("a.qcow2", Format::Qcow2);
+    refused(
+        fx.engine.vol_snapshot_create(
+            &CreateRequest {
+                file: Some(fx.vm.join("no-dir/s1.qcow2")),
+                ..req(&a, "s1", SnapKind::External)
+            },
+            false,
+        ),
+        RefusalKind::NotFound,
+        "is not usable",
+    );
+}
