@@ -860,7 +860,8 @@ impl Engine {
     /// different file under its name is refused, not adopted.
     ///
     /// Changes: only the catalog's identity records, all in one write.
-    /// On refusal ([`crate::EngineError::Invalid`] listing every problem), or any
+    /// On refusal ([`crate::EngineError::Refused`] of kind
+    /// [`crate::RefusalKind::Unsafe`] listing every problem), or any
     /// other error, nothing is changed.
     pub fn vol_adopt_files(&self, image: &Path) -> Result<AdoptReport> {
         use crate::catalog::{self, SnapFileId};
@@ -871,7 +872,7 @@ impl Engine {
         let image = self.catalog_path(image)?.unwrap_or_else(|| canon(image));
         let snaps = catalog::snapshots(j, &image)?;
         if snaps.is_empty() && catalog::volume(j, &image)?.is_none() {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_found(format!(
                 "{} is not a volume of this state directory (no snapshot of it in the catalog); \
                  check --state-dir",
                 image.display()
@@ -879,12 +880,12 @@ impl Engine {
         }
         let unfinished = j.unfinished()?.len();
         if unfinished > 0 {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::in_use(format!(
                 "{unfinished} unfinished plan(s) in the journal: run `vsnap-recover` first, then adopt"
             )));
         }
         if let crate::image::Claim::Foreign { owner } = crate::image::read_claim(j, &image)? {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::in_use(format!(
                 "{} is claimed by another state directory ({owner}): adopt its files there",
                 image.display()
             )));
@@ -981,7 +982,7 @@ impl Engine {
             });
         }
         if !problems.is_empty() {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::unsafe_(format!(
                 "nothing adopted: {}; fix these (`vsnap vol check {}` lists them), then adopt again",
                 problems.join("; "),
                 image.display()

@@ -53,7 +53,7 @@ impl DomState {
 
 fn parse_format(s: &str, what: &str) -> Result<Format> {
     Format::parse(s).ok_or_else(|| {
-        EngineError::Invalid(format!(
+        EngineError::not_supported(format!(
             "{what}: format {s:?} is not supported; vsnap handles qcow2 and raw images"
         ))
     })
@@ -388,14 +388,14 @@ pub fn block_key(entry: &Value) -> String {
 /// and images are used later from any directory).
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p)
-        .map_err(|e| EngineError::Invalid(format!("cannot make {} absolute: {e}", p.display())))
+        .map_err(|e| EngineError::io(format!("cannot make {} absolute: {e}", p.display())))
 }
 
 impl Engine {
     /// A domain by name.
     pub fn domain(&self, name: &str) -> Result<DomainRec> {
         catalog::domain(self.journal(), name)?.ok_or_else(|| {
-            EngineError::Invalid(format!(
+            EngineError::not_found(format!(
                 "no domain named {name:?}; `vsnap domain list` lists them, `vsnap domain define` adds one"
             ))
         })
@@ -429,7 +429,7 @@ impl Engine {
             }
         }
         if self.domain_exists(&d.name)? {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::name_taken(format!(
                 "domain {:?} is already defined; `vsnap domain undefine {}` first",
                 d.name, d.name
             )));
@@ -445,7 +445,7 @@ impl Engine {
                 DiskSource::Unsupported { .. } => continue,
             };
             let meta = std::fs::metadata(source).map_err(|_| {
-                EngineError::Invalid(format!(
+                EngineError::not_found(format!(
                     "disk {}: source {} does not exist; fix the <source> in the XML",
                     disk.target,
                     source.display()
@@ -454,14 +454,14 @@ impl Engine {
             let ft = meta.file_type();
             let what = crate::file_type_name(&ft);
             if block && !ft.is_block_device() {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::bad_request(format!(
                     "disk {}: <disk type='block'> names {}, which is {what}, not a block device; fix the <disk> in the XML",
                     disk.target,
                     source.display()
                 )));
             }
             if !block && !ft.is_file() {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::bad_request(format!(
                     "disk {}: source {} is {what}, not a disk image file; a <disk type='file'> names an image file (a block device is <disk type='block'> with <source dev=...>)",
                     disk.target,
                     source.display()
@@ -469,7 +469,7 @@ impl Engine {
             }
             let id = (meta.dev(), meta.ino());
             if let Some((_, other)) = ids.iter().find(|(i, _)| *i == id) {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::bad_request(format!(
                     "disks {other} and {} both name the image {} (one image for two disks); give each disk its own image",
                     disk.target,
                     source.display()
@@ -479,7 +479,7 @@ impl Engine {
             // A loop or an over-deep chain is refused now, not found by
             // the first qemu-img that opens it.
             vsnap_steps::qemu_img::backing_chain(source, disk.format)
-                .map_err(|e| EngineError::Invalid(format!("disk {}: {e}", disk.target)))?;
+                .map_err(|e| EngineError::unsafe_(format!("disk {}: {e}", disk.target)))?;
         }
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)
@@ -491,7 +491,7 @@ impl Engine {
         let _g = self.lock_ops();
         validate_name_of(NameKind::Domain, name)?;
         if self.domain_exists(name)? {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::name_taken(format!(
                 "domain {name:?} is already defined; `vsnap domain undefine {name}` first"
             )));
         }
@@ -505,12 +505,12 @@ impl Engine {
             let target = b.target().unwrap_or_default();
             let file = ins.file.as_str();
             if file.is_empty() || file.starts_with("json:") {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::not_supported(format!(
                     "disk {target}: QEMU names its image {file:?}, not a plain file; define the domain from XML instead"
                 )));
             }
             if !Path::new(file).is_absolute() {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::not_supported(format!(
                     "disk {target}: QEMU names its image {file:?}, a relative path (relative to QEMU's own directory); start QEMU with absolute image paths, or define the domain from XML"
                 )));
             }
@@ -552,7 +552,7 @@ impl Engine {
         let d = self.domain(name)?;
         let snaps = catalog::snapshots(self.journal(), &d.name)?;
         if !snaps.is_empty() && !drop_snapshot_metadata {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "domain {name:?} has {} snapshot(s); pass --snapshots-metadata to forget them too (their files stay)",
                 snaps.len()
             )));
@@ -589,7 +589,7 @@ impl Engine {
     }
 
     /// The domain as libvirt `<domain>` XML (its disks as they are now).
-    /// Errors: `Invalid` (no such domain), `Journal`.
+    /// Errors: `Refused` `NotFound` (no such domain), `Journal`.
     pub fn domain_xml(&self, name: &str) -> Result<String> {
         Ok(domain_to_xml(&self.domain(name)?))
     }

@@ -240,16 +240,24 @@ pub fn claim(j: &Journal, image: &Path) -> Result<bool> {
         }
         Err(e) => {
             let full = e.raw_os_error() == Some(libc::ENOSPC);
-            Err(EngineError::Invalid(format!(
-                "cannot make the ownership claim {} of {}: {e}{}; nothing was changed",
-                path.display(),
-                image.display(),
-                if full {
-                    " (the filesystem is full: free space and retry)"
-                } else {
-                    ""
-                }
-            )))
+            let kind = if full {
+                crate::RefusalKind::NoSpace
+            } else {
+                crate::RefusalKind::Io
+            };
+            Err(EngineError::refused(
+                kind,
+                format!(
+                    "cannot make the ownership claim {} of {}: {e}{}; nothing was changed",
+                    path.display(),
+                    image.display(),
+                    if full {
+                        " (the filesystem is full: free space and retry)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
         }
     }
 }

@@ -113,11 +113,16 @@ pub enum EngineError {
         /// What is wrong with it.
         why: String,
     },
-    /// A request that cannot be done as asked (no such domain or
-    /// snapshot, a choice that does not fit); the message says why and
-    /// what to do. Nothing changed.
-    #[error("{0}")]
-    Invalid(String),
+    /// A request refused before anything was changed: `kind` says what
+    /// kind of refusal it is (match on it, not on the text), `message`
+    /// says why and what to do. Nothing changed. Exit 2.
+    #[error("{message}")]
+    Refused {
+        /// What kind of refusal: what an embedder matches on.
+        kind: RefusalKind,
+        /// Why, and what to do (the text `vsnap` prints).
+        message: String,
+    },
     /// The image does not exist.
     #[error("image {0} does not exist; give the path of an existing disk image")]
     NoImage(PathBuf),
@@ -199,7 +204,156 @@ pub enum EngineError {
     },
 }
 
+/// What kind of refusal an [`EngineError`] is, for an embedder to match
+/// on ([`EngineError::kind`]): the message is for people and may be
+/// reworded, the kind is not. New kinds may be added, so a `match` needs
+/// a `_` arm. Every refusal changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// What the request names does not exist: a domain, a volume, a
+    /// snapshot, a disk, an image, a file or directory it names.
+    NotFound,
+    /// The name is in use already: a snapshot of that name (in the
+    /// catalog or inside a qcow2 image), a domain defined already.
+    NameTaken,
+    /// A name vsnap refuses (empty, too long, '/', '..', control or
+    /// invisible characters, vsnap's own temporary-file names).
+    BadName,
+    /// The request is malformed or contradicts itself or the domain's
+    /// definition: contradictory flags, a disk named twice, malformed or
+    /// oversized XML, two new files at one path, an unknown format.
+    BadRequest,
+    /// What vsnap cannot do: a format, disk type, snapshot kind or
+    /// combination it does not support (internal snapshots of raw images,
+    /// manual or network disks, reflinks of qcow2 or across filesystems,
+    /// paths that are not UTF-8 where one must be...).
+    NotSupported,
+    /// Another party holds it: another state directory's claim, or
+    /// unfinished plans in the journal.
+    InUse,
+    /// The domain is not in the state the request needs: not running
+    /// (or no agent) where a live guest is needed, or QEMU no longer
+    /// uses the image the definition names.
+    WrongState,
+    /// Acting could harm data, because the files are not as vsnap left
+    /// them or could change behind it: hard links, an image or snapshot
+    /// file replaced or missing, a catalog that disagrees with the
+    /// images, a backing chain that loops or is too deep. `vsnap vol
+    /// check` lists what is wrong.
+    Unsafe,
+    /// A file the plan would create exists already; vsnap never
+    /// overwrites a file it did not create.
+    Exists,
+    /// A directory the plan writes to is not writable.
+    NotWritable,
+    /// Not enough free space for what the plan would write.
+    NoSpace,
+    /// A file or directory a check needed could not be read (the OS's
+    /// error is in the message).
+    Io,
+}
+
+impl RefusalKind {
+    /// The kind of a refusal caused by `e` on a path the request names:
+    /// [`RefusalKind::NotFound`] when it does not exist, else
+    /// [`RefusalKind::Io`].
+    pub(crate) fn of_io(e: &std::io::Error) -> RefusalKind {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RefusalKind::NotFound
+        } else {
+            RefusalKind::Io
+        }
+    }
+}
+
 impl EngineError {
+    /// A refusal of `kind` with `message`.
+    pub(crate) fn refused(kind: RefusalKind, message: String) -> Self {
+        EngineError::Refused { kind, message }
+    }
+    /// A [`RefusalKind::NotFound`] refusal.
+    pub(crate) fn not_found(message: String) -> Self {
+        Self::refused(RefusalKind::NotFound, message)
+    }
+    /// A [`RefusalKind::NameTaken`] refusal.
+    pub(crate) fn name_taken(message: String) -> Self {
+        Self::refused(RefusalKind::NameTaken, message)
+    }
+    /// A [`RefusalKind::BadName`] refusal.
+    pub(crate) fn bad_name(message: String) -> Self {
+        Self::refused(RefusalKind::BadName, message)
+    }
+    /// A [`RefusalKind::BadRequest`] refusal.
+    pub(crate) fn bad_request(message: String) -> Self {
+        Self::refused(RefusalKind::BadRequest, message)
+    }
+    /// A [`RefusalKind::NotSupported`] refusal.
+    pub(crate) fn not_supported(message: String) -> Self {
+        Self::refused(RefusalKind::NotSupported, message)
+    }
+    /// A [`RefusalKind::InUse`] refusal.
+    pub(crate) fn in_use(message: String) -> Self {
+        Self::refused(RefusalKind::InUse, message)
+    }
+    /// A [`RefusalKind::WrongState`] refusal.
+    pub(crate) fn wrong_state(message: String) -> Self {
+        Self::refused(RefusalKind::WrongState, message)
+    }
+    /// A [`RefusalKind::Unsafe`] refusal.
+    pub(crate) fn unsafe_(message: String) -> Self {
+        Self::refused(RefusalKind::Unsafe, message)
+    }
+    /// A [`RefusalKind::Exists`] refusal.
+    pub(crate) fn exists(message: String) -> Self {
+        Self::refused(RefusalKind::Exists, message)
+    }
+    /// A [`RefusalKind::NotWritable`] refusal.
+    pub(crate) fn not_writable(message: String) -> Self {
+        Self::refused(RefusalKind::NotWritable, message)
+    }
+    /// A [`RefusalKind::NoSpace`] refusal.
+    pub(crate) fn no_space(message: String) -> Self {
+        Self::refused(RefusalKind::NoSpace, message)
+    }
+    /// A [`RefusalKind::Io`] refusal.
+    pub(crate) fn io(message: String) -> Self {
+        Self::refused(RefusalKind::Io, message)
+    }
+
+    /// The kind of a refusal (nothing changed, exit 2): every refusal,
+    /// whether a [`EngineError::Refused`] or one of the variants that
+    /// carry their own fields ([`EngineError::NoSnapshot`] is
+    /// [`RefusalKind::NotFound`], [`EngineError::Duplicate`]
+    /// [`RefusalKind::NameTaken`], [`EngineError::Owned`]
+    /// [`RefusalKind::InUse`], ...). `None` for what is not a refusal: a
+    /// journal error, a failed step (rolled back), a failed check of
+    /// QEMU or an image, a change left for recovery.
+    pub fn kind(&self) -> Option<RefusalKind> {
+        use RefusalKind as K;
+        Some(match self {
+            EngineError::Refused { kind, .. } => *kind,
+            EngineError::BadName { .. } => K::BadName,
+            EngineError::NoImage(_) | EngineError::NoSnapshot { .. } => K::NotFound,
+            EngineError::Duplicate { .. } => K::NameTaken,
+            EngineError::Exists { .. } => K::Exists,
+            EngineError::ReadOnly(_) => K::NotWritable,
+            EngineError::SamePath { .. }
+            | EngineError::PathTooLong { .. }
+            | EngineError::Xml(_)
+            | EngineError::FormatUnknown { .. } => K::BadRequest,
+            EngineError::Owned { .. } => K::InUse,
+            EngineError::HardLinked { .. } => K::Unsafe,
+            EngineError::Journal(_)
+            | EngineError::Step { .. }
+            | EngineError::StepRepaired { .. }
+            | EngineError::Check(_)
+            | EngineError::AfterPivot { .. }
+            | EngineError::NeedsAttention { .. }
+            | EngineError::IllegalJournal { .. } => return None,
+        })
+    }
+
     /// Whether something was changed and is left for recovery or an
     /// operator (exit 1, "needs attention"), rather than refused or rolled
     /// back with nothing changed (exit 2).
@@ -355,8 +509,10 @@ pub(crate) fn file_type_name(ft: &std::fs::FileType) -> &'static str {
 pub fn read_xml_file(path: &Path) -> Result<String> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let cannot =
-        |e: std::io::Error| EngineError::Invalid(format!("cannot read {}: {e}", path.display()));
+    let cannot = |e: std::io::Error| {
+        let kind = RefusalKind::of_io(&e);
+        EngineError::refused(kind, format!("cannot read {}: {e}", path.display()))
+    };
     // O_NONBLOCK: opening a FIFO must not wait for a writer.
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -366,7 +522,7 @@ pub fn read_xml_file(path: &Path) -> Result<String> {
     let ft = f.metadata().map_err(cannot)?.file_type();
     if !ft.is_file() {
         let what = file_type_name(&ft);
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::bad_request(format!(
             "{} is {what}; give the path of an XML file",
             path.display()
         )));
@@ -376,9 +532,9 @@ pub fn read_xml_file(path: &Path) -> Result<String> {
         .read_to_end(&mut bytes)
         .map_err(cannot)?;
     check_xml_size(bytes.len())
-        .map_err(|_| EngineError::Invalid(format!("{}: {}", path.display(), too_big_xml())))?;
+        .map_err(|_| EngineError::bad_request(format!("{}: {}", path.display(), too_big_xml())))?;
     String::from_utf8(bytes).map_err(|e| {
-        EngineError::Invalid(format!(
+        EngineError::bad_request(format!(
             "{} is not UTF-8 (invalid byte at offset {}); XML documents are read as UTF-8",
             path.display(),
             e.utf8_error().valid_up_to()
@@ -405,7 +561,7 @@ pub(crate) fn check_xml_size(len: usize) -> Result<()> {
 pub fn validate_description(d: Option<&str>) -> Result<()> {
     if let Some(d) = d {
         if d.len() > MAX_DESCRIPTION_BYTES {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "the description is {} bytes long; a description may have at most {} KiB",
                 d.len(),
                 MAX_DESCRIPTION_BYTES >> 10

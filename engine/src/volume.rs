@@ -136,7 +136,7 @@ fn canonical_image(image: &Path) -> Result<PathBuf> {
     let p = std::fs::canonicalize(image).map_err(|_| EngineError::NoImage(image.to_path_buf()))?;
     let meta = std::fs::metadata(&p).map_err(|_| EngineError::NoImage(image.to_path_buf()))?;
     if !meta.is_file() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_supported(format!(
             "{} is not a regular file; vsnap snapshots image files (qcow2 or raw)",
             p.display()
         )));
@@ -153,7 +153,7 @@ fn parent_dir(p: &Path) -> PathBuf {
 pub(crate) fn check_writable(dir: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| EngineError::Invalid(format!("path {} contains NUL", dir.display())))?;
+        .map_err(|_| EngineError::bad_request(format!("path {} contains NUL", dir.display())))?;
     // SAFETY: c is a valid NUL-terminated path.
     if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
         return Err(EngineError::ReadOnly(dir.to_path_buf()));
@@ -194,18 +194,19 @@ fn user_file(file: &Path) -> Result<PathBuf> {
         file.to_path_buf()
     } else {
         std::env::current_dir()
-            .map_err(|e| EngineError::Invalid(format!("cannot read the current directory: {e}")))?
+            .map_err(|e| EngineError::io(format!("cannot read the current directory: {e}")))?
             .join(file)
     };
-    let name = abs
-        .file_name()
-        .ok_or_else(|| EngineError::Invalid(format!("--file {} names no file", file.display())))?;
+    let name = abs.file_name().ok_or_else(|| {
+        EngineError::bad_request(format!("--file {} names no file", file.display()))
+    })?;
     not_a_temp_name(&abs, "--file")?;
     let dir = std::fs::canonicalize(parent_dir(&abs)).map_err(|e| {
-        EngineError::Invalid(format!(
-            "directory of --file {} is not usable: {e}",
-            file.display()
-        ))
+        let kind = crate::RefusalKind::of_io(&e);
+        EngineError::refused(
+            kind,
+            format!("directory of --file {} is not usable: {e}", file.display()),
+        )
     })?;
     Ok(dir.join(name))
 }
@@ -218,7 +219,7 @@ pub(crate) fn not_a_temp_name(p: &Path, what: &str) -> Result<()> {
     if p.file_name()
         .is_some_and(|n| fsops::is_vsnap_temp_bytes(n.as_bytes()))
     {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::bad_name(format!(
             "{what} {}: names of the form .vsnap-*.tmp are vsnap's temporary files; choose another name",
             p.display()
         )));
@@ -232,7 +233,7 @@ pub(crate) fn not_a_temp_name(p: &Path, what: &str) -> Result<()> {
 /// later delete would miss the file that backs the image. Refused.
 fn utf8_for_backing(p: &Path) -> Result<()> {
     if p.to_str().is_none() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_supported(format!(
             "{} is not a UTF-8 path; external snapshots store the path in a qcow2 backing-file field that QEMU reports only as UTF-8: rename the image (or give a UTF-8 --file), or use --kind internal, copy or reflink, which take any file name",
             p.display()
         )));
@@ -244,7 +245,7 @@ fn utf8_for_backing(p: &Path) -> Result<()> {
 /// without one is damaged (an error, not a panic).
 fn snap_file(s: &VolSnapshot) -> Result<PathBuf> {
     s.file.clone().ok_or_else(|| {
-        EngineError::Invalid(format!(
+        EngineError::unsafe_(format!(
             "the catalog's {} snapshot {:?} of {} names no file; the catalog is damaged: run `vsnap vol check {}`",
             s.kind,
             s.name,
@@ -265,7 +266,7 @@ fn same_device(a: &Path, b: &Path) -> bool {
 fn file_len(p: &Path) -> Result<u64> {
     std::fs::metadata(p)
         .map(|m| m.len())
-        .map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", p.display())))
+        .map_err(|e| EngineError::io(format!("cannot read {}: {e}", p.display())))
 }
 
 /// How to clone into `dir`: reflink where the filesystem can, else copy
@@ -308,7 +309,7 @@ fn relative_backing_resolves(src: &Path, format: Format, dst_dir: &Path) -> Resu
         return Ok(());
     }
     let backing_format = h.backing_format.as_deref().unwrap_or("qcow2");
-    Err(EngineError::Invalid(format!(
+    Err(EngineError::not_supported(format!(
         "{} has a relative backing file {name:?} ({}); a clone of it in {} would look for {}, another file; \
          keep the snapshot file in the image's directory (omit --file), or make the backing name absolute first: \
          qemu-img rebase -u -f qcow2 -b {} -F {backing_format} {}",
@@ -344,7 +345,7 @@ impl Vol {
             return Ok(());
         };
         if std::fs::symlink_metadata(f).is_err() {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::unsafe_(format!(
                 "the file {} of snapshot {:?} is missing; run `vsnap vol check {}`",
                 f.display(),
                 s.name,
@@ -357,7 +358,7 @@ impl Vol {
             None => catalog::plain_file_mismatch(f),
         };
         if let Some(why) = why {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::unsafe_(format!(
                 "the file {} of snapshot {:?} is not the file vsnap made: {why}; vsnap does not use it \
                  (whoever can write {} changed it): put the snapshot's own file back, or delete the snapshot \
                  once you have moved that file away; `vsnap vol check {}` lists what is wrong \
@@ -421,7 +422,7 @@ impl Engine {
     pub(crate) fn resolve_image(&self, image: &Path) -> Result<PathBuf> {
         if let Some(p) = self.catalog_path(image)? {
             if let Some(why) = catalog::plain_file_mismatch(&p) {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::unsafe_(format!(
                     "{} is not the image vsnap manages: {why}; vsnap does not follow it \
                      (whoever can write {} replaced it): put the image back, then run `vsnap vol check {}`",
                     p.display(),
@@ -526,7 +527,7 @@ impl Engine {
             },
         };
         if let Some(other) = vol.snaps.iter().find(|s| s.kind.family() != kind.family()) {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "volume {} already has {} snapshots (e.g. {:?}); vsnap does not mix them with {} snapshots on one volume; use --kind {} or delete those first",
                 vol.image.display(),
                 other.kind.family(),
@@ -544,7 +545,7 @@ impl Engine {
                 .iter()
                 .find(|n| !vol.snaps.iter().any(|s| &s.name == *n))
             {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::not_supported(format!(
                     "qcow2 image {} holds {} internal snapshot(s) that vsnap did not make (e.g. {foreign:?}); \
                      vsnap does not mix internal snapshots with {} snapshots on one volume (an external \
                      snapshot would freeze them inside its file, a whole-file one would copy them along \
@@ -571,13 +572,13 @@ impl Engine {
         let steps = match kind {
             SnapKind::Internal => {
                 if vol.format != Format::Qcow2 {
-                    return Err(EngineError::Invalid(format!(
+                    return Err(EngineError::not_supported(format!(
                         "internal snapshots need a qcow2 image; {} is raw: use --kind external, reflink or copy",
                         image.display()
                     )));
                 }
                 if req.file.is_some() {
-                    return Err(EngineError::Invalid(
+                    return Err(EngineError::bad_request(
                         "--file does not apply to internal snapshots: they live inside the image"
                             .into(),
                     ));
@@ -592,7 +593,7 @@ impl Engine {
                 )
                 .map_err(EngineError::Check)?;
                 if vol.info.snapshots.contains(&name) {
-                    return Err(EngineError::Invalid(format!(
+                    return Err(EngineError::name_taken(format!(
                         "qcow2 image {} already holds an internal snapshot named {name:?} that vsnap did not make; choose another name",
                         image.display()
                     )));
@@ -626,7 +627,7 @@ impl Engine {
                 check_writable(&parent_dir(&file))?;
                 must_not_exist(&file)?;
                 if !same_device(&parent_dir(&file), &dir) {
-                    return Err(EngineError::Invalid(format!(
+                    return Err(EngineError::bad_request(format!(
                         "--file {} must be on the same filesystem as {} (vsnap hard-links the image to it so that the path is never missing)",
                         file.display(),
                         image.display()
@@ -794,7 +795,7 @@ impl Engine {
         let mut steps = match snap.kind {
             SnapKind::Internal => {
                 if !vol.info.snapshots.contains(&snap.name) {
-                    return Err(EngineError::Invalid(format!(
+                    return Err(EngineError::unsafe_(format!(
                         "the catalog names internal snapshot {:?} but {} does not hold it; run `vsnap vol check {}`",
                         snap.name,
                         image.display(),
@@ -1072,8 +1073,8 @@ impl Engine {
     /// (libvirt's `virStorageVolListAllSnapshots`, were there one).
     ///
     /// Needs the image to exist (a regular file; any spelling of its path:
-    /// it is canonicalized). Changes nothing. Errors: `NoImage`, `Invalid`
-    /// (not a regular file), `Journal` (the catalog cannot be read). An
+    /// it is canonicalized). Changes nothing. Errors: `NoImage`, `Refused`
+    /// `NotSupported` (not a regular file), `Journal` (the catalog cannot be read). An
     /// image vsnap never snapshotted has none (an empty list, not an error).
     pub fn vol_snapshot_list(
         &self,
@@ -1113,7 +1114,7 @@ impl Engine {
     /// The snapshot named `name` (libvirt's
     /// `virDomainSnapshotLookupByName`). Needs the image to exist; changes
     /// nothing. Errors: `NoSnapshot` (no snapshot of that name), `NoImage`,
-    /// `Invalid` (not a regular file), `Journal`.
+    /// `Refused` `NotSupported` (not a regular file), `Journal`.
     pub fn vol_snapshot_lookup_by_name(&self, image: &Path, name: &str) -> Result<VolSnapshot> {
         let image = canonical_image(image)?;
         catalog::snapshots(self.journal(), &image)?
@@ -1190,13 +1191,13 @@ impl Engine {
     /// `<current>` (libvirt's `virDomainSnapshotGetXMLDesc`); it reads
     /// back with [`crate::xml::parse_volsnapshot`]. Changes nothing.
     /// Errors: those of [`Engine::vol_snapshot_lookup_by_name`], and
-    /// `Invalid` when the image's or the snapshot file's path is not UTF-8
+    /// `Refused` `NotSupported` when the image's or the snapshot file's path is not UTF-8
     /// (XML cannot carry it).
     pub fn vol_snapshot_get_xml_desc(&self, image: &Path, name: &str) -> Result<String> {
         let s = self.vol_snapshot_lookup_by_name(image, name)?;
         for p in std::iter::once(&s.volume).chain(s.file.as_ref()) {
             if p.to_str().is_none() {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::not_supported(format!(
                     "{} is not a UTF-8 path and XML carries only UTF-8; use `vsnap --json vol snapshot info` (a path that is not UTF-8 is written as {{\"lossy\": ..., \"hex\": ...}})",
                     p.display()
                 )));

@@ -52,8 +52,8 @@ impl Fx {
 
 fn invalid(r: Result<impl std::fmt::Debug, EngineError>, says: &str) {
     match r {
-        Err(EngineError::Invalid(m)) => assert!(m.contains(says), "{m}"),
-        other => panic!("expected Invalid({says:?}), got {other:?}"),
+        Err(EngineError::Refused { message: m, .. }) => assert!(m.contains(says), "{m}"),
+        other => panic!("expected Refused({says:?}), got {other:?}"),
     }
 }
 

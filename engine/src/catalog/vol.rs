@@ -406,7 +406,7 @@ pub fn owner_id(j: &Journal) -> Result<String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .map_err(|e| {
-            EngineError::Invalid(format!(
+            EngineError::io(format!(
                 "cannot read /dev/urandom for the state directory's id: {e}"
             ))
         })?;

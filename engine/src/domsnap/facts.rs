@@ -91,7 +91,7 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
     };
     validate_name(&name)?;
     if existing.iter().any(|s| s.name == name) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::name_taken(format!(
             "domain {:?} already has a snapshot named {name:?}; choose another name",
             d.name
         )));
@@ -99,7 +99,7 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
     let state = e.domain_state(d)?;
     let live_guest = state != DomState::Shutoff;
     if req.live && !live_guest {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::wrong_state(format!(
             "domain {:?} is not running (no QEMU answers on its monitor {}); drop --live for an offline snapshot",
             d.name,
             d.qmp.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none configured)".into())
@@ -141,24 +141,24 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
 fn memory_choice(req: &DomSnapRequest, d: &DomainRec, live_guest: bool) -> Result<bool> {
     Ok(match (&req.memory, live_guest, req.disk_only) {
         (Some(MemoryChoice::Internal), _, true) => {
-            return Err(EngineError::Invalid(
+            return Err(EngineError::bad_request(
                 "--disk-only and --memory internal contradict each other".into(),
             ))
         }
         (Some(MemoryChoice::Internal), false, _) => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::wrong_state(format!(
                 "a memory snapshot needs a running guest; domain {:?} is shut off",
                 d.name
             )))
         }
         (Some(MemoryChoice::Internal), true, false) => true,
         (Some(MemoryChoice::External(_)), _, true) => {
-            return Err(EngineError::Invalid(
+            return Err(EngineError::bad_request(
                 "--disk-only and --memory external:PATH contradict each other".into(),
             ))
         }
         (Some(MemoryChoice::External(_)), false, _) => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::wrong_state(format!(
                 "a memory snapshot needs a running guest; domain {:?} is shut off",
                 d.name
             )))
@@ -168,7 +168,7 @@ fn memory_choice(req: &DomSnapRequest, d: &DomainRec, live_guest: bool) -> Resul
             // libvirt: without --disk-only the snapshot is internal,
             // and an internal snapshot of a running guest holds its
             // memory. Not read as "disk-only" in silence.
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "<memory snapshot='no'/> of a running guest (domain {:?}) without disk-only: an internal \
                  snapshot of a running guest must include the memory state (libvirt's rule); for a \
                  snapshot of the disks alone add --disk-only",
@@ -183,17 +183,17 @@ fn memory_choice(req: &DomSnapRequest, d: &DomainRec, live_guest: bool) -> Resul
 /// answers (asked now, before anything is touched).
 fn check_quiesce(d: &DomainRec, state: DomState, with_memory: bool) -> Result<()> {
     if with_memory {
-        return Err(EngineError::Invalid("--quiesce needs --disk-only (a memory snapshot of a frozen guest would restore it frozen)".into()));
+        return Err(EngineError::bad_request("--quiesce needs --disk-only (a memory snapshot of a frozen guest would restore it frozen)".into()));
     }
     if state != DomState::Running {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::wrong_state(format!(
             "--quiesce needs a running guest with an agent; domain {:?} is {}",
             d.name,
             state.as_str()
         )));
     }
     let Some(agent) = &d.agent else {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::wrong_state(format!(
             "--quiesce: domain {:?} has no guest-agent channel; give one (`vsnap domain attach --agent SOCKET`, or a <channel type='unix'> with target name org.qemu.guest_agent.0 in the domain XML), or drop --quiesce",
             d.name
         )));
@@ -243,7 +243,7 @@ fn choose_disks(
     let mut named: Vec<(&str, &str)> = Vec::new();
     for (who, choice) in &req.disks {
         let disk = d.disk(who).ok_or_else(|| {
-            EngineError::Invalid(format!(
+            EngineError::not_found(format!(
                 "domain {:?} has no disk {who:?}; its disks: {}",
                 d.name,
                 d.disks
@@ -254,7 +254,7 @@ fn choose_disks(
             ))
         })?;
         if let Some((first, _)) = named.iter().find(|(_, t)| *t == disk.target.as_str()) {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "disk {} is named twice in the request (as {first:?} and as {who:?}); name each disk once",
                 disk.target
             )));
@@ -282,7 +282,7 @@ fn choose_disks(
             "leave it out with --disk {t}=no (or <disk name='{t}' snapshot='no'/> in the <domainsnapshot>)"
         );
         let Some(mode) = mode else {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {t}: the domain says snapshot='manual' (libvirt leaves this disk's snapshot to you), which vsnap cannot do in the middle of a snapshot; {leave_out}, or name its kind (--disk {t}=internal, --disk {t}=external)"
             )));
         };
@@ -290,7 +290,7 @@ fn choose_disks(
             continue;
         }
         let Some(image) = disk.image() else {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {t}: vsnap cannot snapshot {}; {leave_out}, or mark it snapshot='no' in the domain XML",
                 disk.unsupported().unwrap_or("this disk")
             )));
@@ -307,7 +307,7 @@ fn choose_disks(
         });
     }
     if chosen.is_empty() {
-        return Err(EngineError::Invalid(
+        return Err(EngineError::bad_request(
             "no disk is selected for the snapshot".into(),
         ));
     }
@@ -355,7 +355,7 @@ fn check_disk(
 /// what needs a file beside it.
 fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
     if !c.source.exists() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_found(format!(
             "disk {}: its image {} is missing; the domain definition is stale",
             c.target,
             c.source.display()
@@ -364,7 +364,7 @@ fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
     // A backing loop or an over-deep chain, found at once (natively)
     // rather than by the first qemu-img that opens it.
     qemu_img::backing_chain(&c.source, c.format)
-        .map_err(|e| EngineError::Invalid(format!("disk {}: {e}", c.target)))?;
+        .map_err(|e| EngineError::unsafe_(format!("disk {}: {e}", c.target)))?;
     let is_block = {
         use std::os::unix::fs::FileTypeExt;
         std::fs::metadata(&c.source).is_ok_and(|m| m.file_type().is_block_device())
@@ -379,7 +379,7 @@ fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
     }
     match (c.mode, &c.new_file) {
         (DiskMode::External, None) if is_block => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: its image {} is a block device, and the overlay's default place is beside it (in {}); \
                  give the overlay a path on a filesystem with --disk {}=external:PATH",
                 c.target,
@@ -389,7 +389,7 @@ fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
             )))
         }
         (DiskMode::Reflink, _) if is_block => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: its image {} is a block device, which cannot be cloned with a reflink; \
                  use --disk {}=external:PATH with a path on a filesystem",
                 c.target,
@@ -407,7 +407,7 @@ fn check_image(e: &Engine, c: &Chosen) -> Result<()> {
 fn check_mode(c: &Chosen, memory: bool, live_guest: bool) -> Result<()> {
     match c.mode {
         DiskMode::Internal if c.format != Format::Qcow2 => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: internal snapshots need qcow2; {} is raw: use --disk {}=external",
                 c.target,
                 c.source.display(),
@@ -416,25 +416,25 @@ fn check_mode(c: &Chosen, memory: bool, live_guest: bool) -> Result<()> {
         }
         DiskMode::Internal if memory => {}
         DiskMode::Internal if live_guest => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: an internal disk-only snapshot of a running guest is not supported; use --disk {}=external, or a memory snapshot",
                 c.target, c.target
             )))
         }
         DiskMode::External if memory => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: a memory snapshot keeps every disk internally; add --disk-only for external disk snapshots",
                 c.target
             )))
         }
         DiskMode::Reflink if memory => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: a memory snapshot keeps every disk internally; add --disk-only for a reflink clone of it",
                 c.target
             )))
         }
         DiskMode::Reflink if c.format != Format::Raw => {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_supported(format!(
                 "disk {}: reflink clones are for raw images; {} is {}: use --disk {}=external (or internal)",
                 c.target,
                 c.source.display(),
@@ -457,7 +457,7 @@ fn resolve_clone(c: &Chosen, name: &str) -> Result<PathBuf> {
         None => default_clone(&c.source, name),
     };
     if std::fs::symlink_metadata(&dst).is_ok() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::exists(format!(
             "disk {}: {} already exists; vsnap never overwrites a file it did not create: \
              choose another snapshot name or --disk {}=reflink:PATH",
             c.target,
@@ -472,7 +472,7 @@ fn resolve_clone(c: &Chosen, name: &str) -> Result<PathBuf> {
         _ => false,
     };
     if !same_fs || !vsnap_steps::clone::reflink_supported(&dir) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_supported(format!(
             "disk {}: {} cannot hold a reflink clone of {} ({}); reflinks need one \
              filesystem that can clone (btrfs, xfs): use --disk {}=external",
             c.target,
@@ -505,7 +505,7 @@ fn resolve_overlay(
     let exists = std::fs::symlink_metadata(&o).is_ok();
     if req.reuse_external {
         if !exists {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::not_found(format!(
                 "--reuse-external: overlay {} for disk {} does not exist",
                 o.display(),
                 c.target
@@ -513,7 +513,7 @@ fn resolve_overlay(
         }
         let info = qemu_img::image_info(&o, Format::Qcow2, true).map_err(EngineError::Check)?;
         if info.backing.as_deref().map(canon) != Some(canon(&c.source)) {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "--reuse-external: overlay {} is backed by {:?}, not by disk {}'s image {}",
                 o.display(),
                 info.backing,
@@ -522,7 +522,7 @@ fn resolve_overlay(
             )));
         }
     } else if exists {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::exists(format!(
             "disk {}: overlay {} already exists; vsnap never overwrites a file it did not create: \
              choose another snapshot name or --disk {}=external:PATH",
             c.target,
@@ -596,7 +596,7 @@ fn check_offline_image(c: &Chosen, name: &str) -> Result<()> {
         qemu_img::refuse_damaged(&c.source).map_err(EngineError::Check)?;
     }
     if info.snapshots.iter().any(|s| s == name) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::name_taken(format!(
             "disk {}: {} already holds an internal snapshot named {name:?}; choose another name",
             c.target,
             c.source.display()
@@ -616,7 +616,7 @@ fn check_new_files_distinct(chosen: &[Chosen]) -> Result<()> {
                 .as_deref()
                 .is_some_and(|pb| crate::plan::normalise(pb) == crate::plan::normalise(pa))
         }) {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "disks {} and {} would both get the new file {}; give each its own with --disk {}={}:PATH",
                 a.target,
                 b.target,
@@ -634,27 +634,27 @@ fn check_new_files_distinct(chosen: &[Chosen]) -> Result<()> {
 fn check_memory_file(d: &DomainRec, mf: &Path, chosen: &[Chosen]) -> Result<()> {
     crate::volume::not_a_temp_name(mf, "--memory external:PATH")?;
     if std::fs::symlink_metadata(mf).is_ok() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::exists(format!(
             "memory file {} already exists; vsnap never overwrites a file it did not create: \
              choose another --memory external:PATH",
             mf.display()
         )));
     }
     if chosen.iter().any(|c| c.new_file.as_deref() == Some(mf)) {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::bad_request(format!(
             "memory file {} is also a disk's new file; choose another --memory external:PATH",
             mf.display()
         )));
     }
     let dir = mf.parent().unwrap_or(Path::new("/"));
     if !dir.is_dir() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_found(format!(
             "directory {} for the memory file does not exist",
             dir.display()
         )));
     }
     crate::volume::check_writable(dir).map_err(|_| {
-        EngineError::Invalid(format!(
+        EngineError::not_writable(format!(
             "directory {} for the memory file is not writable; choose another --memory external:PATH",
             dir.display()
         ))
@@ -667,7 +667,7 @@ fn check_memory_file(d: &DomainRec, mf: &Path, chosen: &[Chosen]) -> Result<()> 
         .unwrap_or(0);
     let free = vsnap_steps::clone::available_space(dir).map_err(EngineError::Check)?;
     if free < ram {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::no_space(format!(
             "the memory file needs up to {} MiB (the guest's RAM) and {} has {} MiB free; \
              choose another --memory external:PATH",
             ram >> 20,
@@ -701,7 +701,7 @@ fn locate_in_qemu(d: &DomainRec, chosen: &mut [Chosen], name: &str, memory: bool
             (canon(Path::new(&ins.file)) == c.real).then_some((b, ins))
         });
         let Some((entry, ins)) = found else {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::wrong_state(format!(
                 "QEMU does not use {} (disk {}) now; the domain definition is stale: `vsnap domain undefine` and `vsnap domain attach` it again",
                 c.source.display(),
                 c.target
@@ -719,7 +719,7 @@ fn locate_in_qemu(d: &DomainRec, chosen: &mut [Chosen], name: &str, memory: bool
                 .iter()
                 .any(|n| n.node_name == *node && n.snapshots.iter().any(|s| s == name));
             if has {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::name_taken(format!(
                     "disk {}: its image already holds an internal snapshot named {name:?}; choose another name",
                     c.target
                 )));
@@ -799,7 +799,7 @@ fn writable_for(dir: &Path, target: &str) -> Result<()> {
 /// `--disk target=KIND:PATH` that picks another place.
 fn writable_as(dir: &Path, target: &str, kind: &str) -> Result<()> {
     crate::volume::check_writable(dir).map_err(|_| {
-        EngineError::Invalid(format!(
+        EngineError::not_writable(format!(
             "disk {target}: directory {} is not writable; choose a writable place with --disk {target}={kind}:PATH",
             dir.display()
         ))
@@ -811,7 +811,7 @@ fn writable_as(dir: &Path, target: &str, kind: &str) -> Result<()> {
 fn file_dir(file: &Path, target: &str, what: &str, kind: &str) -> Result<PathBuf> {
     let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
     if !dir.is_dir() {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_found(format!(
             "directory {} for disk {target}'s {what} does not exist",
             dir.display()
         )));

@@ -117,8 +117,9 @@ impl Engine {
     /// the pivot nothing is left changed (the plan rolled back; `Xml` and
     /// every refusal before a plan change nothing); after it, see
     /// [`EngineError::needs_attention`]. Errors: `Xml` (the document);
-    /// from [`Engine::plan_domain_snapshot`], `Invalid` (no such domain, a
-    /// name in use, a choice that does not fit its disks or state),
+    /// from [`Engine::plan_domain_snapshot`], `Refused` (of each
+    /// [`crate::RefusalKind`]: no such domain, a name in use, a choice
+    /// that does not fit its disks or state),
     /// `BadName`, `Check` (an image or QEMU found unfit); and those of
     /// running the plan (`Step`, `StepRepaired`, `AfterPivot`, `Journal`).
     pub fn domain_snapshot_create_xml(
@@ -133,7 +134,7 @@ impl Engine {
 
     /// Every snapshot of the domain, oldest first (libvirt's
     /// `virDomainListAllSnapshots`). Needs the domain defined; changes
-    /// nothing. Errors: `Invalid` (no such domain), `Journal` (the catalog
+    /// nothing. Errors: `Refused` `NotFound` (no such domain), `Journal` (the catalog
     /// cannot be read, or a record does not decode).
     pub fn domain_snapshot_list(&self, domain: &str) -> Result<Vec<DomSnapshot>> {
         let d = self.domain(domain)?;
@@ -160,11 +161,11 @@ impl Engine {
 
     /// The snapshot named `name` (libvirt's
     /// `virDomainSnapshotLookupByName`). Needs the domain defined; changes
-    /// nothing. Errors: `Invalid` (no such domain, or no snapshot of that
+    /// nothing. Errors: `Refused` `NotFound` (no such domain, or no snapshot of that
     /// name), `Journal`.
     pub fn domain_snapshot_lookup_by_name(&self, domain: &str, name: &str) -> Result<DomSnapshot> {
         self.domain_snapshot_list(domain)?.into_iter().find(|s| s.name == name).ok_or_else(|| {
-            EngineError::Invalid(format!(
+            EngineError::not_found(format!(
                 "domain {domain:?} has no snapshot named {name:?}; `vsnap snapshot list {domain}` lists them"
             ))
         })
