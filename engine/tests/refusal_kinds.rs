@@ -329,3 +329,29 @@ fn named_paths_and_text() {
         "is not usable",
     );
 }
+
+/// A `<disk type='block'>` target refused before anything: a symlink to a
+/// device is Unsafe, a regular file a BadRequest (not a block device).
+#[test]
+fn block_device_target_refusals() {
+    let fx = Fx::new();
+    fx.domain();
+    let file = fx.vm.join("plain.img");
+    std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+    let link = fx.vm.join("dev-link");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    let xml = |dev: &Path| {
+        format!(
+            "<domainsnapshot><name>b1</name><disks><disk name='vda' type='block'><source dev='{}'/></disk>\
+             <disk name='vdb' snapshot='no'/></disks></domainsnapshot>",
+            dev.display()
+        )
+    };
+    let create = |dev: &Path| {
+        fx.engine
+            .domain_snapshot_create_xml("d", Some(&xml(dev)), DomSnapFlags::default(), false)
+            .map(drop)
+    };
+    refused(create(&link), RefusalKind::Unsafe, "is a symlink");
+    refused(create(&file), RefusalKind::BadRequest, "not a block device");
+}

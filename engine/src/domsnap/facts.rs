@@ -534,6 +534,20 @@ fn resolve_overlay(
     Ok(o)
 }
 
+/// What `device::open` refuses, as a typed refusal: a symlink is unsafe,
+/// a device in use is in use, anything else but a block device a bad
+/// request; other errors are the check's.
+fn device_refusal(e: vsnap_steps::StepError) -> EngineError {
+    match e {
+        vsnap_steps::StepError::Invalid(m) if m.contains("is a symlink") => EngineError::unsafe_(m),
+        vsnap_steps::StepError::Invalid(m) if m.contains("is in use") => EngineError::in_use(m),
+        vsnap_steps::StepError::Invalid(m) if m.contains("not a block device") => {
+            EngineError::bad_request(m)
+        }
+        other => EngineError::Check(other),
+    }
+}
+
 /// A `<disk type='block'>` target: the device must be given by its real
 /// path (not a symlink), be a block device nothing uses (opened
 /// exclusively: not mounted, not held), hold at least the overlay's
@@ -548,23 +562,23 @@ fn resolve_device_target(
     use std::os::unix::fs::MetadataExt;
     let dev = c.new_file.clone().expect("a block target names its device");
     if req.reuse_external {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::not_supported(format!(
             "disk {}: --reuse-external with a block device target is not supported; vsnap writes the overlay onto {} itself",
             c.target,
             dev.display()
         )));
     }
-    let f = vsnap_steps::device::open(&dev, false).map_err(EngineError::Check)?;
+    let f = vsnap_steps::device::open(&dev, false).map_err(device_refusal)?;
     let have = vsnap_steps::device::size(&f, &dev).map_err(EngineError::Check)?;
     let rdev = f.metadata().map(|m| m.rdev()).unwrap_or(0);
     drop(f);
     // Exclusively, as the step will: refused now while mounted or held.
-    drop(vsnap_steps::device::open(&dev, true).map_err(EngineError::Check)?);
+    drop(vsnap_steps::device::open(&dev, true).map_err(device_refusal)?);
     let need = vsnap_steps::device::overlay_bytes(&c.real, c.format)
         .map_err(EngineError::Check)?
         .len() as u64;
     if have < need {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::no_space(format!(
             "disk {}: block device {} holds {have} bytes; the overlay's metadata alone needs {need}: give a larger device",
             c.target,
             dev.display()
@@ -574,7 +588,7 @@ fn resolve_device_target(
     for (file, _) in &chain {
         let same = std::fs::metadata(file).is_ok_and(|m| m.rdev() == rdev && rdev != 0);
         if same || canon(file) == canon(&dev) {
-            return Err(EngineError::Invalid(format!(
+            return Err(EngineError::bad_request(format!(
                 "disk {}: block device {} is the disk's own image or in its backing chain; give another device",
                 c.target,
                 dev.display()
