@@ -6,9 +6,10 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde_json::json;
 use std::path::PathBuf;
-use vsnap_engine::domain::{DiskSource, DomDisk, DomainRec};
-use vsnap_engine::domsnap::{DiskChoice, DomSnapFlags, DomSnapRequest, DomSnapshot, MemoryChoice};
-use vsnap_engine::Engine;
+use vsnap_engine::{
+    DiskChoice, DiskSource, DomDisk, DomSnapFlags, DomSnapRequest, DomSnapshot, DomainRec, Engine,
+    MemoryChoice,
+};
 
 #[derive(Subcommand)]
 pub enum DomainCmd {
@@ -208,7 +209,7 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
             let d = engine
                 .domain_define(&text, qmp.clone())
                 .with_context(|| format!("in {}", file.display()))?;
-            let left_out = vsnap_engine::domain::domain_left_out(&text);
+            let left_out = vsnap_engine::xml::domain_left_out(&text);
             if json_out {
                 let mut v = domain_json(engine, &d);
                 v["left_out"] = json!(left_out);

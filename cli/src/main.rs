@@ -373,7 +373,7 @@ fn serve(cli: &Cli) -> anyhow::Result<u8> {
             {
                 return service::NOT_MINE;
             }
-            before.set(engine.journal().last_plan().ok().flatten().map(|p| p.0));
+            before.set(engine.last_plan_id().ok().flatten());
             run(&cli)
         },
         &|| after_panic(engine, before.get()),
@@ -398,9 +398,9 @@ fn after_panic(engine: &Engine, before: Option<u64>) -> Result<u8, String> {
         );
     }
     let mut code = EXIT_ERROR;
-    let after = engine.journal().last_plan().map_err(|e| e.to_string())?;
+    let after = engine.last_plan_id().map_err(|e| e.to_string())?;
     let first = before.map_or(1, |b| b + 1);
-    for id in first..=after.map_or(0, |p| p.0) {
+    for id in first..=after.unwrap_or(0) {
         let (stored, _) = engine.plan(id).map_err(|e| e.to_string())?;
         match stored.outcome() {
             Some(vsnap_engine::Outcome::RolledBack) => {}

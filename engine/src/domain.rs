@@ -17,10 +17,9 @@ use std::path::{Path, PathBuf};
 use vsnap_steps::qmp::BlockDevice;
 use vsnap_steps::{live, Format, StepError};
 
-// The records live in the catalog (which depends on nothing here); their
-// paths under `domain` are kept for the CLI and the tests.
+// The records live in the catalog (which depends on nothing here).
 pub use crate::catalog::dom::{
-    decode_domain, put_domain, DiskDevice, DiskSource, DomDisk, DomainRec, SnapshotDefault, DOMAINS,
+    put_domain, DiskDevice, DiskSource, DomDisk, DomainRec, SnapshotDefault, DOMAINS,
 };
 
 /// The XML namespace of vsnap's `<metadata>` element.
@@ -374,6 +373,7 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
 /// The name QEMU's `query-block` gives a device: `device`, else the
 /// peripheral id inside `qdev` (`/machine/peripheral/vda/virtio-backend`);
 /// see [`vsnap_steps::qmp::BlockDevice::target`].
+#[cfg(test)]
 pub fn block_target(entry: &Value) -> Option<String> {
     BlockDevice::from_value(entry).target()
 }

@@ -1,31 +1,117 @@
 //! vsnap's engine: the public API that VM managers embed.
 //!
-//! Requests (and XML) are compiled into [`plan::Plan`]s with every name and
-//! path fixed, then run journal-first (see [`plan`]). [`Engine::open`] takes
-//! the state directory's lock and runs recovery before any new plan.
+//! Everything an embedder uses is at the crate root: [`Engine`] (one per
+//! state directory per process) with libvirt-named calls
+//! (`vol_snapshot_create`, `domain_snapshot_create_xml`, ...), the request
+//! and flag types ([`CreateRequest`], [`VolSnapFlags`], [`DomSnapRequest`],
+//! [`DomSnapFlags`], ...), the records they return ([`VolSnapshot`],
+//! [`DomainRec`], [`DomSnapshot`], ...), the check reports, and typed
+//! errors ([`EngineError`], matched through [`EngineError::kind`] and
+//! [`RefusalKind`]). The XML formats are in [`xml`]. The modules behind
+//! them are private: the catalog's encoding and the journal are not part
+//! of the API (every change goes through a plan the engine compiles).
+//!
+//! Requests (and XML) are compiled into [`Plan`]s with every name and path
+//! fixed, then run journal-first: written to the journal before anything
+//! is touched, so that each happens completely or not at all.
+//! [`Engine::open`] takes the state directory's lock and runs recovery
+//! before any new plan.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use vsnap_engine::{CreateRequest, Engine, RefusalKind, SnapKind, VolSnapFlags};
+//!
+//! # fn main() -> Result<(), vsnap_engine::EngineError> {
+//! let (engine, recovered) = Engine::open(Path::new("/var/lib/vsnap"))?;
+//! for r in &recovered {
+//!     eprintln!("recovered plan {}: {}", r.plan, r.outcome);
+//! }
+//! let flags = VolSnapFlags {
+//!     name: Some("before-upgrade".into()),
+//!     kind: Some(SnapKind::External),
+//!     ..VolSnapFlags::default()
+//! };
+//! let req = CreateRequest::new(Path::new("/vm/a.qcow2"), None, flags)?;
+//! match engine.vol_snapshot_create(&req, false) {
+//!     Ok(done) => println!("made {}", done.snapshot.name),
+//!     Err(e) if e.kind() == Some(RefusalKind::NameTaken) => println!("name taken: {e}"),
+//!     Err(e) if e.kind() == Some(RefusalKind::NoSpace) => println!("no room: {e}"),
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
-pub mod catalog;
-pub mod check;
-pub mod domain;
-pub mod domsnap;
-pub mod image;
-pub mod plan;
-pub mod volume;
-pub mod xml;
-pub mod xmltree;
+mod catalog;
+mod check;
+mod domain;
+mod domsnap;
+mod image;
+mod plan;
+mod volume;
+mod volxml;
+mod xmltree;
 
+pub use catalog::dom::{
+    DiskDevice, DiskMode, DiskSource, DomDisk, DomSnapDisk, DomSnapState, DomSnapshot, DomainRec,
+    SnapshotDefault,
+};
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
+pub use check::{AdoptReport, AdoptedFile, CheckReport};
+pub use domain::DomState;
+pub use domsnap::{DiskChoice, DomSnapDone, DomSnapFlags, DomSnapRequest, MemoryChoice};
 pub use plan::{Plan, PlanOutcome, PlanReport};
 pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
-pub use vsnap_journal::Outcome;
-pub use vsnap_steps::{Format, Progress};
+pub use vsnap_journal::{JournalError, Outcome, PlanHeader, PlanId, Record, StoredPlan};
+pub use vsnap_recovery::IllegalSequence;
+pub use vsnap_steps::{Format, Progress, StepError};
+
+/// The XML formats: `<volsnapshot>`, `<domainsnapshot>` and `<domain>`,
+/// parsed and written as the engine does. The `Engine` calls that take
+/// XML (`vol_snapshot_create_xml`, `domain_snapshot_create_xml`,
+/// `domain_define`) parse with these; the `_get_xml_desc` calls write
+/// with them. Read a file of XML with [`crate::read_xml_file`].
+pub mod xml {
+    pub use crate::domain::{domain_left_out, domain_to_xml, parse_domain_xml};
+    pub use crate::domsnap::{domainsnapshot_to_xml, parse_domainsnapshot};
+    pub use crate::volxml::{parse_volsnapshot, volsnapshot_to_xml, VolSnapshotSpec};
+}
+
+/// Internals for vsnap's own tests (engine/tests, the crash suites):
+/// **not part of the API**, hidden from the documentation, and free to
+/// change in any release. Read-only: nothing here writes the journal or
+/// the catalog.
+#[doc(hidden)]
+pub mod testing {
+    use crate::{Engine, Result, VolSnapshot, VolumeRec};
+    use std::path::Path;
+
+    pub use crate::domain::block_key;
+    pub use crate::image::{is_claim, CLAIM_PREFIX};
+
+    /// The catalog's record of the volume at `path` (canonical), if any.
+    pub fn volume_record(engine: &Engine, path: &Path) -> Result<Option<VolumeRec>> {
+        crate::catalog::volume(engine.journal(), path)
+    }
+
+    /// The catalog's snapshots of the volume at `path` (canonical), as
+    /// stored.
+    pub fn volume_snapshots(engine: &Engine, path: &Path) -> Result<Vec<VolSnapshot>> {
+        crate::catalog::snapshots(engine.journal(), path)
+    }
+
+    /// How many plans of the journal are unfinished.
+    pub fn unfinished_plans(engine: &Engine) -> Result<usize> {
+        Ok(engine.journal().unfinished()?.len())
+    }
+}
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use vsnap_journal::Journal;
-use vsnap_steps::{Cx, StepError};
+use vsnap_steps::Cx;
 
 /// Errors of the engine: each names what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -599,6 +685,20 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// The engine: one per state directory per process.
+///
+/// The journal it writes is not reachable from outside: plans are read
+/// through [`Engine::plans`] and [`Engine::plan`], changed only by the
+/// calls that compile and run them.
+///
+/// ```compile_fail,E0624
+/// fn raw(engine: &vsnap_engine::Engine) {
+///     let _ = engine.journal(); // private: no raw journal
+/// }
+/// ```
+///
+/// ```compile_fail,E0603
+/// use vsnap_engine::catalog::put_volume; // private: no catalog encoders
+/// ```
 pub struct Engine {
     journal: Journal,
     /// Plans run one at a time (they read the catalog when compiled).
@@ -628,9 +728,9 @@ impl Engine {
         self.progress = Box::new(f);
     }
 
-    /// The journal (and catalog store) this engine writes; for
-    /// inspection: every change goes through a plan.
-    pub fn journal(&self) -> &Journal {
+    /// The journal (and catalog store) this engine writes. Not public:
+    /// every change goes through a plan.
+    pub(crate) fn journal(&self) -> &Journal {
         &self.journal
     }
 
@@ -671,13 +771,20 @@ impl Engine {
         Ok(out)
     }
 
-    /// Every plan in the journal, oldest first.
-    pub fn plans(&self) -> Result<Vec<vsnap_journal::StoredPlan>> {
+    /// Every plan in the journal, oldest first (read-only copies: its
+    /// header and records).
+    pub fn plans(&self) -> Result<Vec<StoredPlan>> {
         Ok(self.journal.plans()?)
     }
 
-    /// One plan and its decoded steps.
-    pub fn plan(&self, id: u64) -> Result<(vsnap_journal::StoredPlan, Plan)> {
+    /// The id of the newest plan in the journal, if any.
+    pub fn last_plan_id(&self) -> Result<Option<u64>> {
+        Ok(self.journal.last_plan()?.map(|p| p.0))
+    }
+
+    /// One plan (a read-only copy of its header and records) and its
+    /// decoded steps.
+    pub fn plan(&self, id: u64) -> Result<(StoredPlan, Plan)> {
         let stored = self.journal.plan(vsnap_journal::PlanId(id))?;
         let plan = Plan::decode(&stored)?;
         Ok((stored, plan))

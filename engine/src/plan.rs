@@ -74,7 +74,7 @@ impl Plan {
     /// absolute paths, and as the same existing file by device and inode),
     /// or that would create a path the filesystem cannot hold (a name
     /// over 255 bytes, a path over 4095). Every plan kind passes here:
-    /// [`run`] checks, and so does every compile function.
+    /// the runner checks, and so does every compile function.
     pub fn check_paths(&self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         // (normalised path, device and inode if it exists, step index)

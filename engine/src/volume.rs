@@ -70,8 +70,8 @@ impl CreateRequest {
     /// [`Engine::plan_vol_create`], not here.
     pub fn new(image: &Path, xml: Option<&str>, flags: VolSnapFlags) -> Result<CreateRequest> {
         let spec = match xml {
-            Some(text) => crate::xml::parse_volsnapshot(text)?,
-            None => crate::xml::VolSnapshotSpec::default(),
+            Some(text) => crate::volxml::parse_volsnapshot(text)?,
+            None => crate::volxml::VolSnapshotSpec::default(),
         };
         Ok(CreateRequest {
             image: image.to_path_buf(),
@@ -1207,7 +1207,7 @@ impl Engine {
             .vol_snapshot_current(image)?
             .map(|c| c.name == s.name)
             .unwrap_or(false);
-        Ok(crate::xml::volsnapshot_to_xml(&s, current))
+        Ok(crate::volxml::volsnapshot_to_xml(&s, current))
     }
 }
 

@@ -5,10 +5,8 @@
 //! `domain_has_current_snapshot` and `_get_xml_desc`.
 
 use std::path::PathBuf;
-use vsnap_engine::domsnap::{
-    parse_domainsnapshot, DiskChoice, DiskMode, DomSnapFlags, MemoryChoice,
-};
-use vsnap_engine::{Engine, EngineError, Format};
+use vsnap_engine::xml::parse_domainsnapshot;
+use vsnap_engine::{DiskChoice, DiskMode, DomSnapFlags, Engine, EngineError, Format, MemoryChoice};
 use vsnap_steps::qemu_img;
 
 struct Fx {

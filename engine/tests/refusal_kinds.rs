@@ -4,9 +4,9 @@
 //! and the message is still the text `vsnap` prints.
 
 use std::path::{Path, PathBuf};
-use vsnap_engine::domsnap::{DiskChoice, DomSnapFlags, MemoryChoice};
 use vsnap_engine::{
-    CreateRequest, Engine, EngineError, Format, RefusalKind, RevertRequest, SnapKind,
+    CreateRequest, DiskChoice, DomSnapFlags, Engine, EngineError, Format, MemoryChoice,
+    RefusalKind, RevertRequest, SnapKind,
 };
 use vsnap_steps::qemu_img;
 

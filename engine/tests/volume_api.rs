@@ -826,7 +826,7 @@ fn delete_children_removes_the_subtree(c: Case) {
     let mut left: Vec<String> = std::fs::read_dir(&fx.work)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !vsnap_engine::image::is_claim(n))
+        .filter(|n| !vsnap_engine::testing::is_claim(n))
         .collect();
     left.sort();
     let mut want = vec![format!("disk.{}", c.ext())];
@@ -1292,7 +1292,7 @@ fn recovery_finishes_a_plan_with_every_step_done() {
         vsnap_engine::PlanOutcome::Committed,
         "{reports:?}"
     );
-    let stored = engine.journal().plan(id).unwrap();
+    let (stored, _) = engine.plan(id.0).unwrap();
     assert_eq!(stored.outcome(), Some(&Outcome::Committed));
     assert_eq!(
         stored.records,

@@ -233,7 +233,7 @@ pub fn disks_at_boot(q: &mut Qmp, files: &[PathBuf]) -> Vec<Disk> {
                 .find(|b| b["inserted"]["file"].as_str().map(Path::new) == Some(canon.as_path()))
                 .unwrap_or_else(|| panic!("query-block does not show {}", f.display()));
             Disk {
-                key: vsnap_engine::domain::block_key(entry),
+                key: vsnap_engine::testing::block_key(entry),
                 base_node: entry["inserted"]["node-name"]
                     .as_str()
                     .expect("node-name")

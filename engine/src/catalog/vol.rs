@@ -372,11 +372,6 @@ pub fn snapshots(j: &Journal, volume: &Path) -> Result<Vec<VolSnapshot>> {
     Ok(out)
 }
 
-/// Every volume in the catalog.
-pub fn volumes(j: &Journal) -> Result<Vec<VolumeRec>> {
-    Ok(scan(j, VOLUMES, b"")?.into_iter().map(|(_, v)| v).collect())
-}
-
 /// The image's format as recorded by vsnap, if it was.
 pub fn volformat(j: &Journal, path: &Path) -> Result<Option<Format>> {
     get(j, VOLFORMAT, &path_key(path))

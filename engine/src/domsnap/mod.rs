@@ -45,11 +45,9 @@ use crate::{Engine, EngineError, Result};
 use serde::Serialize;
 use vsnap_steps::live;
 
-// The records live in the catalog (which depends on nothing here); their
-// paths under `domsnap` are kept for the CLI and the tests.
+// The records live in the catalog (which depends on nothing here).
 pub use crate::catalog::dom::{
-    delete_snapshot_op, put_snapshot_op, snapshots, DiskMode, DomSnapDisk, DomSnapState,
-    DomSnapshot, DOMSNAPS,
+    put_snapshot_op, snapshots, DiskMode, DomSnapDisk, DomSnapState, DomSnapshot,
 };
 
 impl From<DomState> for DomSnapState {

@@ -27,7 +27,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-pub use vsnap_engine::check::CheckReport;
+pub use vsnap_engine::CheckReport;
 use vsnap_engine::Engine;
 pub use vsnap_engine::{Format, SnapKind};
 use vsnap_steps::qemu_img;
@@ -607,10 +607,9 @@ pub fn catalog(state_dir: &Path, image: &Path) -> Result<CatalogState, String> {
 
 fn read_catalog(engine: &Engine, image: &Path) -> Result<CatalogState, String> {
     let canon = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let j = engine.journal();
-    let rec = vsnap_engine::catalog::volume(j, &canon)
+    let rec = vsnap_engine::testing::volume_record(engine, &canon)
         .map_err(|e| format!("reading the catalog: {e}"))?;
-    let snaps = vsnap_engine::catalog::snapshots(j, &canon)
+    let snaps = vsnap_engine::testing::volume_snapshots(engine, &canon)
         .map_err(|e| format!("reading the catalog: {e}"))?;
     Ok(CatalogState {
         known: rec.is_some(),

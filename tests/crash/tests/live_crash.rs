@@ -87,9 +87,7 @@ use vsnap_crash::{
     diff_listing, expand_points, listing, scratch_dir, workspace_root, Bins, BtrfsLoop, Inject,
     Listing, Run,
 };
-use vsnap_engine::domain::DomainRec;
-use vsnap_engine::domsnap::{DiskMode, DomSnapshot};
-use vsnap_engine::{Engine, Format};
+use vsnap_engine::{DiskMode, DomSnapshot, DomainRec, Engine, Format};
 use vsnap_steps::{live, qemu_img};
 
 /// Size of each guest disk.
@@ -1375,12 +1373,10 @@ impl Suite {
             }
             Err(e) => v.push(e),
         }
-        match self.engine().and_then(|e| {
-            e.journal()
-                .unfinished()
-                .map(|u| u.len())
-                .map_err(|e| e.to_string())
-        }) {
+        match self
+            .engine()
+            .and_then(|e| vsnap_engine::testing::unfinished_plans(&e).map_err(|e| e.to_string()))
+        {
             Ok(0) => {}
             Ok(n) => v.push(format!("inv7: {n} unfinished plan(s) after recovery")),
             Err(e) => v.push(e),
