@@ -321,7 +321,17 @@ fn run(cli: &Cli) -> u8 {
         Ok(code) => code,
         Err(e) => {
             if cli.json {
-                print_json(&json!({ "error": format!("{e:#}") }));
+                // A refusal also carries its kind, for a machine to match on.
+                let kind = e.chain().find_map(|c| {
+                    c.downcast_ref::<vsnap_engine::EngineError>()
+                        .and_then(vsnap_engine::EngineError::kind)
+                });
+                match kind {
+                    Some(k) => {
+                        print_json(&json!({ "error": format!("{e:#}"), "kind": k.as_str() }))
+                    }
+                    None => print_json(&json!({ "error": format!("{e:#}") })),
+                }
             }
             report_error("vsnap", &e);
             exit_code_of(&e)

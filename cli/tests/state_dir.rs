@@ -202,10 +202,27 @@ fn usage_errors_with_json_are_json() {
             .unwrap_or_else(|| panic!("{args:?}: {v}"));
         assert!(!e.is_empty() && !e.starts_with("error:"), "{args:?}: {e}");
     }
+    assert!(!state.exists(), "usage errors make no state directory");
+    // A refusal carries its kind as well.
+    let img = d.join("k.qcow2");
+    qemu_img_create(&img, "qcow2", MIB);
+    for (args, kind) in [
+        (
+            &["--json", "vol", "snapshot", "revert", p(&img), "nosuch"][..],
+            "not-found",
+        ),
+        (
+            &["--json", "vol", "snapshot", "create", p(&img), "a/b"][..],
+            "bad-name",
+        ),
+    ] {
+        let v = vsnap(&state, args).expect_code(2).json();
+        assert_eq!(v["kind"], kind, "{args:?}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
     // Help is still help.
     let o = vsnap_bare(&["--json", "--help"]);
     o.ok().stdout_has(&["Usage"]);
-    assert!(!d.join("state").exists());
 }
 
 /// `vsnap ... | head`: the reader went away; vsnap exits with its own

@@ -341,6 +341,25 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
+    /// The kind as one stable word (`not-found`, `name-taken`, ...), as
+    /// `vsnap --json` prints it in `{"error": ..., "kind": ...}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::NotFound => "not-found",
+            RefusalKind::NameTaken => "name-taken",
+            RefusalKind::BadName => "bad-name",
+            RefusalKind::BadRequest => "bad-request",
+            RefusalKind::NotSupported => "not-supported",
+            RefusalKind::InUse => "in-use",
+            RefusalKind::WrongState => "wrong-state",
+            RefusalKind::Unsafe => "unsafe",
+            RefusalKind::Exists => "exists",
+            RefusalKind::NotWritable => "not-writable",
+            RefusalKind::NoSpace => "no-space",
+            RefusalKind::Io => "io",
+        }
+    }
+
     /// The kind of a refusal caused by `e` on a path the request names:
     /// [`RefusalKind::NotFound`] when it does not exist, else
     /// [`RefusalKind::Io`].
