@@ -624,3 +624,46 @@ fn blockdev_add_step_is_idempotent_and_one_held_connection_serves_it_all() {
     let nodes = q.query_named_block_nodes_flat().unwrap();
     assert!(node(&nodes, "ov1").is_some() && node(&nodes, "ov2").is_none());
 }
+
+/// The pivot step sends its transaction without asking first; run again
+/// (switched already) QEMU's refusal is recognised as done, and a real
+/// refusal (a node that does not exist) stands.
+#[test]
+fn transaction_step_is_idempotent_without_asking_first() {
+    let mut overlay = PathBuf::new();
+    let vm = Vm::start_prepared(|dir| {
+        overlay = dir.join("disk.ov1.qcow2");
+        qemu_img::create_overlay(&overlay, &dir.join("disk.qcow2"), Format::Qcow2).unwrap();
+    });
+    vsnap_steps::live::blockdev_add(&vm.sock, "ov1", "ov1-file", &overlay).unwrap();
+    let dev = {
+        let mut q = vm.qmp();
+        let blk = q.query_block().unwrap();
+        vsnap_steps::live::block_entry(&blk, "vda")
+            .map(|_| "vda".to_string())
+            .unwrap_or_else(|| blk[0]["qdev"].as_str().unwrap().to_string())
+    };
+    let disks = [vsnap_steps::live::LiveDisk {
+        device: dev.clone(),
+        node: "d0".into(),
+        overlay: "ov1".into(),
+    }];
+    vsnap_steps::live::transaction(&vm.sock, &disks).unwrap();
+    vsnap_steps::live::transaction(&vm.sock, &disks).unwrap();
+    let blk = vm.qmp().query_block().unwrap();
+    assert_eq!(
+        vsnap_steps::live::top_node(&blk, &dev).as_deref(),
+        Some("ov1"),
+        "{blk}"
+    );
+    let bad = [vsnap_steps::live::LiveDisk {
+        device: dev,
+        node: "ov1".into(),
+        overlay: "no-such-node".into(),
+    }];
+    let e = vsnap_steps::live::transaction(&vm.sock, &bad).unwrap_err();
+    assert!(
+        matches!(&e, StepError::Qmp { command, .. } if command == "transaction"),
+        "{e}"
+    );
+}
