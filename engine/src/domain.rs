@@ -378,8 +378,8 @@ pub fn block_target(entry: &Value) -> Option<String> {
     BlockDevice::from_value(entry).target()
 }
 
-/// The key [`vsnap_steps::live::block_entry`] matches on
-/// ([`vsnap_steps::qmp::BlockDevice::key`]).
+/// The key a device is found by ([`vsnap_steps::qmp::BlockDevice::key`]:
+/// `device`, else `qdev`), from a raw `query-block` entry.
 pub fn block_key(entry: &Value) -> String {
     BlockDevice::from_value(entry).key
 }

@@ -6,7 +6,7 @@
 //! a plan and its planning use one connection).
 
 use crate::agent::Agent;
-use crate::qmp::{blockdev_snapshot_action, qcow2_overlay_args, Qmp};
+use crate::qmp::{blockdev_snapshot_action, qcow2_overlay_args, BlockDevice, Qmp};
 use crate::{Probe, StepError, StepResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -133,22 +133,15 @@ pub fn agent(path: &Path) -> StepResult<Agent> {
     Ok(a)
 }
 
-/// The `query-block` entry of `device` (matched on `device`, then `qdev`).
-pub fn block_entry<'a>(blocks: &'a Value, device: &str) -> Option<&'a Value> {
-    blocks.as_array()?.iter().find(|b| {
-        let d = b.get("device").and_then(Value::as_str).unwrap_or("");
-        let q = b.get("qdev").and_then(Value::as_str).unwrap_or("");
-        (!d.is_empty() && d == device) || (d.is_empty() && q == device)
-    })
-}
-
-/// The top node of `device` now.
-pub fn top_node(blocks: &Value, device: &str) -> Option<String> {
-    block_entry(blocks, device)?
-        .get("inserted")?
-        .get("node-name")?
-        .as_str()
-        .map(str::to_string)
+/// The top node of `device` (its [`BlockDevice::key`]: `device`, else
+/// `qdev`) in a typed `query-block` answer ([`Qmp::query_block_typed`]).
+pub fn top_node(blocks: &[BlockDevice], device: &str) -> Option<String> {
+    blocks
+        .iter()
+        .find(|b| b.key == device)?
+        .inserted
+        .as_ref()
+        .map(|i| i.node_name.clone())
 }
 
 fn node_names(q: &mut Qmp) -> StepResult<Vec<String>> {
@@ -218,7 +211,7 @@ pub fn transaction_probe(qmp_path: &Path, disks: &[LiveDisk]) -> StepResult<Prob
             )))
         }
     };
-    let blocks = q.query_block()?;
+    let blocks = q.query_block_typed()?;
     let mut switched = 0;
     let mut seen = Vec::new();
     for d in disks {
@@ -261,7 +254,7 @@ pub fn transaction(qmp_path: &Path, disks: &[LiveDisk]) -> StepResult<()> {
     match q.transaction(actions) {
         Ok(()) => {}
         Err(e @ StepError::Qmp { .. }) => {
-            let blocks = q.query_block()?;
+            let blocks = q.query_block_typed()?;
             let switched = disks
                 .iter()
                 .all(|d| top_node(&blocks, &d.device).as_deref() == Some(d.overlay.as_str()));

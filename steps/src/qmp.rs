@@ -710,9 +710,9 @@ impl Qmp {
     }
 }
 
-/// One entry of `query-block`, typed: the one place its JSON is read for
-/// the engine (the steps' own probes still match the raw value through
-/// [`crate::live::block_entry`], with the same rule as [`BlockDevice::key`]).
+/// One entry of `query-block`, typed: the one place its JSON is read, for
+/// the engine and the live steps' own probes alike
+/// ([`crate::live::top_node`] finds a device by [`BlockDevice::key`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockDevice {
     /// `device` if QEMU gives one, else `qdev`: what a step's `device`
@@ -1311,10 +1311,12 @@ mod block_tests {
         assert_eq!(b[2].key, "vda");
         assert_eq!(b[2].target().as_deref(), Some("vda"));
         assert!(b[2].inserted.as_ref().unwrap().ro);
-        // The steps' own matcher agrees with `key`.
+        // The steps' own lookup finds each device by `key`.
         for d in &b {
-            let raw = crate::live::block_entry(&blocks, &d.key).unwrap();
-            assert_eq!(BlockDevice::from_value(raw), *d);
+            assert_eq!(
+                crate::live::top_node(&b, &d.key),
+                d.inserted.as_ref().map(|i| i.node_name.clone())
+            );
         }
 
         let nodes = json!([

@@ -636,13 +636,7 @@ fn transaction_step_is_idempotent_without_asking_first() {
         qemu_img::create_overlay(&overlay, &dir.join("disk.qcow2"), Format::Qcow2).unwrap();
     });
     vsnap_steps::live::blockdev_add(&vm.sock, "ov1", "ov1-file", &overlay).unwrap();
-    let dev = {
-        let mut q = vm.qmp();
-        let blk = q.query_block().unwrap();
-        vsnap_steps::live::block_entry(&blk, "vda")
-            .map(|_| "vda".to_string())
-            .unwrap_or_else(|| blk[0]["qdev"].as_str().unwrap().to_string())
-    };
+    let dev = vm.qmp().query_block_typed().unwrap()[0].key.clone();
     let disks = [vsnap_steps::live::LiveDisk {
         device: dev.clone(),
         node: "d0".into(),
@@ -650,11 +644,11 @@ fn transaction_step_is_idempotent_without_asking_first() {
     }];
     vsnap_steps::live::transaction(&vm.sock, &disks).unwrap();
     vsnap_steps::live::transaction(&vm.sock, &disks).unwrap();
-    let blk = vm.qmp().query_block().unwrap();
+    let blk = vm.qmp().query_block_typed().unwrap();
     assert_eq!(
         vsnap_steps::live::top_node(&blk, &dev).as_deref(),
         Some("ov1"),
-        "{blk}"
+        "{blk:?}"
     );
     let bad = [vsnap_steps::live::LiveDisk {
         device: dev,

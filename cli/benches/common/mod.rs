@@ -245,7 +245,7 @@ pub fn disks_at_boot(q: &mut Qmp, files: &[PathBuf]) -> Vec<Disk> {
 }
 
 pub fn top_nodes(q: &mut Qmp, disks: &[Disk]) -> Vec<String> {
-    let blocks = ok(q.query_block(), "query-block");
+    let blocks = ok(q.query_block_typed(), "query-block");
     disks
         .iter()
         .map(|d| {
