@@ -27,33 +27,14 @@
 //! Environment: VSNAP_BENCH_ITERS (default 40), VSNAP_BENCH_WARMUP
 //! (default 5), VSNAP_BENCH_DIR (default /var/tmp).
 
+mod common;
+
+use common::{env_num, pct, run, vsnap_binary};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TARGET_RATIO: f64 = 1.5;
-
-fn env_num(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Run a command to completion; panic with its stderr if it fails.
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
 
 fn timed(cmd: &mut Command) -> Duration {
     cmd.stdout(Stdio::null())
@@ -72,35 +53,6 @@ fn timed(cmd: &mut Command) -> Duration {
         );
     }
     d
-}
-
-fn vsnap_binary() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_vsnap"));
-    if exe.is_file() {
-        return exe;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("cli/ has a parent")
-        .to_path_buf();
-    eprintln!(
-        "{} is missing: cargo build --release -p vsnap-cli",
-        exe.display()
-    );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .args(["build", "--release", "-p", "vsnap-cli"])
-        .current_dir(&root));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("release").join("vsnap");
-    assert!(
-        bin.is_file(),
-        "{} still missing after the build",
-        bin.display()
-    );
-    bin
 }
 
 /// A fresh 64 MiB qcow2 image with 1 MiB of data.
@@ -306,14 +258,6 @@ impl Service {
         let st = self.0.wait().expect("wait for vsnap serve");
         assert!(st.success(), "vsnap serve ended with {st}");
     }
-}
-
-fn pct(v: &[Duration], p: f64) -> f64 {
-    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    // nearest-rank percentile
-    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
-    ms[rank.min(ms.len()) - 1]
 }
 
 fn main() {
