@@ -211,12 +211,6 @@ fn make_chain(path: &Path, depth: usize, format_ext4: bool) {
     }
 }
 
-fn vsnap_cmd(vsnap: &Path, state: &Path) -> Command {
-    let mut c = Command::new(vsnap);
-    c.arg("--state-dir").arg(state);
-    c
-}
-
 fn bench(
     n: usize,
     depth: usize,

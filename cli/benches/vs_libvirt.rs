@@ -264,12 +264,6 @@ struct Results {
     accel: String,
 }
 
-fn vsnap_cmd(vsnap: &Path, state: &Path) -> Command {
-    let mut c = Command::new(vsnap);
-    c.arg("--state-dir").arg(state);
-    c
-}
-
 #[allow(clippy::too_many_arguments)]
 fn bench(
     uri: &str,

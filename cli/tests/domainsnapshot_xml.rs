@@ -276,6 +276,32 @@ fn an_overlay_onto_a_block_device() {
         &[p(&plain), "not a block device"],
     );
 
+    // A device a QEMU process holds (here qemu-io, which takes QEMU's image
+    // locks as qemu-system does) is refused.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &dev.0])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = || {
+        let f = std::fs::File::open(dev.path()).unwrap();
+        vsnap_steps::qcow2::qemu_holds_file(&f).unwrap()
+    };
+    // Bounded poll until qemu-io has opened the device (never a fixed wait).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !held() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(held(), "qemu-io took its locks");
+    fx.refused(
+        &block("q1", &dev.0),
+        &[],
+        &[&dev.0, "in use by a QEMU process"],
+    );
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+
     let x = block("b1", dev.path().to_str().unwrap());
     let v = vsnap(
         &fx.state,

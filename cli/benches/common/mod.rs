@@ -91,6 +91,13 @@ pub fn vsnap_binary() -> PathBuf {
     bin
 }
 
+/// `vsnap --state-dir STATE`, to add arguments to.
+pub fn vsnap_cmd(vsnap: &Path, state: &Path) -> Command {
+    let mut c = Command::new(vsnap);
+    c.arg("--state-dir").arg(state);
+    c
+}
+
 /// Whether `pid` is a live (not zombie) QEMU process.
 pub fn qemu_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

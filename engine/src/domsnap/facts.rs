@@ -571,6 +571,18 @@ fn resolve_device_target(
     let f = vsnap_steps::device::open(&dev, false).map_err(device_refusal)?;
     let have = vsnap_steps::device::size(&f, &dev).map_err(EngineError::Check)?;
     let rdev = f.metadata().map(|m| m.rdev()).unwrap_or(0);
+    // QEMU locks the block devices it opens as it locks image files; the
+    // exclusive open below does not see those locks.
+    if vsnap_steps::qcow2::qemu_holds_file(&f)
+        .map_err(|e| EngineError::Check(vsnap_steps::fsops::io_err("test the locks of", &dev, e)))?
+    {
+        return Err(EngineError::in_use(format!(
+            "disk {}: block device {} is in use by a QEMU process (it holds QEMU's image locks); \
+             give a device nothing uses",
+            c.target,
+            dev.display()
+        )));
+    }
     drop(f);
     // Exclusively, as the step will: refused now while mounted or held.
     drop(vsnap_steps::device::open(&dev, true).map_err(device_refusal)?);
