@@ -1266,7 +1266,14 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
             .unwrap()
             .clone();
         assert_eq!(vdc["source"], dev.0.as_str(), "{info}");
-        assert!(!pstate.join("devhead.blkp.p2.vdc").exists());
+        assert!(
+            !std::fs::read_dir(&pstate).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("devhead.")),
+            "the device's saved head goes after the pivot"
+        );
         vsnap(&pstate, &["domain", "check", "blkp"]).ok();
     });
 

@@ -124,6 +124,15 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
     if live_guest {
         locate_in_qemu(d, &mut disks, &name, memory)?;
     }
+    let tag = temp_tag8();
+    // Where each block device's first bytes are saved: a name of this
+    // plan's own (its tag), so no other plan's saved copy is ever taken
+    // for this one's.
+    for (i, c) in disks.iter_mut().enumerate() {
+        if c.device_head.is_some() {
+            c.device_head = Some(e.journal().state_dir().join(format!("devhead.{tag}.{i}")));
+        }
+    }
     Ok(Facts {
         domain: d.clone(),
         state,
@@ -131,7 +140,7 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
         memory,
         memory_file,
         disks,
-        tag: temp_tag8(),
+        tag,
         now: crate::now_unix(),
     })
 }
@@ -339,7 +348,7 @@ fn check_disk(
         c.new_file = Some(resolve_clone(c, name)?);
     }
     if c.mode == DiskMode::External && c.device_head.is_some() {
-        c.device_head = Some(resolve_device_target(e, c, req, name)?);
+        check_device_target(c, req)?;
     } else if c.mode == DiskMode::External {
         c.new_file = Some(resolve_overlay(c, req, name, existing)?);
     } else if !live_guest {
@@ -551,14 +560,8 @@ fn device_refusal(e: vsnap_steps::StepError) -> EngineError {
 /// A `<disk type='block'>` target: the device must be given by its real
 /// path (not a symlink), be a block device nothing uses (opened
 /// exclusively: not mounted, not held), hold at least the overlay's
-/// metadata, and be neither the disk's own image nor in its chain. Returns
-/// where its first bytes are saved: `<state dir>/devhead.<domain>.<snapshot>.<target>`.
-fn resolve_device_target(
-    e: &Engine,
-    c: &Chosen,
-    req: &DomSnapRequest,
-    name: &str,
-) -> Result<PathBuf> {
+/// metadata, and be neither the disk's own image nor in its chain.
+fn check_device_target(c: &Chosen, req: &DomSnapRequest) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dev = c.new_file.clone().expect("a block target names its device");
     if req.reuse_external {
@@ -607,9 +610,7 @@ fn resolve_device_target(
             )));
         }
     }
-    Ok(e.journal()
-        .state_dir()
-        .join(format!("devhead.{}.{name}.{}", req.domain, c.target)))
+    Ok(())
 }
 
 /// Offline, an internal snapshot or a clone: the image must not be held
