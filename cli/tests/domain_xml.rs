@@ -350,7 +350,7 @@ fn dumpxml_keeps_type_block_and_the_domain_type() {
     assert!(xml.starts_with("<domain type='qemu'>"), "{xml}");
     assert!(
         xml.contains(&format!(
-            "<disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source dev='{}'/>",
+            "<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{}'/>",
             dev.0
         )),
         "{xml}"
@@ -365,4 +365,59 @@ fn dumpxml_keeps_type_block_and_the_domain_type() {
     let xen = fx.work.join("xen.xml");
     std::fs::write(&xen, "<domain type='xen'><name>x</name></domain>").unwrap();
     fx.refused(&[], &["domain", "define", p(&xen)], &["type='xen'", "kvm"]);
+}
+
+#[test]
+fn what_vsnap_does_not_act_on_is_kept_by_dumpxml_and_by_the_snapshot() {
+    let fx = Fx::new("dx-keep");
+    let a = fx.image("a.raw", "raw");
+    let extras = "<serial>S-1</serial><boot order='1'/>\
+        <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>\
+        <iotune><total_bytes_sec>1000000</total_bytes_sec></iotune>";
+    let disk = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>\
+         <source file='{}'/><backingStore/><target dev='vda' bus='virtio'/>{extras}</disk>\
+         <interface type='network'><source network='default'/></interface>",
+        a.display()
+    );
+    fx.define("d", "kvm", &disk).ok();
+    let given = format!("<domain type='kvm'><name>d</name><devices>{disk}</devices></domain>");
+    assert_eq!(fx.vsnap(&["domain", "dumpxml", "d"]).ok().stdout, given);
+    // An offline external snapshot: vda moves to its overlay.
+    fx.vsnap(&["snapshot", "create", "d", "s1", "--disk-only"])
+        .ok();
+    let ov = fx.work.join("a.s1.qcow2");
+    assert!(ov.is_file());
+    let now = fx.vsnap(&["domain", "dumpxml", "d"]).ok().stdout.clone();
+    assert!(
+        now.contains(&format!(
+            "<driver name='qemu' type='qcow2' cache='none'/><source file='{}'/><target dev='vda' bus='virtio'/>{extras}</disk>",
+            ov.display()
+        )),
+        "{now}"
+    );
+    assert!(
+        !now.contains("<backingStore/>"),
+        "stale 'no backing file' kept: {now}"
+    );
+    assert!(now.contains("<interface type='network'>"), "{now}");
+    // The snapshot keeps the domain as it was, extras included.
+    let snap = fx
+        .vsnap(&["snapshot", "dumpxml", "d", "s1"])
+        .ok()
+        .stdout
+        .clone();
+    assert!(
+        snap.contains(&format!("<source file='{}'/><backingStore/>", a.display())),
+        "{snap}"
+    );
+    assert!(snap.contains(extras), "{snap}");
+    // dumpxml's output defines the same domain again.
+    let f = fx.work.join("again.xml");
+    std::fs::write(&f, now.replace("<name>d</name>", "<name>e</name>")).unwrap();
+    fx.vsnap(&["domain", "define", p(&f)]).ok();
+    assert_eq!(
+        fx.vsnap(&["domain", "dumpxml", "e"]).ok().stdout,
+        now.replace("<name>d</name>", "<name>e</name>")
+    );
 }

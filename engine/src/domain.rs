@@ -481,7 +481,8 @@ impl Engine {
             vsnap_steps::qemu_img::backing_chain(source, disk.format)
                 .map_err(|e| EngineError::unsafe_(format!("disk {}: {e}", disk.target)))?;
         }
-        self.journal().catalog_apply(&[put_domain(&d)])?;
+        self.journal()
+            .catalog_apply(&[put_domain(&d), catalog::put_domain_doc(&d.name, xml)])?;
         Ok(d)
     }
 
@@ -557,7 +558,10 @@ impl Engine {
                 snaps.len()
             )));
         }
-        let mut ops = vec![catalog::delete_domain_op(name)];
+        let mut ops = vec![
+            catalog::delete_domain_op(name),
+            catalog::delete_domain_doc_op(name),
+        ];
         ops.extend(
             snaps
                 .iter()
@@ -588,10 +592,22 @@ impl Engine {
         }
     }
 
-    /// The domain as libvirt `<domain>` XML (its disks as they are now).
-    /// Errors: `Refused` `NotFound` (no such domain), `Journal`.
+    /// The domain as libvirt `<domain>` XML (its disks as they are now):
+    /// the document `domain define` was given, everything vsnap does not
+    /// act on kept as it was (see `domdoc`); for an attached domain, one
+    /// written from the record. Changes nothing. Errors: `Refused`
+    /// `NotFound` (no such domain), `Journal`.
     pub fn domain_xml(&self, name: &str) -> Result<String> {
-        Ok(domain_to_xml(&self.domain(name)?))
+        self.domain_xml_of(&self.domain(name)?)
+    }
+
+    /// [`Engine::domain_xml`] of a record (the catalog's, or one about to
+    /// be written).
+    pub(crate) fn domain_xml_of(&self, d: &DomainRec) -> Result<String> {
+        match catalog::domain_doc(self.journal(), &d.name)? {
+            Some(doc) => crate::domdoc::rewrite(&doc, d),
+            None => Ok(domain_to_xml(d)),
+        }
     }
 }
 

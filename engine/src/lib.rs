@@ -47,6 +47,7 @@
 mod catalog;
 mod check;
 mod domain;
+mod domdoc;
 mod domsnap;
 mod image;
 mod plan;

@@ -287,6 +287,45 @@ pub fn domains(j: &Journal) -> Result<Vec<DomainRec>> {
     Ok(out)
 }
 
+/// The catalog tree of `<domain>` documents as `domain define` was given
+/// them (keyed by domain name): what vsnap does not act on (`<address>`,
+/// `<boot>`, `<iotune>`, other devices, metadata) is kept here and written
+/// back by `dumpxml` with each disk's source brought up to date. A domain
+/// attached to a running QEMU has none.
+pub const DOMDOCS: &str = "domdocs";
+
+/// The catalog change that keeps a domain's document as given.
+pub fn put_domain_doc(name: &str, xml: &str) -> CatalogOp {
+    CatalogOp::Put {
+        tree: DOMDOCS.into(),
+        key: name.as_bytes().to_vec(),
+        value: codec::encode(&xml.to_string()),
+    }
+}
+
+/// The catalog change that forgets a domain's document.
+pub fn delete_domain_doc_op(name: &str) -> CatalogOp {
+    CatalogOp::Delete {
+        tree: DOMDOCS.into(),
+        key: name.as_bytes().to_vec(),
+    }
+}
+
+/// A domain's document as `domain define` was given it, if it was defined
+/// from XML.
+pub fn domain_doc(j: &Journal, name: &str) -> Result<Option<String>> {
+    match j.catalog_get(DOMDOCS, name.as_bytes())? {
+        None => Ok(None),
+        Some(b) => codec::decode::<String>(&b).map(Some).map_err(|e| {
+            EngineError::Journal(vsnap_journal::JournalError::CorruptCatalog {
+                tree: DOMDOCS.into(),
+                key: name.into(),
+                reason: e.to_string(),
+            })
+        }),
+    }
+}
+
 /// The catalog tree of domain snapshots (`DomSnapshot`, keyed by domain and
 /// name).
 pub const DOMSNAPS: &str = "domsnaps";

@@ -15,7 +15,7 @@
 
 use super::facts::{Chosen, Facts};
 use super::{put_snapshot_op, DiskMode, DomSnapDisk, DomSnapRequest, DomSnapState, DomSnapshot};
-use crate::domain::{domain_to_xml, put_domain, DiskSource, DomState, DomainRec};
+use crate::domain::{put_domain, DiskSource, DomState, DomainRec};
 use crate::plan::Plan;
 use vsnap_steps::live::LiveDisk;
 use vsnap_steps::{fsops, CloneMode, Format, Step};
@@ -320,7 +320,7 @@ pub(crate) fn records(
                 },
             )
             .collect(),
-        domain_xml: domain_to_xml(d),
+        domain_xml: f.domain_xml.clone(),
         memory_file: f.memory_file.clone(),
     };
     let mut catalog = Vec::new();
@@ -369,6 +369,7 @@ mod tests {
     use super::super::facts::LiveBlock;
     use super::super::MemoryChoice;
     use super::*;
+    use crate::domain::domain_to_xml;
     use crate::domain::{DiskDevice, DomDisk};
     use std::path::{Path, PathBuf};
     use vsnap_journal::CatalogOp;
@@ -445,6 +446,7 @@ mod tests {
             disks,
             tag: "0123abcd".into(),
             now: 1_700_000_000,
+            domain_xml: domain_to_xml(&domain()),
         }
     }
 

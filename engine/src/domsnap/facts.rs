@@ -39,6 +39,9 @@ pub(crate) struct Facts {
     pub tag: String,
     /// The snapshot's creation time (seconds since the epoch).
     pub now: i64,
+    /// The domain as `<domain>` XML now (what the snapshot keeps for its
+    /// revert: [`Engine::domain_xml`]).
+    pub domain_xml: String,
 }
 
 impl Facts {
@@ -142,6 +145,7 @@ pub(crate) fn gather(e: &Engine, d: &DomainRec, req: &DomSnapRequest) -> Result<
         disks,
         tag,
         now: crate::now_unix(),
+        domain_xml: e.domain_xml_of(d)?,
     })
 }
 
