@@ -74,11 +74,13 @@ summary() {
         torture=$(grep -E '^kills: [0-9]+' "$LOG_DIR/test.log" || true)
         crash=$(grep -E '^crash points explored: [0-9]+' "$LOG_DIR/test.log" || true)
         live=$(grep -E '^live crash points explored: [0-9]+' "$LOG_DIR/test.log" || true)
+        revert=$(grep -E '^revert crash suite: [0-9]+' "$LOG_DIR/test.log" || true)
         short=$(grep -E '^short-lived writers: ' "$LOG_DIR/test.log" || true)
         printf 'torture:     %s\n' "${torture:-no summary line seen (journal torture test absent?)}"
         printf 'short-lived: %s\n' "${short:-no summary line seen (journal short_lived test absent?)}"
         printf 'crash suite: %s\n' "${crash:-no summary line seen (crash suite absent?)}"
         printf 'live crash:  %s\n' "${live:-no summary line seen (live crash suite absent?)}"
+        printf 'revert:      %s\n' "${revert:-no summary line seen (revert crash suite absent?)}"
     fi
     if [ -f "$LOG_DIR/loom.log" ]; then
         printf 'loom:        %s\n' "$(grep -E '^test result:' "$LOG_DIR/loom.log" | tail -n1 || echo 'no result line')"

@@ -124,6 +124,36 @@ pub enum SnapCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Revert a domain to one of its snapshots (virsh snapshot-revert).
+    ///
+    /// What the domain held since the snapshot is discarded; nothing a
+    /// snapshot needs is written to, and the discarded branch's files that
+    /// no snapshot needs are removed. A shut-off domain and a snapshot
+    /// without memory: new overlays on the snapshot's frozen files, its
+    /// internal snapshots applied in place, its reflink clones cloned back;
+    /// the domain stays shut off on them. A running guest and an internal
+    /// snapshot with memory: QEMU's snapshot-load (no restart); the guest
+    /// is then running or paused as the snapshot was, unless --running or
+    /// --paused. The snapshot becomes the current one: the next snapshot is
+    /// its child. Refused, with nothing touched: a snapshot whose files are
+    /// missing or changed, and shapes that need QEMU started again (a
+    /// running guest and a disk-only or external snapshot: shut it off
+    /// first).
+    Revert {
+        /// The domain's name.
+        domain: String,
+        /// The snapshot to revert to.
+        name: String,
+        /// Leave the guest running after the revert.
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// Leave the guest paused after the revert.
+        #[arg(long)]
+        paused: bool,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List a domain's snapshots, oldest first.
     List {
         /// The domain's name.
@@ -408,6 +438,44 @@ fn resolve(engine: &Engine, domain: &str, name: &Option<String>) -> anyhow::Resu
 
 pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Result<u8> {
     match cmd {
+        SnapCmd::Revert {
+            domain,
+            name,
+            running,
+            paused,
+            dry_run,
+        } => {
+            let flags = vsnap_engine::DomRevertFlags {
+                running: *running,
+                paused: *paused,
+            };
+            let done = engine.domain_snapshot_revert(domain, name, flags, *dry_run)?;
+            if json_out {
+                print_json(&json!({
+                    "plan": done.plan, "dry_run": done.dry_run,
+                    "steps": done.plan_text.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
+                    "snapshot": done.snapshot, "state": done.state.as_str(),
+                    "removed": done.removed.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
+                }));
+            } else if done.dry_run {
+                print!("{}", done.plan_text);
+                println!("(dry run: nothing was changed)");
+            } else {
+                println!(
+                    "domain {domain} reverted to snapshot {:?} ({}) [plan {}]",
+                    done.snapshot,
+                    done.state.as_str(),
+                    done.plan.unwrap_or_default()
+                );
+                for r in &done.removed {
+                    println!(
+                        "  removed {} (discarded, no snapshot needs it)",
+                        r.display()
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
         SnapCmd::Create {
             domain,
             name,

@@ -448,6 +448,25 @@ fn image_seq(img: &Path, scratch: &Path) -> Seq {
     })
 }
 
+/// The writer's sequence number inside internal snapshot `name` of a
+/// qcow2 image (`qemu-img convert -l snapshot.name=NAME`).
+fn snapshot_seq(img: &Path, name: &str, scratch: &Path) -> Seq {
+    let n = SCRATCH_N.fetch_add(1, Ordering::Relaxed);
+    let raw = scratch.join(format!("{n}-snap-{name}.raw"));
+    let sel = format!("snapshot.name={name}");
+    run_ok(
+        "qemu-img",
+        &["convert", "-U", "-l", &sel, "-O", "raw", s(img), s(&raw)],
+    );
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /seq", s(&raw)])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    let _ = std::fs::remove_file(&raw);
+    parse_seq(&out.stdout).unwrap_or_else(|| panic!("no writer record in {}@{name}", img.display()))
+}
+
 /// `seq(d1) >= seq(d2) >= ... >= seq(d1) - 1`, in writer order.
 #[track_caller]
 fn assert_one_instant(what: &str, seqs: &[(&str, &Seq)]) {
@@ -1924,6 +1943,75 @@ fn guest_a_cases(
             .iter()
             .all(|d| d["snapshot"] == "internal"));
         vsnap(state, &["domain", "check", "vm"]).ok();
+    });
+
+    case("revert_internal_with_memory_in_the_same_qemu", || {
+        // What m1 holds, disk by disk; then the guest moves on.
+        let on = qemu_disks(&qa);
+        let at: Vec<Seq> = TARGETS
+            .iter()
+            .map(|t| snapshot_seq(&on[*t], "m1", scratch))
+            .collect();
+        wait_for(
+            "the writer to move past m1",
+            Duration::from_secs(120),
+            || (image_seq(&on["vda"], scratch).seq > at[0].seq + 2).then_some(()),
+        );
+        // A disk-only snapshot of a running guest needs QEMU restarted: refused.
+        let world = || world_of(state, "vm", disks, Some(qa.as_path()));
+        let before = world();
+        let o = vsnap(state, &["snapshot", "revert", "vm", "s1"]);
+        assert_refused(
+            "revert to s1 while running",
+            &o,
+            &["running", "shut the domain off first"],
+        );
+        assert_nothing_changed("revert to s1 while running", &before, &world());
+        let r = vsnap(
+            state,
+            &["--json", "snapshot", "revert", "vm", "m1", "--paused"],
+        )
+        .ok()
+        .json();
+        assert_eq!(r["state"], "paused", "{r}");
+        assert!(r["steps"].to_string().contains("snapshot-load"), "{r}");
+        assert_eq!(qmp_status(&qa), (false, "paused".to_string()));
+        // The same QEMU, its disks back at m1: the writer's numbers are m1's.
+        assert_eq!(
+            qemu_disks(&qa),
+            on,
+            "revert changed the images QEMU runs on"
+        );
+        for (t, want) in TARGETS.iter().zip(&at) {
+            let got = image_seq(&on[*t], scratch);
+            assert_eq!(
+                (got.seq, got.boot),
+                (want.seq, want.boot),
+                "{t} after revert to m1"
+            );
+        }
+        vsnap(state, &["domain", "check", "vm"]).ok();
+        assert_eq!(
+            vsnap(state, &["snapshot", "current", "vm"])
+                .ok()
+                .stdout
+                .trim(),
+            "m1"
+        );
+        // Running again, the writer goes on in the same boot, from m1's numbers.
+        qmp(&qa, "cont");
+        let next = wait_for(
+            "the writer to write after the revert",
+            Duration::from_secs(120),
+            || {
+                let x = image_seq(&on["vda"], scratch);
+                (x.seq > at[0].seq).then_some(x)
+            },
+        );
+        assert_eq!(
+            next.boot, at[0].boot,
+            "the guest rebooted: its memory was not loaded"
+        );
     });
 
     case("paused_guest_stays_paused", || {

@@ -62,7 +62,10 @@ pub use catalog::dom::{
 pub use catalog::{SnapKind, VolSnapshot, VolumeRec};
 pub use check::{AdoptReport, AdoptedFile, CheckReport};
 pub use domain::DomState;
-pub use domsnap::{DiskChoice, DomSnapDone, DomSnapFlags, DomSnapRequest, MemoryChoice};
+pub use domsnap::{
+    DiskChoice, DomRevertDone, DomRevertFlags, DomSnapDone, DomSnapFlags, DomSnapRequest,
+    MemoryChoice,
+};
 pub use plan::{Plan, PlanOutcome, PlanReport};
 pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
 pub use vsnap_journal::{JournalError, Outcome, PlanHeader, PlanId, Record, StoredPlan};

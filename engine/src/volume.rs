@@ -271,7 +271,7 @@ fn file_len(p: &Path) -> Result<u64> {
 
 /// How to clone into `dir`: reflink where the filesystem can, else copy
 /// (after a free-space check).
-fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
+pub(crate) fn clone_mode_for(dir: &Path, src: &Path, target: &Path) -> Result<CloneMode> {
     if clone::reflink_supported(dir) {
         Ok(CloneMode::Reflink)
     } else {

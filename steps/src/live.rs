@@ -10,7 +10,7 @@ use crate::qmp::{blockdev_snapshot_action, qcow2_overlay_args, BlockDevice, Qmp}
 use crate::{Probe, StepError, StepResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vsnap_journal::failpoint;
 
@@ -580,6 +580,38 @@ pub fn snapshot_save(
     let devs: Vec<&str> = devices.iter().map(String::as_str).collect();
     failpoint::hit("step.snapshot-save.before");
     q.snapshot_save(job, tag, vmstate, &devs, JOB_TIMEOUT)
+}
+
+/// Revert a running guest to internal snapshot `tag` (its disks and its
+/// memory) through QEMU's `snapshot-load` job ([`crate::Step::QmpSnapshotLoad`]).
+/// The caller checked that no disk holds a snapshot whose *ID* is `tag`
+/// (QEMU looks the tag up by ID first). A job of that id that a dead
+/// process started is waited for; its success is the step's. With no
+/// QEMU answering, the images are reverted offline, by the snapshot's ID.
+pub fn snapshot_load(
+    qmp_path: &Path,
+    job: &str,
+    tag: &str,
+    vmstate: &str,
+    devices: &[String],
+    images: &[PathBuf],
+) -> StepResult<()> {
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(e) if qmp_error_is_gone(&e) => {
+            for image in images {
+                crate::qemu_img::snapshot(image, crate::qemu_img::SnapshotOp::Apply, tag)?;
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if q.query_job(job)?.is_some() && q.wait_job(job, JOB_TIMEOUT).is_ok() {
+        return Ok(());
+    }
+    let devs: Vec<&str> = devices.iter().map(String::as_str).collect();
+    failpoint::hit("step.snapshot-load.before");
+    q.snapshot_load(job, tag, vmstate, &devs, JOB_TIMEOUT)
 }
 
 /// Delete an internal snapshot from every device through QEMU.

@@ -131,6 +131,30 @@ pub mod opt {
     }
 }
 
+/// The same for `Vec<PathBuf>`.
+pub mod vec {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize)]
+    #[serde(transparent)]
+    struct Ref<'a>(#[serde(with = "super")] &'a PathBuf);
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct Own(#[serde(with = "super")] PathBuf);
+
+    pub fn serialize<S: Serializer>(v: &[PathBuf], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(Ref))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+        Ok(Vec::<Own>::deserialize(d)?
+            .into_iter()
+            .map(|o| o.0)
+            .collect())
+    }
+}
+
 /// The same for `Option<(PathBuf, T)>` (a backing file and its format).
 pub mod opt_pair {
     use super::*;

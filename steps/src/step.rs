@@ -362,6 +362,25 @@ pub enum Step {
         #[serde(with = "crate::pathser")]
         saved: PathBuf,
     },
+    /// QMP `snapshot-load` job (a running guest reverted to an internal
+    /// snapshot with memory): the disks `devices` (node names) and the VM
+    /// state (from node `vmstate`) back to snapshot `tag`. Only after the
+    /// pivot: no undo, and loading again is idempotent (the same state).
+    /// A job QEMU still has under `job` (vsnap died while it ran) is waited
+    /// for first. With no QEMU answering (a host crash), the disks are
+    /// reverted offline instead (`qemu-img snapshot -a` of each of
+    /// `images`, by ID): the domain is left shut off on the snapshot's
+    /// disks. Probe: NotApplied (never probed: it stands after the pivot).
+    QmpSnapshotLoad {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+        job: String,
+        tag: String,
+        vmstate: String,
+        devices: Vec<String>,
+        #[serde(with = "crate::pathser::vec")]
+        images: Vec<PathBuf>,
+    },
 }
 
 impl Step {
@@ -390,6 +409,7 @@ impl Step {
             Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
             Step::ExternalFreeze { .. } => "external-freeze",
             Step::OverlayOnDevice { .. } => "overlay-on-device",
+            Step::QmpSnapshotLoad { .. } => "qmp-snapshot-load",
         }
     }
 
@@ -429,6 +449,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => Vec::new(),
         }
     }
@@ -443,6 +464,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => false,
             Step::Rename { replace, .. } => !replace,
             Step::Rebase { unsafe_, .. } => !unsafe_,
@@ -589,6 +611,17 @@ impl Step {
                 device.display(),
                 backing.display(),
                 saved.display()
+            ),
+            Step::QmpSnapshotLoad {
+                qmp,
+                tag,
+                vmstate,
+                devices,
+                ..
+            } => format!(
+                "QMP {}: snapshot-load {tag:?} (memory from {vmstate}; disks {})",
+                qmp.display(),
+                devices.join(", ")
             ),
         }
     }
@@ -798,6 +831,7 @@ impl Step {
                 backing_format,
                 ..
             } => crate::device::probe(device, backing, *backing_format),
+            Step::QmpSnapshotLoad { .. } => Ok(Probe::NotApplied),
         }
     }
 
@@ -948,6 +982,14 @@ impl Step {
                 backing_format,
                 saved,
             } => crate::device::apply(device, backing, *backing_format, saved),
+            Step::QmpSnapshotLoad {
+                qmp,
+                job,
+                tag,
+                vmstate,
+                devices,
+                images,
+            } => crate::live::snapshot_load(qmp, job, tag, vmstate, devices, images),
         }
     }
 
@@ -1037,6 +1079,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => unreachable!("irreversible steps return above"),
             Step::InternalDelete { .. }
             | Step::Commit { .. }

@@ -489,7 +489,7 @@ struct DomSnapshotV1 {
     domain_xml: String,
 }
 
-fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
+pub(crate) fn decode_snapshot(v: &[u8]) -> std::result::Result<DomSnapshot, codec::CodecError> {
     // The layouts cannot be mistaken for one another: where the current
     // one has the state's variant index (0-3), the older ones have the
     // length of a word of at least 6 bytes.

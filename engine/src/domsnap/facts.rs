@@ -761,7 +761,7 @@ fn locate_in_qemu(d: &DomainRec, chosen: &mut [Chosen], name: &str, memory: bool
 }
 
 /// Eight hex digits from the clock and the process id: the plan's tag.
-fn temp_tag8() -> String {
+pub(crate) fn temp_tag8() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())

@@ -34,9 +34,11 @@
 mod compile;
 mod facts;
 mod request;
+mod revert;
 mod xml;
 
 pub use request::{parse_domainsnapshot, DiskChoice, DomSnapFlags, DomSnapRequest, MemoryChoice};
+pub use revert::{DomRevertDone, DomRevertFlags};
 pub use xml::domainsnapshot_to_xml;
 
 use crate::domain::{DomState, DomainRec};
