@@ -770,6 +770,7 @@ impl Engine {
     pub(crate) fn cx(&self) -> Cx<'_> {
         Cx {
             progress: &*self.progress,
+            resumed: false,
         }
     }
 

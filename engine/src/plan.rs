@@ -457,7 +457,8 @@ fn retry_after_pivot(
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(50 << attempt));
         }
-        match step.apply(cx) {
+        let again = cx.resumed();
+        match step.apply(if attempt > 0 { &again } else { cx }) {
             Ok(()) => {
                 failpoint::hit(&format!("run.applied.{i}"));
                 w.push(Record::Done(i), format!("run.done.{i}"));
@@ -609,7 +610,14 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
             );
             if !dry_run {
                 let mut w = Writer::existing(j, stored.id);
-                let r = forward(&mut w, &plan, from, from == plan.pivot, cx, &Vec::new);
+                let r = forward(
+                    &mut w,
+                    &plan,
+                    from,
+                    from == plan.pivot,
+                    &cx.resumed(),
+                    &Vec::new,
+                );
                 match r {
                     Ok(()) => {}
                     Err(Forward::Fatal(EngineError::NeedsAttention { reason, .. })) => {

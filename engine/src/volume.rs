@@ -7,7 +7,10 @@
 //! `ExternalFreeze`), then renames the overlay over the path (the pivot):
 //! at every instant the path is a whole chain.
 //! Reverts build the reverted state under a temporary name and rename it
-//! over the path. Whole-file snapshots (reflink, copy) clone to a
+//! over the path, except to an internal snapshot: `qemu-img snapshot -a`
+//! in place after the pivot (the catalog write comes first; re-applying
+//! gives the same state, so a crash is rolled forward; a re-applied step
+//! repairs the leaked clusters a killed `qemu-img` leaves). Whole-file snapshots (reflink, copy) clone to a
 //! temporary name and move it to the snapshot's name.
 
 use crate::catalog::{self, SnapKind, VolSnapshot, VolumeRec};
@@ -792,29 +795,46 @@ impl Engine {
         let dir = parent_dir(image);
         check_writable(&dir)?;
         let tmp = fsops::temp_path(image, &temp_tag());
-        let mut steps = match snap.kind {
-            SnapKind::Internal => {
-                if !vol.info.snapshots.contains(&snap.name) {
-                    return Err(EngineError::unsafe_(format!(
-                        "the catalog names internal snapshot {:?} but {} does not hold it; run `vsnap vol check {}`",
-                        snap.name,
-                        image.display(),
-                        image.display()
-                    )));
-                }
-                let mode = clone_mode_for(&dir, image, &tmp)?;
-                vec![
-                    Step::Clone {
-                        src: image.clone(),
-                        dst: tmp.clone(),
-                        mode,
-                    },
+        let mut rec = vol.rec.clone();
+        rec.current = Some(snap.name.clone());
+        if snap.kind == SnapKind::Internal {
+            if !vol.info.snapshots.contains(&snap.name) {
+                return Err(EngineError::unsafe_(format!(
+                    "the catalog names internal snapshot {:?} but {} does not hold it; run `vsnap vol check {}`",
+                    snap.name,
+                    image.display(),
+                    image.display()
+                )));
+            }
+            // Written in place: refused now, not after the pivot.
+            check_writable(image)?;
+            // In place, the pivot first: revert discards the image's
+            // state by definition, and applying a snapshot again gives
+            // the same state, so the plan rolls forward from its first
+            // step (no copy of the image; see the module's doc).
+            let plan = Plan {
+                op: "vol.snapshot.revert".into(),
+                summary: format!(
+                    "revert {} to {} snapshot {:?}",
+                    image.display(),
+                    snap.kind,
+                    snap.name
+                ),
+                steps: vec![
+                    Step::Catalog,
                     Step::InternalApply {
-                        image: tmp.clone(),
+                        image: image.clone(),
                         name: snap.name.clone(),
                     },
-                ]
-            }
+                ],
+                pivot: 0,
+                catalog: vec![catalog::put_volume(&rec)],
+            };
+            plan.check_paths()?;
+            return Ok((plan, snap));
+        }
+        let mut steps = match snap.kind {
+            SnapKind::Internal => unreachable!("compiled above"),
             SnapKind::External => {
                 let file = snap_file(&snap)?;
                 utf8_for_backing(image)?;
@@ -848,8 +868,6 @@ impl Engine {
             replace: true,
         });
         let pivot = (steps.len() - 1) as u32;
-        let mut rec = vol.rec.clone();
-        rec.current = Some(snap.name.clone());
         // A whole-file revert brings back the file's format; the others
         // leave a qcow2 image (an overlay, or the reverted internal one).
         let format_after = match snap.kind {

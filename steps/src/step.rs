@@ -137,11 +137,27 @@ pub enum Probe {
 /// Context handed to every step: where progress goes.
 pub struct Cx<'a> {
     pub progress: &'a (dyn Fn(&Progress) + Sync),
+    /// The step may have run before and been cut short (a retry after an
+    /// error, or recovery rolling forward): a step whose cut-short run can
+    /// leave something to repair (the leaked clusters of a killed
+    /// `qemu-img snapshot -a`) repairs it. A first run skips that cost.
+    pub resumed: bool,
 }
 
-impl Cx<'_> {
+impl<'a> Cx<'a> {
     pub fn quiet() -> Cx<'static> {
-        Cx { progress: &|_| {} }
+        Cx {
+            progress: &|_| {},
+            resumed: false,
+        }
+    }
+
+    /// The same context, for a step that may have run before.
+    pub fn resumed(&self) -> Cx<'a> {
+        Cx {
+            progress: self.progress,
+            resumed: true,
+        }
     }
 }
 
@@ -847,7 +863,14 @@ impl Step {
             }
             Step::InternalApply { image, name } => {
                 failpoint::hit("step.internal.before");
-                snapshot_nofollow(image, SnapshotOp::Apply, name)
+                snapshot_nofollow(image, SnapshotOp::Apply, name)?;
+                if cx.resumed {
+                    // A killed `snapshot -a` leaves leaked clusters (QEMU
+                    // raises the snapshot's refcounts before it switches
+                    // the L1 table, and frees the old ones after).
+                    repair_after_snapshot(image)?;
+                }
+                Ok(())
             }
             Step::InternalDelete { image, name } => {
                 if fsops::exists(image)? && !has_internal(image, name)? {

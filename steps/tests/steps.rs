@@ -392,7 +392,10 @@ fn clone_copy_with_progress() {
 
     let seen: Mutex<Vec<Progress>> = Mutex::new(Vec::new());
     let record = |p: &Progress| seen.lock().unwrap().push(p.clone());
-    let cx = Cx { progress: &record };
+    let cx = Cx {
+        progress: &record,
+        resumed: false,
+    };
     step.apply(&cx).unwrap();
     let len = std::fs::metadata(&src).unwrap().len();
     {
@@ -438,7 +441,11 @@ fn clone_copy_replaces_a_stale_partial_and_reports_every_64_mib() {
     assert_eq!(probe(&step), Probe::NotApplied);
     let seen: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     let record = |p: &Progress| seen.lock().unwrap().push(p.done_bytes);
-    step.apply(&Cx { progress: &record }).unwrap();
+    step.apply(&Cx {
+        progress: &record,
+        resumed: false,
+    })
+    .unwrap();
     assert_eq!(*seen.lock().unwrap(), [64 * MIB, 72 * MIB]);
     assert_eq!(probe(&step), Probe::Applied);
     assert!(qemu_img::io_read_pattern(&dst, Format::Raw, 70 * MIB, MIB, 0x42).unwrap());

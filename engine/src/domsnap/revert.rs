@@ -291,6 +291,17 @@ pub(crate) fn gather(
                 new_file.display()
             )));
         }
+        // Everything the plan writes is writable now, not found read-only
+        // after the pivot: the new file's directory, the active image's
+        // (a rename over it, a removal) and, in place, the image.
+        let parent = |p: &Path| p.parent().unwrap_or(Path::new("/")).to_path_buf();
+        crate::volume::check_writable(&parent(&new_file))?;
+        if active_is_file {
+            crate::volume::check_writable(&parent(&active))?;
+        }
+        if in_place && sd.mode == DiskMode::Internal {
+            crate::volume::check_writable(&active)?;
+        }
         let temp = fsops::temp_path(&active, &tag);
         let active_needed = needed.contains(&canon(&active));
         let clone = match sd.mode {
