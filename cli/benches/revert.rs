@@ -74,6 +74,7 @@ fn report(series: &str, vsnap: &mut [Duration], floor: &mut [Duration], target: 
 }
 
 fn vol_series(vsnap: &Path, dir: &Path, mb: u64, warmup: usize, iters: usize) {
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let state = dir.join("state");
     let (img, twin) = (dir.join("vol.qcow2"), dir.join("twin.qcow2"));
     for i in [&img, &twin] {
@@ -141,9 +142,7 @@ fn dom_series(vsnap: &Path, dir: &Path, warmup: usize, iters: usize) {
             .find_map(|b| b.inserted.as_ref().map(|i| i.node_name.clone()))
             .expect("a disk")
     };
-    let (mut v, mut f) = (Vec::new(), Vec::new());
-    for i in 0..warmup + iters {
-        let a = timed(vsnap_cmd(vsnap, &state).args(["snapshot", "revert", "g", "m1"]));
+    let load = |i: usize| {
         let t = Instant::now();
         let mut q = ok(Qmp::connect(&guest.qmp, QMP_TIMEOUT), "QMP");
         ok(
@@ -156,8 +155,12 @@ fn dom_series(vsnap: &Path, dir: &Path, warmup: usize, iters: usize) {
             ),
             "snapshot-load",
         );
-        let b = t.elapsed();
-        drop(q);
+        t.elapsed()
+    };
+    let (mut v, mut f) = (Vec::new(), Vec::new());
+    for i in 0..warmup + iters {
+        let a = timed(vsnap_cmd(vsnap, &state).args(["snapshot", "revert", "g", "m1"]));
+        let b = load(i);
         if i >= warmup {
             v.push(a);
             f.push(b);
@@ -166,6 +169,28 @@ fn dom_series(vsnap: &Path, dir: &Path, warmup: usize, iters: usize) {
     report(
         "domain internal with memory, running guest (256 MiB RAM, 1 disk)",
         &mut v,
+        &mut f,
+        1.2,
+    );
+    // The library: the engine opened once (what an embedding manager
+    // pays per revert, without a process start and a journal open).
+    let (engine, _) = vsnap_engine::Engine::open(&state).expect("open the state directory");
+    let (mut lib, mut f) = (Vec::new(), Vec::new());
+    for i in 0..warmup + iters {
+        let t = Instant::now();
+        engine
+            .domain_snapshot_revert("g", "m1", Default::default(), false)
+            .expect("library revert");
+        let a = t.elapsed();
+        let b = load(1000 + i);
+        if i >= warmup {
+            lib.push(a);
+            f.push(b);
+        }
+    }
+    report(
+        "the same through the library (Engine::domain_snapshot_revert, opened once)",
+        &mut lib,
         &mut f,
         1.2,
     );

@@ -741,6 +741,9 @@ pub struct BlockInserted {
     /// Every file of the chain from `image` down through `backing-image`,
     /// top first, as QEMU names them.
     pub chain: Vec<String>,
+    /// The internal snapshots of the top image (`image.snapshots`), as
+    /// (qcow2 ID, name), in table order.
+    pub snapshots: Vec<(String, String)>,
 }
 
 impl BlockDevice {
@@ -775,12 +778,19 @@ impl BlockDevice {
                 }
                 img = i.get("backing-image");
             }
+            let snapshots = ins["image"]["snapshots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| (text(s, "id"), text(s, "name")))
+                .collect();
             BlockInserted {
                 node_name: text(ins, "node-name"),
                 file: text(ins, "file"),
                 drv: text(ins, "drv"),
                 ro: ins.get("ro").and_then(Value::as_bool).unwrap_or(false),
                 chain,
+                snapshots,
             }
         });
         BlockDevice {

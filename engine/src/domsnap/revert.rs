@@ -230,31 +230,43 @@ pub(crate) fn gather(
         };
         let in_place = canon(&sd.state_file) == canon(&active);
         let active_is_file = std::fs::metadata(&active).is_ok_and(|m| m.is_file());
+        // QEMU's top node of this disk (a running guest).
+        let inserted = live_guest
+            .then(|| {
+                blocks.iter().find_map(|b| {
+                    let ins = b.inserted.as_ref()?;
+                    (canon(Path::new(&ins.file)) == canon(&active)).then_some(ins)
+                })
+            })
+            .flatten();
         let mut entries = Vec::new();
         match sd.mode {
             DiskMode::Internal => {
-                let info = qemu_img::image_info(&sd.state_file, Format::Qcow2, true)
-                    .map_err(EngineError::Check)?;
-                if !info.snapshots.iter().any(|n| n == name) {
+                // (ID, name) of the image's internal snapshots: from QEMU
+                // when it runs the image (no qemu-img process), else read.
+                let table: Vec<(String, String)> = match inserted {
+                    Some(ins) if in_place => ins.snapshots.clone(),
+                    _ => {
+                        let info = qemu_img::image_info(&sd.state_file, Format::Qcow2, true)
+                            .map_err(EngineError::Check)?;
+                        info.snapshot_ids.into_iter().zip(info.snapshots).collect()
+                    }
+                };
+                if !table.iter().any(|(_, n)| n == name) {
                     return Err(EngineError::unsafe_(format!(
                         "{what}: {} does not hold internal snapshot {name:?} any more; `vsnap domain check {domain}` shows what changed",
                         sd.state_file.display()
                     )));
                 }
                 if live_guest {
-                    if let Some((other, _)) = info
-                        .snapshots
-                        .iter()
-                        .zip(&info.snapshot_ids)
-                        .find(|(n, id)| *id == name && *n != name)
-                    {
+                    if let Some((_, other)) = table.iter().find(|(id, n)| id == name && n != name) {
                         return Err(EngineError::not_supported(format!(
                             "{what}: {} holds another snapshot ({other:?}) whose ID is {name:?}, and QEMU's snapshot-load looks a name up as an ID first: it would load that one; shut the domain off and revert offline (which addresses snapshots by ID)",
                             sd.state_file.display()
                         )));
                     }
                 }
-                entries = info.snapshots.clone();
+                entries = table.into_iter().map(|(_, n)| n).collect();
             }
             DiskMode::External => {
                 qemu_img::backing_chain(&sd.state_file, snap_format)
@@ -325,11 +337,7 @@ pub(crate) fn gather(
             _ => None,
         };
         let node = if live_guest {
-            let found = blocks.iter().find_map(|b| {
-                let ins = b.inserted.as_ref()?;
-                (canon(Path::new(&ins.file)) == canon(&active)).then(|| ins.node_name.clone())
-            });
-            Some(found.ok_or_else(|| {
+            Some(inserted.map(|ins| ins.node_name.clone()).ok_or_else(|| {
                 EngineError::wrong_state(format!(
                     "{what}: QEMU does not use {} now; the domain definition is stale: `vsnap domain check {domain}`",
                     active.display()
@@ -405,6 +413,13 @@ pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
             .iter()
             .map(|x| x.node.clone().expect("located"))
             .collect();
+        // QEMU's snapshot-load leaves the guest as it found it (running or
+        // paused): a guest to be left paused is paused first, so it never
+        // runs between the load and a stop.
+        let after = state_after(f);
+        if after == DomState::Paused && f.state == DomState::Running {
+            pre.push(Step::QmpStop { qmp: qmp.clone() });
+        }
         post.push(Step::QmpSnapshotLoad {
             qmp: qmp.clone(),
             job: format!("vsnap-{}", f.tag),
@@ -413,10 +428,9 @@ pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
             devices,
             images: f.disks.iter().map(|x| x.active.clone()).collect(),
         });
-        post.push(match state_after(f) {
-            DomState::Paused => Step::QmpStop { qmp },
-            _ => Step::QmpCont { qmp },
-        });
+        if after == DomState::Running && f.state == DomState::Paused {
+            post.push(Step::QmpCont { qmp });
+        }
     } else {
         for x in &f.disks {
             let (active, format) = match x.mode {
@@ -812,7 +826,7 @@ mod tests {
         };
         let (plan, removed, state) = compile(&f);
         plan.assert_well_formed();
-        assert_eq!(kinds(&plan), ["*catalog", "qmp-snapshot-load", "qmp-stop"]);
+        assert_eq!(kinds(&plan), ["qmp-stop", "*catalog", "qmp-snapshot-load"]);
         assert!(removed.is_empty());
         assert_eq!(state, DomState::Paused, "as the snapshot was");
         let Step::QmpSnapshotLoad {
@@ -820,17 +834,24 @@ mod tests {
             devices,
             images,
             ..
-        } = &plan.steps[1]
+        } = &plan.steps[2]
         else {
-            panic!()
+            panic!("{:?}", plan.steps)
         };
         assert_eq!(vmstate, "node-vda");
         assert_eq!(devices, &["node-vda", "node-vdc"]);
         assert_eq!(images.len(), 2);
         f.flags.running = true;
         let (plan, _, state) = compile(&f);
-        assert_eq!(kinds(&plan), ["*catalog", "qmp-snapshot-load", "qmp-cont"]);
+        assert_eq!(
+            kinds(&plan),
+            ["*catalog", "qmp-snapshot-load"],
+            "it stays running"
+        );
         assert_eq!(state, DomState::Running);
+        f.state = DomState::Paused;
+        let (plan, _, _) = compile(&f);
+        assert_eq!(kinds(&plan), ["*catalog", "qmp-snapshot-load", "qmp-cont"]);
     }
 
     struct CatalogOpView {
