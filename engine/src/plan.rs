@@ -393,7 +393,7 @@ fn forward(
                     w.points.push(format!("run.applied.{i}"));
                 } else {
                     w.flush(&[])?;
-                    pivot(w, step, i, cx)?;
+                    pivot(w, plan, i, cx)?;
                     failpoint::hit(&format!("run.applied.{i}"));
                 }
             }
@@ -423,15 +423,30 @@ fn forward(
 }
 
 /// Apply the pivot (its `Started` is durable). A failure is a rollback
-/// only when the probe says the pivot did not happen.
-fn pivot(w: &mut Writer, step: &Step, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+/// only when the probe says the pivot did not happen (a QEMU that died
+/// under it is decided from the files, [`vsnap_steps::probe_pivot`], and
+/// what it left is settled first, [`vsnap_steps::settle_pivot`]).
+fn pivot(w: &mut Writer, plan: &Plan, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+    let step = &plan.steps[i as usize];
     let Err(e) = step.apply(cx) else {
         return Ok(());
     };
     // Did the pivot happen anyway? Only a probe can tell.
-    match step.probe(cx) {
-        Ok(Probe::NotApplied) => Err(Forward::BeforePivot(i, step_failed(w.id(), i, step, e))),
-        Ok(Probe::Applied) => Ok(()),
+    match vsnap_steps::probe_pivot(&plan.steps, i as usize, cx) {
+        Ok(Probe::NotApplied) => {
+            match vsnap_steps::settle_pivot(&plan.steps, i as usize, false) {
+                Ok(_) => Err(Forward::BeforePivot(i, step_failed(w.id(), i, step, e))),
+                Err(se) => Err(w.needs_attention(format!(
+                    "the pivot ({}) failed ({e}) and did not happen, but what it left could not be removed: {se}",
+                    step.describe()
+                ))),
+            }
+        }
+        Ok(Probe::Applied) => {
+            // Leaks only: a failure to free them does not undo the pivot.
+            let _ = vsnap_steps::settle_pivot(&plan.steps, i as usize, true);
+            Ok(())
+        }
         Ok(Probe::Unknown(why)) => Err(w.needs_attention(format!(
             "the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}",
             step.describe()
@@ -557,21 +572,40 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
     };
     let mut decision = vsnap_recovery::decide(&stored.header, &stored.records).map_err(illegal)?;
     let mut seen_note = String::new();
+    let mut settled = Vec::new();
     if decision == Decision::ProbePivot {
         let step = &plan.steps[plan.pivot as usize];
-        let seen = match step.probe(cx) {
+        let seen = match vsnap_steps::probe_pivot(&plan.steps, plan.pivot as usize, cx) {
             Ok(Probe::Applied) => PivotSeen::Applied,
             Ok(Probe::NotApplied) => PivotSeen::NotApplied,
             Ok(Probe::Unknown(why)) => PivotSeen::Unknown(why),
             Err(e) => PivotSeen::Unknown(format!("probing {} failed: {e}", step.describe())),
         };
+        let files = if vsnap_steps::pivot_decided_from_files(step) {
+            " (QEMU is gone: decided from the files)"
+        } else {
+            ""
+        };
         seen_note = match &seen {
-            PivotSeen::Applied => "the pivot had happened; ".into(),
-            PivotSeen::NotApplied => "the pivot had not happened; ".into(),
+            PivotSeen::Applied => format!("the pivot had happened{files}; "),
+            PivotSeen::NotApplied => format!("the pivot had not happened{files}; "),
             PivotSeen::Unknown(_) => String::new(),
+        };
+        let applied = match seen {
+            PivotSeen::Applied => Some(true),
+            PivotSeen::NotApplied => Some(false),
+            PivotSeen::Unknown(_) => None,
         };
         decision = vsnap_recovery::decide_after_probe(&stored.header, &stored.records, seen)
             .map_err(illegal)?;
+        // A QMP pivot of a QEMU that is gone was decided from the files:
+        // remove what a cut-short pivot left, free leaked clusters, before
+        // anything is journaled (killed here, recovery probes again and
+        // decides the same).
+        if let (Some(applied), false) = (applied, dry_run) {
+            settled = vsnap_steps::settle_pivot(&plan.steps, plan.pivot as usize, applied)
+                .map_err(|e| step_failed(stored.id, plan.pivot, step, e))?;
+        }
     }
     match decision {
         Decision::Nothing | Decision::ProbePivot => {
@@ -588,6 +622,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 undo.len(),
                 undo
             );
+            for note in &settled {
+                report.detail.push_str("; ");
+                report.detail.push_str(note);
+            }
             if !dry_run {
                 let r = rollback(j, stored.id, &plan, &undo, already_rolling_back, cx);
                 if let Err(EngineError::NeedsAttention { reason, .. }) = &r {
@@ -607,6 +645,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 "{seen_note}rolled forward from step {from} of {}",
                 plan.steps.len()
             );
+            for note in &settled {
+                report.detail.push_str("; ");
+                report.detail.push_str(note);
+            }
             if !dry_run {
                 let mut w = Writer::existing(j, stored.id);
                 let r = forward(&mut w, &plan, from, from == plan.pivot, cx, &Vec::new);
