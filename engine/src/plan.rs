@@ -809,6 +809,104 @@ mod tests {
         assert!(e.to_string().contains("4095"), "{e}");
     }
 
+    /// A live disk-only snapshot's plan cut short with its pivot started
+    /// and its QEMU gone (a stale monitor socket: a host crash), as the
+    /// journal holds it: recovery decides from the overlays, never
+    /// "needs attention". No overlay data: rolled back, the overlays
+    /// removed; data in one: rolled forward, the catalog written, the
+    /// `cont` after the pivot done (nothing to resume).
+    #[test]
+    fn a_live_pivot_whose_qemu_is_gone_is_decided_from_the_overlays() {
+        use vsnap_steps::live::LiveDisk;
+        for with_data in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let qmp = d.path().join("qmp.sock");
+            drop(std::os::unix::net::UnixListener::bind(&qmp).unwrap());
+            let mut steps = Vec::new();
+            let mut disks = Vec::new();
+            let mut overlays = Vec::new();
+            for i in 0..2 {
+                let base = d.path().join(format!("d{i}.qcow2"));
+                vsnap_steps::qemu_img::create(&base, Format::Qcow2, 1 << 20).unwrap();
+                let ov = d.path().join(format!("d{i}.s1.qcow2"));
+                steps.push(Step::CreateOverlay {
+                    path: ov.clone(),
+                    backing: base,
+                    backing_format: Format::Qcow2,
+                });
+                overlays.push(ov);
+            }
+            for (i, ov) in overlays.iter().enumerate() {
+                steps.push(Step::QmpBlockdevAdd {
+                    qmp: qmp.clone(),
+                    node: format!("vsnap-t-{i}"),
+                    file_node: format!("vsnap-t-{i}f"),
+                    path: ov.clone(),
+                });
+                disks.push(LiveDisk {
+                    device: format!("vd{i}"),
+                    node: format!("top{i}"),
+                    overlay: format!("vsnap-t-{i}"),
+                });
+            }
+            let pivot = steps.len() as u32;
+            steps.push(Step::QmpSnapshotTransaction {
+                qmp: qmp.clone(),
+                disks,
+            });
+            steps.push(Step::QmpCont { qmp: qmp.clone() });
+            let plan = Plan {
+                op: "domain.snapshot.create".into(),
+                summary: "test".into(),
+                steps,
+                pivot,
+                catalog: Vec::new(),
+            };
+            let cx = Cx::quiet();
+            for s in &plan.steps[..pivot as usize] {
+                s.apply(&cx).unwrap_or_else(|e| {
+                    // blockdev-add needs QEMU: what the dead process did
+                    // before the crash is journaled below.
+                    assert!(matches!(s, Step::QmpBlockdevAdd { .. }), "{e}");
+                });
+            }
+            if with_data {
+                let out = std::process::Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c", "write 0 4k"])
+                    .arg(&overlays[1])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+            let state = d.path().join("state");
+            let j = Journal::open(&state).unwrap();
+            let mut records = Vec::new();
+            for i in 0..pivot {
+                records.extend([Record::Started(i), Record::Done(i)]);
+            }
+            records.push(Record::Started(pivot));
+            let id = j
+                .begin_with(plan.header(), codec::encode(&plan), &records, &[])
+                .unwrap();
+            let stored = j.plan(id).unwrap();
+            let r = recover_one(&j, &stored, false, &cx).unwrap();
+            let after = j.plan(id).unwrap();
+            if with_data {
+                assert_eq!(r.outcome, PlanOutcome::Committed, "{r:?}");
+                assert_eq!(after.outcome(), Some(&Outcome::Committed));
+                assert!(overlays.iter().all(|o| o.exists()));
+            } else {
+                assert_eq!(r.outcome, PlanOutcome::RolledBack, "{r:?}");
+                assert_eq!(after.outcome(), Some(&Outcome::RolledBack));
+                assert!(overlays.iter().all(|o| !o.exists()));
+            }
+            assert!(
+                r.detail.contains("QEMU is gone: decided from the files"),
+                "{r:?}"
+            );
+        }
+    }
+
     /// The words `vsnap-recover` prints and writes in JSON are the ones
     /// the string field had.
     #[test]

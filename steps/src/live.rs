@@ -517,8 +517,9 @@ pub fn quit(qmp_path: &Path) -> StepResult<()> {
     loop {
         match gone(qmp_path) {
             Ok(true) => break,
-            // While QEMU exits it may still accept and then close.
-            Ok(false) | Err(StepError::QmpClosed { .. }) => {}
+            // While QEMU exits it may still accept and then close, or
+            // reset the connection.
+            Ok(false) | Err(StepError::QmpClosed { .. } | StepError::QmpConnect { .. }) => {}
             Err(e) => return Err(e),
         }
         if std::time::Instant::now() > deadline {
