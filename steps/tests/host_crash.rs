@@ -313,3 +313,70 @@ fn live_steps_against_a_dead_qemu() {
     undo(&mig);
     assert!(!tmp_mem.exists());
 }
+
+/// Leak one cluster in the qcow2 `image` the way a killed writer does: a
+/// data cluster allocated (refcount 1) whose L2 entry never made it out.
+fn leak_a_cluster(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    qemu_io(image, "write 0 4k");
+    let h = vsnap_steps::qcow2::read(image).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, h.tables.l1_offset).unwrap();
+    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&[0u8; 8], l2).unwrap();
+    drop(f);
+    let c = qemu_img::check(image, Format::Qcow2).unwrap();
+    assert_eq!((c.leaks, c.corruptions), (1, 0), "{}", c.output);
+}
+
+#[test]
+fn leaks_are_freed_only_in_images_nobody_holds() {
+    let d = tmp();
+    let (base, ov, create) = base_and_overlay(d.path(), "a");
+    let qmp = d.path().join("qmp.sock");
+    stale_socket(&qmp);
+    let steps = transaction_plan(&qmp, &[(&create, &ov)]);
+    let pivot = steps.len() - 2;
+    // Back: the image the overlay was made on is the one kept.
+    leak_a_cluster(&base);
+    leak_a_cluster(&ov);
+    // Held by a process (qemu-io, interactive: QEMU's image locks):
+    // left alone.
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&base)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !vsnap_steps::qcow2::qemu_holds(&base).unwrap() {
+        assert!(t.elapsed().as_secs() < 10, "qemu-io never locked the image");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        settle_pivot(&steps, pivot, false).unwrap(),
+        Vec::<String>::new()
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let notes = settle_pivot(&steps, pivot, false).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("freed 1 leaked cluster(s)"), "{notes:?}");
+    assert!(qemu_img::check(&base, Format::Qcow2).unwrap().clean);
+    assert_eq!(qemu_img::check(&ov, Format::Qcow2).unwrap().leaks, 1);
+    // Forward: the overlay is the one kept.
+    let notes = settle_pivot(&steps, pivot, true).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(qemu_img::check(&ov, Format::Qcow2).unwrap().clean);
+    // Clean: nothing to do, nothing said.
+    assert_eq!(
+        settle_pivot(&steps, pivot, true).unwrap(),
+        Vec::<String>::new()
+    );
+}
