@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use vsnap_steps::qmp::BlockDevice;
-use vsnap_steps::{live, Format, StepError};
+use vsnap_steps::{live, Format};
 
 // The records live in the catalog (which depends on nothing here).
 pub use crate::catalog::dom::{
@@ -585,9 +585,9 @@ impl Engine {
                     DomState::Paused
                 })
             }
-            Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => {
-                Ok(DomState::Shutoff)
-            }
+            // No QEMU answers (socket missing or refusing): shut off,
+            // e.g. after a host crash (DESIGN.md 10.1).
+            Err(e) if live::is_gone(&e) => Ok(DomState::Shutoff),
             Err(e) => Err(EngineError::Check(e)),
         }
     }

@@ -393,7 +393,7 @@ fn forward(
                     w.points.push(format!("run.applied.{i}"));
                 } else {
                     w.flush(&[])?;
-                    pivot(w, step, i, cx)?;
+                    pivot(w, plan, i, cx)?;
                     failpoint::hit(&format!("run.applied.{i}"));
                 }
             }
@@ -423,15 +423,30 @@ fn forward(
 }
 
 /// Apply the pivot (its `Started` is durable). A failure is a rollback
-/// only when the probe says the pivot did not happen.
-fn pivot(w: &mut Writer, step: &Step, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+/// only when the probe says the pivot did not happen (a QEMU that died
+/// under it is decided from the files, [`vsnap_steps::probe_pivot`], and
+/// what it left is settled first, [`vsnap_steps::settle_pivot`]).
+fn pivot(w: &mut Writer, plan: &Plan, i: u32, cx: &Cx) -> std::result::Result<(), Forward> {
+    let step = &plan.steps[i as usize];
     let Err(e) = step.apply(cx) else {
         return Ok(());
     };
     // Did the pivot happen anyway? Only a probe can tell.
-    match step.probe(cx) {
-        Ok(Probe::NotApplied) => Err(Forward::BeforePivot(i, step_failed(w.id(), i, step, e))),
-        Ok(Probe::Applied) => Ok(()),
+    match vsnap_steps::probe_pivot(&plan.steps, i as usize, cx) {
+        Ok(Probe::NotApplied) => {
+            match vsnap_steps::settle_pivot(&plan.steps, i as usize, false) {
+                Ok(_) => Err(Forward::BeforePivot(i, step_failed(w.id(), i, step, e))),
+                Err(se) => Err(w.needs_attention(format!(
+                    "the pivot ({}) failed ({e}) and did not happen, but what it left could not be removed: {se}",
+                    step.describe()
+                ))),
+            }
+        }
+        Ok(Probe::Applied) => {
+            // Leaks only: a failure to free them does not undo the pivot.
+            let _ = vsnap_steps::settle_pivot(&plan.steps, i as usize, true);
+            Ok(())
+        }
         Ok(Probe::Unknown(why)) => Err(w.needs_attention(format!(
             "the pivot ({}) failed ({e}) and its probe cannot tell whether it happened: {why}",
             step.describe()
@@ -558,21 +573,40 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
     };
     let mut decision = vsnap_recovery::decide(&stored.header, &stored.records).map_err(illegal)?;
     let mut seen_note = String::new();
+    let mut settled = Vec::new();
     if decision == Decision::ProbePivot {
         let step = &plan.steps[plan.pivot as usize];
-        let seen = match step.probe(cx) {
+        let seen = match vsnap_steps::probe_pivot(&plan.steps, plan.pivot as usize, cx) {
             Ok(Probe::Applied) => PivotSeen::Applied,
             Ok(Probe::NotApplied) => PivotSeen::NotApplied,
             Ok(Probe::Unknown(why)) => PivotSeen::Unknown(why),
             Err(e) => PivotSeen::Unknown(format!("probing {} failed: {e}", step.describe())),
         };
+        let files = if vsnap_steps::pivot_decided_from_files(step) {
+            " (QEMU is gone: decided from the files)"
+        } else {
+            ""
+        };
         seen_note = match &seen {
-            PivotSeen::Applied => "the pivot had happened; ".into(),
-            PivotSeen::NotApplied => "the pivot had not happened; ".into(),
+            PivotSeen::Applied => format!("the pivot had happened{files}; "),
+            PivotSeen::NotApplied => format!("the pivot had not happened{files}; "),
             PivotSeen::Unknown(_) => String::new(),
+        };
+        let applied = match seen {
+            PivotSeen::Applied => Some(true),
+            PivotSeen::NotApplied => Some(false),
+            PivotSeen::Unknown(_) => None,
         };
         decision = vsnap_recovery::decide_after_probe(&stored.header, &stored.records, seen)
             .map_err(illegal)?;
+        // A QMP pivot of a QEMU that is gone was decided from the files:
+        // remove what a cut-short pivot left, free leaked clusters, before
+        // anything is journaled (killed here, recovery probes again and
+        // decides the same).
+        if let (Some(applied), false) = (applied, dry_run) {
+            settled = vsnap_steps::settle_pivot(&plan.steps, plan.pivot as usize, applied)
+                .map_err(|e| step_failed(stored.id, plan.pivot, step, e))?;
+        }
     }
     match decision {
         Decision::Nothing | Decision::ProbePivot => {
@@ -589,6 +623,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 undo.len(),
                 undo
             );
+            for note in &settled {
+                report.detail.push_str("; ");
+                report.detail.push_str(note);
+            }
             if !dry_run {
                 let r = rollback(j, stored.id, &plan, &undo, already_rolling_back, cx);
                 if let Err(EngineError::NeedsAttention { reason, .. }) = &r {
@@ -608,6 +646,10 @@ pub fn recover_one(j: &Journal, stored: &StoredPlan, dry_run: bool, cx: &Cx) -> 
                 "{seen_note}rolled forward from step {from} of {}",
                 plan.steps.len()
             );
+            for note in &settled {
+                report.detail.push_str("; ");
+                report.detail.push_str(note);
+            }
             if !dry_run {
                 let mut w = Writer::existing(j, stored.id);
                 let r = forward(
@@ -773,6 +815,104 @@ mod tests {
             .check_paths()
             .unwrap_err();
         assert!(e.to_string().contains("4095"), "{e}");
+    }
+
+    /// A live disk-only snapshot's plan cut short with its pivot started
+    /// and its QEMU gone (a stale monitor socket: a host crash), as the
+    /// journal holds it: recovery decides from the overlays, never
+    /// "needs attention". No overlay data: rolled back, the overlays
+    /// removed; data in one: rolled forward, the catalog written, the
+    /// `cont` after the pivot done (nothing to resume).
+    #[test]
+    fn a_live_pivot_whose_qemu_is_gone_is_decided_from_the_overlays() {
+        use vsnap_steps::live::LiveDisk;
+        for with_data in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let qmp = d.path().join("qmp.sock");
+            drop(std::os::unix::net::UnixListener::bind(&qmp).unwrap());
+            let mut steps = Vec::new();
+            let mut disks = Vec::new();
+            let mut overlays = Vec::new();
+            for i in 0..2 {
+                let base = d.path().join(format!("d{i}.qcow2"));
+                vsnap_steps::qemu_img::create(&base, Format::Qcow2, 1 << 20).unwrap();
+                let ov = d.path().join(format!("d{i}.s1.qcow2"));
+                steps.push(Step::CreateOverlay {
+                    path: ov.clone(),
+                    backing: base,
+                    backing_format: Format::Qcow2,
+                });
+                overlays.push(ov);
+            }
+            for (i, ov) in overlays.iter().enumerate() {
+                steps.push(Step::QmpBlockdevAdd {
+                    qmp: qmp.clone(),
+                    node: format!("vsnap-t-{i}"),
+                    file_node: format!("vsnap-t-{i}f"),
+                    path: ov.clone(),
+                });
+                disks.push(LiveDisk {
+                    device: format!("vd{i}"),
+                    node: format!("top{i}"),
+                    overlay: format!("vsnap-t-{i}"),
+                });
+            }
+            let pivot = steps.len() as u32;
+            steps.push(Step::QmpSnapshotTransaction {
+                qmp: qmp.clone(),
+                disks,
+            });
+            steps.push(Step::QmpCont { qmp: qmp.clone() });
+            let plan = Plan {
+                op: "domain.snapshot.create".into(),
+                summary: "test".into(),
+                steps,
+                pivot,
+                catalog: Vec::new(),
+            };
+            let cx = Cx::quiet();
+            for s in &plan.steps[..pivot as usize] {
+                s.apply(&cx).unwrap_or_else(|e| {
+                    // blockdev-add needs QEMU: what the dead process did
+                    // before the crash is journaled below.
+                    assert!(matches!(s, Step::QmpBlockdevAdd { .. }), "{e}");
+                });
+            }
+            if with_data {
+                let out = std::process::Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c", "write 0 4k"])
+                    .arg(&overlays[1])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+            }
+            let state = d.path().join("state");
+            let j = Journal::open(&state).unwrap();
+            let mut records = Vec::new();
+            for i in 0..pivot {
+                records.extend([Record::Started(i), Record::Done(i)]);
+            }
+            records.push(Record::Started(pivot));
+            let id = j
+                .begin_with(plan.header(), codec::encode(&plan), &records, &[])
+                .unwrap();
+            let stored = j.plan(id).unwrap();
+            let r = recover_one(&j, &stored, false, &cx).unwrap();
+            let after = j.plan(id).unwrap();
+            if with_data {
+                assert_eq!(r.outcome, PlanOutcome::Committed, "{r:?}");
+                assert_eq!(after.outcome(), Some(&Outcome::Committed));
+                assert!(overlays.iter().all(|o| o.exists()));
+            } else {
+                assert_eq!(r.outcome, PlanOutcome::RolledBack, "{r:?}");
+                assert_eq!(after.outcome(), Some(&Outcome::RolledBack));
+                assert!(overlays.iter().all(|o| !o.exists()));
+            }
+            assert!(
+                r.detail.contains("QEMU is gone: decided from the files"),
+                "{r:?}"
+            );
+        }
     }
 
     /// The words `vsnap-recover` prints and writes in JSON are the ones

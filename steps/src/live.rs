@@ -191,9 +191,14 @@ pub fn blockdev_add(qmp_path: &Path, node: &str, file_node: &str, path: &Path) -
 }
 
 /// `blockdev-del` of a node this plan added, if QEMU still has it and no
-/// device uses it (after a pivot it is in use and must stay).
+/// device uses it (after a pivot it is in use and must stay). A QEMU that
+/// is gone ([`is_gone`]) holds no node: nothing to delete.
 pub fn blockdev_del(qmp_path: &Path, node: &str) -> StepResult<()> {
-    let mut q = qmp(qmp_path)?;
+    let mut q = match qmp(qmp_path) {
+        Ok(q) => q,
+        Err(e) if is_gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     if !node_names(&mut q)?.iter().any(|n| n == node) {
         return Ok(());
     }
@@ -290,11 +295,13 @@ pub fn cont(qmp_path: &Path) -> StepResult<()> {
     Ok(())
 }
 
-/// The undo of a `stop`: `cont`, unless QEMU is gone (a dead guest is not
-/// left paused; the rollback goes on and leaves the files as they were).
+/// `cont`, unless QEMU is gone ([`is_gone`]): a dead guest is not left
+/// paused, there is nothing to resume. The undo of a `stop` (the rollback
+/// goes on and leaves the files as they were) and the apply of a `cont`
+/// after the pivot (the domain is shut off; DESIGN.md 10.1).
 pub fn cont_unless_gone(qmp_path: &Path) -> StepResult<()> {
     match cont(qmp_path) {
-        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(()),
+        Err(e) if is_gone(&e) => Ok(()),
         r => r,
     }
 }
@@ -395,7 +402,7 @@ pub fn migrate_to_file_undo(qmp_path: &Path, fdname: &str, path: &Path) -> StepR
             migration_settle(&mut q)?;
             let _ = q.closefd(fdname);
         }
-        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => {}
+        Err(e) if is_gone(&e) => {}
         Err(e) => return Err(e),
     }
     crate::fsops::unlink_if_exists(path)?;
@@ -418,6 +425,10 @@ pub fn migrate_to_file_probe(qmp_path: &Path, path: &Path) -> StepResult<Probe> 
     }
     let mut q = match qmp(qmp_path) {
         Ok(q) => q,
+        // The stream is known complete only once renamed from this, its
+        // temporary name (the rename follows the fsync): with no QEMU to
+        // say "completed", a file here is a partial one.
+        Err(e) if is_gone(&e) => return Ok(Probe::NotApplied),
         Err(e) => {
             return Ok(Probe::Unknown(format!(
                 "cannot ask QEMU whether the memory state in {} is complete: {e}",
@@ -435,12 +446,49 @@ pub fn migrate_to_file_probe(qmp_path: &Path, path: &Path) -> StepResult<Probe> 
 // --- halt: QEMU quits -------------------------------------------------------
 
 /// Whether no QEMU answers on `qmp_path` any more (socket missing or
-/// refusing connections).
+/// refusing connections: [`is_gone`]). A QEMU that answers, or whose
+/// monitor fails otherwise (busy with another client, permission denied,
+/// not speaking QMP), is not gone: that is an error or an answer, never
+/// taken for a dead QEMU.
 pub fn gone(qmp_path: &Path) -> StepResult<bool> {
     match qmp(qmp_path) {
         Ok(_) => Ok(false),
-        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => Ok(true),
+        Err(e) if is_gone(&e) => Ok(true),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether connecting to a monitor failed because no QEMU is there: the
+/// socket is missing, or nobody accepts on it (a killed QEMU leaves a
+/// stale socket: `ECONNREFUSED`). Any other failure (a timeout, permission
+/// denied, a peer that closed or spoke something else) is not "gone".
+pub fn is_gone(e: &StepError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        StepError::QmpNoSocket { .. } => true,
+        StepError::QmpConnect { source, .. } => {
+            matches!(
+                source.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::NotFound
+            )
+        }
+        _ => false,
+    }
+}
+
+/// [`is_gone`] for the guest agent's socket. The agent's socket is a
+/// chardev QEMU serves: nobody accepting on it means that QEMU is gone.
+pub fn agent_is_gone(e: &StepError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        StepError::AgentNoSocket { .. } => true,
+        StepError::AgentConnect { source, .. } => {
+            matches!(
+                source.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::NotFound
+            )
+        }
+        _ => false,
     }
 }
 
@@ -460,7 +508,7 @@ pub fn quit(qmp_path: &Path) -> StepResult<()> {
                 Err(e) => return Err(e),
             }
         }
-        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => return Ok(()),
+        Err(e) if is_gone(&e) => return Ok(()),
         // Accepted and closed before a greeting: QEMU is exiting already.
         Err(StepError::QmpClosed { .. }) => {}
         Err(e) => return Err(e),
@@ -469,8 +517,9 @@ pub fn quit(qmp_path: &Path) -> StepResult<()> {
     loop {
         match gone(qmp_path) {
             Ok(true) => break,
-            // While QEMU exits it may still accept and then close.
-            Ok(false) | Err(StepError::QmpClosed { .. }) => {}
+            // While QEMU exits it may still accept and then close, or
+            // reset the connection.
+            Ok(false) | Err(StepError::QmpClosed { .. } | StepError::QmpConnect { .. }) => {}
             Err(e) => return Err(e),
         }
         if std::time::Instant::now() > deadline {
@@ -501,8 +550,16 @@ pub fn freeze(agent_path: &Path) -> StepResult<()> {
     Ok(())
 }
 
+/// Thaw the guest's filesystems if frozen. An agent socket nobody
+/// accepts on ([`agent_is_gone`]) means its QEMU is gone: no guest is
+/// left to thaw (the retriable thaw after a pivot, and the undo of a
+/// freeze, succeed).
 pub fn thaw(agent_path: &Path) -> StepResult<()> {
-    let mut a = agent(agent_path)?;
+    let mut a = match agent(agent_path) {
+        Ok(a) => a,
+        Err(e) if agent_is_gone(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
     if a.fsfreeze_status()? != "frozen" {
         return Ok(());
     }
@@ -598,7 +655,7 @@ pub fn snapshot_load(
 ) -> StepResult<()> {
     let mut q = match qmp(qmp_path) {
         Ok(q) => q,
-        Err(e) if qmp_error_is_gone(&e) => {
+        Err(e) if is_gone(&e) => {
             for image in images {
                 crate::qemu_img::snapshot(image, crate::qemu_img::SnapshotOp::Apply, tag)?;
             }
@@ -639,4 +696,146 @@ pub fn qmp_error_is_gone(e: &StepError) -> bool {
         e,
         StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. } | StepError::QmpClosed { .. }
     )
+}
+
+// --- after a host crash: the files decide (DESIGN.md 10.1) -----------------
+
+/// Open an image to read its metadata: read-only, without following a
+/// link, a regular file or a block device. `Err(why)` otherwise.
+fn open_image(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("{} is gone", path.display()),
+            _ if e.raw_os_error() == Some(libc::ELOOP) => format!(
+                "{} is a symlink, which vsnap did not make and does not follow",
+                path.display()
+            ),
+            _ => format!("cannot open {}: {e}", path.display()),
+        })?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if !(m.is_file() || m.file_type().is_block_device()) {
+        return Err(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Whether vsnap's qcow2 overlay at `path` maps any guest data
+/// ([`crate::qcow2::has_data`]: its own L1/L2 tables only, never its
+/// backing file; read as qcow2 because vsnap made it so, never by a
+/// format guessed from its content). `Err(why)` when that cannot be told.
+pub fn overlay_has_data(path: &Path) -> Result<bool, String> {
+    let f = open_image(path)?;
+    let h = crate::qcow2::read_file(&f).map_err(|e| {
+        format!(
+            "{} is not the qcow2 overlay vsnap made: {e}",
+            path.display()
+        )
+    })?;
+    crate::qcow2::has_data(&f, &h)
+        .map_err(|e| format!("cannot read the tables of {}: {e}", path.display()))
+}
+
+/// A live disk-only switch (the pivot `transaction`) decided from its
+/// overlays, for when QEMU is gone and cannot be asked: an overlay with
+/// any data cluster proves the switch happened (the guest wrote through
+/// it; the transaction is atomic, so one decides for every disk):
+/// Applied. No overlay with data: NotApplied (an overlay without data is
+/// its backing file, so removing it loses nothing the guest flushed).
+/// An overlay gone or unreadable: Unknown (a disk vanished, or someone
+/// else changed the file).
+pub fn transaction_probe_files(overlays: &[std::path::PathBuf]) -> Probe {
+    let mut with_data = Vec::new();
+    let mut trouble = Vec::new();
+    for o in overlays {
+        match overlay_has_data(o) {
+            Ok(true) => with_data.push(o.display().to_string()),
+            Ok(false) => {}
+            Err(why) => trouble.push(why),
+        }
+    }
+    if !trouble.is_empty() {
+        return Probe::Unknown(format!(
+            "QEMU is gone, and the overlays cannot decide: {}",
+            trouble.join("; ")
+        ));
+    }
+    if with_data.is_empty() {
+        Probe::NotApplied
+    } else {
+        Probe::Applied
+    }
+}
+
+/// Whether the qcow2 image at `path` has an internal snapshot `tag` in
+/// its snapshot table (read natively: the image is qcow2 as the plan
+/// recorded it). `Err(why)` when that cannot be told.
+pub fn image_has_snapshot(path: &Path, tag: &str) -> Result<bool, String> {
+    let f = open_image(path)?;
+    let h = crate::qcow2::read_file(&f)
+        .map_err(|e| format!("{} is not a readable qcow2 image: {e}", path.display()))?;
+    Ok(h.snapshots.iter().any(|n| n == tag))
+}
+
+/// An internal snapshot with memory (the pivot `snapshot-save`) decided
+/// from the disks, for when QEMU is gone: QEMU writes the memory state
+/// before the snapshot-table entries, so the entry in every image means a
+/// complete snapshot: Applied; in some or none: NotApplied (the partial
+/// entries are deleted afterwards, [`snapshot_save_discard_offline`]). An
+/// image gone or unreadable: Unknown.
+pub fn snapshot_save_probe_files(tag: &str, images: &[std::path::PathBuf]) -> Probe {
+    let mut have = 0;
+    let mut trouble = Vec::new();
+    for i in images {
+        match image_has_snapshot(i, tag) {
+            Ok(true) => have += 1,
+            Ok(false) => {}
+            Err(why) => trouble.push(why),
+        }
+    }
+    if !trouble.is_empty() {
+        return Probe::Unknown(format!(
+            "QEMU is gone, and the disks cannot decide whether snapshot {tag:?} was saved: {}",
+            trouble.join("; ")
+        ));
+    }
+    if have == images.len() {
+        Probe::Applied
+    } else {
+        Probe::NotApplied
+    }
+}
+
+/// After a `snapshot-save` that did not complete in a QEMU that is gone:
+/// delete the entries `tag` it left in some images (`qemu-img snapshot
+/// -d`, offline; `qemu-img` takes the image's write lock, so an image a
+/// process holds is refused, never written). Returns the images it
+/// deleted the entry from. Idempotent.
+pub fn snapshot_save_discard_offline(
+    tag: &str,
+    images: &[std::path::PathBuf],
+) -> StepResult<Vec<std::path::PathBuf>> {
+    let mut done = Vec::new();
+    for i in images {
+        if !crate::fsops::exists(i)? {
+            continue;
+        }
+        if image_has_snapshot(i, tag).map_err(StepError::Invalid)? {
+            if crate::qcow2::qemu_holds(i).unwrap_or(false) {
+                return Err(StepError::InUse { path: i.clone() });
+            }
+            let f = crate::fsops::open_ours(i, false)?;
+            crate::qemu_img::snapshot_fd(&f, i, crate::qemu_img::SnapshotOp::Delete, tag)?;
+            done.push(i.clone());
+        }
+    }
+    Ok(done)
 }

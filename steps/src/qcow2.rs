@@ -415,6 +415,78 @@ pub fn damage(f: &File, h: &Header) -> Vec<String> {
     out
 }
 
+/// Incompatible feature bit 4: extended L2 entries (16 bytes, with
+/// subcluster allocation and zero bitmaps).
+const INCOMPAT_EXTL2: u64 = 1 << 4;
+
+/// Whether the active L1/L2 tables of the qcow2 image `f` (header `h`)
+/// map any guest cluster: an L2 entry that is not all zero (an allocated
+/// or compressed cluster, or one with the zero flag, which hides the
+/// backing file's data just as much; with extended L2 entries, any
+/// subcluster bit too). An L2 table QEMU allocated but never filled in
+/// counts as nothing: only a written entry says a guest write reached
+/// the image (and a guest flush writes the entries). Only the metadata
+/// is read (the L1 table, then each L2 table it points at, one pread
+/// each), never a data cluster and never a backing file.
+///
+/// What decides a host crash between a live `transaction` and its
+/// journal record (DESIGN.md 10.1): an overlay with data proves the
+/// guest ran on it. Tables out of bounds, reserved bits, an L1 table
+/// larger than QEMU allows: [`Unsupported`] (the caller cannot decide).
+pub fn has_data(f: &File, h: &Header) -> Result<bool, Unsupported> {
+    use std::io::{Seek, SeekFrom};
+    let t = &h.tables;
+    let cluster = 1u64 << t.cluster_bits;
+    // A block device's metadata length is 0: its end is where seek says.
+    let len = (&*f)
+        .seek(SeekFrom::End(0))
+        .map_err(|e| Unsupported(format!("cannot find the end of the file: {e}")))?;
+    let l1_bytes = u64::from(t.l1_size) * 8;
+    if l1_bytes == 0 {
+        return Ok(false);
+    }
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(Unsupported(format!(
+            "its L1 table has {} entries, more than QEMU allows",
+            t.l1_size
+        )));
+    }
+    if t.l1_offset == 0 || t.l1_offset & (cluster - 1) != 0 || t.l1_offset + l1_bytes > len {
+        return Err(Unsupported(format!(
+            "its L1 table ({l1_bytes} bytes at {:#x}) is misaligned or runs past the end of the file ({len} bytes)",
+            t.l1_offset
+        )));
+    }
+    let l1 = read_at(f, t.l1_offset, l1_bytes, "L1 table")?;
+    let entry = if h.incompatible & INCOMPAT_EXTL2 != 0 {
+        16
+    } else {
+        8
+    };
+    for i in 0..t.l1_size as usize {
+        let e = be64(&l1, i * 8);
+        if e & L1E_RESERVED_MASK != 0 {
+            return Err(Unsupported(format!(
+                "L1 entry {i} ({e:#018x}) has reserved bits set"
+            )));
+        }
+        let off = e & L1E_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if off & (cluster - 1) != 0 || off + cluster > len {
+            return Err(Unsupported(format!(
+                "L1 entry {i} points at {off:#x}, which is not a cluster of the file ({len} bytes)"
+            )));
+        }
+        let l2 = read_at(f, off, cluster, "L2 table")?;
+        if l2.chunks(entry).any(|x| x.iter().any(|&b| b != 0)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn file_len(f: &File) -> Result<u64, Unsupported> {
     f.metadata()
         .map(|m| m.len())

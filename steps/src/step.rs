@@ -287,7 +287,9 @@ pub enum Step {
         #[serde(with = "crate::pathser")]
         agent: PathBuf,
     },
-    /// Guest agent `guest-fsfreeze-thaw`; retriable. Probe: not frozen.
+    /// Guest agent `guest-fsfreeze-thaw`; retriable. An agent socket
+    /// nobody accepts on (its QEMU is gone) has no guest to thaw: done.
+    /// Probe: not frozen.
     AgentThaw {
         #[serde(with = "crate::pathser")]
         agent: PathBuf,
@@ -299,7 +301,8 @@ pub enum Step {
         #[serde(with = "crate::pathser")]
         qmp: PathBuf,
     },
-    /// QMP `cont`; retriable. Probe: running.
+    /// QMP `cont`; retriable. A QEMU that is gone (monitor socket missing
+    /// or refusing) has nothing to resume: done. Probe: running.
     QmpCont {
         #[serde(with = "crate::pathser")]
         qmp: PathBuf,
@@ -308,6 +311,9 @@ pub enum Step {
     /// `blockdev-snapshot` over every disk, atomic against guest I/O.
     /// Probe: every device's top node is its overlay (Applied), none is
     /// (NotApplied), otherwise or when QEMU cannot be asked: Unknown.
+    /// Within its plan ([`probe_pivot`]), when QEMU is gone: decided from
+    /// the overlays the plan's `QmpBlockdevAdd` steps name (any data
+    /// cluster: Applied; none: NotApplied).
     QmpSnapshotTransaction {
         #[serde(with = "crate::pathser")]
         qmp: PathBuf,
@@ -378,6 +384,23 @@ pub enum Step {
         #[serde(with = "crate::pathser")]
         saved: PathBuf,
     },
+    /// [`Step::QmpSnapshotSave`] that also names each device's image:
+    /// `images[i]` is the qcow2 file of `devices[i]`. What lets recovery
+    /// decide the pivot from the disks when QEMU is gone (DESIGN.md 10.1;
+    /// a plan journaled with the older variant cannot be).
+    /// Probe: through QMP as QmpSnapshotSave; when QEMU is gone, the tag in
+    /// every image's snapshot table (Applied) or not (NotApplied: the
+    /// partial entries are deleted by [`settle_pivot`]).
+    QmpSnapshotSaveFiles {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+        job: String,
+        tag: String,
+        vmstate: String,
+        devices: Vec<String>,
+        #[serde(with = "crate::pathser::vec")]
+        images: Vec<PathBuf>,
+    },
     /// QMP `snapshot-load` job (a running guest reverted to an internal
     /// snapshot with memory): the disks `devices` (node names) and the VM
     /// state (from node `vmstate`) back to snapshot `tag`. Only after the
@@ -420,7 +443,7 @@ impl Step {
             Step::QmpStop { .. } => "qmp-stop",
             Step::QmpCont { .. } => "qmp-cont",
             Step::QmpSnapshotTransaction { .. } => "qmp-transaction",
-            Step::QmpSnapshotSave { .. } => "qmp-snapshot-save",
+            Step::QmpSnapshotSave { .. } | Step::QmpSnapshotSaveFiles { .. } => "qmp-snapshot-save",
             Step::QmpQuit { .. } => "qmp-quit",
             Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
             Step::ExternalFreeze { .. } => "external-freeze",
@@ -465,6 +488,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotSaveFiles { .. }
             | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => Vec::new(),
         }
@@ -480,6 +504,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotSaveFiles { .. }
             | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => false,
             Step::Rename { replace, .. } => !replace,
@@ -590,6 +615,13 @@ impl Step {
                     .join(", ")
             ),
             Step::QmpSnapshotSave {
+                qmp,
+                tag,
+                vmstate,
+                devices,
+                ..
+            }
+            | Step::QmpSnapshotSaveFiles {
                 qmp,
                 tag,
                 vmstate,
@@ -825,6 +857,19 @@ impl Step {
                 devices,
                 ..
             } => crate::live::snapshot_save_probe(qmp, job, tag, devices),
+            Step::QmpSnapshotSaveFiles {
+                qmp,
+                job,
+                tag,
+                devices,
+                images,
+                ..
+            } => {
+                if crate::live::gone(qmp)? {
+                    return Ok(crate::live::snapshot_save_probe_files(tag, images));
+                }
+                crate::live::snapshot_save_probe(qmp, job, tag, devices)
+            }
             Step::QmpMigrateToFile { qmp, path, .. } => {
                 crate::live::migrate_to_file_probe(qmp, path)
             }
@@ -972,7 +1017,8 @@ impl Step {
             Step::AgentFreeze { agent } => crate::live::freeze(agent),
             Step::AgentThaw { agent } => crate::live::thaw(agent),
             Step::QmpStop { qmp } => crate::live::stop(qmp),
-            Step::QmpCont { qmp } => crate::live::cont(qmp),
+            // A QEMU that is gone has no guest to resume (DESIGN.md 10.1).
+            Step::QmpCont { qmp } => crate::live::cont_unless_gone(qmp),
             Step::QmpSnapshotTransaction { qmp, disks } => crate::live::transaction(qmp, disks),
             Step::QmpSnapshotSave {
                 qmp,
@@ -980,6 +1026,14 @@ impl Step {
                 tag,
                 vmstate,
                 devices,
+            }
+            | Step::QmpSnapshotSaveFiles {
+                qmp,
+                job,
+                tag,
+                vmstate,
+                devices,
+                ..
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
             Step::QmpQuit { qmp } => crate::live::quit(qmp),
             Step::QmpMigrateToFile { qmp, fdname, path } => {
@@ -1102,6 +1156,7 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
+            | Step::QmpSnapshotSaveFiles { .. }
             | Step::QmpSnapshotLoad { .. }
             | Step::QmpQuit { .. } => unreachable!("irreversible steps return above"),
             Step::InternalDelete { .. }
@@ -1186,4 +1241,185 @@ fn backing_is(info: &qemu_img::ImageInfo, want: Option<&Path>) -> bool {
         (Some(have), Some(want)) => same_path(have, want),
         _ => false,
     }
+}
+
+// --- the pivot within its plan: a QEMU that is gone (DESIGN.md 10.1) ------
+
+/// The overlay files of a [`Step::QmpSnapshotTransaction`]'s disks, from
+/// the `QmpBlockdevAdd` steps of the same plan (by node name), in the
+/// transaction's order; `Err(node)` for a node no step added.
+fn transaction_overlays(
+    steps: &[Step],
+    disks: &[crate::live::LiveDisk],
+) -> Result<Vec<PathBuf>, String> {
+    disks
+        .iter()
+        .map(|d| {
+            steps
+                .iter()
+                .find_map(|s| match s {
+                    Step::QmpBlockdevAdd { node, path, .. } if *node == d.overlay => {
+                        Some(path.clone())
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| d.overlay.clone())
+        })
+        .collect()
+}
+
+/// The image an overlay of the plan was made on, with its format as the
+/// plan recorded it (the overlay's creating step); None when the plan did
+/// not make the overlay (`--reuse-external`).
+fn overlay_backing(steps: &[Step], overlay: &Path) -> Option<(PathBuf, Format)> {
+    steps.iter().find_map(|s| match s {
+        Step::CreateOverlay {
+            path,
+            backing,
+            backing_format,
+        } if path == overlay => Some((backing.clone(), *backing_format)),
+        Step::OverlayOnDevice {
+            device,
+            backing,
+            backing_format,
+            ..
+        } if device == overlay => Some((backing.clone(), *backing_format)),
+        Step::ExternalFreeze {
+            file,
+            overlay: o,
+            format,
+            ..
+        } if o == overlay => Some((file.clone(), *format)),
+        _ => None,
+    })
+}
+
+/// The probe of the pivot `steps[pivot]` within its plan: [`Step::probe`],
+/// except that a QMP pivot whose QEMU is gone (its monitor socket missing
+/// or refusing connections, [`crate::live::gone`]) is decided from the
+/// files (DESIGN.md 10.1): a live `transaction` from the overlays the
+/// plan added ([`crate::live::transaction_probe_files`]), a
+/// `snapshot-save` from the disks' snapshot tables
+/// ([`Step::QmpSnapshotSaveFiles`]). A QEMU that answers is asked, as
+/// before; one that answers something odd stays Unknown.
+pub fn probe_pivot(steps: &[Step], pivot: usize, cx: &Cx) -> StepResult<Probe> {
+    let step = &steps[pivot];
+    if let Step::QmpSnapshotTransaction { qmp, disks } = step {
+        if crate::live::gone(qmp)? {
+            return Ok(match transaction_overlays(&steps[..pivot], disks) {
+                Ok(overlays) => crate::live::transaction_probe_files(&overlays),
+                Err(node) => Probe::Unknown(format!(
+                    "QEMU is gone ({} refuses connections or is missing), and no step of \
+                     the plan names the file of overlay node {node}",
+                    qmp.display()
+                )),
+            });
+        }
+    }
+    step.probe(cx)
+}
+
+/// Whether the pivot `step` is a QMP one whose QEMU is gone, so that
+/// [`probe_pivot`] decides it from the files (for the recovery report).
+pub fn pivot_decided_from_files(step: &Step) -> bool {
+    match step {
+        Step::QmpSnapshotTransaction { qmp, .. } | Step::QmpSnapshotSaveFiles { qmp, .. } => {
+            crate::live::gone(qmp).unwrap_or(false)
+        }
+        _ => false,
+    }
+}
+
+/// What recovery does to the files once [`probe_pivot`] decided a QMP
+/// pivot of a QEMU that is gone (`applied`: forward), before it rolls
+/// forward or back; nothing while QEMU answers. Idempotent (a recovery
+/// killed here probes again and decides the same).
+///
+/// - `snapshot-save` rolled back: the partial entries it left are deleted
+///   (offline `qemu-img snapshot -d`; refused while a process holds an
+///   image).
+/// - Leaked clusters: a QEMU killed mid-write leaves clusters it
+///   allocated and never referenced (and a `snapshot-save` cut short, its
+///   whole memory state) in the images it had open. Recovery frees them
+///   (`qemu-img check -r leaks`) in the qcow2 images the domain will run
+///   on: forward, the overlays; back, the images the overlays were made
+///   on; a `snapshot-save`, every disk. Only when no process holds the
+///   image (QEMU's image locks) and `qemu-img check` finds leaks and
+///   nothing worse; corruption is left for `vsnap domain check` to
+///   report, never repaired blindly.
+///
+/// Returns one line per change, for the recovery report.
+pub fn settle_pivot(steps: &[Step], pivot: usize, applied: bool) -> StepResult<Vec<String>> {
+    let mut notes = Vec::new();
+    let mut repair: Vec<PathBuf> = Vec::new();
+    match &steps[pivot] {
+        Step::QmpSnapshotTransaction { qmp, disks } => {
+            if !crate::live::gone(qmp)? {
+                return Ok(notes);
+            }
+            let Ok(overlays) = transaction_overlays(&steps[..pivot], disks) else {
+                return Ok(notes);
+            };
+            if applied {
+                repair = overlays;
+            } else {
+                repair = overlays
+                    .iter()
+                    .filter_map(|o| overlay_backing(&steps[..pivot], o))
+                    .filter(|(_, f)| *f == Format::Qcow2)
+                    .map(|(b, _)| b)
+                    .collect();
+            }
+        }
+        Step::QmpSnapshotSaveFiles {
+            qmp, tag, images, ..
+        } => {
+            if !crate::live::gone(qmp)? {
+                return Ok(notes);
+            }
+            if !applied {
+                for i in crate::live::snapshot_save_discard_offline(tag, images)? {
+                    notes.push(format!(
+                        "deleted the partial internal snapshot {tag:?} from {} (QEMU died during snapshot-save)",
+                        i.display()
+                    ));
+                }
+            }
+            repair = images.clone();
+        }
+        _ => {}
+    }
+    for image in repair {
+        if let Some(n) = repair_leaks_offline(&image)? {
+            notes.push(n);
+        }
+    }
+    Ok(notes)
+}
+
+/// `qemu-img check -r leaks` of the qcow2 `image` when it exists, no
+/// process holds it, and its check finds leaked clusters and nothing
+/// worse. Returns what was freed.
+fn repair_leaks_offline(image: &Path) -> StepResult<Option<String>> {
+    if !fsops::exists(image)? || qcow2::qemu_holds(image).unwrap_or(true) {
+        return Ok(None);
+    }
+    let dirty = qcow2::read(image).is_ok_and(|h| h.incompatible & qcow2::INCOMPAT_DIRTY != 0);
+    let before = qemu_img::check(image, Format::Qcow2)?;
+    if before.clean || before.corruptions > 0 || before.leaks == 0 || dirty {
+        return Ok(None);
+    }
+    let after = match qemu_img::repair(image, false) {
+        Ok(a) => a,
+        // A process opened it meanwhile (qemu-img takes the write lock):
+        // its leaks are left, as any running image's are.
+        Err(StepError::InUse { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(format!(
+        "freed {} leaked cluster(s) in {} (QEMU was killed with it open; `qemu-img check -r leaks`{})",
+        before.leaks,
+        image.display(),
+        if after.clean { "; now clean" } else { "; not clean yet" }
+    )))
 }

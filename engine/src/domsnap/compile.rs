@@ -161,12 +161,14 @@ pub(crate) fn compile_live_snapshot_save(req: &DomSnapRequest, f: &Facts) -> Sha
         steps.push(Step::QmpStop { qmp: qmp.clone() });
     }
     let pivot = steps.len() as u32;
-    steps.push(Step::QmpSnapshotSave {
+    steps.push(Step::QmpSnapshotSaveFiles {
         qmp: qmp.clone(),
         job: format!("vsnap-{}", f.tag),
         tag: f.name.clone(),
         vmstate: devices[0].clone(),
         devices,
+        // each device's image, for recovery when QEMU is gone
+        images: f.disks.iter().map(|c| c.real.clone()).collect(),
     });
     if req.halt {
         steps.push(Step::QmpQuit { qmp });
@@ -757,11 +759,12 @@ mod tests {
         );
         m.memory = true;
         let s = compile_live_snapshot_save(&DomSnapRequest::default(), &m);
-        let Step::QmpSnapshotSave {
+        let Step::QmpSnapshotSaveFiles {
             job,
             tag,
             vmstate,
             devices,
+            images,
             ..
         } = &s.steps[0]
         else {
@@ -772,6 +775,10 @@ mod tests {
             ("vsnap-0123abcd", "s1", "node-vdc")
         );
         assert_eq!(devices, &["node-vdc", "node-vda"]);
+        assert_eq!(
+            images,
+            &[PathBuf::from("/vm/c.qcow2"), PathBuf::from("/vm/a.qcow2")]
+        );
         assert_eq!(s.state, DomSnapState::Paused);
     }
 
