@@ -106,6 +106,7 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<String>)> {
         current: None,
         next_seq: 0,
         virt_type,
+        launch: None,
     };
     if let Some(devices) = root.child("devices") {
         for disk in devices.children_named("disk") {
@@ -384,6 +385,25 @@ pub fn block_key(entry: &Value) -> String {
     BlockDevice::from_value(entry).key
 }
 
+/// A launch spec for `d`: `argv` and `cwd`, each disk bound to its image
+/// now (the path `domain start` looks for in the argv).
+fn bound_spec(d: &DomainRec, argv: Vec<String>, cwd: PathBuf) -> vsnap_steps::launch::LaunchSpec {
+    vsnap_steps::launch::LaunchSpec {
+        argv,
+        cwd,
+        disks: d
+            .disks
+            .iter()
+            .filter_map(|x| {
+                Some(vsnap_steps::launch::BoundDisk {
+                    target: x.target.clone(),
+                    path: x.image()?.to_path_buf(),
+                })
+            })
+            .collect(),
+    }
+}
+
 /// A path as given, made absolute against the current directory (sockets
 /// and images are used later from any directory).
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -414,7 +434,26 @@ impl Engine {
     }
 
     /// Define a domain from `<domain>` XML; `qmp` overrides the metadata.
+    /// No launch spec: the domain can be snapshotted, not started (see
+    /// [`Engine::domain_define_with_launch`]).
     pub fn domain_define(&self, xml: &str, qmp: Option<PathBuf>) -> Result<DomainRec> {
+        self.domain_define_with_launch(xml, qmp, None)
+    }
+
+    /// [`Engine::domain_define`] with the QEMU command line that starts the
+    /// domain (`launch`: argv, program first, and the working directory
+    /// its relative paths are resolved against; see
+    /// [`crate::parse_launch_file`]). Each disk's source in the XML must
+    /// be named by one `-drive file=` or `-blockdev filename=` of the
+    /// argv, and the argv must open the domain's QMP socket: checked now
+    /// ([`EngineError::LaunchOption`]), so that `domain start` can rewrite
+    /// it later.
+    pub fn domain_define_with_launch(
+        &self,
+        xml: &str,
+        qmp: Option<PathBuf>,
+        launch: Option<(Vec<String>, PathBuf)>,
+    ) -> Result<DomainRec> {
         let _g = self.lock_ops();
         let (mut d, _) = parse_domain_xml_typed(xml)?;
         if qmp.is_some() {
@@ -481,6 +520,26 @@ impl Engine {
             vsnap_steps::qemu_img::backing_chain(source, disk.format)
                 .map_err(|e| EngineError::unsafe_(format!("disk {}: {e}", disk.target)))?;
         }
+        if let Some((argv, cwd)) = launch {
+            d.launch = Some(bound_spec(&d, argv, cwd));
+            if d.qmp.is_none() {
+                return Err(EngineError::bad_request(format!(
+                    "domain {}: --launch needs the domain's QMP socket (--qmp, or <vsnap:qmp> in the XML): vsnap talks to the QEMU it starts through it",
+                    d.name
+                )));
+            }
+            // Refused now, not at the first start.
+            crate::launch::QemuLauncher::new(self.journal().state_dir()).plan(
+                &d,
+                &self.domain_launch_request(
+                    &d,
+                    vsnap_steps::launch::StartMode {
+                        paused: true,
+                        incoming: false,
+                    },
+                ),
+            )?;
+        }
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)
     }
@@ -495,6 +554,12 @@ impl Engine {
                 "domain {name:?} is already defined; `vsnap domain undefine {name}` first"
             )));
         }
+        // Who serves the monitor, before vsnap takes it (it may serve one
+        // client at a time): that process's command line is the launch
+        // spec. Unreadable, the domain is attached without one.
+        let started = vsnap_steps::launch::peer_pid(qmp)
+            .ok()
+            .and_then(|pid| vsnap_steps::launch::process_argv_cwd(pid).ok());
         let mut q = live::qmp(qmp).map_err(EngineError::Check)?;
         let blocks = q.query_block_typed().map_err(EngineError::Check)?;
         let mut disks = Vec::new();
@@ -540,7 +605,12 @@ impl Engine {
             current: None,
             next_seq: 0,
             virt_type: None,
+            launch: None,
         };
+        let mut d = d;
+        if let Some((argv, cwd)) = started {
+            d.launch = Some(bound_spec(&d, argv, cwd));
+        }
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)
     }
