@@ -148,6 +148,19 @@ fn pid_of_file(f: &Path) -> u32 {
         .unwrap()
 }
 
+/// `vsnap` with extra environment; the signal that killed it, if any.
+fn vsnap_env(state: &Path, args: &[&str], env: &[(&str, &str)]) -> (Out, Option<i32>) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut c = vsnap_command(state);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run vsnap");
+    let sig = o.status.signal();
+    (Out::from(o), sig)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -463,6 +476,61 @@ fn start_stop_domains() {
     assert_unchanged(&before, &w.world(&[]));
     assert!(!w.state.join("run/e.log").exists(), "nothing was spawned");
     say("refusals changed nothing");
+
+    // --- crashes: vsnap killed in the middle of a start -------------------------
+    // While QEMU is spawned (pidfile written, monitor not yet answering) and
+    // once it is up on the planned images (Done not written): recovery
+    // rolls the plan back, which ends the QEMU it started.
+    for point in ["step.qemu-launch.spawned", "run.applied.0"] {
+        let (o, sig) = vsnap_env(
+            &w.state,
+            &["domain", "start", "g"],
+            &[("VSNAP_CRASH_AT", point)],
+        );
+        assert_eq!(sig, Some(9), "{point}: vsnap was not killed there: {o:?}");
+        let pid = pid_of_file(&w.state.join("run/g.pid"));
+        kills.add(pid);
+        assert!(alive(pid), "{point}: the spawned QEMU outlives vsnap");
+        vsnap_recover(&w.state, &[]).ok();
+        assert!(
+            !alive(pid),
+            "{point}: recovery ended the QEMU the rolled-back plan started"
+        );
+        assert!(!w.state.join("run/g.pid").exists());
+        let plans = w.vsnap(&["--json", "plan", "list"]).ok().json();
+        let last = plans.as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["outcome"], "RolledBack", "{point}: {last}");
+        assert_eq!(
+            w.vsnap(&["--json", "domain", "info", "g"]).ok().json()["state"],
+            "shutoff"
+        );
+    }
+    // After the pivot, before `cont`: recovery rolls forward, the guest runs.
+    let (_, sig) = vsnap_env(
+        &w.state,
+        &["domain", "start", "g"],
+        &[("VSNAP_CRASH_AT", "run.done.1")],
+    );
+    assert_eq!(sig, Some(9));
+    let pid = pid_of_file(&w.state.join("run/g.pid"));
+    kills.add(pid);
+    assert!(
+        !qmp(&sock).query_status().unwrap().0,
+        "paused until recovery resumes it"
+    );
+    vsnap_recover(&w.state, &[]).ok();
+    assert!(
+        qmp(&sock).query_status().unwrap().0,
+        "recovery resumed the guest"
+    );
+    let plans = w.vsnap(&["--json", "plan", "list"]).ok().json();
+    assert_eq!(
+        plans.as_array().unwrap().last().unwrap()["outcome"],
+        "Committed"
+    );
+    w.vsnap(&["domain", "destroy", "g"]).ok();
+    assert!(!alive(pid));
+    say("crashes in a start: rolled back (QEMU ended) before the pivot, forward after");
 
     // --- measure: vsnap domain start against the same argv by hand --------------
     let plan = w

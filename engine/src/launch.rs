@@ -13,13 +13,18 @@
 //! planned images (else QEMU is quit), and only then is the guest resumed
 //! (unless paused, or waiting for an incoming migration).
 //!
-//! Not journaled yet: a start that dies half-way leaves at most a paused
-//! QEMU on the planned images (its pidfile and log), which `destroy`
-//! ends. [`Engine::domain_start`] is the function a revert plan's launch
-//! step wraps (probe: the monitor answers and `query-block` shows the
-//! planned images; undo: `quit`).
+//! `domain start` is a journaled plan (`domain.start`):
+//! `qemu-launch` ([`vsnap_steps::Step::QemuLaunch`]: probe = the monitor
+//! answers and `query-block` shows the planned images; undo = the QEMU it
+//! started quits, else is killed), the pivot (`catalog`, no change), then
+//! `qmp-cont` unless paused. vsnap killed in the middle of the launch:
+//! recovery rolls it back (the QEMU it spawned is ended); after the
+//! pivot it resumes the guest. A revert plan takes the same step
+//! ([`QemuLauncher::launch`] builds it). With an embedder's [`Launcher`],
+//! the start is the embedder's call, not journaled.
 
 use crate::catalog::dom::DomainRec;
+use crate::plan::Plan;
 use crate::{Engine, EngineError, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 use vsnap_steps::agent::Agent;
 use vsnap_steps::launch::{self as proc, DiskImage, LaunchError, Pidfd, PlannedArgv, StartMode};
 use vsnap_steps::qmp::Qmp;
+use vsnap_steps::Step;
 
 /// What to start a domain on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +50,8 @@ pub struct Launched {
     pub pid: Option<u32>,
     /// The command line it was started with, if the launcher says.
     pub argv: Option<Vec<String>>,
+    /// The journal's plan that started it (vsnap's own launcher).
+    pub plan: Option<u64>,
 }
 
 /// How an embedding manager starts and stops its domains' QEMU, given to
@@ -90,10 +98,6 @@ pub enum ShutdownVia {
     Acpi,
 }
 
-/// How long a monitor may take to answer after QEMU is spawned.
-const MONITOR_WAIT: Duration = Duration::from_secs(30);
-/// How long QEMU may take to exit after `quit` before it is killed.
-const QUIT_WAIT: Duration = Duration::from_secs(10);
 /// How long the agent may take to answer its sync before ACPI is used.
 const AGENT_WAIT: Duration = Duration::from_secs(2);
 
@@ -161,6 +165,21 @@ impl QemuLauncher {
         self.run_dir.join(format!("{domain}.pid"))
     }
 
+    /// The launch `start` would run, every name and path fixed (nothing
+    /// is touched): what the journaled step [`vsnap_steps::Step::QemuLaunch`]
+    /// carries.
+    pub fn launch(&self, domain: &DomainRec, req: &LaunchRequest) -> Result<proc::Launch> {
+        let planned = self.plan(domain, req)?;
+        let qmp = domain.qmp.as_deref().expect("plan checked it");
+        Ok(proc::Launch::new(
+            planned,
+            qmp,
+            &self.run_dir,
+            &domain.name,
+            &req.disks,
+        ))
+    }
+
     /// The argv `start` would run (nothing is touched).
     pub fn plan(&self, domain: &DomainRec, req: &LaunchRequest) -> Result<PlannedArgv> {
         let spec = domain
@@ -189,168 +208,43 @@ impl QemuLauncher {
             source,
         }
     }
-
-    /// The recorded QEMU of `domain`, if its pidfile names a live process
-    /// that started when the pidfile says.
-    fn pid_from_file(&self, domain: &str) -> Option<u32> {
-        let text = std::fs::read_to_string(self.pid_path(domain)).ok()?;
-        let mut it = text.split_whitespace();
-        let pid: u32 = it.next()?.parse().ok()?;
-        let start: u64 = it.next()?.parse().ok()?;
-        (start_time(pid)? == start).then_some(pid)
-    }
-}
-
-/// Field 22 of `/proc/PID/stat`: when the process started (clock ticks
-/// since boot); with the pid, it names one process for good.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    // rest starts at field 3 (state): field 22 is the 20th of rest.
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn write_pidfile(path: &Path, pid: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("pid.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    // Not fsynced: after a host crash no process it could name is alive,
-    // and a pid is believed only with its start time.
-    writeln!(f, "{pid} {}", start_time(pid).unwrap_or(0))?;
-    std::fs::rename(&tmp, path)
 }
 
 impl Launcher for QemuLauncher {
     fn start(&self, domain: &DomainRec, req: &LaunchRequest) -> Result<Launched> {
-        let planned = self.plan(domain, req)?;
-        let qmp = domain.qmp.as_deref().expect("plan checked it");
-        let io = |op, path: &Path, source| {
-            Self::launch_err(
-                domain,
-                LaunchError::Io {
-                    op,
-                    path: path.to_path_buf(),
-                    source,
-                },
-            )
-        };
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            match std::fs::DirBuilder::new().mode(0o700).create(&self.run_dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io("create", &self.run_dir, e)),
-            }
-        }
-        let log = self.log_path(&domain.name);
-        let mut child = proc::spawn(&planned, &log).map_err(|e| Self::launch_err(domain, e))?;
-        let pid = child.id();
-        let mut q = proc::wait_monitor(&mut child, qmp, &log, MONITOR_WAIT)
-            .map_err(|e| Self::launch_err(domain, e))?;
-        let kill = |child: &mut std::process::Child| {
-            let _ = child.kill();
-            let _ = child.wait();
-        };
-        // The probe: QEMU runs on the planned images.
-        let blocks = match q.query_block_typed() {
-            Ok(b) => b,
-            Err(e) => {
-                kill(&mut child);
-                return Err(Self::launch_err(domain, LaunchError::Monitor(e)));
-            }
-        };
-        let mut wrong = Vec::new();
-        for d in &req.disks {
-            let on = blocks
-                .iter()
-                .find(|b| b.target().as_deref() == Some(d.target.as_str()))
-                .and_then(|b| b.inserted.as_ref())
-                .map(|i| PathBuf::from(&i.file));
-            if on.as_deref() != Some(d.image.as_path()) {
-                wrong.push(format!(
-                    "{} on {} (planned {})",
-                    d.target,
-                    on.map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "nothing".into()),
-                    d.image.display()
-                ));
-            }
-        }
-        if !wrong.is_empty() {
-            let _ = q.quit();
-            if !Pidfd::open(pid).is_ok_and(|p| p.wait_exit(QUIT_WAIT)) {
-                kill(&mut child);
-            }
-            return Err(Self::launch_err(
-                domain,
-                LaunchError::WrongImages(wrong.join(", ")),
-            ));
-        }
+        let launch = self.launch(domain, req)?;
+        let pid = launch.start().map_err(|e| Self::launch_err(domain, e))?;
         if !req.mode.paused && !req.mode.incoming {
-            if let Err(e) = q.cont() {
-                kill(&mut child);
+            let cont = Qmp::connect(&launch.qmp, Duration::from_secs(5)).and_then(|mut q| q.cont());
+            if let Err(e) = cont {
+                let _ = launch.undo();
                 return Err(Self::launch_err(domain, LaunchError::Monitor(e)));
             }
         }
-        let pidfile = self.pid_path(&domain.name);
-        if let Err(e) = write_pidfile(&pidfile, pid) {
-            // QEMU runs on the right images; without the pidfile destroy
-            // still finds it through its monitor.
-            eprintln!("vsnap: warning: cannot write {}: {e}", pidfile.display());
-        }
-        // Reap it if it exits while this process lives (a service);
-        // otherwise init does.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
         Ok(Launched {
             pid: Some(pid),
-            argv: Some(planned.argv),
+            argv: Some(launch.argv),
+            plan: None,
         })
     }
 
     fn stop(&self, domain: &DomainRec) -> Result<Stopped> {
         let qmp = domain.qmp.as_deref();
         let by_monitor = qmp.and_then(|q| proc::peer_pid(q).ok());
-        let Some(pid) = by_monitor.or_else(|| self.pid_from_file(&domain.name)) else {
+        let Some(pid) = by_monitor.or_else(|| proc::pid_from_file(&self.pid_path(&domain.name)))
+        else {
             return Err(EngineError::wrong_state(format!(
                 "domain {} is not running (no QEMU answers on its monitor, and no process vsnap started is alive); nothing to destroy",
                 domain.name
             )));
         };
-        let pidfd = Pidfd::open(pid).map_err(|e| {
-            EngineError::io(format!("cannot open a handle on QEMU (pid {pid}): {e}"))
-        })?;
-        let mut quit = false;
-        if by_monitor.is_some() {
-            if let Some(qmp) = qmp {
-                if let Ok(mut q) = Qmp::connect(qmp, Duration::from_secs(5)) {
-                    quit = q.quit().is_ok();
-                }
-            }
-        }
-        let out = if quit && pidfd.wait_exit(QUIT_WAIT) {
-            Stopped::Quit { pid }
-        } else {
-            pidfd
-                .signal(libc::SIGKILL)
-                .map_err(|e| EngineError::io(format!("cannot kill QEMU (pid {pid}): {e}")))?;
-            if !pidfd.wait_exit(QUIT_WAIT) {
-                return Err(EngineError::io(format!(
-                    "QEMU (pid {pid}) still exists {} s after SIGKILL (stuck in the kernel?)",
-                    QUIT_WAIT.as_secs()
-                )));
-            }
-            Stopped::Killed { pid }
-        };
+        let ended = proc::end_process(qmp, pid)
+            .map_err(|e| EngineError::io(format!("cannot stop QEMU (pid {pid}): {e}")))?;
         let _ = std::fs::remove_file(self.pid_path(&domain.name));
-        Ok(out)
+        Ok(match ended {
+            proc::Ended::Quit => Stopped::Quit { pid },
+            proc::Ended::Killed => Stopped::Killed { pid },
+        })
     }
 }
 
@@ -414,10 +308,41 @@ impl Engine {
             )));
         }
         let req = self.domain_launch_request(&d, mode);
-        match &self.launcher {
-            Some(l) => l.start(&d, &req),
-            None => self.qemu_launcher().start(&d, &req),
+        if let Some(l) = &self.launcher {
+            return l.start(&d, &req);
         }
+        // vsnap's own: a journaled plan. The launch (undo: quit) before
+        // the pivot, so that a crash in the middle rolls it back; `cont`
+        // after it, retried.
+        let launch = self.qemu_launcher().launch(&d, &req)?;
+        let qmp = launch.qmp.clone();
+        let argv = launch.argv.clone();
+        let pidfile = launch.pidfile.clone();
+        let mut steps = vec![Step::QemuLaunch { launch }, Step::Catalog];
+        if !mode.paused && !mode.incoming {
+            steps.push(Step::QmpCont { qmp });
+        }
+        let plan = Plan {
+            op: "domain.start".into(),
+            summary: format!(
+                "start domain {name}{} on {}",
+                if mode.paused { " paused" } else { "" },
+                req.disks
+                    .iter()
+                    .map(|x| format!("{}={}", x.target, x.image.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            steps,
+            pivot: 1,
+            catalog: Vec::new(),
+        };
+        let id = crate::plan::run(self.journal(), &plan, &self.cx())?;
+        Ok(Launched {
+            pid: proc::pid_from_file(&pidfile),
+            argv: Some(argv),
+            plan: Some(id.0),
+        })
     }
 
     /// End a domain's QEMU without the guest's cooperation (virsh
@@ -508,12 +433,5 @@ mod tests {
             let e = parse_launch_file(bad, Path::new("/vm")).unwrap_err();
             assert_eq!(e.kind(), Some(crate::RefusalKind::BadRequest), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn start_time_names_this_process() {
-        let me = std::process::id();
-        assert!(start_time(me).is_some());
-        assert_eq!(start_time(me), start_time(me));
     }
 }

@@ -1051,6 +1051,307 @@ pub fn wait_monitor(
     }
 }
 
+/// How long a new QEMU's monitor may take to answer.
+pub const MONITOR_WAIT: Duration = Duration::from_secs(30);
+/// How long QEMU may take to exit after `quit` before it is killed.
+pub const QUIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Field 22 of `/proc/PID/stat`: when the process started (clock ticks
+/// since boot); with the pid, it names one process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    // rest starts at field 3 (state): field 22 is the 20th of rest.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Write `PID START-TIME` to `path` (a temporary, renamed). Not fsynced:
+/// after a host crash no process it could name is alive, and a pid is
+/// believed only with its start time ([`pid_from_file`]).
+pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("pid.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    writeln!(f, "{pid} {}", start_time(pid).unwrap_or(0))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The process a pidfile names, if it is alive and started when the
+/// pidfile says (a reused pid is not it).
+pub fn pid_from_file(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: u32 = it.next()?.parse().ok()?;
+    let start: u64 = it.next()?.parse().ok()?;
+    (start_time(pid)? == start).then_some(pid)
+}
+
+/// How [`end_process`] ended a QEMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// It quit when asked (QMP `quit`).
+    Quit,
+    /// It was killed (SIGKILL).
+    Killed,
+}
+
+/// End QEMU `pid`: QMP `quit` on `qmp` when its monitor answers from that
+/// very process, then SIGKILL if it has not exited within [`QUIT_WAIT`].
+pub fn end_process(qmp: Option<&Path>, pid: u32) -> io::Result<Ended> {
+    let pidfd = Pidfd::open(pid)?;
+    let mut quit = false;
+    if let Some(qmp) = qmp.filter(|q| peer_pid(q).is_ok_and(|p| p == pid)) {
+        if let Ok(mut q) = crate::qmp::Qmp::connect(qmp, Duration::from_secs(5)) {
+            quit = q.quit().is_ok();
+        }
+    }
+    if quit && pidfd.wait_exit(QUIT_WAIT) {
+        return Ok(Ended::Quit);
+    }
+    pidfd.signal(libc::SIGKILL)?;
+    if !pidfd.wait_exit(QUIT_WAIT) {
+        return Err(io::Error::other(format!(
+            "QEMU (pid {pid}) still exists {} s after SIGKILL (stuck in the kernel?)",
+            QUIT_WAIT.as_secs()
+        )));
+    }
+    Ok(Ended::Killed)
+}
+
+/// A launch with every name and path fixed: what [`crate::Step::QemuLaunch`]
+/// journals and runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// The program (absolute).
+    #[serde(with = "crate::pathser")]
+    pub program: PathBuf,
+    /// The argv, disks rewritten, `-S` added ([`plan_argv`]).
+    pub argv: Vec<String>,
+    /// Its working directory.
+    #[serde(with = "crate::pathser")]
+    pub cwd: PathBuf,
+    /// The monitor socket the argv opens.
+    #[serde(with = "crate::pathser")]
+    pub qmp: PathBuf,
+    /// stdout and stderr go here (appended).
+    #[serde(with = "crate::pathser")]
+    pub log: PathBuf,
+    /// `PID START-TIME`, written as soon as QEMU is spawned.
+    #[serde(with = "crate::pathser")]
+    pub pidfile: PathBuf,
+    /// Every disk (target) and the image QEMU must show for it.
+    pub images: Vec<BoundDisk>,
+}
+
+impl Launch {
+    /// The launch of `planned` with these files, monitor and images.
+    pub fn new(
+        planned: PlannedArgv,
+        qmp: &Path,
+        run_dir: &Path,
+        domain: &str,
+        disks: &[DiskImage],
+    ) -> Launch {
+        Launch {
+            program: planned.program,
+            argv: planned.argv,
+            cwd: planned.cwd,
+            qmp: qmp.to_path_buf(),
+            log: run_dir.join(format!("{domain}.log")),
+            pidfile: run_dir.join(format!("{domain}.pid")),
+            images: disks
+                .iter()
+                .map(|d| BoundDisk {
+                    target: d.target.clone(),
+                    path: d.image.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn planned(&self) -> PlannedArgv {
+        PlannedArgv {
+            program: self.program.clone(),
+            argv: self.argv.clone(),
+            cwd: self.cwd.clone(),
+        }
+    }
+
+    /// Which planned images QEMU does not show (`vda on X (planned Y)`).
+    fn wrong_images(&self, q: &mut crate::qmp::Qmp) -> crate::StepResult<Vec<String>> {
+        let blocks = q.query_block_typed()?;
+        Ok(self
+            .images
+            .iter()
+            .filter_map(
+                |BoundDisk {
+                     target,
+                     path: image,
+                 }| {
+                    let on = blocks
+                        .iter()
+                        .find(|b| b.target().as_deref() == Some(target.as_str()))
+                        .and_then(|b| b.inserted.as_ref())
+                        .map(|i| PathBuf::from(&i.file));
+                    (on.as_deref() != Some(image.as_path())).then(|| {
+                        format!(
+                            "{target} on {} (planned {})",
+                            on.map(|p| p.display().to_string())
+                                .unwrap_or_else(|| "nothing".into()),
+                            image.display()
+                        )
+                    })
+                },
+            )
+            .collect())
+    }
+
+    fn step_err(&self, e: impl std::fmt::Display) -> StepError {
+        StepError::Command {
+            program: self.program.display().to_string(),
+            path: self.qmp.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Start QEMU (paused: `-S` is in the argv) and return its pid once
+    /// its monitor answers and shows the planned images. On failure
+    /// nothing is left running (QEMU quit or killed, pidfile removed).
+    pub fn start(&self) -> Result<u32, LaunchError> {
+        if let Some(dir) = self.pidfile.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(LaunchError::Io {
+                        op: "create",
+                        path: dir.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        let mut child = spawn(&self.planned(), &self.log)?;
+        let pid = child.id();
+        let fail = |child: &mut Child, e: LaunchError| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&self.pidfile);
+            e
+        };
+        if let Err(source) = write_pidfile(&self.pidfile, pid) {
+            return Err(fail(
+                &mut child,
+                LaunchError::Io {
+                    op: "write",
+                    path: self.pidfile.clone(),
+                    source,
+                },
+            ));
+        }
+        vsnap_journal::failpoint::hit("step.qemu-launch.spawned");
+        let mut q = match wait_monitor(&mut child, &self.qmp, &self.log, MONITOR_WAIT) {
+            Ok(q) => q,
+            Err(e) => return Err(fail(&mut child, e)),
+        };
+        match self.wrong_images(&mut q) {
+            Ok(w) if w.is_empty() => {}
+            Ok(w) => {
+                let _ = q.quit();
+                return Err(fail(&mut child, LaunchError::WrongImages(w.join(", "))));
+            }
+            Err(e) => return Err(fail(&mut child, LaunchError::Monitor(e))),
+        }
+        // Reap it if it exits while this process lives (a service);
+        // otherwise init does.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(pid)
+    }
+
+    /// The step's apply: [`Launch::start`] unless the probe finds it done.
+    pub fn apply(&self) -> crate::StepResult<()> {
+        if self.probe()? == crate::Probe::Applied {
+            return Ok(());
+        }
+        self.start().map(drop).map_err(|e| self.step_err(e))
+    }
+
+    /// Applied: a QEMU answers on the monitor and shows every planned
+    /// image. NotApplied: none answers and the process the pidfile names
+    /// is not alive. Unknown: a QEMU that shows other images. A process
+    /// the pidfile names whose monitor does not answer yet is waited for
+    /// (at most [`MONITOR_WAIT`]).
+    pub fn probe(&self) -> crate::StepResult<crate::Probe> {
+        use crate::Probe;
+        let deadline = Instant::now() + MONITOR_WAIT;
+        loop {
+            let ours = pid_from_file(&self.pidfile);
+            match crate::qmp::Qmp::connect(&self.qmp, Duration::from_secs(5)) {
+                Ok(mut q) => {
+                    let wrong = self.wrong_images(&mut q)?;
+                    return Ok(if wrong.is_empty() {
+                        Probe::Applied
+                    } else {
+                        Probe::Unknown(format!(
+                            "a QEMU answers on {} on other images: {}",
+                            self.qmp.display(),
+                            wrong.join(", ")
+                        ))
+                    });
+                }
+                Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => {
+                    if ours.is_none() {
+                        return Ok(Probe::NotApplied);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Ok(Probe::Unknown(format!(
+                    "QEMU {} (pidfile {}) runs but its monitor {} has not answered for {} s",
+                    ours.unwrap_or(0),
+                    self.pidfile.display(),
+                    self.qmp.display(),
+                    MONITOR_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The step's undo: the QEMU this launch started (the pidfile's
+    /// process) quits, or is killed; the pidfile goes. Nothing else is
+    /// touched (another process on the monitor is not ours).
+    pub fn undo(&self) -> crate::StepResult<()> {
+        if let Some(pid) = pid_from_file(&self.pidfile) {
+            end_process(Some(&self.qmp), pid).map_err(|e| StepError::Io {
+                op: "stop QEMU",
+                path: self.pidfile.clone(),
+                source: e,
+            })?;
+        }
+        match std::fs::remove_file(&self.pidfile) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StepError::Io {
+                op: "remove",
+                path: self.pidfile.clone(),
+                source,
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

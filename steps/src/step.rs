@@ -362,6 +362,17 @@ pub enum Step {
         #[serde(with = "crate::pathser")]
         saved: PathBuf,
     },
+    /// Start a domain's QEMU, paused (`-S`), on the planned images
+    /// ([`crate::launch::Launch`]: argv, monitor, log, pidfile, images all
+    /// fixed when the plan is compiled). Prerequisites: no QEMU answers on
+    /// the monitor. Effects on success: QEMU runs in a session of its own
+    /// (it outlives vsnap), its pid in the pidfile, its monitor answers
+    /// and `query-block` shows every planned image. On failure: nothing
+    /// runs. Probe: the monitor answers and shows the planned images
+    /// (Applied); no monitor and no live pidfile process (NotApplied);
+    /// other images (Unknown). Undo: the pidfile's QEMU quits (QMP
+    /// `quit`), else is killed.
+    QemuLaunch { launch: crate::launch::Launch },
 }
 
 impl Step {
@@ -390,6 +401,7 @@ impl Step {
             Step::QmpMigrateToFile { .. } => "qmp-migrate-to-file",
             Step::ExternalFreeze { .. } => "external-freeze",
             Step::OverlayOnDevice { .. } => "overlay-on-device",
+            Step::QemuLaunch { .. } => "qemu-launch",
         }
     }
 
@@ -429,7 +441,8 @@ impl Step {
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
-            | Step::QmpQuit { .. } => Vec::new(),
+            | Step::QmpQuit { .. }
+            | Step::QemuLaunch { .. } => Vec::new(),
         }
     }
 
@@ -563,6 +576,18 @@ impl Step {
                 devices.join(", ")
             ),
             Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QemuLaunch { launch } => format!(
+                "start QEMU {} paused, monitor {}, on {} (log {})",
+                launch.program.display(),
+                launch.qmp.display(),
+                launch
+                    .images
+                    .iter()
+                    .map(|b| format!("{}={}", b.target, b.path.display()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                launch.log.display()
+            ),
             Step::QmpMigrateToFile { qmp, path, .. } => format!(
                 "QMP {}: memory state (migration stream) to {}",
                 qmp.display(),
@@ -784,6 +809,7 @@ impl Step {
             } else {
                 Probe::NotApplied
             }),
+            Step::QemuLaunch { launch } => launch.probe(),
             Step::ExternalFreeze { .. } => {
                 let [link, create] = self.freeze_halves().expect("an ExternalFreeze");
                 Ok(match (link.probe(cx)?, create.probe(cx)?) {
@@ -925,6 +951,7 @@ impl Step {
                 devices,
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
             Step::QmpQuit { qmp } => crate::live::quit(qmp),
+            Step::QemuLaunch { launch } => launch.apply(),
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file(qmp, fdname, path)
             }
@@ -1033,6 +1060,7 @@ impl Step {
                 link.undo(cx)
             }
             Step::OverlayOnDevice { device, saved, .. } => crate::device::undo(device, saved),
+            Step::QemuLaunch { launch } => launch.undo(),
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
