@@ -13,8 +13,12 @@
 //! * a live external snapshot, destroy (QMP quit), start --paused: QEMU is
 //!   paused, in a session of its own, its pidfile names it, and
 //!   `query-block` shows the new overlays; destroy of the paused guest;
-//! * start (running), the guest boots to its ready line on the overlays,
+//! * start (running), the guest boots to its ready line on the overlays;
+//!   shutdown of a domain without an agent (ACPI, which this guest
+//!   ignores) with --timeout fails naming destroy and leaves QEMU running;
 //!   shutdown --timeout through the agent: QEMU exits;
+//! * crashes: vsnap killed while QEMU starts (recovery rolls back, ending
+//!   that QEMU) and after the pivot (recovery resumes the guest);
 //! * refusals that change nothing: a domain defined without a launch spec,
 //!   a launch file with an option vsnap cannot rewrite (`-hda`), an
 //!   attached QEMU whose argv holds `-readconfig`;
@@ -340,6 +344,29 @@ fn start_stop_domains() {
         t.contains("VSNAP-GUEST-READY").then_some(())
     });
     say("start: the guest booted on the overlays");
+    // Without an agent: the ACPI power button, which this guest ignores
+    // (no acpid): --timeout waits, then fails naming destroy; QEMU runs on.
+    w.vsnap(&["domain", "attach", "noagent", "--qmp", p(&sock)])
+        .ok();
+    let t = Instant::now();
+    let o = w.vsnap(&[
+        "--json",
+        "domain",
+        "shutdown",
+        "noagent",
+        "--timeout",
+        "1.5",
+    ]);
+    o.expect_code(2)
+        .stderr_has(&["still runs", "ACPI", "vsnap domain destroy noagent"]);
+    assert!(t.elapsed() >= Duration::from_millis(1500));
+    assert!(alive(pid2), "shutdown never kills");
+    let o = w.vsnap(&["--json", "domain", "shutdown", "noagent"]);
+    o.ok();
+    assert_eq!(o.json()["via"], "acpi");
+    assert!(alive(pid2));
+    w.vsnap(&["domain", "undefine", "noagent"]).ok();
+    say("shutdown by ACPI: asked, timed out, QEMU left running");
     let o = w.vsnap(&["--json", "domain", "shutdown", "g", "--timeout", "60"]);
     o.ok();
     assert_eq!(o.json()["via"], "agent");

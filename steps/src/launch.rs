@@ -916,17 +916,13 @@ pub fn peer_pid(path: &Path) -> io::Result<u32> {
 /// (`/proc/PID/cwd`) of a process.
 pub fn process_argv_cwd(pid: u32) -> io::Result<(Vec<String>, PathBuf)> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    // Every argument ends with a NUL: drop the empty piece after the last.
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
     let argv = raw
         .split(|b| *b == 0)
-        .filter(|_| true)
         .map(|a| String::from_utf8(a.to_vec()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| io::Error::other("the command line is not UTF-8"))?;
-    // The last argument ends with a NUL: drop the empty piece after it.
-    let mut argv = argv;
-    if argv.last().is_some_and(String::is_empty) {
-        argv.pop();
-    }
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))?;
     Ok((argv, cwd))
 }
@@ -1530,6 +1526,37 @@ mod tests {
         // A disk the spec was not recorded with.
         let e = plan(&["-drive", "file=/vm/a.raw"], &[], &to).unwrap_err();
         assert_eq!(e.option, "disk vda");
+    }
+
+    /// This test's own process: its argv and working directory as /proc
+    /// gives them, an empty argument kept.
+    #[test]
+    fn reads_a_process_argv_and_cwd() {
+        let mut child = Command::new("/bin/sleep")
+            .args(["30", ""])
+            .current_dir("/tmp")
+            .spawn()
+            .unwrap();
+        let got = process_argv_cwd(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (argv, cwd) = got.unwrap();
+        assert_eq!(argv, ["/bin/sleep", "30", ""]);
+        assert_eq!(cwd, Path::new("/tmp"));
+    }
+
+    #[test]
+    fn a_pidfile_names_a_live_process_only_with_its_start_time() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("x.pid");
+        let me = std::process::id();
+        write_pidfile(&f, me).unwrap();
+        assert_eq!(pid_from_file(&f), Some(me));
+        // Another start time: a reused pid is not taken for it.
+        std::fs::write(&f, format!("{me} 1\n")).unwrap();
+        assert_eq!(pid_from_file(&f), None);
+        std::fs::write(&f, "garbage").unwrap();
+        assert_eq!(pid_from_file(&f), None);
     }
 
     #[test]
