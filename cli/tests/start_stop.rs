@@ -22,6 +22,9 @@
 //! * refusals that change nothing: a domain defined without a launch spec,
 //!   a launch file with an option vsnap cannot rewrite (`-hda`), an
 //!   attached QEMU whose argv holds `-readconfig`;
+//! * the library's start with a memory state (`-incoming defer`, the
+//!   file loaded through a descriptor): after a `--memory external:FILE
+//!   --halt` snapshot the guest resumes, without a boot;
 //! * the measurement: `vsnap domain start --paused` against starting the
 //!   same command line by hand, time to the monitor answering, medians of
 //!   9 runs each (printed).
@@ -558,6 +561,64 @@ fn start_stop_domains() {
     w.vsnap(&["domain", "destroy", "g"]).ok();
     assert!(!alive(pid));
     say("crashes in a start: rolled back (QEMU ended) before the pivot, forward after");
+
+    // --- the library: start with a memory state (what revert will use) ---------
+    // A snapshot with external memory and --halt: the disks (new overlays)
+    // and the memory are one instant, and QEMU quits. Started again with
+    // -incoming defer and the file loaded, the guest resumes (no boot).
+    let _ = std::fs::remove_file(&console);
+    w.vsnap(&["domain", "start", "g"]).ok();
+    wait_for("the guest's ready line", Duration::from_secs(90), || {
+        let t = std::fs::read_to_string(&console).unwrap_or_default();
+        t.contains("VSNAP-GUEST-READY").then_some(())
+    });
+    let mem = w.work.join("m1.mem");
+    w.vsnap(&[
+        "snapshot",
+        "create",
+        "g",
+        "m1",
+        "--memory",
+        &format!("external:{}", p(&mem)),
+        "--halt",
+    ])
+    .ok();
+    assert_eq!(
+        w.vsnap(&["--json", "domain", "info", "g"]).ok().json()["state"],
+        "shutoff"
+    );
+    let _ = std::fs::remove_file(&console);
+    {
+        let (engine, _) = vsnap_engine::Engine::open(&w.state).unwrap();
+        // Not a memory state: refused before anything starts.
+        let e = engine
+            .domain_start_with_memory("g", &cfg, false)
+            .unwrap_err();
+        assert_eq!(e.kind(), Some(vsnap_engine::RefusalKind::BadRequest), "{e}");
+        let t = Instant::now();
+        let l = engine.domain_start_with_memory("g", &mem, false).unwrap();
+        kills.add(l.pid.unwrap());
+        let mem_mib = std::fs::metadata(&mem).unwrap().len() as f64 / (1 << 20) as f64;
+        say(&format!(
+            "started with the memory state ({mem_mib:.1} MiB) in {:.0} ms",
+            t.elapsed().as_secs_f64() * 1000.0
+        ));
+    }
+    assert!(qmp(&sock).query_status().unwrap().0, "the guest runs");
+    let mut agent = vsnap_steps::agent::Agent::connect(&qga, Duration::from_secs(5)).unwrap();
+    agent.wait_ready(Duration::from_secs(30)).unwrap();
+    agent.ping().unwrap();
+    drop(agent);
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        !text.contains("VSNAP-GUEST-READY"),
+        "the guest booted instead of resuming: {text}"
+    );
+    let plans = w.vsnap(&["--json", "plan", "list"]).ok().json();
+    let last = plans.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["outcome"], "Committed", "{last}");
+    w.vsnap(&["domain", "destroy", "g"]).ok();
+    say("start with a memory state: the guest resumed without a boot");
 
     // --- measure: vsnap domain start against the same argv by hand --------------
     let plan = w

@@ -299,6 +299,38 @@ impl Engine {
     /// option vsnap cannot rewrite; refused before anything is touched),
     /// [`EngineError::Launch`] (QEMU failed to start).
     pub fn domain_start(&self, name: &str, mode: StartMode) -> Result<Launched> {
+        self.start_inner(name, mode, None)
+    }
+
+    /// Start a shut-off domain on the catalog's active images and load
+    /// the memory state in `memory` (QEMU's migration stream, as `snapshot
+    /// create --memory external:FILE` writes it): QEMU starts with
+    /// `-incoming defer`, loads it (`migrate-incoming` on a descriptor),
+    /// and the guest resumes where it was (stays paused with `paused`).
+    /// The disks must hold the state the memory was saved with (the
+    /// caller's duty: a revert or a restore plan, or a snapshot taken
+    /// with `--halt`); vsnap cannot tell, and a guest resumed on other
+    /// disk contents corrupts its filesystems. A journaled plan:
+    /// `qemu-launch`, `qmp-migrate-from-file`, the pivot, `qmp-cont`.
+    /// Errors: as [`Engine::domain_start`], and `Refused` `NotFound` /
+    /// `BadRequest` for a file that is missing or not a memory state.
+    pub fn domain_start_with_memory(
+        &self,
+        name: &str,
+        memory: &Path,
+        paused: bool,
+    ) -> Result<Launched> {
+        self.start_inner(
+            name,
+            StartMode {
+                paused,
+                incoming: true,
+            },
+            Some(memory),
+        )
+    }
+
+    fn start_inner(&self, name: &str, mode: StartMode, memory: Option<&Path>) -> Result<Launched> {
         let _g = self.lock_ops();
         let d = self.domain(name)?;
         if self.domain_state(&d)? != crate::DomState::Shutoff {
@@ -307,26 +339,71 @@ impl Engine {
                 d.qmp.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
             )));
         }
+        let memory = match memory {
+            None => None,
+            Some(m) => {
+                let m = std::path::absolute(m).map_err(|e| {
+                    EngineError::io(format!("cannot make {} absolute: {e}", m.display()))
+                })?;
+                match proc::is_memory_file(&m) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(EngineError::bad_request(format!(
+                            "{} is not a memory state file (a regular file starting with QEMU's migration magic QEVM)",
+                            m.display()
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(EngineError::refused(
+                            crate::RefusalKind::of_io(&e),
+                            format!("cannot read the memory state {}: {e}", m.display()),
+                        ))
+                    }
+                }
+                Some(m)
+            }
+        };
         let req = self.domain_launch_request(&d, mode);
+        let resume = !mode.paused && (!mode.incoming || memory.is_some());
         if let Some(l) = &self.launcher {
-            return l.start(&d, &req);
+            let launched = l.start(&d, &req)?;
+            if let (Some(m), Some(qmp)) = (&memory, &d.qmp) {
+                proc::migrate_incoming(qmp, "vsnap-incoming", m).map_err(EngineError::Check)?;
+                if resume {
+                    vsnap_steps::live::cont(qmp).map_err(EngineError::Check)?;
+                }
+            }
+            return Ok(launched);
         }
-        // vsnap's own: a journaled plan. The launch (undo: quit) before
-        // the pivot, so that a crash in the middle rolls it back; `cont`
-        // after it, retried.
+        // vsnap's own: a journaled plan. The launch (undo: quit) and the
+        // memory load before the pivot, so that a crash in the middle
+        // rolls them back; `cont` after it, retried.
         let launch = self.qemu_launcher().launch(&d, &req)?;
         let qmp = launch.qmp.clone();
         let argv = launch.argv.clone();
         let pidfile = launch.pidfile.clone();
-        let mut steps = vec![Step::QemuLaunch { launch }, Step::Catalog];
-        if !mode.paused && !mode.incoming {
+        let mut steps = vec![Step::QemuLaunch { launch }];
+        if let Some(m) = &memory {
+            steps.push(Step::QmpMigrateFromFile {
+                qmp: qmp.clone(),
+                fdname: "vsnap-incoming".into(),
+                path: m.clone(),
+            });
+        }
+        steps.push(Step::Catalog);
+        let pivot = (steps.len() - 1) as u32;
+        if resume {
             steps.push(Step::QmpCont { qmp });
         }
         let plan = Plan {
             op: "domain.start".into(),
             summary: format!(
-                "start domain {name}{} on {}",
+                "start domain {name}{}{} on {}",
                 if mode.paused { " paused" } else { "" },
+                memory
+                    .as_ref()
+                    .map(|m| format!(" with the memory state {}", m.display()))
+                    .unwrap_or_default(),
                 req.disks
                     .iter()
                     .map(|x| format!("{}={}", x.target, x.image.display()))
@@ -334,7 +411,7 @@ impl Engine {
                     .join(", ")
             ),
             steps,
-            pivot: 1,
+            pivot,
             catalog: Vec::new(),
         };
         let id = crate::plan::run(self.journal(), &plan, &self.cx())?;

@@ -1348,6 +1348,100 @@ impl Launch {
     }
 }
 
+/// The first bytes of QEMU's migration stream (a memory state file).
+pub const QEVM_MAGIC: &[u8; 4] = b"QEVM";
+
+/// Whether `path` is a memory state file: a regular file (not followed
+/// through a link) that starts with QEMU's migration magic.
+pub fn is_memory_file(path: &Path) -> io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Ok(false);
+    }
+    let mut magic = [0u8; 4];
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == QEVM_MAGIC)
+}
+
+/// The QEMU on `qmp` (started with `-incoming defer`) loads the memory
+/// state in `path`: the file opened read-only (no link followed), handed
+/// over with `getfd` as `fdname`, `migrate-incoming fd:<fdname>`, then
+/// `query-migrate` until `completed` (bounded by
+/// [`crate::live::JOB_TIMEOUT`]). The guest stays paused (`-S`). Done
+/// already (probe [`migrate_incoming_probe`] Applied): nothing is done.
+pub fn migrate_incoming(qmp: &Path, fdname: &str, path: &Path) -> crate::StepResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if migrate_incoming_probe(qmp)? == crate::Probe::Applied {
+        return Ok(());
+    }
+    let mut q = crate::live::qmp(qmp)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|source| StepError::Io {
+            op: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // A name left by a process that died before its migrate took it.
+    let _ = q.closefd(fdname);
+    q.getfd(fdname, &file)?;
+    drop(file);
+    vsnap_journal::failpoint::hit("step.migrate-incoming.before");
+    q.execute(
+        "migrate-incoming",
+        serde_json::json!({ "uri": format!("fd:{fdname}") }),
+    )?;
+    let deadline = Instant::now() + crate::live::JOB_TIMEOUT;
+    loop {
+        let (status, err) = q.query_migrate()?;
+        match status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(StepError::Invalid(format!(
+                    "QEMU could not load the memory state {}: migration {status}: {}",
+                    path.display(),
+                    err.unwrap_or_else(|| "no reason given (see the domain's QEMU log)".into())
+                )))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(StepError::Invalid(format!(
+                    "QEMU has not loaded the memory state {} after {} s (migration {status})",
+                    path.display(),
+                    crate::live::JOB_TIMEOUT.as_secs()
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Applied: the incoming migration completed (QEMU is out of `inmigrate`).
+/// NotApplied: QEMU still waits for it, or no QEMU answers (the launch's
+/// undo ends whatever is left). Unknown: a migration under way or failed.
+pub fn migrate_incoming_probe(qmp: &Path) -> crate::StepResult<crate::Probe> {
+    use crate::Probe;
+    let mut q = match crate::live::qmp(qmp) {
+        Ok(q) => q,
+        Err(StepError::QmpNoSocket { .. } | StepError::QmpConnect { .. }) => {
+            return Ok(Probe::NotApplied)
+        }
+        Err(e) => return Err(e),
+    };
+    let (status, _) = q.query_migrate()?;
+    let (_, run) = q.query_status()?;
+    Ok(match (status.as_str(), run.as_str()) {
+        ("completed", r) if r != "inmigrate" => Probe::Applied,
+        ("none" | "setup", "inmigrate") => Probe::NotApplied,
+        (m, r) => Probe::Unknown(format!("QEMU's incoming migration is {m} (run state {r})")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

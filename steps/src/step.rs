@@ -373,6 +373,18 @@ pub enum Step {
     /// other images (Unknown). Undo: the pidfile's QEMU quits (QMP
     /// `quit`), else is killed.
     QemuLaunch { launch: crate::launch::Launch },
+    /// The QEMU just started with `-incoming defer` loads the memory state
+    /// in `path` ([`crate::launch::migrate_incoming`]: `getfd` `fdname`,
+    /// `migrate-incoming fd:<fdname>`, wait for `completed`); the guest
+    /// stays paused. Probe: the incoming migration completed. Undo:
+    /// nothing of its own (the launch's undo ends that QEMU).
+    QmpMigrateFromFile {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+        fdname: String,
+        #[serde(with = "crate::pathser")]
+        path: PathBuf,
+    },
 }
 
 impl Step {
@@ -402,6 +414,7 @@ impl Step {
             Step::ExternalFreeze { .. } => "external-freeze",
             Step::OverlayOnDevice { .. } => "overlay-on-device",
             Step::QemuLaunch { .. } => "qemu-launch",
+            Step::QmpMigrateFromFile { .. } => "qmp-migrate-from-file",
         }
     }
 
@@ -442,7 +455,8 @@ impl Step {
             | Step::QmpSnapshotTransaction { .. }
             | Step::QmpSnapshotSave { .. }
             | Step::QmpQuit { .. }
-            | Step::QemuLaunch { .. } => Vec::new(),
+            | Step::QemuLaunch { .. }
+            | Step::QmpMigrateFromFile { .. } => Vec::new(),
         }
     }
 
@@ -576,6 +590,11 @@ impl Step {
                 devices.join(", ")
             ),
             Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QmpMigrateFromFile { qmp, path, .. } => format!(
+                "QMP {}: load the memory state {} (migrate-incoming)",
+                qmp.display(),
+                path.display()
+            ),
             Step::QemuLaunch { launch } => format!(
                 "start QEMU {} paused, monitor {}, on {} (log {})",
                 launch.program.display(),
@@ -810,6 +829,7 @@ impl Step {
                 Probe::NotApplied
             }),
             Step::QemuLaunch { launch } => launch.probe(),
+            Step::QmpMigrateFromFile { qmp, .. } => crate::launch::migrate_incoming_probe(qmp),
             Step::ExternalFreeze { .. } => {
                 let [link, create] = self.freeze_halves().expect("an ExternalFreeze");
                 Ok(match (link.probe(cx)?, create.probe(cx)?) {
@@ -952,6 +972,9 @@ impl Step {
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
             Step::QmpQuit { qmp } => crate::live::quit(qmp),
             Step::QemuLaunch { launch } => launch.apply(),
+            Step::QmpMigrateFromFile { qmp, fdname, path } => {
+                crate::launch::migrate_incoming(qmp, fdname, path)
+            }
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file(qmp, fdname, path)
             }
@@ -1061,6 +1084,7 @@ impl Step {
             }
             Step::OverlayOnDevice { device, saved, .. } => crate::device::undo(device, saved),
             Step::QemuLaunch { launch } => launch.undo(),
+            Step::QmpMigrateFromFile { .. } => Ok(()),
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }
