@@ -86,7 +86,8 @@ pub enum DomainCmd {
     /// -blockdev filename= in key=value or JSON form). An option vsnap
     /// cannot rewrite (a disk no option names, an image given twice,
     /// -readconfig, -hda and other legacy image options, a backing given on
-    /// the command line, a format other than raw or qcow2) or a command line
+    /// the command line, a format other than raw or qcow2, -snapshot or
+    /// snapshot=on, -loadvm) or a command line
     /// that does not open the domain's QMP socket is refused before
     /// anything is started (exit 2).
     ///

@@ -493,6 +493,18 @@ pub fn plan_argv(
             "a configuration file can define drives vsnap cannot see or rewrite; put the drives on the command line (-drive or -blockdev)",
         ));
     }
+    if let Some(o) = opts.iter().find(|o| o.name == "snapshot") {
+        return Err(err(
+            o.shown(),
+            "QEMU would write the guest's changes to temporary files and drop them at exit, not to the disks' images; remove it",
+        ));
+    }
+    if let Some(o) = opts.iter().find(|o| o.name == "loadvm") {
+        return Err(err(
+            o.shown(),
+            "QEMU would load that internal snapshot at every start, discarding the disks' state; remove it (`vsnap snapshot revert` reverts)",
+        ));
+    }
     // The monitor vsnap talks to must be one QEMU opens.
     let sockets = qmp_sockets(&opts, cwd);
     if !sockets.iter().any(|s| s == qmp) {
@@ -627,6 +639,12 @@ pub fn plan_argv(
                 return Err(err(
                     shown,
                     format!("disk {}: a backing given on the command line would not follow the disk's new image; let QEMU open the image's own backing file", d.target),
+                ));
+            }
+            if matches!(kv_get(kv, "snapshot"), Some("on" | "yes" | "true")) {
+                return Err(err(
+                    shown,
+                    format!("disk {}: snapshot=on makes QEMU write the guest's changes to a temporary file, not to the disk's image; remove it", d.target),
                 ));
             }
             if let Some(f) = kv_get(kv, "format").or(kv_get(kv, "driver")) {
@@ -1580,6 +1598,9 @@ mod tests {
             (&["-blockdev", "driver=nbd,server.path=/vm/a.raw"], "disk vda", "no -drive file="),
             (&["-drive", "file=json:{\"file\":{\"filename\":\"/vm/a.raw\"}}"], "-drive file=json:{\"file\":{\"filename\":\"/vm/a.raw\"}}", "json:"),
             (&["-blockdev", "{not json"], "-blockdev {not json", "JSON"),
+            (&["-drive", "file=/vm/a.raw", "-snapshot"], "-snapshot", "temporary files"),
+            (&["-drive", "file=/vm/a.raw", "-loadvm", "s1"], "-loadvm s1", "internal snapshot"),
+            (&["-drive", "file=/vm/a.raw,snapshot=on"], "-drive file=/vm/a.raw,snapshot=on", "temporary file"),
         ];
         for (argv, option, why) in table {
             let e = plan(argv, &b, &to).unwrap_err();
@@ -1626,16 +1647,27 @@ mod tests {
     /// gives them, an empty argument kept.
     #[test]
     fn reads_a_process_argv_and_cwd() {
-        let mut child = Command::new("/bin/sleep")
-            .args(["30", ""])
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "sleep 30; :", "a b", ""])
             .current_dir("/tmp")
             .spawn()
             .unwrap();
-        let got = process_argv_cwd(child.id());
+        // Until the child has exec'd, /proc shows the forked test process.
+        let t0 = Instant::now();
+        let got = loop {
+            let got = process_argv_cwd(child.id());
+            let execd = got
+                .as_ref()
+                .is_ok_and(|(a, _)| a.first().map(String::as_str) == Some("/bin/sh"));
+            if execd || t0.elapsed() > Duration::from_secs(10) {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         child.kill().unwrap();
         child.wait().unwrap();
         let (argv, cwd) = got.unwrap();
-        assert_eq!(argv, ["/bin/sleep", "30", ""]);
+        assert_eq!(argv, ["/bin/sh", "-c", "sleep 30; :", "a b", ""]);
         assert_eq!(cwd, Path::new("/tmp"));
     }
 
