@@ -154,9 +154,12 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<String>)> {
         }
     }
     if let Some(meta) = root.child("metadata") {
-        meta.only_one(&["qmp"])?;
+        meta.only_one(&["qmp", "launch"])?;
         if let Some(q) = meta.children.iter().find(|c| c.name == "qmp") {
             d.qmp = Some(PathBuf::from(q.text.trim()));
+        }
+        if let Some(l) = meta.children.iter().find(|c| c.name == "launch") {
+            d.launch = Some(parse_launch(l)?);
         }
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -306,6 +309,39 @@ fn parse_disk(disk: &Element, device: DiskDevice) -> Result<DomDisk> {
     Ok(common(source, format))
 }
 
+/// `<vsnap:launch cwd='DIR'><vsnap:arg>ARG</vsnap:arg>...<vsnap:disk
+/// target='vda' path='IMAGE'/>...</vsnap:launch>` in `<metadata>`: the
+/// launch spec as `dumpxml` writes it (each argument the element's text,
+/// exactly, whitespace included).
+fn parse_launch(l: &Element) -> Result<vsnap_steps::launch::LaunchSpec> {
+    let cwd = l.attr("cwd").ok_or_else(|| {
+        EngineError::Xml("<vsnap:launch> has no cwd='...' (the working directory)".into())
+    })?;
+    let argv: Vec<String> = l.children_named("arg").map(|a| a.text.clone()).collect();
+    if argv.is_empty() {
+        return Err(EngineError::Xml(
+            "<vsnap:launch> has no <vsnap:arg>: the command line is empty".into(),
+        ));
+    }
+    let mut disks = Vec::new();
+    for x in l.children_named("disk") {
+        let (Some(target), Some(path)) = (x.attr("target"), x.attr("path")) else {
+            return Err(EngineError::Xml(
+                "a <vsnap:disk> in <vsnap:launch> needs target='...' and path='...'".into(),
+            ));
+        };
+        disks.push(vsnap_steps::launch::BoundDisk {
+            target: target.into(),
+            path: path.into(),
+        });
+    }
+    Ok(vsnap_steps::launch::LaunchSpec {
+        argv,
+        cwd: cwd.into(),
+        disks,
+    })
+}
+
 /// The `<domain>` subset vsnap keeps, as libvirt writes it.
 pub fn domain_to_xml(d: &DomainRec) -> String {
     let mut x = format!(
@@ -316,11 +352,32 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
     if let Some(u) = &d.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
     }
-    if let Some(q) = &d.qmp {
-        x.push_str(&format!(
-            "  <metadata>\n    <vsnap:qmp xmlns:vsnap='{XMLNS}'>{}</vsnap:qmp>\n  </metadata>\n",
-            esc(&q.to_string_lossy())
-        ));
+    if d.qmp.is_some() || d.launch.is_some() {
+        x.push_str("  <metadata>\n");
+        if let Some(q) = &d.qmp {
+            x.push_str(&format!(
+                "    <vsnap:qmp xmlns:vsnap='{XMLNS}'>{}</vsnap:qmp>\n",
+                esc(&q.to_string_lossy())
+            ));
+        }
+        if let Some(l) = &d.launch {
+            x.push_str(&format!(
+                "    <vsnap:launch xmlns:vsnap='{XMLNS}' cwd='{}'>\n",
+                esc(&l.cwd.to_string_lossy())
+            ));
+            for a in &l.argv {
+                x.push_str(&format!("      <vsnap:arg>{}</vsnap:arg>\n", esc(a)));
+            }
+            for b in &l.disks {
+                x.push_str(&format!(
+                    "      <vsnap:disk target='{}' path='{}'/>\n",
+                    esc(&b.target),
+                    esc(&b.path.to_string_lossy())
+                ));
+            }
+            x.push_str("    </vsnap:launch>\n");
+        }
+        x.push_str("  </metadata>\n");
     }
     x.push_str("  <devices>\n");
     for disk in &d.disks {
@@ -731,6 +788,34 @@ mod tests {
     fn round_trips_its_own_output() {
         let d = parse_domain_xml(VIRSH).unwrap();
         assert_eq!(parse_domain_xml(&domain_to_xml(&d)).unwrap(), d);
+    }
+
+    /// A launch spec goes through dumpxml and define unchanged: arguments
+    /// with spaces at the ends, markup characters, an empty one.
+    #[test]
+    fn the_launch_spec_round_trips_through_xml() {
+        let mut d = parse_domain_xml(VIRSH).unwrap();
+        d.launch = Some(vsnap_steps::launch::LaunchSpec {
+            argv: vec![
+                "qemu-system-x86_64".into(),
+                "-append".into(),
+                " console=ttyS0 a<b & 'c' \"d\" ".into(),
+                "".into(),
+                "-drive".into(),
+                "file=/vm/a.qcow2,,x,format=qcow2".into(),
+            ],
+            cwd: "/srv/vm 1".into(),
+            disks: vec![vsnap_steps::launch::BoundDisk {
+                target: "vda".into(),
+                path: "/vm/a.qcow2".into(),
+            }],
+        });
+        let x = domain_to_xml(&d);
+        assert_eq!(parse_domain_xml(&x).unwrap(), d, "{x}");
+        let e = parse_domain_xml(&x.replace(" cwd='/srv/vm 1'", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cwd"), "{e}");
     }
 
     #[test]
