@@ -98,11 +98,17 @@ pub enum DomainCmd {
     /// its monitor answers and query-block shows the planned images, the
     /// guest is resumed (unless --paused). Refused when the domain is
     /// running already or has no launch spec.
+    ///
+    /// The start is a journaled plan (launch, pivot, resume): vsnap killed
+    /// while QEMU starts is rolled back by the next vsnap command or
+    /// vsnap-recover, which ends the QEMU it spawned; killed after the
+    /// pivot, the guest is resumed. Exit 0 started; 2 refused (nothing
+    /// started) or QEMU failed to start (its log's last lines are shown;
+    /// nothing left running).
     Start {
         /// The domain's name.
         name: String,
-        /// Leave the guest paused (QEMU's -S); `virsh resume` equivalent:
-        /// QMP cont.
+        /// Leave the guest paused (QEMU's -S; resume it with QMP cont).
         #[arg(long)]
         paused: bool,
         /// Print the command line that would run; start nothing.
@@ -117,7 +123,8 @@ pub enum DomainCmd {
     /// --timeout it returns once the guest was asked (the guest may ignore
     /// the request). With --timeout S it waits up to S seconds for QEMU to
     /// exit and fails (exit 2) if it still runs; it never kills it:
-    /// `vsnap domain destroy` does.
+    /// `vsnap domain destroy` does. Refused (exit 2) when the domain does
+    /// not run.
     Shutdown {
         /// The domain's name.
         name: String,
