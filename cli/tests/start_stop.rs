@@ -464,6 +464,57 @@ fn start_stop_domains() {
         ))),
         "{plan}"
     );
+    // A QEMU that exits at start: the plan is rolled back, its own words
+    // (and only this start's) are in the error, nothing is left running.
+    let f = w.work.join("f.json");
+    std::fs::write(
+        &f,
+        serde_json::to_string(&json!([
+            "qemu-system-x86_64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "nosuch",
+            "-drive",
+            "file=c.qcow2,format=qcow2,if=none,id=vda",
+            "-qmp",
+            "unix:f.qmp,server=on,wait=off"
+        ]))
+        .unwrap(),
+    )
+    .unwrap();
+    let fxml = w.work.join("f.xml");
+    std::fs::write(&fxml, domain_xml("f", &[("vda", &c, Some("qcow2"))])).unwrap();
+    w.vsnap(&[
+        "domain",
+        "define",
+        p(&fxml),
+        "--qmp",
+        p(&w.work.join("f.qmp")),
+        "--launch",
+        p(&f),
+    ])
+    .ok();
+    for _ in 0..2 {
+        let o = w.vsnap(&["domain", "start", "f"]);
+        o.expect_code(2).stderr_has(&[
+            "QEMU exited during start",
+            "unsupported machine type",
+            "rolled back",
+        ]);
+        assert_eq!(
+            o.stderr.matches("unsupported machine type").count(),
+            1,
+            "{}",
+            o.stderr
+        );
+    }
+    assert!(!w.state.join("run/f.pid").exists());
+    assert_eq!(
+        w.vsnap(&["--json", "domain", "info", "f"]).ok().json()["state"],
+        "shutoff"
+    );
     // An attached QEMU whose argv holds -readconfig: start refuses it,
     // naming the option, and starts nothing.
     let cfg = w.work.join("empty.cfg");

@@ -149,8 +149,11 @@ pub struct QemuLauncher {
 impl QemuLauncher {
     /// A launcher that keeps pidfiles and logs in `<state_dir>/run`.
     pub fn new(state_dir: &Path) -> QemuLauncher {
+        // Absolute: the paths are journaled, and recovery may run from
+        // another directory.
+        let run_dir = state_dir.join("run");
         QemuLauncher {
-            run_dir: state_dir.join("run"),
+            run_dir: std::path::absolute(&run_dir).unwrap_or(run_dir),
         }
     }
 

@@ -841,17 +841,20 @@ pub enum LaunchError {
     Monitor(#[source] StepError),
 }
 
-/// The last `max` bytes of a file, lossily.
-pub fn log_tail(path: &Path, max: usize) -> String {
+/// The last `max` bytes of a file from byte `from` on (what one start
+/// wrote to an appended log), lossily.
+pub fn log_tail(path: &Path, from: u64, max: usize) -> String {
     let b = std::fs::read(path).unwrap_or_default();
-    let start = b.len().saturating_sub(max);
+    let from = (from as usize).min(b.len());
+    let start = b.len().saturating_sub(max).max(from);
     String::from_utf8_lossy(&b[start..]).into_owned()
 }
 
 /// Start `planned` in a session of its own, stdio to `log` (appended),
 /// so that it outlives this process. Returns the child (the caller reaps
-/// it; dropping it does not kill it).
-pub fn spawn(planned: &PlannedArgv, log: &Path) -> Result<Child, LaunchError> {
+/// it; dropping it does not kill it) and where this start's part of the
+/// log begins.
+pub fn spawn(planned: &PlannedArgv, log: &Path) -> Result<(Child, u64), LaunchError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
@@ -867,6 +870,7 @@ pub fn spawn(planned: &PlannedArgv, log: &Path) -> Result<Child, LaunchError> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(log)
         .map_err(|e| io_err("open", e))?;
+    let from = f.metadata().map(|m| m.len()).unwrap_or(0);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -894,10 +898,11 @@ pub fn spawn(planned: &PlannedArgv, log: &Path) -> Result<Child, LaunchError> {
             Ok(())
         });
     }
-    c.spawn().map_err(|source| LaunchError::Spawn {
+    let child = c.spawn().map_err(|source| LaunchError::Spawn {
         program: planned.program.clone(),
         source,
-    })
+    })?;
+    Ok((child, from))
 }
 
 /// The pid of the process that listens on the unix socket `path`
@@ -1028,7 +1033,7 @@ impl Pidfd {
 pub fn wait_monitor(
     child: &mut Child,
     qmp: &Path,
-    log: &Path,
+    (log, log_from): (&Path, u64),
     timeout: Duration,
 ) -> Result<crate::qmp::Qmp, LaunchError> {
     let deadline = Instant::now() + timeout;
@@ -1038,7 +1043,7 @@ pub fn wait_monitor(
             return Err(LaunchError::Exited {
                 status: st.to_string(),
                 log: log.to_path_buf(),
-                tail: log_tail(log, 2000),
+                tail: log_tail(log, log_from, 2000),
             });
         }
         if peer_pid(qmp).is_ok_and(|p| p == pid) {
@@ -1253,7 +1258,7 @@ impl Launch {
                 }
             }
         }
-        let mut child = spawn(&self.planned(), &self.log)?;
+        let (mut child, log_from) = spawn(&self.planned(), &self.log)?;
         let pid = child.id();
         let fail = |child: &mut Child, e: LaunchError| {
             let _ = child.kill();
@@ -1272,7 +1277,7 @@ impl Launch {
             ));
         }
         vsnap_journal::failpoint::hit("step.qemu-launch.spawned");
-        let mut q = match wait_monitor(&mut child, &self.qmp, &self.log, MONITOR_WAIT) {
+        let mut q = match wait_monitor(&mut child, &self.qmp, (&self.log, log_from), MONITOR_WAIT) {
             Ok(q) => q,
             Err(e) => return Err(fail(&mut child, e)),
         };
