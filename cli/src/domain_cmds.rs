@@ -37,7 +37,9 @@ pub enum DomainCmd {
         /// filename= (vsnap rewrites it to the disk's active image at each
         /// start) and the command line must open the domain's QMP socket:
         /// checked now. Without --launch the domain can be snapshotted
-        /// (and reverted while shut off) but not started.
+        /// (and reverted while shut off) but not started. (`vsnap domain
+        /// dumpxml` writes the launch spec as <vsnap:launch> in <metadata>,
+        /// which define reads back; --launch wins over it.)
         #[arg(long, value_name = "FILE", verbatim_doc_comment)]
         launch: Option<PathBuf>,
     },
@@ -132,11 +134,16 @@ pub enum DomainCmd {
         #[arg(long, value_name = "S")]
         timeout: Option<f64>,
     },
-    /// End the domain's QEMU at once (as virsh destroy): QMP quit, then
-    /// SIGKILL if it has not exited within 10 s. The QEMU is found through
-    /// its monitor socket (SO_PEERCRED), or, when the monitor does not
-    /// answer, by the pidfile of a QEMU vsnap started (killed at once).
-    /// The guest gets no chance to flush: what it had not written is lost.
+    /// End the domain's QEMU at once (as virsh destroy).
+    ///
+    /// QMP quit, then SIGKILL (through a pidfd, so a reused pid is never
+    /// hit) if it has not exited within 10 s. The QEMU is found through its
+    /// monitor socket (SO_PEERCRED), or, when the monitor does not answer,
+    /// by the pidfile of a QEMU vsnap started (killed at once). The guest
+    /// gets no chance to flush: what it had not written is lost. Not a
+    /// journaled plan: there is nothing to roll back or finish (QEMU runs
+    /// or it does not; run destroy again). Refused (exit 2) when the domain
+    /// does not run.
     Destroy {
         /// The domain's name.
         name: String,
