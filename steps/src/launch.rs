@@ -1298,11 +1298,16 @@ impl Launch {
     }
 
     /// The step's apply: [`Launch::start`] unless the probe finds it done.
+    /// Another QEMU on the monitor (probe Unknown) is an error: a second
+    /// QEMU would take its socket over.
     pub fn apply(&self) -> crate::StepResult<()> {
-        if self.probe()? == crate::Probe::Applied {
-            return Ok(());
+        match self.probe()? {
+            crate::Probe::Applied => Ok(()),
+            crate::Probe::Unknown(why) => {
+                Err(StepError::Invalid(format!("not starting QEMU: {why}")))
+            }
+            crate::Probe::NotApplied => self.start().map(drop).map_err(|e| self.step_err(e)),
         }
-        self.start().map(drop).map_err(|e| self.step_err(e))
     }
 
     /// Applied: a QEMU answers on the monitor and shows every planned
