@@ -8,7 +8,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use vsnap_engine::{
     DiskChoice, DiskSource, DomDisk, DomSnapFlags, DomSnapRequest, DomSnapshot, DomainRec, Engine,
-    MemoryChoice,
+    MemoryChoice, ShutdownVia, StartMode, Stopped,
 };
 
 #[derive(Subcommand)]
@@ -24,9 +24,32 @@ pub enum DomainCmd {
         /// Give vsnap a monitor of its own: QEMU accepts several -qmp options.
         #[arg(long, value_name = "SOCKET")]
         qmp: Option<PathBuf>,
+        /// How to start the domain's QEMU (for `vsnap domain start` and a
+        /// revert that restarts it): a file holding the QEMU command line
+        /// as a JSON array of strings, program first, one array element
+        /// per argument (no shell, no quoting), e.g.
+        /// ["qemu-system-x86_64", "-m", "256", "-drive",
+        /// "file=/vm/a.qcow2,format=qcow2,if=virtio", "-qmp",
+        /// "unix:/run/vm1.qmp,server=on,wait=off"]; or an object
+        /// {"argv": [...], "cwd": "/dir"}. Relative paths in it are
+        /// resolved against cwd (default: the file's directory). Every
+        /// disk's <source> must be named by one -drive file= or -blockdev
+        /// filename= (vsnap rewrites it to the disk's active image at each
+        /// start) and the command line must open the domain's QMP socket:
+        /// checked now. Without --launch the domain can be snapshotted
+        /// (and reverted while shut off) but not started. (`vsnap domain
+        /// dumpxml` writes the launch spec as <vsnap:launch> in <metadata>,
+        /// which define reads back; --launch wins over it.)
+        #[arg(long, value_name = "FILE", verbatim_doc_comment)]
+        launch: Option<PathBuf>,
     },
     /// Define a domain from a running QEMU: its disks are what query-block
     /// reports (targets are drive ids, or device ids with -blockdev).
+    ///
+    /// Also records how that QEMU was started (its launch spec, for
+    /// `vsnap domain start`): the process serving the monitor socket
+    /// (SO_PEERCRED), its argv (/proc/PID/cmdline) and working directory
+    /// (/proc/PID/cwd).
     Attach {
         /// The domain's name.
         name: String,
@@ -54,6 +77,74 @@ pub enum DomainCmd {
     /// on disk and every vsnap file referenced, no unfinished plan. Exit 1
     /// when anything is wrong.
     Check {
+        /// The domain's name.
+        name: String,
+    },
+    /// Start a shut-off domain on the catalog's active images.
+    ///
+    /// Runs the domain's launch spec (recorded by `domain attach`, or given
+    /// to `domain define --launch`) with every disk's path rewritten to the
+    /// disk's active image and format (-drive file=/file.filename=,
+    /// -blockdev filename= in key=value or JSON form). An option vsnap
+    /// cannot rewrite (a disk no option names, an image given twice,
+    /// -readconfig, -hda and other legacy image options, a backing given on
+    /// the command line, a format other than raw or qcow2, -snapshot or
+    /// snapshot=on, -loadvm) or a command line
+    /// that does not open the domain's QMP socket is refused before
+    /// anything is started (exit 2).
+    ///
+    /// QEMU outlives vsnap: it runs in a session of its own, stdin from
+    /// /dev/null, stdout and stderr appended to STATE-DIR/run/NAME.log, its
+    /// pid in STATE-DIR/run/NAME.pid. -daemonize and -incoming of the
+    /// recorded command line are dropped. QEMU always starts with -S; once
+    /// its monitor answers and query-block shows the planned images, the
+    /// guest is resumed (unless --paused). Refused when the domain is
+    /// running already or has no launch spec.
+    ///
+    /// The start is a journaled plan (launch, pivot, resume): vsnap killed
+    /// while QEMU starts is rolled back by the next vsnap command or
+    /// vsnap-recover, which ends the QEMU it spawned; killed after the
+    /// pivot, the guest is resumed. Exit 0 started; 2 refused (nothing
+    /// started) or QEMU failed to start (its log's last lines are shown;
+    /// nothing left running).
+    Start {
+        /// The domain's name.
+        name: String,
+        /// Leave the guest paused (QEMU's -S; resume it with QMP cont).
+        #[arg(long)]
+        paused: bool,
+        /// Print the command line that would run; start nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Ask the guest to power off (as virsh shutdown).
+    ///
+    /// Through the guest agent (guest-shutdown) when the domain has an agent
+    /// socket and the agent answers within 2 s, else the ACPI power button
+    /// (QMP system_powerdown). As virsh, shutdown only asks: without
+    /// --timeout it returns once the guest was asked (the guest may ignore
+    /// the request). With --timeout S it waits up to S seconds for QEMU to
+    /// exit and fails (exit 2) if it still runs; it never kills it:
+    /// `vsnap domain destroy` does. Refused (exit 2) when the domain does
+    /// not run.
+    Shutdown {
+        /// The domain's name.
+        name: String,
+        /// Wait up to this many seconds for QEMU to exit.
+        #[arg(long, value_name = "S")]
+        timeout: Option<f64>,
+    },
+    /// End the domain's QEMU at once (as virsh destroy).
+    ///
+    /// QMP quit, then SIGKILL (through a pidfd, so a reused pid is never
+    /// hit) if it has not exited within 10 s. The QEMU is found through its
+    /// monitor socket (SO_PEERCRED), or, when the monitor does not answer,
+    /// by the pidfile of a QEMU vsnap started (killed at once). The guest
+    /// gets no chance to flush: what it had not written is lost. Not a
+    /// journaled plan: there is nothing to roll back or finish (QEMU runs
+    /// or it does not; run destroy again). Refused (exit 2) when the domain
+    /// does not run.
+    Destroy {
         /// The domain's name.
         name: String,
     },
@@ -202,6 +293,10 @@ fn domain_json(engine: &Engine, d: &DomainRec) -> serde_json::Value {
         "name": d.name, "uuid": d.uuid, "state": state, "qmp": opt_path_json(d.qmp.as_ref()), "agent": opt_path_json(d.agent.as_ref()),
         "current_snapshot": d.current,
         "disks": d.disks.iter().map(disk_json).collect::<Vec<_>>(),
+        "launch": d.launch.as_ref().map(|l| json!({
+            "argv": l.argv, "cwd": path_json(&l.cwd),
+            "disks": l.disks.iter().map(|b| json!({"target": b.target, "path": path_json(&b.path)})).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -234,10 +329,27 @@ fn disk_text(x: &DomDisk) -> String {
 
 pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Result<u8> {
     match cmd {
-        DomainCmd::Define { file, qmp } => {
+        DomainCmd::Define { file, qmp, launch } => {
             let text = vsnap_engine::read_xml_file(file)?;
+            let launch = match launch {
+                None => None,
+                Some(lf) => {
+                    let t = std::fs::read_to_string(lf)
+                        .with_context(|| format!("cannot read the launch file {}", lf.display()))?;
+                    let dir = lf.parent().unwrap_or(std::path::Path::new("."));
+                    let dir = if dir.as_os_str().is_empty() {
+                        std::path::Path::new(".")
+                    } else {
+                        dir
+                    };
+                    Some(
+                        vsnap_engine::parse_launch_file(&t, dir)
+                            .with_context(|| format!("in {}", lf.display()))?,
+                    )
+                }
+            };
             let d = engine
-                .domain_define(&text, qmp.clone())
+                .domain_define_with_launch(&text, qmp.clone(), launch)
                 .with_context(|| format!("in {}", file.display()))?;
             let left_out = vsnap_engine::xml::domain_left_out(&text);
             if json_out {
@@ -269,6 +381,21 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
                     d.disks.len(),
                     d.disks.iter().map(disk_text).collect::<Vec<_>>().join(", ")
                 );
+                match &d.launch {
+                    None => println!(
+                        "  no launch spec (the monitor's process could not be read): `vsnap domain start` cannot start it"
+                    ),
+                    Some(l) => {
+                        println!("  launch spec recorded ({} arguments)", l.argv.len());
+                        let mode = StartMode {
+                            paused: true,
+                            incoming: false,
+                        };
+                        if let Err(e) = engine.domain_start_plan(&d.name, mode) {
+                            println!("  note: `vsnap domain start` would refuse it: {e}");
+                        }
+                    }
+                }
             }
         }
         DomainCmd::List => {
@@ -319,6 +446,17 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
                         .unwrap_or_else(|| "-".into())
                 );
                 println!("Current:  {}", d.current.as_deref().unwrap_or("-"));
+                match &d.launch {
+                    Some(l) => println!(
+                        "Launch:   {} ({} arguments, in {})",
+                        l.argv.first().map(String::as_str).unwrap_or("-"),
+                        l.argv.len(),
+                        l.cwd.display()
+                    ),
+                    None => {
+                        println!("Launch:   - (no launch spec: `domain start` cannot start it)")
+                    }
+                }
                 for x in &d.disks {
                     match x.image() {
                         Some(p) => println!(
@@ -368,6 +506,77 @@ pub fn domain(engine: &Engine, json_out: bool, cmd: &DomainCmd) -> anyhow::Resul
             } else {
                 EXIT_NO
             });
+        }
+        DomainCmd::Start {
+            name,
+            paused,
+            dry_run,
+        } => {
+            let mode = StartMode {
+                paused: *paused,
+                incoming: false,
+            };
+            if *dry_run {
+                let p = engine.domain_start_plan(name, mode)?;
+                if json_out {
+                    print_json(
+                        &json!({"domain": name, "program": path_json(&p.program), "argv": p.argv, "cwd": path_json(&p.cwd)}),
+                    );
+                } else {
+                    println!("would start domain {name} in {}:", p.cwd.display());
+                    for a in &p.argv {
+                        println!("  {a}");
+                    }
+                }
+                return Ok(EXIT_OK);
+            }
+            let t0 = std::time::Instant::now();
+            let l = engine.domain_start(name, mode)?;
+            let took_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            let state = if *paused { "paused" } else { "running" };
+            if json_out {
+                print_json(
+                    &json!({"domain": name, "state": state, "pid": l.pid, "argv": l.argv, "took_ms": took_ms}),
+                );
+            } else {
+                println!(
+                    "started domain {name} ({state}{}) in {took_ms:.0} ms",
+                    l.pid.map(|p| format!(", QEMU pid {p}")).unwrap_or_default()
+                );
+            }
+        }
+        DomainCmd::Shutdown { name, timeout } => {
+            let wait = match timeout {
+                None => None,
+                Some(t) if t.is_finite() && *t >= 0.0 && *t <= 86400.0 => {
+                    Some(std::time::Duration::from_secs_f64(*t))
+                }
+                Some(t) => bail!("--timeout {t}: give seconds between 0 and 86400"),
+            };
+            let via = engine.domain_shutdown(name, wait)?;
+            let how = match via {
+                ShutdownVia::Agent => "through its guest agent",
+                ShutdownVia::Acpi => "by ACPI power button",
+            };
+            if json_out {
+                print_json(&json!({"domain": name, "via": via, "stopped": wait.is_some()}));
+            } else if wait.is_some() {
+                println!("domain {name} shut down (asked {how})");
+            } else {
+                println!("domain {name} is being shut down (asked {how})");
+            }
+        }
+        DomainCmd::Destroy { name } => {
+            let st = engine.domain_destroy(name)?;
+            let (pid, how) = match st {
+                Stopped::Quit { pid } => (pid, "quit"),
+                Stopped::Killed { pid } => (pid, "killed"),
+            };
+            if json_out {
+                print_json(&json!({"domain": name, "pid": pid, "how": how}));
+            } else {
+                println!("domain {name} destroyed (QEMU pid {pid} {how})");
+            }
         }
         DomainCmd::Undefine {
             name,

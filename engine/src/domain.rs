@@ -106,6 +106,7 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<String>)> {
         current: None,
         next_seq: 0,
         virt_type,
+        launch: None,
     };
     if let Some(devices) = root.child("devices") {
         for disk in devices.children_named("disk") {
@@ -153,9 +154,12 @@ fn parse_domain_xml_typed(text: &str) -> Result<(DomainRec, Vec<String>)> {
         }
     }
     if let Some(meta) = root.child("metadata") {
-        meta.only_one(&["qmp"])?;
+        meta.only_one(&["qmp", "launch"])?;
         if let Some(q) = meta.children.iter().find(|c| c.name == "qmp") {
             d.qmp = Some(PathBuf::from(q.text.trim()));
+        }
+        if let Some(l) = meta.children.iter().find(|c| c.name == "launch") {
+            d.launch = Some(parse_launch(l)?);
         }
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -305,6 +309,39 @@ fn parse_disk(disk: &Element, device: DiskDevice) -> Result<DomDisk> {
     Ok(common(source, format))
 }
 
+/// `<vsnap:launch cwd='DIR'><vsnap:arg>ARG</vsnap:arg>...<vsnap:disk
+/// target='vda' path='IMAGE'/>...</vsnap:launch>` in `<metadata>`: the
+/// launch spec as `dumpxml` writes it (each argument the element's text,
+/// exactly, whitespace included).
+fn parse_launch(l: &Element) -> Result<vsnap_steps::launch::LaunchSpec> {
+    let cwd = l.attr("cwd").ok_or_else(|| {
+        EngineError::Xml("<vsnap:launch> has no cwd='...' (the working directory)".into())
+    })?;
+    let argv: Vec<String> = l.children_named("arg").map(|a| a.text.clone()).collect();
+    if argv.is_empty() {
+        return Err(EngineError::Xml(
+            "<vsnap:launch> has no <vsnap:arg>: the command line is empty".into(),
+        ));
+    }
+    let mut disks = Vec::new();
+    for x in l.children_named("disk") {
+        let (Some(target), Some(path)) = (x.attr("target"), x.attr("path")) else {
+            return Err(EngineError::Xml(
+                "a <vsnap:disk> in <vsnap:launch> needs target='...' and path='...'".into(),
+            ));
+        };
+        disks.push(vsnap_steps::launch::BoundDisk {
+            target: target.into(),
+            path: path.into(),
+        });
+    }
+    Ok(vsnap_steps::launch::LaunchSpec {
+        argv,
+        cwd: cwd.into(),
+        disks,
+    })
+}
+
 /// The `<domain>` subset vsnap keeps, as libvirt writes it.
 pub fn domain_to_xml(d: &DomainRec) -> String {
     let mut x = format!(
@@ -315,11 +352,32 @@ pub fn domain_to_xml(d: &DomainRec) -> String {
     if let Some(u) = &d.uuid {
         x.push_str(&format!("  <uuid>{}</uuid>\n", esc(u)));
     }
-    if let Some(q) = &d.qmp {
-        x.push_str(&format!(
-            "  <metadata>\n    <vsnap:qmp xmlns:vsnap='{XMLNS}'>{}</vsnap:qmp>\n  </metadata>\n",
-            esc(&q.to_string_lossy())
-        ));
+    if d.qmp.is_some() || d.launch.is_some() {
+        x.push_str("  <metadata>\n");
+        if let Some(q) = &d.qmp {
+            x.push_str(&format!(
+                "    <vsnap:qmp xmlns:vsnap='{XMLNS}'>{}</vsnap:qmp>\n",
+                esc(&q.to_string_lossy())
+            ));
+        }
+        if let Some(l) = &d.launch {
+            x.push_str(&format!(
+                "    <vsnap:launch xmlns:vsnap='{XMLNS}' cwd='{}'>\n",
+                esc(&l.cwd.to_string_lossy())
+            ));
+            for a in &l.argv {
+                x.push_str(&format!("      <vsnap:arg>{}</vsnap:arg>\n", esc(a)));
+            }
+            for b in &l.disks {
+                x.push_str(&format!(
+                    "      <vsnap:disk target='{}' path='{}'/>\n",
+                    esc(&b.target),
+                    esc(&b.path.to_string_lossy())
+                ));
+            }
+            x.push_str("    </vsnap:launch>\n");
+        }
+        x.push_str("  </metadata>\n");
     }
     x.push_str("  <devices>\n");
     for disk in &d.disks {
@@ -384,6 +442,25 @@ pub fn block_key(entry: &Value) -> String {
     BlockDevice::from_value(entry).key
 }
 
+/// A launch spec for `d`: `argv` and `cwd`, each disk bound to its image
+/// now (the path `domain start` looks for in the argv).
+fn bound_spec(d: &DomainRec, argv: Vec<String>, cwd: PathBuf) -> vsnap_steps::launch::LaunchSpec {
+    vsnap_steps::launch::LaunchSpec {
+        argv,
+        cwd,
+        disks: d
+            .disks
+            .iter()
+            .filter_map(|x| {
+                Some(vsnap_steps::launch::BoundDisk {
+                    target: x.target.clone(),
+                    path: x.image()?.to_path_buf(),
+                })
+            })
+            .collect(),
+    }
+}
+
 /// A path as given, made absolute against the current directory (sockets
 /// and images are used later from any directory).
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -414,7 +491,26 @@ impl Engine {
     }
 
     /// Define a domain from `<domain>` XML; `qmp` overrides the metadata.
+    /// No launch spec: the domain can be snapshotted, not started (see
+    /// [`Engine::domain_define_with_launch`]).
     pub fn domain_define(&self, xml: &str, qmp: Option<PathBuf>) -> Result<DomainRec> {
+        self.domain_define_with_launch(xml, qmp, None)
+    }
+
+    /// [`Engine::domain_define`] with the QEMU command line that starts the
+    /// domain (`launch`: argv, program first, and the working directory
+    /// its relative paths are resolved against; see
+    /// [`crate::parse_launch_file`]). Each disk's source in the XML must
+    /// be named by one `-drive file=` or `-blockdev filename=` of the
+    /// argv, and the argv must open the domain's QMP socket: checked now
+    /// ([`EngineError::LaunchOption`]), so that `domain start` can rewrite
+    /// it later.
+    pub fn domain_define_with_launch(
+        &self,
+        xml: &str,
+        qmp: Option<PathBuf>,
+        launch: Option<(Vec<String>, PathBuf)>,
+    ) -> Result<DomainRec> {
         let _g = self.lock_ops();
         let (mut d, _) = parse_domain_xml_typed(xml)?;
         if qmp.is_some() {
@@ -481,6 +577,26 @@ impl Engine {
             vsnap_steps::qemu_img::backing_chain(source, disk.format)
                 .map_err(|e| EngineError::unsafe_(format!("disk {}: {e}", disk.target)))?;
         }
+        if let Some((argv, cwd)) = launch {
+            d.launch = Some(bound_spec(&d, argv, cwd));
+            if d.qmp.is_none() {
+                return Err(EngineError::bad_request(format!(
+                    "domain {}: --launch needs the domain's QMP socket (--qmp, or <vsnap:qmp> in the XML): vsnap talks to the QEMU it starts through it",
+                    d.name
+                )));
+            }
+            // Refused now, not at the first start.
+            crate::launch::QemuLauncher::new(self.journal().state_dir()).plan(
+                &d,
+                &self.domain_launch_request(
+                    &d,
+                    vsnap_steps::launch::StartMode {
+                        paused: true,
+                        incoming: false,
+                    },
+                ),
+            )?;
+        }
         self.journal()
             .catalog_apply(&[put_domain(&d), catalog::put_domain_doc(&d.name, xml)])?;
         Ok(d)
@@ -496,6 +612,12 @@ impl Engine {
                 "domain {name:?} is already defined; `vsnap domain undefine {name}` first"
             )));
         }
+        // Who serves the monitor, before vsnap takes it (it may serve one
+        // client at a time): that process's command line is the launch
+        // spec. Unreadable, the domain is attached without one.
+        let started = vsnap_steps::launch::peer_pid(qmp)
+            .ok()
+            .and_then(|pid| vsnap_steps::launch::process_argv_cwd(pid).ok());
         let mut q = live::qmp(qmp).map_err(EngineError::Check)?;
         let blocks = q.query_block_typed().map_err(EngineError::Check)?;
         let mut disks = Vec::new();
@@ -541,7 +663,12 @@ impl Engine {
             current: None,
             next_seq: 0,
             virt_type: None,
+            launch: None,
         };
+        let mut d = d;
+        if let Some((argv, cwd)) = started {
+            d.launch = Some(bound_spec(&d, argv, cwd));
+        }
         self.journal().catalog_apply(&[put_domain(&d)])?;
         Ok(d)
     }
@@ -677,6 +804,34 @@ mod tests {
     fn round_trips_its_own_output() {
         let d = parse_domain_xml(VIRSH).unwrap();
         assert_eq!(parse_domain_xml(&domain_to_xml(&d)).unwrap(), d);
+    }
+
+    /// A launch spec goes through dumpxml and define unchanged: arguments
+    /// with spaces at the ends, markup characters, an empty one.
+    #[test]
+    fn the_launch_spec_round_trips_through_xml() {
+        let mut d = parse_domain_xml(VIRSH).unwrap();
+        d.launch = Some(vsnap_steps::launch::LaunchSpec {
+            argv: vec![
+                "qemu-system-x86_64".into(),
+                "-append".into(),
+                " console=ttyS0 a<b & 'c' \"d\" ".into(),
+                "".into(),
+                "-drive".into(),
+                "file=/vm/a.qcow2,,x,format=qcow2".into(),
+            ],
+            cwd: "/srv/vm 1".into(),
+            disks: vec![vsnap_steps::launch::BoundDisk {
+                target: "vda".into(),
+                path: "/vm/a.qcow2".into(),
+            }],
+        });
+        let x = domain_to_xml(&d);
+        assert_eq!(parse_domain_xml(&x).unwrap(), d, "{x}");
+        let e = parse_domain_xml(&x.replace(" cwd='/srv/vm 1'", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cwd"), "{e}");
     }
 
     #[test]

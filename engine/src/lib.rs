@@ -50,6 +50,7 @@ mod domain;
 mod domdoc;
 mod domsnap;
 mod image;
+mod launch;
 mod plan;
 mod volume;
 mod volxml;
@@ -66,10 +67,16 @@ pub use domsnap::{
     DiskChoice, DomRevertDone, DomRevertFlags, DomSnapDone, DomSnapFlags, DomSnapRequest,
     MemoryChoice,
 };
+pub use launch::{
+    parse_launch_file, LaunchRequest, Launched, Launcher, QemuLauncher, ShutdownVia, Stopped,
+};
 pub use plan::{Plan, PlanOutcome, PlanReport};
 pub use volume::{CreateRequest, DeleteRequest, Done, RevertRequest, VolSnapFlags};
 pub use vsnap_journal::{JournalError, Outcome, PlanHeader, PlanId, Record, StoredPlan};
 pub use vsnap_recovery::IllegalSequence;
+pub use vsnap_steps::launch::{
+    ArgvError, BoundDisk, DiskImage, LaunchError, LaunchSpec, PlannedArgv, StartMode,
+};
 pub use vsnap_steps::{Format, Progress, StepError};
 
 /// The XML formats: `<volsnapshot>`, `<domainsnapshot>` and `<domain>`,
@@ -284,6 +291,43 @@ pub enum EngineError {
         /// The claim file beside the image.
         claim: PathBuf,
     },
+    /// The domain has no launch spec: vsnap does not know how to start
+    /// its QEMU ([`RefusalKind::WrongState`]).
+    #[error("domain {domain} has no launch spec: vsnap does not know how to start its QEMU; record one with `vsnap domain define FILE.xml --launch FILE` (or `vsnap domain attach`, which records the running QEMU's command line)")]
+    NoLaunchSpec {
+        /// The domain.
+        domain: String,
+    },
+    /// An option of the domain's launch command line that vsnap cannot
+    /// rewrite to the catalog's images (or will not start with); found
+    /// before anything is touched ([`RefusalKind::NotSupported`]).
+    #[error("domain {domain}: cannot start it: {source}; nothing was started")]
+    LaunchOption {
+        /// The domain.
+        domain: String,
+        /// The option, and why.
+        #[source]
+        source: vsnap_steps::launch::ArgvError,
+    },
+    /// Starting QEMU failed (nothing is left running).
+    #[error("domain {domain}: {source}")]
+    Launch {
+        /// The domain.
+        domain: String,
+        /// What failed.
+        #[source]
+        source: vsnap_steps::launch::LaunchError,
+    },
+    /// `shutdown` with a timeout: the guest was asked, and QEMU still runs.
+    #[error("domain {domain} still runs {:.1} s after it was asked to shut down ({}); the guest may ignore the request: `vsnap domain destroy {domain}` ends it", .waited.as_secs_f64(), match .via { crate::launch::ShutdownVia::Agent => "through its guest agent", crate::launch::ShutdownVia::Acpi => "by ACPI power button" })]
+    ShutdownTimeout {
+        /// The domain.
+        domain: String,
+        /// How long vsnap waited.
+        waited: std::time::Duration,
+        /// How the guest was asked.
+        via: crate::launch::ShutdownVia,
+    },
     /// The image has a second name.
     #[error("{image} has {links} hard links; after a snapshot the other name(s) would be the frozen snapshot (or a stale copy) and whatever writes through them would change it: remove the other link(s) (`find / -xdev -samefile {image}` lists them) or snapshot a copy of the image")]
     HardLinked {
@@ -453,6 +497,9 @@ impl EngineError {
             | EngineError::FormatUnknown { .. } => K::BadRequest,
             EngineError::Owned { .. } => K::InUse,
             EngineError::HardLinked { .. } => K::Unsafe,
+            EngineError::NoLaunchSpec { .. } => K::WrongState,
+            EngineError::LaunchOption { .. } => K::NotSupported,
+            EngineError::Launch { .. } | EngineError::ShutdownTimeout { .. } => return None,
             EngineError::Journal(_)
             | EngineError::Step { .. }
             | EngineError::StepRepaired { .. }
@@ -727,6 +774,8 @@ pub struct Engine {
     /// Plans run one at a time (they read the catalog when compiled).
     op_lock: Mutex<()>,
     progress: Box<dyn Fn(&Progress) + Send + Sync>,
+    /// An embedder's launcher; `None`: vsnap's own (`QemuLauncher`).
+    launcher: Option<Box<dyn Launcher>>,
 }
 
 impl Engine {
@@ -743,6 +792,7 @@ impl Engine {
             journal: Journal::open(state_dir)?,
             op_lock: Mutex::new(()),
             progress: Box::new(|_| {}),
+            launcher: None,
         })
     }
 

@@ -245,6 +245,24 @@ impl Agent {
         }
     }
 
+    /// Syncs, then sends `cmd` with `args` and does not wait for a reply:
+    /// for `guest-shutdown`, which the agent does not answer on success
+    /// (the guest goes down).
+    pub fn send_no_reply(&mut self, cmd: &str, args: Value) -> StepResult<()> {
+        self.sync()?;
+        let deadline = Instant::now() + self.timeout;
+        let mut msg = match args {
+            Value::Null => json!({ "execute": cmd }),
+            other => json!({"execute": cmd, "arguments": other}),
+        }
+        .to_string()
+        .into_bytes();
+        msg.push(b'\n');
+        self.conn
+            .send(&msg, deadline)
+            .map_err(|f| self.fail(f, cmd))
+    }
+
     /// Syncs again and again (each try bounded by the connection's
     /// timeout) until the agent answers or `total` has passed: for a guest
     /// that is still booting. Fails with the last try's error

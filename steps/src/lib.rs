@@ -12,6 +12,7 @@ pub mod clone;
 pub mod device;
 pub mod fdpass;
 pub mod fsops;
+pub mod launch;
 pub mod live;
 pub mod pathser;
 pub mod qcow2;

@@ -420,6 +420,29 @@ pub enum Step {
         #[serde(with = "crate::pathser::vec")]
         images: Vec<PathBuf>,
     },
+    /// Start a domain's QEMU, paused (`-S`), on the planned images
+    /// ([`crate::launch::Launch`]: argv, monitor, log, pidfile, images all
+    /// fixed when the plan is compiled). Prerequisites: no QEMU answers on
+    /// the monitor. Effects on success: QEMU runs in a session of its own
+    /// (it outlives vsnap), its pid in the pidfile, its monitor answers
+    /// and `query-block` shows every planned image. On failure: nothing
+    /// runs. Probe: the monitor answers and shows the planned images
+    /// (Applied); no monitor and no live pidfile process (NotApplied);
+    /// other images (Unknown). Undo: the pidfile's QEMU quits (QMP
+    /// `quit`), else is killed.
+    QemuLaunch { launch: crate::launch::Launch },
+    /// The QEMU just started with `-incoming defer` loads the memory state
+    /// in `path` ([`crate::launch::migrate_incoming`]: `getfd` `fdname`,
+    /// `migrate-incoming fd:<fdname>`, wait for `completed`); the guest
+    /// stays paused. Probe: the incoming migration completed. Undo:
+    /// nothing of its own (the launch's undo ends that QEMU).
+    QmpMigrateFromFile {
+        #[serde(with = "crate::pathser")]
+        qmp: PathBuf,
+        fdname: String,
+        #[serde(with = "crate::pathser")]
+        path: PathBuf,
+    },
 }
 
 impl Step {
@@ -449,6 +472,8 @@ impl Step {
             Step::ExternalFreeze { .. } => "external-freeze",
             Step::OverlayOnDevice { .. } => "overlay-on-device",
             Step::QmpSnapshotLoad { .. } => "qmp-snapshot-load",
+            Step::QemuLaunch { .. } => "qemu-launch",
+            Step::QmpMigrateFromFile { .. } => "qmp-migrate-from-file",
         }
     }
 
@@ -490,7 +515,9 @@ impl Step {
             | Step::QmpSnapshotSave { .. }
             | Step::QmpSnapshotSaveFiles { .. }
             | Step::QmpSnapshotLoad { .. }
-            | Step::QmpQuit { .. } => Vec::new(),
+            | Step::QmpQuit { .. }
+            | Step::QemuLaunch { .. }
+            | Step::QmpMigrateFromFile { .. } => Vec::new(),
         }
     }
 
@@ -633,6 +660,23 @@ impl Step {
                 devices.join(", ")
             ),
             Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QmpMigrateFromFile { qmp, path, .. } => format!(
+                "QMP {}: load the memory state {} (migrate-incoming)",
+                qmp.display(),
+                path.display()
+            ),
+            Step::QemuLaunch { launch } => format!(
+                "start QEMU {} paused, monitor {}, on {} (log {})",
+                launch.program.display(),
+                launch.qmp.display(),
+                launch
+                    .images
+                    .iter()
+                    .map(|b| format!("{}={}", b.target, b.path.display()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                launch.log.display()
+            ),
             Step::QmpMigrateToFile { qmp, path, .. } => format!(
                 "QMP {}: memory state (migration stream) to {}",
                 qmp.display(),
@@ -878,6 +922,8 @@ impl Step {
             } else {
                 Probe::NotApplied
             }),
+            Step::QemuLaunch { launch } => launch.probe(),
+            Step::QmpMigrateFromFile { qmp, .. } => crate::launch::migrate_incoming_probe(qmp),
             Step::ExternalFreeze { .. } => {
                 let [link, create] = self.freeze_halves().expect("an ExternalFreeze");
                 Ok(match (link.probe(cx)?, create.probe(cx)?) {
@@ -1036,6 +1082,10 @@ impl Step {
                 ..
             } => crate::live::snapshot_save(qmp, job, tag, vmstate, devices),
             Step::QmpQuit { qmp } => crate::live::quit(qmp),
+            Step::QemuLaunch { launch } => launch.apply(),
+            Step::QmpMigrateFromFile { qmp, fdname, path } => {
+                crate::launch::migrate_incoming(qmp, fdname, path)
+            }
             Step::QmpMigrateToFile { qmp, fdname, path } => {
                 crate::live::migrate_to_file(qmp, fdname, path)
             }
@@ -1152,6 +1202,8 @@ impl Step {
                 link.undo(cx)
             }
             Step::OverlayOnDevice { device, saved, .. } => crate::device::undo(device, saved),
+            Step::QemuLaunch { launch } => launch.undo(),
+            Step::QmpMigrateFromFile { .. } => Ok(()),
             Step::AgentThaw { .. }
             | Step::QmpCont { .. }
             | Step::QmpSnapshotTransaction { .. }

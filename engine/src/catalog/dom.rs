@@ -13,6 +13,7 @@ use crate::{EngineError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use vsnap_journal::{codec, CatalogOp, Journal};
+use vsnap_steps::launch::LaunchSpec;
 use vsnap_steps::Format;
 
 /// The catalog tree of domains (`DomainRec`, keyed by name).
@@ -168,6 +169,11 @@ pub struct DomainRec {
     /// `dumpxml` (`kvm` when none was given). Appended: records written
     /// before it existed are read as `DomainRecV1`.
     pub virt_type: Option<String>,
+    /// How to start the domain's QEMU (`domain attach` records it from the
+    /// running process; `domain define --launch` takes it), if known.
+    /// Appended: records written before it existed are read as
+    /// `DomainRecV2`.
+    pub launch: Option<LaunchSpec>,
 }
 
 /// The layout of [`DomDisk`] before `source` was typed and `device` and
@@ -196,9 +202,37 @@ struct DomainRecV1 {
     next_seq: u64,
 }
 
-/// A catalog record of a domain, in today's layout or the one before.
+/// The layout of [`DomainRec`] before `launch` (still read).
+#[derive(Deserialize)]
+struct DomainRecV2 {
+    name: String,
+    uuid: Option<String>,
+    disks: Vec<DomDisk>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    qmp: Option<PathBuf>,
+    #[serde(with = "vsnap_steps::pathser::opt")]
+    agent: Option<PathBuf>,
+    current: Option<String>,
+    next_seq: u64,
+    virt_type: Option<String>,
+}
+
+/// A catalog record of a domain, in today's layout or an older one.
 pub fn decode_domain(v: &[u8]) -> std::result::Result<DomainRec, codec::CodecError> {
     codec::decode::<DomainRec>(v).or_else(|e| {
+        if let Ok(o) = codec::decode::<DomainRecV2>(v) {
+            return Ok(DomainRec {
+                name: o.name,
+                uuid: o.uuid,
+                disks: o.disks,
+                qmp: o.qmp,
+                agent: o.agent,
+                current: o.current,
+                next_seq: o.next_seq,
+                virt_type: o.virt_type,
+                launch: None,
+            });
+        }
         let o: DomainRecV1 = codec::decode(v).map_err(|_| e)?;
         Ok(DomainRec {
             name: o.name,
@@ -232,6 +266,7 @@ pub fn decode_domain(v: &[u8]) -> std::result::Result<DomainRec, codec::CodecErr
             current: o.current,
             next_seq: o.next_seq,
             virt_type: None,
+            launch: None,
         })
     })
 }
@@ -633,9 +668,78 @@ mod tests {
                 current: Some("s1".into()),
                 next_seq: 3,
                 virt_type: None,
+                launch: None,
             }
         );
         // And today's layout reads as itself.
+        assert_eq!(decode_domain(&codec::encode(&d)).unwrap(), d);
+    }
+
+    /// A record written before `launch` (today's layout less the last
+    /// field) reads with no launch spec; today's reads as itself.
+    #[test]
+    fn reads_domains_written_before_the_launch_spec() {
+        #[derive(Serialize)]
+        struct V2 {
+            name: String,
+            uuid: Option<String>,
+            disks: Vec<DomDisk>,
+            #[serde(with = "vsnap_steps::pathser::opt")]
+            qmp: Option<PathBuf>,
+            #[serde(with = "vsnap_steps::pathser::opt")]
+            agent: Option<PathBuf>,
+            current: Option<String>,
+            next_seq: u64,
+            virt_type: Option<String>,
+        }
+        let disk = DomDisk {
+            target: "vda".into(),
+            source: DiskSource::Block("/dev/vg/a".into()),
+            format: Format::Raw,
+            readonly: false,
+            shareable: false,
+            device: DiskDevice::Disk,
+            snapshot: Some(SnapshotDefault::External),
+        };
+        let old = V2 {
+            name: "vm1".into(),
+            uuid: None,
+            disks: vec![disk.clone()],
+            qmp: Some("/run/q".into()),
+            agent: Some("/run/a".into()),
+            current: Some("s2".into()),
+            next_seq: 4,
+            virt_type: Some("qemu".into()),
+        };
+        let d = decode_domain(&codec::encode(&old)).unwrap();
+        assert_eq!(
+            d,
+            DomainRec {
+                name: "vm1".into(),
+                uuid: None,
+                disks: vec![disk],
+                qmp: Some("/run/q".into()),
+                agent: Some("/run/a".into()),
+                current: Some("s2".into()),
+                next_seq: 4,
+                virt_type: Some("qemu".into()),
+                launch: None,
+            }
+        );
+        let mut new = d.clone();
+        new.launch = Some(LaunchSpec {
+            argv: vec![
+                "qemu-system-x86_64".into(),
+                "-drive".into(),
+                "file=/dev/vg/a".into(),
+            ],
+            cwd: "/".into(),
+            disks: vec![vsnap_steps::launch::BoundDisk {
+                target: "vda".into(),
+                path: "/dev/vg/a".into(),
+            }],
+        });
+        assert_eq!(decode_domain(&codec::encode(&new)).unwrap(), new);
         assert_eq!(decode_domain(&codec::encode(&d)).unwrap(), d);
     }
 

@@ -401,6 +401,7 @@ mod tests {
             current: Some("s0".into()),
             next_seq: 4,
             virt_type: None,
+            launch: None,
         }
     }
 
