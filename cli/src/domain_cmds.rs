@@ -219,17 +219,20 @@ pub enum SnapCmd {
     ///
     /// What the domain held since the snapshot is discarded; nothing a
     /// snapshot needs is written to, and the discarded branch's files that
-    /// no snapshot needs are removed. A shut-off domain and a snapshot
-    /// without memory: new overlays on the snapshot's frozen files, its
-    /// internal snapshots applied in place, its reflink clones cloned back;
-    /// the domain stays shut off on them. A running guest and an internal
-    /// snapshot with memory: QEMU's snapshot-load (no restart); the guest
-    /// is then running or paused as the snapshot was, unless --running or
+    /// no snapshot needs are removed (and named). The disks: new overlays on
+    /// the snapshot's frozen files, its internal snapshots applied in place,
+    /// its reflink clones cloned back. A running guest on the images that
+    /// hold an internal snapshot with memory: QEMU's snapshot-load in that
+    /// QEMU. Any other running guest: QEMU quits, the disks are reverted,
+    /// and QEMU is started again on them (domain start's plan: the memory
+    /// file loaded, or an internal memory state loaded, or a fresh boot for
+    /// a disk-only snapshot). A shut-off domain is started only for a
+    /// snapshot with memory or with --running/--paused. The guest is left
+    /// as the snapshot was (running or paused) unless --running or
     /// --paused. The snapshot becomes the current one: the next snapshot is
-    /// its child. Refused, with nothing touched: a snapshot whose files are
-    /// missing or changed, and shapes that need QEMU started again (a
-    /// running guest and a disk-only or external snapshot: shut it off
-    /// first).
+    /// its child. Refused (exit 2), with nothing touched: a snapshot whose
+    /// files are missing or changed, and a start the domain cannot make (no
+    /// launch spec: domain attach or domain define --launch).
     Revert {
         /// The domain's name.
         domain: String,
@@ -663,7 +666,7 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
                 print_json(&json!({
                     "plan": done.plan, "dry_run": done.dry_run,
                     "steps": done.plan_text.lines().skip(1).map(str::trim).collect::<Vec<_>>(),
-                    "snapshot": done.snapshot, "state": done.state.as_str(),
+                    "snapshot": done.snapshot, "state": done.state.as_str(), "started": done.started,
                     "removed": done.removed.iter().map(|p| path_json(p)).collect::<Vec<_>>(),
                 }));
             } else if done.dry_run {
@@ -681,6 +684,9 @@ pub fn snapshot(engine: &Engine, json_out: bool, cmd: &SnapCmd) -> anyhow::Resul
                         "  removed {} (discarded, no snapshot needs it)",
                         r.display()
                     );
+                }
+                if let Some(p) = done.started {
+                    println!("  QEMU started again on the snapshot's disks [plan {p}]");
                 }
             }
             Ok(EXIT_OK)

@@ -671,6 +671,118 @@ fn start_stop_domains() {
     w.vsnap(&["domain", "destroy", "g"]).ok();
     say("start with a memory state: the guest resumed without a boot");
 
+    // --- revert with a restart (DESIGN 10.3) --------------------------------------
+    let booted = |console: &Path| {
+        std::fs::read_to_string(console)
+            .unwrap_or_default()
+            .contains("VSNAP-GUEST-READY")
+    };
+    let snapshot_files = |name: &str| -> Vec<(PathBuf, u64)> {
+        let i = w
+            .vsnap(&["--json", "snapshot", "info", "g", name])
+            .ok()
+            .json();
+        i["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["snapshot"] != "no")
+            .map(|d| {
+                let f = PathBuf::from(d["state_file"].as_str().unwrap());
+                let h = hash_file(&f);
+                (f, h)
+            })
+            .collect()
+    };
+    // Shut off, to m1 (memory in a file): new overlays on m1's frozen
+    // files, then QEMU started with the memory loaded: no boot.
+    let m1_files = snapshot_files("m1");
+    let _ = std::fs::remove_file(&console);
+    let r = w
+        .vsnap(&["--json", "snapshot", "revert", "g", "m1"])
+        .ok()
+        .json();
+    assert_eq!(r["state"], "running", "{r}");
+    assert!(r["started"].is_u64(), "{r}");
+    let pid = pid_of_file(&w.state.join("run/g.pid"));
+    kills.add(pid);
+    assert!(qmp(&sock).query_status().unwrap().0, "the guest runs");
+    let mut agent = vsnap_steps::agent::Agent::connect(&qga, Duration::from_secs(5)).unwrap();
+    agent.wait_ready(Duration::from_secs(30)).unwrap();
+    drop(agent);
+    assert!(
+        !booted(&console),
+        "reverted to m1, the guest booted instead of resuming"
+    );
+    assert!(
+        qemu_disks(&sock)
+            .iter()
+            .all(|(_, f)| f.to_string_lossy().contains(".m1.revert-")),
+        "{:?}",
+        qemu_disks(&sock)
+    );
+    w.vsnap(&["domain", "check", "g"]).ok();
+    say("revert of a shut-off domain to a memory-file snapshot: started, resumed without a boot");
+    // Running, to a disk-only snapshot taken live: QEMU quits, new
+    // overlays on d1's files, QEMU started again: a fresh boot.
+    w.vsnap(&["snapshot", "create", "g", "d1", "--live", "--disk-only"])
+        .ok();
+    let d1_files = snapshot_files("d1");
+    let _ = std::fs::remove_file(&console);
+    let dry = w
+        .vsnap(&["--json", "snapshot", "revert", "g", "d1", "--dry-run"])
+        .ok()
+        .json();
+    assert!(dry["steps"].to_string().contains("QEMU quits"), "{dry}");
+    assert!(alive(pid), "a dry run touches nothing");
+    let r = w
+        .vsnap(&["--json", "snapshot", "revert", "g", "d1"])
+        .ok()
+        .json();
+    assert_eq!(r["state"], "running", "{r}");
+    assert!(!alive(pid), "the old QEMU is gone");
+    let pid = pid_of_file(&w.state.join("run/g.pid"));
+    kills.add(pid);
+    wait_for(
+        "the guest's ready line after the revert",
+        Duration::from_secs(90),
+        || booted(&console).then_some(()),
+    );
+    assert!(
+        qemu_disks(&sock)
+            .iter()
+            .all(|(_, f)| f.to_string_lossy().contains(".d1.revert-")),
+        "{:?}",
+        qemu_disks(&sock)
+    );
+    w.vsnap(&["domain", "check", "g"]).ok();
+    say("revert of a running guest to a disk-only snapshot: restarted on new overlays, booted");
+    // Running, back to m1: QEMU quits, m1's memory loaded in a new one.
+    let _ = std::fs::remove_file(&console);
+    let r = w
+        .vsnap(&["--json", "snapshot", "revert", "g", "m1", "--paused"])
+        .ok()
+        .json();
+    assert_eq!(r["state"], "paused", "{r}");
+    assert_eq!(
+        qmp(&sock).query_status().unwrap(),
+        (false, "paused".to_string())
+    );
+    let pid = pid_of_file(&w.state.join("run/g.pid"));
+    kills.add(pid);
+    assert!(!booted(&console));
+    w.vsnap(&["domain", "check", "g"]).ok();
+    // Nothing a snapshot needs was written to.
+    for (f, h) in m1_files.iter().chain(&d1_files) {
+        assert_eq!(hash_file(f), *h, "{} changed", f.display());
+    }
+    assert_eq!(
+        w.vsnap(&["snapshot", "current", "g"]).ok().stdout.trim(),
+        "m1"
+    );
+    w.vsnap(&["domain", "destroy", "g"]).ok();
+    say("revert of a running guest to a memory-file snapshot, --paused: loaded in a new QEMU");
+
     // --- measure: vsnap domain start against the same argv by hand --------------
     let plan = w
         .vsnap(&["--json", "domain", "start", "g", "--paused", "--dry-run"])

@@ -258,6 +258,23 @@ impl Engine {
         self.launcher = Some(launcher);
     }
 
+    /// Refuse, before anything is touched, a domain that could not be
+    /// started on the images of `d` (a record about to be written): no
+    /// embedder's launcher and no launch spec, or an option of the spec
+    /// that cannot be rewritten to them.
+    pub(crate) fn check_startable(&self, d: &DomainRec) -> Result<()> {
+        if self.launcher.is_some() {
+            return Ok(());
+        }
+        let mode = StartMode {
+            paused: true,
+            incoming: false,
+        };
+        self.qemu_launcher()
+            .plan(d, &self.domain_launch_request(d, mode))
+            .map(drop)
+    }
+
     fn qemu_launcher(&self) -> QemuLauncher {
         QemuLauncher::new(self.journal().state_dir())
     }
@@ -333,7 +350,12 @@ impl Engine {
         )
     }
 
-    fn start_inner(&self, name: &str, mode: StartMode, memory: Option<&Path>) -> Result<Launched> {
+    pub(crate) fn start_inner(
+        &self,
+        name: &str,
+        mode: StartMode,
+        memory: Option<&Path>,
+    ) -> Result<Launched> {
         let _g = self.lock_ops();
         let d = self.domain(name)?;
         if self.domain_state(&d)? != crate::DomState::Shutoff {

@@ -659,7 +659,7 @@ impl Step {
                 qmp.display(),
                 devices.join(", ")
             ),
-            Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits (--halt)", qmp.display()),
+            Step::QmpQuit { qmp } => format!("QMP {}: QEMU quits", qmp.display()),
             Step::QmpMigrateFromFile { qmp, path, .. } => format!(
                 "QMP {}: load the memory state {} (migrate-incoming)",
                 qmp.display(),

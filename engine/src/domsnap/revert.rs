@@ -7,8 +7,7 @@
 //! the discarded branch are removed after it, unless a snapshot needs
 //! them. Shapes:
 //!
-//! * **shut off, a snapshot without memory** (offline, or disk-only of a
-//!   running guest): per disk of the snapshot —
+//! * **the disks** (every shape but the next): per disk of the snapshot —
 //!   - *internal*, the snapshot inside the disk's active image:
 //!     `qemu-img snapshot -a` in place, after the pivot (re-applying is
 //!     idempotent, so the plan rolls forward from its first step after
@@ -22,18 +21,31 @@
 //!     after the pivot (or, when a snapshot needs that image, put beside
 //!     it under a new name);
 //!   - disks the snapshot left out: as they are.
+//!
+//!   A running guest's QEMU quits first after the pivot (what it held is
+//!   what the revert discards). Then QEMU is started again, in a second
+//!   plan (`domain start`'s, through the embedder's `Launcher` or the
+//!   domain's launch spec), when the snapshot holds memory (a memory
+//!   file: `-incoming defer` and the file loaded; internal: started
+//!   paused, then the next shape), when the guest ran (a disk-only
+//!   snapshot: a fresh boot), or when `--running`/`--paused` asks. A
+//!   crash between the two plans leaves the domain shut off on the
+//!   snapshot's disks, the catalog saying so: `domain start` (or the
+//!   revert again) goes on.
 //! * **running or paused, an internal snapshot with memory**, the guest
 //!   still on the images that hold it: the pivot (catalog) first, then
-//!   QEMU's `snapshot-load` job, then `cont` or `stop` for the state asked
-//!   (the snapshot's, unless `--running`/`--paused`). No new QEMU process.
+//!   QEMU's `snapshot-load` job in that QEMU (no new process); a guest to
+//!   be left paused is stopped before the pivot, a paused one to run gets
+//!   `cont` after the load.
 //!
 //! Refused, before anything is touched: an unknown snapshot; a snapshot
 //! whose files are missing or changed (an internal one absent from its
 //! image, or whose name is another snapshot's ID; a frozen file whose
-//! chain does not open); a running guest with any other snapshot (QEMU
-//! must be started again on the snapshot's disks: shut the domain off
-//! first); a shut-off domain with a snapshot that holds memory, or
-//! `--running`/`--paused` on a shut-off domain (both need QEMU started).
+//! chain does not open; a memory file gone); a shape that needs QEMU
+//! started when the domain cannot be (no launcher and no launch spec, or
+//! an option of the spec that cannot be rewritten to the new images); an
+//! internal memory snapshot in images the running guest no longer runs
+//! on.
 
 use super::facts::temp_tag8;
 use super::{put_snapshot_op, DiskMode, DomSnapState, DomSnapshot};
@@ -70,6 +82,9 @@ pub struct DomRevertDone {
     /// Files of the discarded branch the plan removes.
     #[serde(serialize_with = "paths")]
     pub removed: Vec<PathBuf>,
+    /// The plan that started QEMU again after the revert (`domain
+    /// start`'s), when the shape needs one.
+    pub started: Option<u64>,
     /// Whether this was a dry run (nothing changed).
     pub dry_run: bool,
 }
@@ -120,6 +135,33 @@ pub(crate) struct RevFacts {
     pub flags: DomRevertFlags,
     pub disks: Vec<RevDisk>,
     pub tag: String,
+    /// A running guest on the images that hold an internal snapshot with
+    /// memory: QEMU's snapshot-load, no restart.
+    pub load: bool,
+    /// QEMU started again after the disks are reverted (a second plan:
+    /// `domain start`).
+    pub then_start: Option<ThenStart>,
+    /// The running QEMU's pid (the monitor's peer), waited for after it
+    /// quits, before the new one starts.
+    pub old_pid: Option<u32>,
+}
+
+/// How QEMU is started again after a revert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ThenStart {
+    /// Left paused.
+    pub paused: bool,
+    /// The memory state to load.
+    pub memory: Option<MemoryAfter>,
+}
+
+/// Where a snapshot's memory comes from when QEMU starts again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum MemoryAfter {
+    /// QEMU's migration stream in this file (`-incoming defer`).
+    File(PathBuf),
+    /// Inside the disks (snapshot-load once started, paused).
+    Internal,
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -154,30 +196,6 @@ pub(crate) fn gather(
     let snap = e.domain_snapshot_lookup_by_name(domain, name)?;
     let others: Vec<DomSnapshot> = all.into_iter().filter(|s| s.name != name).collect();
     let state = e.domain_state(&d)?;
-    let memory = snap.memory_internal || snap.memory_file.is_some();
-    if state == DomState::Shutoff && memory {
-        return Err(EngineError::not_supported(format!(
-            "snapshot {name:?} holds the guest's memory: reverting the shut-off domain {domain:?} to it means starting QEMU from it, which vsnap cannot do yet{}",
-            if snap.memory_internal {
-                "; start the domain on its disks and revert while it runs"
-            } else {
-                ""
-            }
-        )));
-    }
-    if state == DomState::Shutoff && (flags.running || flags.paused) {
-        return Err(EngineError::not_supported(format!(
-            "--{} would start domain {domain:?} after the revert, which vsnap cannot do yet; revert without it (the domain stays shut off) and start it yourself",
-            if flags.running { "running" } else { "paused" }
-        )));
-    }
-    if state != DomState::Shutoff && !snap.memory_internal {
-        return Err(EngineError::wrong_state(format!(
-            "domain {domain:?} is {}; reverting it to snapshot {name:?} ({}) needs QEMU started again on the snapshot's disks, which vsnap cannot do yet: shut the domain off first, then revert (it stays shut off, on the snapshot's disks)",
-            state.as_str(),
-            snap.state
-        )));
-    }
     // Everything a snapshot needs: its files (state files and their
     // chains are never written to; memory files are never touched).
     let mut needed: BTreeSet<PathBuf> = BTreeSet::new();
@@ -336,23 +354,7 @@ pub(crate) fn gather(
             }
             _ => None,
         };
-        let node = if live_guest {
-            Some(inserted.map(|ins| ins.node_name.clone()).ok_or_else(|| {
-                EngineError::wrong_state(format!(
-                    "{what}: QEMU does not use {} now; the domain definition is stale: `vsnap domain check {domain}`",
-                    active.display()
-                ))
-            })?)
-        } else {
-            None
-        };
-        if live_guest && !in_place {
-            return Err(EngineError::wrong_state(format!(
-                "{what}: the guest runs on {}, not on {} which holds the snapshot (a later external snapshot moved it): QEMU must be started again on the snapshot's disks, which vsnap cannot do yet; shut the domain off first",
-                active.display(),
-                sd.state_file.display()
-            )));
-        }
+        let node = inserted.map(|ins| ins.node_name.clone());
         disks.push(RevDisk {
             target: sd.target.clone(),
             mode: sd.mode,
@@ -369,7 +371,53 @@ pub(crate) fn gather(
             node,
         });
     }
-    Ok(RevFacts {
+    // The shape: QEMU's snapshot-load in the running QEMU when the guest
+    // runs on the very images that hold the snapshot; else the disks
+    // reverted with QEMU gone (quit first when it runs), then QEMU
+    // started again when the snapshot holds memory, the guest ran, or
+    // --running / --paused asks for it.
+    let load = live_guest
+        && snap.memory_internal
+        && disks
+            .iter()
+            .all(|x| x.mode == DiskMode::Internal && x.in_place && x.node.is_some());
+    if live_guest && snap.memory_internal && !load {
+        return Err(EngineError::wrong_state(format!(
+            "snapshot {name:?} holds the guest's memory inside images the guest no longer runs on (a later external snapshot moved it); vsnap reverts such a snapshot only in the QEMU that runs on them: not supported yet"
+        )));
+    }
+    let after_paused = flags.paused || (!flags.running && snap.state == DomSnapState::Paused);
+    let then_start = if load {
+        None
+    } else if let Some(m) = &snap.memory_file {
+        Some(ThenStart {
+            paused: after_paused,
+            memory: Some(MemoryAfter::File(m.clone())),
+        })
+    } else if snap.memory_internal {
+        Some(ThenStart {
+            paused: after_paused,
+            memory: Some(MemoryAfter::Internal),
+        })
+    } else if live_guest || flags.running || flags.paused {
+        // A disk-only snapshot: QEMU started again on its disks, a fresh
+        // boot (libvirt stops and starts the guest too).
+        Some(ThenStart {
+            paused: flags.paused,
+            memory: None,
+        })
+    } else {
+        None
+    };
+    if let Some(MemoryAfter::File(m)) = then_start.as_ref().and_then(|t| t.memory.as_ref()) {
+        if !m.is_file() {
+            return Err(EngineError::unsafe_(format!(
+                "snapshot {name:?}: its memory file {} is missing; the snapshot cannot be reverted to (`vsnap domain check {domain}`)",
+                m.display()
+            )));
+        }
+    }
+    let mut f = RevFacts {
         domain: d,
         snap,
         others,
@@ -377,12 +425,36 @@ pub(crate) fn gather(
         flags,
         disks,
         tag,
-    })
+        load,
+        then_start,
+        old_pid: None,
+    };
+    if f.then_start.is_some() {
+        // Refused now, not after the disks moved: QEMU must be startable
+        // on the snapshot's disks (an embedder's launcher, or the
+        // domain's launch spec with every disk's option rewritable).
+        e.check_startable(&compile(&f).domain)?;
+        if live_guest {
+            let qmp = f
+                .domain
+                .qmp
+                .as_ref()
+                .expect("a running domain has a monitor");
+            f.old_pid = vsnap_steps::launch::peer_pid(qmp).ok();
+        }
+    }
+    Ok(f)
 }
 
 /// The state the guest is left in.
 fn state_after(f: &RevFacts) -> DomState {
-    if f.state == DomState::Shutoff {
+    if let Some(t) = &f.then_start {
+        if t.paused {
+            DomState::Paused
+        } else {
+            DomState::Running
+        }
+    } else if !f.load {
         DomState::Shutoff
     } else if f.flags.running {
         DomState::Running
@@ -393,16 +465,28 @@ fn state_after(f: &RevFacts) -> DomState {
     }
 }
 
+/// A compiled revert.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Compiled {
+    /// The plan (its catalog write holds `domain`).
+    pub plan: Plan,
+    /// Files of the discarded branch the plan removes.
+    pub removed: Vec<PathBuf>,
+    /// The guest's state after the revert (and the start, if any).
+    pub state: DomState,
+    /// The domain record after the plan.
+    pub domain: DomainRec,
+}
+
 /// Compile a revert (pure): the plan, the files it removes, the state.
-pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
+pub(crate) fn compile(f: &RevFacts) -> Compiled {
     let name = &f.snap.name;
     let mut dom = f.domain.clone();
     dom.current = Some(name.clone());
     let mut pre = Vec::new();
     let mut post = Vec::new();
     let mut removed = Vec::new();
-    let live_guest = f.state != DomState::Shutoff;
-    if live_guest {
+    if f.load {
         let qmp = f
             .domain
             .qmp
@@ -432,6 +516,17 @@ pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
             post.push(Step::QmpCont { qmp });
         }
     } else {
+        if f.state != DomState::Shutoff {
+            // The running QEMU goes first (after the pivot: what it held
+            // is discarded): the images are then free to change.
+            post.push(Step::QmpQuit {
+                qmp: f
+                    .domain
+                    .qmp
+                    .clone()
+                    .expect("a running domain has a monitor"),
+            });
+        }
         for x in &f.disks {
             let (active, format) = match x.mode {
                 DiskMode::Internal if x.in_place => {
@@ -509,6 +604,7 @@ pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
     // Snapshots whose overlay (the active image they made) is removed:
     // the record stops naming it (the snapshot's state is its frozen file).
     let mut catalog = vec![put_domain(&dom)];
+    let domain = dom.clone();
     for s in f.others.iter().chain(std::iter::once(&f.snap)) {
         let mut changed = s.clone();
         for sd in &mut changed.disks {
@@ -537,7 +633,12 @@ pub(crate) fn compile(f: &RevFacts) -> (Plan, Vec<PathBuf>, DomState) {
         pivot,
         catalog,
     };
-    (plan, removed, state)
+    Compiled {
+        plan,
+        removed,
+        state,
+        domain,
+    }
 }
 
 impl Engine {
@@ -569,25 +670,77 @@ impl Engine {
         flags: DomRevertFlags,
         dry_run: bool,
     ) -> Result<DomRevertDone> {
-        let _g = self.lock_ops();
-        let _held = live::hold_connections();
-        let f = gather(self, domain, name, flags)?;
-        let (plan, removed, state) = compile(&f);
-        plan.check_paths()?;
-        let plan_text = plan.render();
-        let id = if dry_run {
-            None
-        } else {
-            Some(crate::plan::run(self.journal(), &plan, &self.cx())?.0)
+        let (done, then, old_pid) = {
+            let _g = self.lock_ops();
+            let _held = live::hold_connections();
+            let f = gather(self, domain, name, flags)?;
+            let c = compile(&f);
+            c.plan.check_paths()?;
+            let mut plan_text = c.plan.render();
+            if let Some(t) = &f.then_start {
+                plan_text.push_str(&format!(
+                    "then: start QEMU on the snapshot's disks ({}{}; `domain start`'s own plan)\n",
+                    match &t.memory {
+                        Some(MemoryAfter::File(m)) =>
+                            format!("loading the memory state {}", m.display()),
+                        Some(MemoryAfter::Internal) => "paused, then QEMU's snapshot-load".into(),
+                        None => "a fresh boot".into(),
+                    },
+                    if t.paused { ", left paused" } else { "" }
+                ));
+            }
+            let id = if dry_run {
+                None
+            } else {
+                Some(crate::plan::run(self.journal(), &c.plan, &self.cx())?.0)
+            };
+            (
+                DomRevertDone {
+                    plan: id,
+                    plan_text,
+                    snapshot: name.to_string(),
+                    state: c.state,
+                    removed: c.removed,
+                    started: None,
+                    dry_run,
+                },
+                f.then_start,
+                f.old_pid,
+            )
         };
-        Ok(DomRevertDone {
-            plan: id,
-            plan_text,
-            snapshot: name.to_string(),
-            state,
-            removed,
-            dry_run,
-        })
+        let (Some(t), false) = (then, dry_run) else {
+            return Ok(done);
+        };
+        // The disks are the snapshot's and the catalog says so: a crash
+        // from here leaves the domain shut off on them (`domain start`,
+        // or this revert again, goes on).
+        if let Some(pid) = old_pid {
+            if let Ok(fd) = vsnap_steps::launch::Pidfd::open(pid) {
+                fd.wait_exit(std::time::Duration::from_secs(10));
+            }
+        }
+        let mut done = done;
+        let mode =
+            |paused: bool, incoming: bool| vsnap_steps::launch::StartMode { paused, incoming };
+        match &t.memory {
+            Some(MemoryAfter::File(m)) => {
+                done.started = self
+                    .start_inner(domain, mode(t.paused, true), Some(m))?
+                    .plan;
+            }
+            None => {
+                done.started = self.start_inner(domain, mode(t.paused, false), None)?.plan;
+            }
+            Some(MemoryAfter::Internal) => {
+                // Started paused on the disks that hold it, then loaded
+                // in that QEMU (the running-guest shape).
+                done.started = self.start_inner(domain, mode(true, false), None)?.plan;
+                let load = self.domain_snapshot_revert(domain, name, flags, false)?;
+                done.plan_text.push_str(&load.plan_text);
+                done.state = load.state;
+            }
+        }
+        Ok(done)
     }
 }
 
@@ -722,8 +875,16 @@ mod tests {
                 ),
             ],
             tag: "t".into(),
+            load: false,
+            then_start: None,
+            old_pid: None,
         };
-        let (plan, removed, state) = compile(&f);
+        let Compiled {
+            plan,
+            removed,
+            state,
+            ..
+        } = compile(&f);
         plan.assert_well_formed();
         assert_eq!(
             kinds(&plan),
@@ -783,8 +944,11 @@ mod tests {
                 true,
             )],
             tag: "t".into(),
+            load: false,
+            then_start: None,
+            old_pid: None,
         };
-        let (plan, removed, _) = compile(&f);
+        let Compiled { plan, removed, .. } = compile(&f);
         assert_eq!(kinds(&plan), ["clone", "*catalog"]);
         assert!(removed.is_empty());
     }
@@ -823,8 +987,16 @@ mod tests {
                 ),
             ],
             tag: "t".into(),
+            load: true,
+            then_start: None,
+            old_pid: None,
         };
-        let (plan, removed, state) = compile(&f);
+        let Compiled {
+            plan,
+            removed,
+            state,
+            ..
+        } = compile(&f);
         plan.assert_well_formed();
         assert_eq!(kinds(&plan), ["qmp-stop", "*catalog", "qmp-snapshot-load"]);
         assert!(removed.is_empty());
@@ -842,7 +1014,7 @@ mod tests {
         assert_eq!(devices, &["node-vda", "node-vdc"]);
         assert_eq!(images.len(), 2);
         f.flags.running = true;
-        let (plan, _, state) = compile(&f);
+        let Compiled { plan, state, .. } = compile(&f);
         assert_eq!(
             kinds(&plan),
             ["*catalog", "qmp-snapshot-load"],
@@ -850,7 +1022,7 @@ mod tests {
         );
         assert_eq!(state, DomState::Running);
         f.state = DomState::Paused;
-        let (plan, _, _) = compile(&f);
+        let Compiled { plan, .. } = compile(&f);
         assert_eq!(kinds(&plan), ["*catalog", "qmp-snapshot-load", "qmp-cont"]);
     }
 
