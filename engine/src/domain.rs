@@ -541,7 +541,16 @@ impl Engine {
             next_seq: 0,
             virt_type: None,
         };
-        self.journal().catalog_apply(&[put_domain(&d)])?;
+        let mut ops = vec![put_domain(&d)];
+        // What was just seen, kept: the first live snapshot then asks
+        // QEMU one small question per disk, not the whole graph.
+        if let Some(inst) = q.instance() {
+            ops.push(catalog::put_qemu_view(
+                name,
+                &catalog::QemuView::from_blocks(inst, &blocks),
+            ));
+        }
+        self.journal().catalog_apply(&ops)?;
         Ok(d)
     }
 
@@ -557,7 +566,10 @@ impl Engine {
                 snaps.len()
             )));
         }
-        let mut ops = vec![catalog::delete_domain_op(name)];
+        let mut ops = vec![
+            catalog::delete_domain_op(name),
+            catalog::delete_qemu_view(name),
+        ];
         ops.extend(
             snaps
                 .iter()
