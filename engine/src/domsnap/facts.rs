@@ -843,10 +843,12 @@ fn confirm_view(
 ) -> Option<Vec<(LiveBlock, usize)>> {
     let mut out = Vec::with_capacity(chosen.len());
     for c in chosen {
+        // A device on a `-drive` (keyed by its drive's name) names its
+        // drive, not its node: only `-blockdev` devices can confirm.
         let x = v
             .disks
             .iter()
-            .find(|x| x.file == c.real && !x.qdev.is_empty())?;
+            .find(|x| x.file == c.real && !x.qdev.is_empty() && x.key == x.qdev)?;
         if q.device_drive(&x.qdev).ok()? != x.node {
             return None;
         }
