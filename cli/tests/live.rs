@@ -1412,6 +1412,50 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         assert_eq!(after.domain["state"], "shutoff");
     });
 
+    // A view of one QEMU is never taken for another's: a QEMU started
+    // anew on the same monitor socket, with the same node names (`vda`)
+    // on another image, is asked `query-block`, which shows that it does
+    // not run the image the domain names.
+    case("a_view_of_another_qemu_is_not_trusted", || {
+        let dir = root.join("b2-run");
+        let (e1, e2) = (root.join("b2-e1.qcow2"), root.join("b2-e2.qcow2"));
+        for e in [&e1, &e2] {
+            run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(e), "32M"]);
+        }
+        let stopped = |img: &Path| {
+            let g = Guest::start("B2", &dir, &["--blockdev"], &[img]);
+            wait_for("B2's monitor", Duration::from_secs(20), || {
+                qmp_try(&g.qmp(), "stop", Value::Null).ok()
+            });
+            g
+        };
+        let first = stopped(&e1);
+        vsnap(state, &["domain", "attach", "b2", "--qmp", s(&first.qmp())]).ok();
+        first.kill();
+        drop(first);
+        let second = stopped(&e2);
+        assert_eq!(
+            qemu_disks_nodes(&second.qmp())["vda"],
+            "vda",
+            "the same node name"
+        );
+        let before = world_of(state, "b2", disks, None);
+        let o = vsnap(
+            state,
+            &["snapshot", "create", "b2", "x1", "--live", "--disk-only"],
+        );
+        assert_refused(
+            "another QEMU on the socket",
+            &o,
+            &["QEMU does not use", s(&e1), "stale"],
+        );
+        let after = world_of(state, "b2", disks, None);
+        assert_nothing_changed("another QEMU on the socket", &before, &after);
+        assert_eq!(qemu_disks(&second.qmp())["vda"], e2, "QEMU left as it was");
+        second.kill();
+        vsnap(state, &["domain", "undefine", "b2"]).ok();
+    });
+
     case("missing_qmp_socket", || {
         let gone = root.join("b-run/no-such.sock");
         let xml = root.join("nosock.xml");
