@@ -163,6 +163,8 @@ fn dry_run_steps(state: &Path, args: &[&str]) -> Vec<String> {
 struct CountingProxy {
     path: PathBuf,
     count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Every byte the clients sent to QEMU, in order.
+    sent: std::sync::Arc<Mutex<Vec<u8>>>,
 }
 
 impl CountingProxy {
@@ -171,7 +173,8 @@ impl CountingProxy {
         use std::sync::atomic::Ordering;
         let listener = UnixListener::bind(path).expect("bind the proxy socket");
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (n, real) = (count.clone(), real.to_path_buf());
+        let sent = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (n, real, log) = (count.clone(), real.to_path_buf(), sent.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { break };
@@ -180,8 +183,18 @@ impl CountingProxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let log = log.clone();
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut &client, &mut &server);
+                    let mut buf = [0u8; 65536];
+                    while let Ok(k) = (&client).read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        log.lock().unwrap().extend_from_slice(&buf[..k]);
+                        if (&server).write_all(&buf[..k]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = server.shutdown(std::net::Shutdown::Write);
                 });
                 std::thread::spawn(move || {
@@ -193,11 +206,22 @@ impl CountingProxy {
         CountingProxy {
             path: path.to_path_buf(),
             count,
+            sent,
         }
     }
 
     fn count(&self) -> usize {
         self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The QMP commands sent so far (`execute` of each message), in order.
+    fn commands(&self) -> Vec<String> {
+        let sent = self.sent.lock().unwrap().clone();
+        String::from_utf8_lossy(&sent)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["execute"].as_str().map(str::to_string))
+            .collect()
     }
 }
 
@@ -316,6 +340,22 @@ fn qemu_disks(sock: &Path) -> BTreeMap<String, PathBuf> {
             (
                 block_target(b),
                 PathBuf::from(b["inserted"]["file"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Each device's top node, by target.
+fn qemu_disks_nodes(sock: &Path) -> BTreeMap<String, String> {
+    qmp(sock, "query-block")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b.get("inserted").is_some())
+        .map(|b| {
+            (
+                block_target(b),
+                b["inserted"]["node-name"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -1216,6 +1256,7 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         )
         .ok();
         let before = proxy.count();
+        let before_cmds = proxy.commands().len();
         vsnap(
             &pstate,
             &[
@@ -1236,6 +1277,23 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         assert_eq!(on["vdb"], disks.join("vdb.bs1.p1.qcow2"));
         say!("disk-only snapshot of 2 disks: {made} monitor connection(s)");
         assert_eq!(made, 1, "one monitor connection for the whole plan");
+        // Planning asks each chosen device for its node (`qom-get`,
+        // confirming what attach saw), never for the whole block graph,
+        // whose answer grows with every chain's depth.
+        let cmds = proxy.commands();
+        let plan = &cmds[before_cmds..];
+        say!("the plan's QMP commands: {plan:?}");
+        assert!(
+            !plan
+                .iter()
+                .any(|c| c.starts_with("query-block") || c == "query-named-block-nodes"),
+            "{plan:?}"
+        );
+        assert_eq!(
+            plan.iter().filter(|c| *c == "qom-get").count(),
+            2,
+            "{plan:?}"
+        );
     });
 
     // `<disk type='block'>`: the overlay written onto a block device (a
@@ -1296,6 +1354,69 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         vsnap(&pstate, &["domain", "check", "blkp"]).ok();
     });
 
+    // The view of QEMU vsnap keeps (what attach and each live snapshot
+    // saw) never hides a graph changed behind vsnap's back: vda switched
+    // to an overlay vsnap did not make, the next snapshot sees that QEMU
+    // no longer runs the image the domain names, and refuses.
+    case("a_graph_changed_behind_vsnap_is_seen", || {
+        let pstate = root.join("proxy-state");
+        let behind = root.join("b-behind.qcow2");
+        let top = disks.join("vda.bs1.p1.qcow2");
+        run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                s(&top),
+                s(&behind),
+            ],
+        );
+        let node = qemu_disks_nodes(&qmp_b)["vda"].clone();
+        qmp_try(
+            &qmp_b,
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "behind", "backing": null,
+                   "file": {"driver": "file", "filename": s(&behind)}}),
+        )
+        .unwrap();
+        qmp_try(
+            &qmp_b,
+            "blockdev-snapshot",
+            json!({"node": node, "overlay": "behind"}),
+        )
+        .unwrap();
+        assert_eq!(qemu_disks(&qmp_b)["vda"], behind);
+        let before = world_of(&pstate, "blkp", disks, None);
+        let o = vsnap(
+            &pstate,
+            &[
+                "snapshot",
+                "create",
+                "blkp",
+                "p3",
+                "--live",
+                "--disk-only",
+                "--disk",
+                "vdb=no",
+                "--disk",
+                "vdc=no",
+            ],
+        );
+        assert_refused(
+            "a graph changed behind vsnap",
+            &o,
+            &["QEMU does not use", s(&top), "stale"],
+        );
+        let after = world_of(&pstate, "blkp", disks, None);
+        assert_nothing_changed("a graph changed behind vsnap", &before, &after);
+        assert_eq!(qemu_disks(&qmp_b)["vda"], behind, "QEMU left as it was");
+    });
+
     case("dead_qmp_socket", || {
         b.kill();
         assert!(qmp_b.exists(), "a killed QEMU leaves its socket file");
@@ -1308,6 +1429,50 @@ fn guest_b_cases(b: &Guest, disks: &Path, state: &Path, root: &Path) {
         let after = world_of(state, "blk", disks, None);
         assert_nothing_changed("dead QMP socket", &before, &after);
         assert_eq!(after.domain["state"], "shutoff");
+    });
+
+    // A view of one QEMU is never taken for another's: a QEMU started
+    // anew on the same monitor socket, with the same node names (`vda`)
+    // on another image, is asked `query-block`, which shows that it does
+    // not run the image the domain names.
+    case("a_view_of_another_qemu_is_not_trusted", || {
+        let dir = root.join("b2-run");
+        let (e1, e2) = (root.join("b2-e1.qcow2"), root.join("b2-e2.qcow2"));
+        for e in [&e1, &e2] {
+            run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(e), "32M"]);
+        }
+        let stopped = |img: &Path| {
+            let g = Guest::start("B2", &dir, &["--blockdev"], &[img]);
+            wait_for("B2's monitor", Duration::from_secs(20), || {
+                qmp_try(&g.qmp(), "stop", Value::Null).ok()
+            });
+            g
+        };
+        let first = stopped(&e1);
+        vsnap(state, &["domain", "attach", "b2", "--qmp", s(&first.qmp())]).ok();
+        first.kill();
+        drop(first);
+        let second = stopped(&e2);
+        assert_eq!(
+            qemu_disks_nodes(&second.qmp())["vda"],
+            "vda",
+            "the same node name"
+        );
+        let before = world_of(state, "b2", disks, None);
+        let o = vsnap(
+            state,
+            &["snapshot", "create", "b2", "x1", "--live", "--disk-only"],
+        );
+        assert_refused(
+            "another QEMU on the socket",
+            &o,
+            &["QEMU does not use", s(&e1), "stale"],
+        );
+        let after = world_of(state, "b2", disks, None);
+        assert_nothing_changed("another QEMU on the socket", &before, &after);
+        assert_eq!(qemu_disks(&second.qmp())["vda"], e2, "QEMU left as it was");
+        second.kill();
+        vsnap(state, &["domain", "undefine", "b2"]).ok();
     });
 
     case("missing_qmp_socket", || {

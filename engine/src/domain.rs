@@ -669,7 +669,16 @@ impl Engine {
         if let Some((argv, cwd)) = started {
             d.launch = Some(bound_spec(&d, argv, cwd));
         }
-        self.journal().catalog_apply(&[put_domain(&d)])?;
+        let mut ops = vec![put_domain(&d)];
+        // What was just seen, kept: the first live snapshot then asks
+        // QEMU one small question per disk, not the whole graph.
+        if let Some(inst) = q.instance() {
+            ops.push(catalog::put_qemu_view(
+                name,
+                &catalog::QemuView::from_blocks(inst, &blocks),
+            ));
+        }
+        self.journal().catalog_apply(&ops)?;
         Ok(d)
     }
 
@@ -688,6 +697,7 @@ impl Engine {
         let mut ops = vec![
             catalog::delete_domain_op(name),
             catalog::delete_domain_doc_op(name),
+            catalog::delete_qemu_view(name),
         ];
         ops.extend(
             snaps

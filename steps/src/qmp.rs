@@ -855,7 +855,63 @@ impl BlockNode {
     }
 }
 
+/// One QEMU process, told apart from any other that ever ran on this
+/// host: the process at the other end of the monitor socket (its pid and
+/// start time, `/proc/PID/stat` in clock ticks since boot: a pid can be
+/// reused, the pair cannot while the host runs), and the host thread of
+/// QEMU's first vCPU as QEMU itself names it (`query-cpus-fast`): a QEMU
+/// started anew behind the same peer (a proxy in front of the monitor)
+/// has new threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QemuInstance {
+    /// The peer process's id.
+    pub pid: u32,
+    /// When it started, in clock ticks since the host booted.
+    pub start: u64,
+    /// The host thread id of QEMU's first vCPU.
+    pub vcpu_thread: u64,
+}
+
+/// The start time of process (or thread) `pid`, in clock ticks since the
+/// host booted (`/proc/PID/stat`, field 22); `None` if it does not exist.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces
+    // and parentheses: count the fields after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 impl Qmp {
+    /// The QEMU process answering on this connection
+    /// ([`QemuInstance`]: `SO_PEERCRED`, `/proc`, one small
+    /// `query-cpus-fast`); `None` when any of them does not say.
+    pub fn instance(&mut self) -> Option<QemuInstance> {
+        let pid = self.conn.peer_pid()?;
+        let start = process_start(pid)?;
+        let cpus = self.execute("query-cpus-fast", Value::Null).ok()?;
+        let vcpu_thread = cpus.get(0)?.get("thread-id")?.as_u64()?;
+        Some(QemuInstance {
+            pid,
+            start,
+            vcpu_thread,
+        })
+    }
+
+    /// `qom-get` of property `drive` of the guest device at QOM path
+    /// `qdev` (a [`BlockDevice::qdev`]): the name of the node the device
+    /// runs on now, for a device on a `-blockdev` node (for one on a
+    /// `-drive`, its drive's name). One small answer, whatever the depth
+    /// of the device's chain.
+    pub fn device_drive(&mut self, qdev: &str) -> StepResult<String> {
+        let v = self.execute("qom-get", json!({"path": qdev, "property": "drive"}))?;
+        v.as_str().map(str::to_string).ok_or_else(|| {
+            self.protocol(format!(
+                "qom-get {qdev} drive: expected a node name, got {v}"
+            ))
+        })
+    }
+
     /// `query-block`, typed ([`BlockDevice::parse_all`]).
     pub fn query_block_typed(&mut self) -> StepResult<Vec<BlockDevice>> {
         Ok(BlockDevice::parse_all(&self.query_block()?))
@@ -1118,6 +1174,31 @@ pub(crate) mod wire {
             self.stream.as_ref().ok_or(Fail::Closed)
         }
 
+        /// The process at the other end of the socket, as the kernel
+        /// recorded it when it connected (`SO_PEERCRED`); `None` once
+        /// closed or when the kernel does not say.
+        pub(crate) fn peer_pid(&self) -> Option<u32> {
+            let s = self.stream.as_ref()?;
+            let mut cred = libc::ucred {
+                pid: 0,
+                uid: 0,
+                gid: 0,
+            };
+            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            // SAFETY: `cred` and `len` are valid for writes of the sizes
+            // given; the fd is open for the call (borrowed from `s`).
+            let rc = unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PEERCRED,
+                    (&mut cred as *mut libc::ucred).cast(),
+                    &mut len,
+                )
+            };
+            (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+        }
+
         /// Reads more bytes into the buffer (at least one), by `deadline`.
         fn fill(&mut self, deadline: Instant) -> Result<(), Fail> {
             if self.eof {
@@ -1295,6 +1376,33 @@ pub(crate) mod wire {
 #[cfg(test)]
 mod block_tests {
     use super::*;
+
+    #[test]
+    fn names_the_process_at_the_other_end_of_the_socket() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let conn = wire::Conn::new(a);
+        // The peer of a socket pair made here is this process.
+        assert_eq!(conn.peer_pid(), Some(std::process::id()));
+        drop(b);
+        let me = process_start(std::process::id()).expect("this process has a start time");
+        // A process that started earlier (pid 1) has a start time no later.
+        assert!(process_start(1).is_some_and(|t| t <= me));
+        // One with a ')' and spaces in its name is read past its name
+        // (the kernel names a process after its program file).
+        let dir = std::env::temp_dir().join(format!("vsnap-pstart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let prog = dir.join("a) b c");
+        std::fs::copy("/bin/sleep", &prog).unwrap();
+        let mut child = std::process::Command::new(&prog).arg("5").spawn().unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let started = process_start(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(comm.contains("(a) b c)"), "{comm}");
+        assert!(started.is_some_and(|t| t >= me), "{started:?} vs {me}");
+        assert_eq!(process_start(u32::MAX), None);
+    }
 
     #[test]
     fn reads_query_block_and_named_nodes() {

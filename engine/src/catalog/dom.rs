@@ -5,6 +5,7 @@
 //! Trees:
 //! * `domains`  — key: the domain's name — [`DomainRec`]
 //! * `domsnaps` — key: domain name, NUL, snapshot name — [`DomSnapshot`]
+//! * `qemuviews` — key: the domain's name — [`QemuView`] (a cache)
 //!
 //! This module depends on nothing else of the engine's domain layer:
 //! `domain.rs` and `domsnap/` use it, never the other way.
@@ -607,6 +608,112 @@ pub fn snapshots(j: &Journal, domain: &str) -> Result<Vec<DomSnapshot>> {
     }
     out.sort_by_key(|s| s.seq);
     Ok(out)
+}
+
+/// The catalog tree of what vsnap last saw of each running domain's QEMU
+/// ([`QemuView`], keyed by domain name): a cache, never the truth.
+pub const QEMU_VIEWS: &str = "qemuviews";
+
+/// What vsnap last saw of a domain's QEMU: which process
+/// ([`vsnap_steps::qmp::QemuInstance`]), and for each
+/// disk image, the guest device and the node that run it. Written by
+/// `domain attach` (from its `query-block`) and by every live snapshot
+/// (its new top nodes, in the same catalog write as its records).
+///
+/// A plan trusts it only where QEMU confirms it: the same process
+/// (peer pid and start time, vCPU thread) and, per disk, the device's node now (`qom-get
+/// drive`, one small answer per disk) the node recorded. A node's name
+/// names one node, on one file, for as long as it exists in that
+/// process; anything else and the plan asks `query-block`, as before.
+/// Wrong or missing, it costs a query, never a wrong answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct QemuView {
+    /// The monitor peer's process id (QEMU's).
+    pub pid: u32,
+    /// Its start time (clock ticks since boot): a reused pid is another.
+    pub start: u64,
+    /// QEMU's first vCPU thread (a QEMU started anew has another).
+    pub vcpu_thread: u64,
+    /// The disks it ran, as seen.
+    pub disks: Vec<QemuViewDisk>,
+}
+
+/// One disk in a [`QemuView`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct QemuViewDisk {
+    /// The top image's real path (links resolved).
+    #[serde(with = "vsnap_steps::pathser")]
+    pub file: PathBuf,
+    /// The device's `query-block` key (`device`, else `qdev`).
+    pub key: String,
+    /// The guest device's QOM path (`qdev`), asked for its node.
+    pub qdev: String,
+    /// The device's top node.
+    pub node: String,
+    /// The number of images in its chain, the top included.
+    pub depth: usize,
+}
+
+impl QemuView {
+    /// Whether this view was taken of QEMU process `inst`.
+    pub(crate) fn of(&self, inst: &vsnap_steps::qmp::QemuInstance) -> bool {
+        (self.pid, self.start, self.vcpu_thread) == (inst.pid, inst.start, inst.vcpu_thread)
+    }
+
+    /// The view of QEMU process `inst` from its `query-block` answer:
+    /// every device with a medium whose top image is a plain file path.
+    pub(crate) fn from_blocks(
+        inst: vsnap_steps::qmp::QemuInstance,
+        blocks: &[vsnap_steps::qmp::BlockDevice],
+    ) -> QemuView {
+        let disks = blocks
+            .iter()
+            .filter_map(|b| {
+                let ins = b.inserted.as_ref()?;
+                let file = Path::new(&ins.file);
+                if !file.is_absolute() {
+                    return None; // `json:...`, a protocol: never matched
+                }
+                Some(QemuViewDisk {
+                    file: std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()),
+                    key: b.key.clone(),
+                    qdev: b.qdev.clone(),
+                    node: ins.node_name.clone(),
+                    depth: ins.chain.len(),
+                })
+            })
+            .collect();
+        QemuView {
+            pid: inst.pid,
+            start: inst.start,
+            vcpu_thread: inst.vcpu_thread,
+            disks,
+        }
+    }
+}
+
+/// The catalog change that writes domain `domain`'s [`QemuView`].
+pub(crate) fn put_qemu_view(domain: &str, v: &QemuView) -> CatalogOp {
+    CatalogOp::Put {
+        tree: QEMU_VIEWS.into(),
+        key: domain.as_bytes().to_vec(),
+        value: codec::encode(v),
+    }
+}
+
+/// The catalog change that forgets domain `domain`'s [`QemuView`].
+pub(crate) fn delete_qemu_view(domain: &str) -> CatalogOp {
+    CatalogOp::Delete {
+        tree: QEMU_VIEWS.into(),
+        key: domain.as_bytes().to_vec(),
+    }
+}
+
+/// Domain `domain`'s [`QemuView`]; `None` when there is none or it does
+/// not decode (a cache: the plan then asks QEMU).
+pub(crate) fn qemu_view(j: &Journal, domain: &str) -> Result<Option<QemuView>> {
+    Ok(j.catalog_get(QEMU_VIEWS, domain.as_bytes())?
+        .and_then(|b| codec::decode(&b).ok()))
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ pub(crate) fn compile_live_transaction(req: &DomSnapRequest, f: &Facts) -> Shape
     }
     let mut tx = Vec::new();
     for (i, overlay, block) in live_disks {
-        let ov_node = format!("vsnap-{tag}-{i}");
+        let ov_node = overlay_node(tag, i);
         steps.push(Step::QmpBlockdevAdd {
             qmp: qmp.clone(),
             node: ov_node.clone(),
@@ -254,6 +254,12 @@ fn push_clones(steps: &mut Vec<Step>, chosen: &[Chosen], tag: &str) {
     }
 }
 
+/// The node name of the overlay of the plan's `i`-th chosen disk (its
+/// file node: this and `f`).
+pub(crate) fn overlay_node(tag: &str, i: usize) -> String {
+    format!("vsnap-{tag}-{i}")
+}
+
 fn monitor(f: &Facts) -> std::path::PathBuf {
     f.domain.qmp.clone().expect("a live guest has a monitor")
 }
@@ -332,6 +338,10 @@ pub(crate) fn records(
         catalog.push(put_snapshot_op(&snap));
     }
     catalog.push(put_domain(&new_dom));
+    if let Some(v) = &f.view_after {
+        // What QEMU runs once the pivot is done, in the same write.
+        catalog.push(crate::catalog::dom::put_qemu_view(&d.name, v));
+    }
     let kind = if f.memory {
         "internal snapshot with memory"
     } else if f.memory_file.is_some() {
@@ -431,6 +441,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_live_plan_writes_what_qemu_will_run_with_its_records() {
+        use crate::catalog::dom::{QemuView, QemuViewDisk, QEMU_VIEWS};
+        let view = QemuView {
+            pid: 7,
+            start: 8,
+            vcpu_thread: 9,
+            disks: vec![QemuViewDisk {
+                file: "/vm/vda.s1.qcow2".into(),
+                key: "vda".into(),
+                qdev: "/machine/peripheral/vda/virtio-backend".into(),
+                node: overlay_node("0123abcd", 0),
+                depth: 2,
+            }],
+        };
+        let mut f = facts(
+            DomState::Running,
+            vec![chosen("vda", DiskMode::External, true)],
+        );
+        f.view_after = Some(view.clone());
+        let (plan, _, _) = compile(&DomSnapRequest::default(), &f);
+        // In the same catalog write as the records, at the pivot.
+        let Some(CatalogOp::Put { tree, key, value }) = plan.catalog.last() else {
+            panic!("{:?}", plan.catalog)
+        };
+        assert_eq!(
+            (tree.as_str(), key.as_slice()),
+            (QEMU_VIEWS, b"d".as_slice())
+        );
+        assert_eq!(
+            vsnap_journal::codec::decode::<QemuView>(value).unwrap(),
+            view
+        );
+        // The node the plan adds is the one the view names.
+        assert!(plan.steps.iter().any(|s| matches!(
+            s,
+            Step::QmpBlockdevAdd { node, .. } if *node == view.disks[0].node
+        )));
+        // Offline, or without a view: nothing of the kind.
+        f.view_after = None;
+        let (plan, _, _) = compile(&DomSnapRequest::default(), &f);
+        assert!(plan.catalog.iter().all(|op| !matches!(
+            op,
+            CatalogOp::Put { tree, .. } if tree == QEMU_VIEWS
+        )));
+    }
+
     /// [`chosen`], external onto block device `dev`.
     fn on_device(target: &str, dev: &str, live: bool) -> Chosen {
         let mut c = chosen(target, DiskMode::External, live);
@@ -450,6 +507,7 @@ mod tests {
             tag: "0123abcd".into(),
             now: 1_700_000_000,
             domain_xml: domain_to_xml(&domain()),
+            view_after: None,
         }
     }
 
