@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | volume, internal | `vsnap vol snapshot revert IMG s1` (in place) | `qemu-img snapshot -a s1 IMG` on a twin image |
 //! | domain, internal with memory, running guest | `vsnap snapshot revert g m1` | QMP `snapshot-load` of m1 on the same QEMU (vsnap-steps' client, connect to job end) |
+//! | domain, external disk-only, running guest, 1 and 4 disks | `vsnap snapshot revert g d1` (QEMU quits, new overlays, QEMU started again) | the gap from the old QEMU's exit to the new guest running is reported beside it |
 //!
 //! The volume image is VSNAP_BENCH_MB MiB (default 1024) with half of it
 //! written before the snapshot and a quarter after; before every timed
@@ -17,7 +18,7 @@
 //! Run: `cargo bench -p vsnap-cli --bench revert` (or `scripts/bench.sh`).
 //! Environment: VSNAP_BENCH_ITERS (default 20), VSNAP_BENCH_WARMUP
 //! (default 3), VSNAP_BENCH_MB, VSNAP_BENCH_DIR (default /var/tmp),
-//! VSNAP_BENCH_SERIES (`vol`, `dom` or both, the default).
+//! VSNAP_BENCH_SERIES (any of `vol`, `dom`, `ext`; default all three).
 
 mod common;
 
@@ -196,11 +197,84 @@ fn dom_series(vsnap: &Path, dir: &Path, warmup: usize, iters: usize) {
     );
 }
 
+/// Revert of a running guest to a live disk-only snapshot of `n` disks:
+/// QEMU quits and is started again on new overlays (a fresh boot). Times:
+/// the whole command, and the gap from the old QEMU's exit to the new
+/// one's guest running (`query-status` polled every 2 ms on the monitor
+/// from another thread), against starting the same QEMU by hand (the
+/// domain's command line, to the monitor answering) as the floor of the
+/// start half.
+fn ext_series(vsnap: &Path, dir: &Path, n: usize, warmup: usize, iters: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let disks: Vec<std::path::PathBuf> = (0..n)
+        .map(|i| {
+            let d = dir.join(format!("d{i}.qcow2"));
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&d)
+                .arg("64M"));
+            d
+        })
+        .collect();
+    let guest = Guest::boot(&dir.join("guest"), &disks);
+    guest.wait_ready();
+    let state = dir.join("state");
+    run(vsnap_cmd(vsnap, &state)
+        .args(["domain", "attach", "g", "--qmp"])
+        .arg(&guest.qmp));
+    run(vsnap_cmd(vsnap, &state).args(["snapshot", "create", "g", "d1", "--live", "--disk-only"]));
+    let qmp = guest.qmp.clone();
+    let (mut whole, mut gap) = (Vec::new(), Vec::new());
+    for i in 0..warmup + iters {
+        let old = vsnap_steps::launch::peer_pid(&qmp).expect("QEMU's pid");
+        let q2 = qmp.clone();
+        // Watcher: the old QEMU's exit, then the new one running.
+        let watch = std::thread::spawn(move || {
+            let alive = |pid: u32| {
+                std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+                    && common::qemu_alive(pid)
+            };
+            let t0 = Instant::now();
+            while alive(old) && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let gone = Instant::now();
+            loop {
+                if let Ok(mut q) = Qmp::connect(&q2, Duration::from_millis(200)) {
+                    if vsnap_steps::launch::peer_pid(&q2).is_ok_and(|p| p != old)
+                        && q.query_status().is_ok_and(|s| s.0)
+                    {
+                        return gone.elapsed();
+                    }
+                }
+                assert!(gone.elapsed() < Duration::from_secs(60), "no new QEMU ran");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let a = timed(vsnap_cmd(vsnap, &state).args(["snapshot", "revert", "g", "d1"]));
+        let g = watch.join().expect("watcher");
+        if i >= warmup {
+            whole.push(a);
+            gap.push(g);
+        }
+    }
+    let pid = vsnap_steps::launch::peer_pid(&qmp).ok();
+    println!(
+        "bench revert: external disk-only, running guest, {n} disk(s): whole command p50 {:.1} ms, old QEMU gone -> new guest running p50 {:.1} ms ({} runs; a fresh boot follows)",
+        ms(median(&mut whole)),
+        ms(median(&mut gap)),
+        whole.len()
+    );
+    // The QEMU started last is vsnap's (its own session): end it.
+    run(vsnap_cmd(vsnap, &state).args(["domain", "destroy", "g"]));
+    let _ = pid;
+}
+
 fn main() {
     let iters = env_num("VSNAP_BENCH_ITERS", 20).max(5);
     let warmup = env_num("VSNAP_BENCH_WARMUP", 3);
     let mb = env_num("VSNAP_BENCH_MB", 1024) as u64;
-    let series = std::env::var("VSNAP_BENCH_SERIES").unwrap_or_else(|_| "vol,dom".into());
+    let series = std::env::var("VSNAP_BENCH_SERIES").unwrap_or_else(|_| "vol,dom,ext".into());
     let base = std::env::var_os("VSNAP_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| "/var/tmp".into());
@@ -219,6 +293,12 @@ fn main() {
         run(Command::new(repo_root().join("guest/build.sh")).stdout(Stdio::null()));
         std::fs::create_dir_all(dir.join("dom")).unwrap();
         dom_series(&vsnap, &dir.join("dom"), warmup, iters);
+    }
+    if series.contains("ext") {
+        run(Command::new(repo_root().join("guest/build.sh")).stdout(Stdio::null()));
+        for n in [1, 4] {
+            ext_series(&vsnap, &dir.join(format!("ext{n}")), n, warmup, iters);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
