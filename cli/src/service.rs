@@ -216,26 +216,7 @@ pub fn forward(args: &[OsString]) -> Option<u8> {
 
 /// The uid of the process at the other end of `stream`.
 fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred is a ucred and len its size.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    Ok(vsnap_steps::fdpass::peer_cred(stream.as_raw_fd())?.uid)
 }
 
 /// One request's argument vector and the client's descriptors.

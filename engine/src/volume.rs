@@ -797,6 +797,12 @@ impl Engine {
         let tmp = fsops::temp_path(image, &temp_tag());
         let mut rec = vol.rec.clone();
         rec.current = Some(snap.name.clone());
+        let summary = format!(
+            "revert {} to {} snapshot {:?}",
+            image.display(),
+            snap.kind,
+            snap.name
+        );
         if snap.kind == SnapKind::Internal {
             if !vol.info.snapshots.contains(&snap.name) {
                 return Err(EngineError::unsafe_(format!(
@@ -814,12 +820,7 @@ impl Engine {
             // step (no copy of the image; see the module's doc).
             let plan = Plan {
                 op: "vol.snapshot.revert".into(),
-                summary: format!(
-                    "revert {} to {} snapshot {:?}",
-                    image.display(),
-                    snap.kind,
-                    snap.name
-                ),
+                summary,
                 steps: vec![
                     Step::Catalog,
                     Step::InternalApply {
@@ -876,12 +877,7 @@ impl Engine {
         };
         let plan = Plan {
             op: "vol.snapshot.revert".into(),
-            summary: format!(
-                "revert {} to {} snapshot {:?}",
-                image.display(),
-                snap.kind,
-                snap.name
-            ),
+            summary,
             steps,
             pivot,
             catalog: vec![

@@ -5,6 +5,32 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+/// The credentials the kernel recorded for the other end of the unix
+/// socket `sock` when it connected (`SO_PEERCRED`): pid, uid, gid.
+pub fn peer_cred(sock: RawFd) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writes of their sizes; an
+    // invalid fd is an error return, not undefined behaviour.
+    let r = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
 /// One `sendmsg` on the socket `sock` of `data` with the descriptors
 /// `fds` (MSG_NOSIGNAL: a closed peer is an error, never a SIGPIPE).
 /// Returns how many bytes of `data` went; the descriptors go with the

@@ -910,25 +910,7 @@ pub fn spawn(planned: &PlannedArgv, log: &Path) -> Result<(Child, u64), LaunchEr
 /// that serves one client at a time is not taken).
 pub fn peer_pid(path: &Path) -> io::Result<u32> {
     let s = std::os::unix::net::UnixStream::connect(path)?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: cred and len are valid for writes of their sizes.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let cred = crate::fdpass::peer_cred(s.as_raw_fd())?;
     if cred.pid <= 0 {
         return Err(io::Error::other("the socket's peer has no pid"));
     }

@@ -1179,24 +1179,8 @@ pub(crate) mod wire {
         /// closed or when the kernel does not say.
         pub(crate) fn peer_pid(&self) -> Option<u32> {
             let s = self.stream.as_ref()?;
-            let mut cred = libc::ucred {
-                pid: 0,
-                uid: 0,
-                gid: 0,
-            };
-            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-            // SAFETY: `cred` and `len` are valid for writes of the sizes
-            // given; the fd is open for the call (borrowed from `s`).
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_PEERCRED,
-                    (&mut cred as *mut libc::ucred).cast(),
-                    &mut len,
-                )
-            };
-            (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+            let cred = crate::fdpass::peer_cred(s.as_raw_fd()).ok()?;
+            (cred.pid > 0).then_some(cred.pid as u32)
         }
 
         /// Reads more bytes into the buffer (at least one), by `deadline`.
