@@ -780,8 +780,33 @@ fn start_stop_domains() {
         w.vsnap(&["snapshot", "current", "g"]).ok().stdout.trim(),
         "m1"
     );
-    w.vsnap(&["domain", "destroy", "g"]).ok();
     say("revert of a running guest to a memory-file snapshot, --paused: loaded in a new QEMU");
+    // Shut off, to an internal snapshot with memory: started paused on
+    // its disks, then QEMU's snapshot-load, then running: no boot.
+    qmp(&sock).cont().unwrap();
+    w.vsnap(&["snapshot", "create", "g", "i1", "--memory", "internal"])
+        .ok();
+    w.vsnap(&["domain", "destroy", "g"]).ok();
+    let _ = std::fs::remove_file(&console);
+    let r = w
+        .vsnap(&["--json", "snapshot", "revert", "g", "i1"])
+        .ok()
+        .json();
+    assert_eq!(r["state"], "running", "{r}");
+    let pid = pid_of_file(&w.state.join("run/g.pid"));
+    kills.add(pid);
+    assert!(qmp(&sock).query_status().unwrap().0, "the guest runs");
+    let mut agent = vsnap_steps::agent::Agent::connect(&qga, Duration::from_secs(5)).unwrap();
+    agent.wait_ready(Duration::from_secs(30)).unwrap();
+    drop(agent);
+    assert!(
+        !booted(&console),
+        "reverted to i1, the guest booted instead of resuming"
+    );
+    assert!(r["steps"].to_string().contains("snapshot-load"), "{r}");
+    w.vsnap(&["domain", "check", "g"]).ok();
+    w.vsnap(&["domain", "destroy", "g"]).ok();
+    say("revert of a shut-off domain to an internal snapshot with memory: started paused, loaded, resumed");
 
     // --- measure: vsnap domain start against the same argv by hand --------------
     let plan = w

@@ -1085,12 +1085,20 @@ pub fn write_pidfile(path: &Path, pid: u32) -> io::Result<()> {
 }
 
 /// The process a pidfile names, if it is alive and started when the
-/// pidfile says (a reused pid is not it).
+/// pidfile says (a reused pid is not it). A zombie is not alive: it has
+/// exited (closed its files, dropped its image locks) and only waits to
+/// be reaped, which a QEMU that outlived the vsnap that started it waits
+/// for from whatever reaps orphans here, sometimes for seconds.
 pub fn pid_from_file(path: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(path).ok()?;
     let mut it = text.split_whitespace();
     let pid: u32 = it.next()?.parse().ok()?;
     let start: u64 = it.next()?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    if matches!(rest.split_whitespace().next(), Some("Z" | "X")) {
+        return None;
+    }
     (start_time(pid)? == start).then_some(pid)
 }
 
