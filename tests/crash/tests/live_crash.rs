@@ -40,8 +40,10 @@
 //!   writer had written every disk); then `rv-mem`, `snapshot revert` of
 //!   the running guest (the catalog as the pivot, step 0, committed with
 //!   the plan's begin; then QEMU's `snapshot-load` job in the same QEMU),
-//!   and `rv-paused`, the same with `--paused` (`stop` before the pivot;
-//!   the guest is left paused). See "Reverts" below;
+//!   `rv-paused`, the same with `--paused` (`stop` before the pivot;
+//!   the guest is left paused), and `rv-cont`, `--running` of a guest
+//!   paused before the revert (`cont` after the load). See "Reverts"
+//!   below;
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -90,12 +92,12 @@
 //! its writer is at least `REVERT_MARGIN` records past the target's on
 //! every disk (not at the target's state); the harness pauses it (QMP
 //! `stop`: QEMU drains and flushes), reads every disk's record, resumes
-//! it. After `vsnap-recover` (exit 0, no needs-attention): the revert
+//! it (`rv-cont`: leaves it paused). After `vsnap-recover` (exit 0, no needs-attention): the revert
 //! plan ended `Committed` or `RolledBack` (a kill before the plan was
 //! journaled did nothing: rolled back), as the point's position requires;
 //! the guest is running (the targets were taken of a running guest), or
-//! paused after a committed `--paused`, and thawed; paused by the harness,
-//! every disk reads: committed, the snapshot's boot and a number in
+//! paused after a committed `--paused` or a rolled-back `rv-cont` (it was
+//! paused), and thawed; paused by the harness, every disk reads: committed, the snapshot's boot and a number in
 //! [the snapshot's, the one read before) (the writer went on in the same
 //! boot from the snapshot's numbers; the most it wrote before the pause
 //! is printed, well under the margin); rolled back, at or above the one
@@ -107,8 +109,9 @@
 //! running). QEMU is killed with vsnap before the pivot (`--paused`:
 //! after the `stop`), as the plan's first transaction may or may not be
 //! durable, after the pivot, before QEMU's job, while it may run, after
-//! it: recovery decides; rolled back, the shut-off domain is on its
-//! images, which hold at least what the guest had flushed when QEMU died;
+//! it (`rv-cont`: and before the `cont`): recovery decides; rolled back,
+//! the shut-off domain is on its images, which hold at least what the
+//! guest had flushed when QEMU died;
 //! committed, the snapshot was applied offline (`qemu-img snapshot -a`)
 //! and every image reads exactly the snapshot's record; then the guest
 //! boots on the catalog's images (counted in the QEMU kills line).
@@ -700,7 +703,7 @@ fn scenarios() -> Vec<Scenario> {
                 "step.snapshot-load.started#1",
                 "run.applied.{load}#1",
             ],
-            qemu_kills_quick: &["journal.begin.inserted#1", "step.snapshot-load.started#1"],
+            qemu_kills_quick: &["journal.begin.inserted#1", "step.snapshot-load.before#1"],
         },
         Scenario {
             key: "rv-paused",
@@ -717,6 +720,21 @@ fn scenarios() -> Vec<Scenario> {
                 "run.applied.{load}#1",
             ],
             qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
+        },
+        Scenario {
+            key: "rv-cont",
+            title: "revert --running, paused, to an internal memory snapshot",
+            kind: Kind::LiveRevert,
+            flags: &["--running"],
+            // The pivot (step 0) with the plan's begin; before the job;
+            // after it, before the cont (step 2).
+            qemu_kills: &[
+                "journal.begin.inserted#1",
+                "step.snapshot-load.before#1",
+                "run.applied.{load}#1",
+                "run.started.2#1",
+            ],
+            qemu_kills_quick: &["journal.begin.inserted#1", "run.started.2#1"],
         },
         Scenario {
             key: "d-ext",
@@ -1899,6 +1917,12 @@ impl Suite {
 
 // --- revert of a running guest ------------------------------------------------
 
+/// A revert `--running` is tried on a guest paused before it (the shape
+/// whose plan ends with `cont`).
+fn paused_before(sc: &Scenario) -> bool {
+    sc.flags.contains(&"--running")
+}
+
 /// The revert targets of group `gv`: internal snapshots with memory of
 /// the running guest, made once, uncrashed. Each trial reverts to the one
 /// that is not the domain's current snapshot (the current snapshot then
@@ -2007,8 +2031,9 @@ impl Suite {
 
     /// Before a trial: the guest running, the target chosen (not the
     /// current snapshot), the writer [`REVERT_MARGIN`] records past the
-    /// target's on every disk; its numbers read with the guest paused.
-    fn rev_prepare(&mut self) -> Result<RevBefore, String> {
+    /// target's on every disk; its numbers read with the guest paused;
+    /// then resumed, or left paused for a revert `--running`.
+    fn rev_prepare(&mut self, sc: &Scenario) -> Result<RevBefore, String> {
         self.rev_setup()?;
         self.ensure_guest()?;
         let qmp = self.guest.qmp();
@@ -2057,7 +2082,9 @@ impl Suite {
                 (img.to_path_buf(), image_rec(&self.root, img, None)?),
             );
         }
-        live::cont(&qmp).map_err(|e| format!("cont before the trial: {e}"))?;
+        if !paused_before(sc) {
+            live::cont(&qmp).map_err(|e| format!("cont before the trial: {e}"))?;
+        }
         let listing = listing(&self.disks)?;
         self.took("before", t);
         Ok(RevBefore {
@@ -2147,7 +2174,12 @@ impl Suite {
         let qmp = self.guest.qmp();
         let mut after: BTreeMap<String, Rec> = BTreeMap::new();
         if flushed.is_none() {
-            let want_running = !(committed && paused_flag);
+            // Committed: as asked; rolled back: as it was.
+            let want_running = if committed {
+                !paused_flag
+            } else {
+                !paused_before(sc)
+            };
             match live::qmp(&qmp).and_then(|mut q| q.query_status()) {
                 Ok((r, _)) if r == want_running => {}
                 Ok((_, st)) => v.push(format!(
@@ -2308,7 +2340,7 @@ impl Suite {
         rep: &mut ScenarioReport,
     ) {
         let point = map.points[i].clone();
-        let before = match self.rev_prepare() {
+        let before = match self.rev_prepare(sc) {
             Ok(b) => b,
             Err(e) => {
                 rep.failed += 1;
@@ -2368,7 +2400,7 @@ impl Suite {
                 vec![format!("harness: the run never passes {point}")],
             );
         };
-        let before = match self.rev_prepare() {
+        let before = match self.rev_prepare(sc) {
             Ok(b) => b,
             Err(e) => {
                 rep.failed += 1;
@@ -2473,7 +2505,7 @@ impl Suite {
     fn run_revert_scenario(&mut self, sc: &Scenario, rep: &mut ScenarioReport) {
         let log = self.root.join(format!("points-{}.log", sc.key));
         let _ = std::fs::remove_file(&log);
-        let map = match self.rev_prepare() {
+        let map = match self.rev_prepare(sc) {
             Ok(before) => {
                 let t = Instant::now();
                 let r = self.vsnap(
@@ -2649,7 +2681,7 @@ const GROUPS: &[Group] = &[
     Group {
         dom: "gv",
         btrfs: false,
-        scenarios: &["rv-mem", "rv-paused"],
+        scenarios: &["rv-mem", "rv-paused", "rv-cont"],
         // Internal snapshots with memory need every disk qcow2.
         all_qcow2: true,
         offline: false,
