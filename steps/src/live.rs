@@ -668,7 +668,10 @@ pub fn snapshot_load(
     }
     let devs: Vec<&str> = devices.iter().map(String::as_str).collect();
     failpoint::hit("step.snapshot-load.before");
-    q.snapshot_load(job, tag, vmstate, &devs, JOB_TIMEOUT)
+    q.snapshot_load_start(job, tag, vmstate, &devs)?;
+    // The job runs in QEMU: a process dying here leaves it to recovery.
+    failpoint::hit("step.snapshot-load.started");
+    q.wait_job(job, JOB_TIMEOUT)
 }
 
 /// Delete an internal snapshot from every device through QEMU.

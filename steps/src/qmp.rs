@@ -674,9 +674,10 @@ impl Qmp {
     /// Beware: QEMU 7.2 checks that `tag` exists by *name*, then applies
     /// it to each disk with `bdrv_snapshot_goto`, which looks it up by
     /// *ID first*: a tag `1` on a disk whose snapshot of ID 1 has another
-    /// name applies that one. vsnap's engine does not load snapshots
-    /// through QEMU; whoever does must first check that no disk holds a
-    /// snapshot whose ID is `tag` ([`crate::qemu_img::snapshot_id`]).
+    /// name applies that one. Whoever loads a snapshot through QEMU must
+    /// first check that no disk holds a snapshot whose ID is `tag`
+    /// (vsnap's revert does, from QEMU's `query-block`; or
+    /// [`crate::qemu_img::snapshot_id`]).
     /// (`snapshot-save` and `snapshot-delete` look `tag` up by name only.)
     pub fn snapshot_load(
         &mut self,
@@ -688,6 +689,19 @@ impl Qmp {
     ) -> StepResult<()> {
         let args = json!({"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": devices});
         self.run_job("snapshot-load", args, job_id, timeout)
+    }
+
+    /// Starts the `snapshot-load` job of [`Qmp::snapshot_load`] and
+    /// returns at once (the caller waits for it with [`Qmp::wait_job`]).
+    pub fn snapshot_load_start(
+        &mut self,
+        job_id: &str,
+        tag: &str,
+        vmstate: &str,
+        devices: &[&str],
+    ) -> StepResult<()> {
+        let args = json!({"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": devices});
+        self.execute("snapshot-load", args).map(drop)
     }
 
     /// `snapshot-delete` job: deletes snapshot `tag` from `devices`.

@@ -1,5 +1,6 @@
 //! vsnap's live crash suite: domain snapshots of the real test guest
-//! (`guest/`), with its writer running, killed at every crash point they
+//! (`guest/`), with its writer running, and reverts of the running guest
+//! to an internal snapshot with memory, killed at every crash point they
 //! pass, recovered, and checked against DESIGN.md section 5; `vsnap-recover`
 //! itself killed mid-way (a sample); QEMU killed with vsnap around the pivot
 //! (a host-crash stand-in).
@@ -34,6 +35,15 @@
 //!   temporary file through `getfd` + `migrate fd:`, rename, the
 //!   transaction as the pivot, cont), vda+vdb; the memory file is checked
 //!   with the snapshot (present when committed, no temporary left);
+//! * domain `gv` (three qcow2 disks, new): two internal snapshots with
+//!   memory of the running guest, `m0` and `m1`, made once, uncrashed (the
+//!   writer had written every disk); then `rv-mem`, `snapshot revert` of
+//!   the running guest (the catalog as the pivot, step 0, committed with
+//!   the plan's begin; then QEMU's `snapshot-load` job in the same QEMU),
+//!   `rv-paused`, the same with `--paused` (`stop` before the pivot;
+//!   the guest is left paused), and `rv-cont`, `--running` of a guest
+//!   paused before the revert (`cont` after the load). See "Reverts"
+//!   below;
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -76,12 +86,43 @@
 //! images and the domain check is clean again. The suite prints `QEMU
 //! kills: K, decided: D, needs attention: A` and fails when A > 0.
 //!
+//! Reverts (`rv-*`). Each trial reverts to the one of `m0`/`m1` that is
+//! not the domain's current snapshot, so the current snapshot tells a
+//! committed revert from a rolled-back one. Before it the guest runs and
+//! its writer is at least `REVERT_MARGIN` records past the target's on
+//! every disk (not at the target's state); the harness pauses it (QMP
+//! `stop`: QEMU drains and flushes), reads every disk's record, resumes
+//! it (`rv-cont`: leaves it paused). After `vsnap-recover` (exit 0, no needs-attention): the revert
+//! plan ended `Committed` or `RolledBack` (a kill before the plan was
+//! journaled did nothing: rolled back), as the point's position requires;
+//! the guest is running (the targets were taken of a running guest), or
+//! paused after a committed `--paused` or a rolled-back `rv-cont` (it was
+//! paused), and thawed; paused by the harness, every disk reads: committed, the snapshot's boot and a number in
+//! [the snapshot's, the one read before) (the writer went on in the same
+//! boot from the snapshot's numbers; the most it wrote before the pause
+//! is printed, well under the margin); rolled back, at or above the one
+//! read before. The current snapshot is the target exactly when
+//! committed; nothing else of the domain or its snapshots changed;
+//! `Engine::domain_check` clean; no file gone or new; a second recovery
+//! is a no-op. `vsnap-recover` is also killed mid-way after the sample
+//! and after `step.snapshot-load.started` (vsnap dead with QEMU's job
+//! running). QEMU is killed with vsnap before the pivot (`--paused`:
+//! after the `stop`), as the plan's first transaction may or may not be
+//! durable, after the pivot, before QEMU's job, while it may run, after
+//! it (`rv-cont`: and before the `cont`): recovery decides; rolled back,
+//! the shut-off domain is on its images, which hold at least what the
+//! guest had flushed when QEMU died;
+//! committed, the snapshot was applied offline (`qemu-img snapshot -a`)
+//! and every image reads exactly the snapshot's record; then the guest
+//! boots on the catalog's images (counted in the QEMU kills line).
+//!
 //! Environment:
 //! * `VSNAP_BIN_DIR` — where `vsnap` and `vsnap-recover` are (default
 //!   `<workspace>/target/debug`); they must have crash points.
 //! * `VSNAP_CRASH_QUICK=1` — a sample of the points (every 4th, plus all
-//!   around the pivot), one recovery-kill exploration and two or three
-//!   QEMU kills per scenario (before and after its pivot).
+//!   around the pivot), one recovery-kill exploration (two for a revert)
+//!   and two or three QEMU kills per scenario (before and after its
+//!   pivot).
 //! * `VSNAP_CRASH_KEEP=1` — keep the scratch directory (printed).
 //! * A free argument runs only the scenarios whose key contains it (the
 //!   others of the same group still run once, uncrashed, to build the
@@ -367,6 +408,22 @@ fn image_seq(
     image: &Path,
     snapshot: Option<&str>,
 ) -> Result<(u64, String), String> {
+    image_rec(scratch, image, snapshot).map(|r| (r.seq, r.disk))
+}
+
+/// One writer record: its sequence number, the disk the guest wrote it
+/// to, and the writer's start count (`boot`: the same after a revert to
+/// a snapshot with memory, one more after a reboot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rec {
+    seq: u64,
+    disk: String,
+    boot: u64,
+}
+
+/// The highest writer record of `image` (`snapshot`: an internal snapshot
+/// of it).
+fn image_rec(scratch: &Path, image: &Path, snapshot: Option<&str>) -> Result<Rec, String> {
     let fmt = qemu_img::detect_format(image).map_err(|e| e.to_string())?;
     let tmp = scratch.join("seq-read.raw");
     let raw = if fmt == Format::Raw && snapshot.is_none() {
@@ -401,7 +458,7 @@ fn image_seq(
         .map_err(|e| format!("cannot run debugfs: {e}"))?;
     let _ = std::fs::remove_file(&tmp);
     let data = out.stdout;
-    let mut best: Option<(u64, String)> = None;
+    let mut best: Option<Rec> = None;
     for slot in data.chunks(512).take(64) {
         let Some(rest) = slot.strip_prefix(b"VSNAPSEQ seq=") else {
             continue;
@@ -421,8 +478,13 @@ fn image_seq(
             .and_then(|t| t.split(' ').next())
             .unwrap_or("?")
             .to_string();
-        if best.as_ref().is_none_or(|(b, _)| seq > *b) {
-            best = Some((seq, disk));
+        let boot = tail
+            .split(' ')
+            .find_map(|w| w.strip_prefix("boot="))
+            .and_then(|b| b.parse::<u64>().ok())
+            .unwrap_or(0);
+        if best.as_ref().is_none_or(|b| seq > b.seq) {
+            best = Some(Rec { seq, disk, boot });
         }
     }
     best.ok_or_else(|| {
@@ -477,15 +539,21 @@ enum Kind {
     /// only: stop, clone, rename, catalog, cont).
     LiveCatalog,
     Offline,
+    /// A running guest reverted to an internal snapshot with memory
+    /// (`snapshot revert`: [qmp-stop], the catalog as the pivot, QEMU's
+    /// `snapshot-load`, [qmp-cont]); `flags` are the revert's own.
+    LiveRevert,
 }
 
 struct Scenario {
     key: &'static str,
     title: &'static str,
     kind: Kind,
-    /// `snapshot create` arguments after the snapshot's name.
+    /// `snapshot create` arguments after the snapshot's name (for
+    /// `LiveRevert`: `snapshot revert` arguments after the target's).
     flags: &'static [&'static str],
-    /// Points where QEMU is killed too (by name; `{pivot}` is replaced).
+    /// Points where QEMU is killed too (by name; `{pivot}`, `{before}`,
+    /// `{load}` (the step after the pivot) are replaced).
     qemu_kills: &'static [&'static str],
     qemu_kills_quick: &'static [&'static str],
 }
@@ -621,6 +689,54 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["step.migrate.before-fsync#1", "run.done.{pivot}#1"],
         },
         Scenario {
+            key: "rv-mem",
+            title: "revert, running, to an internal memory snapshot",
+            kind: Kind::LiveRevert,
+            flags: &[],
+            // The pivot is step 0, in the plan's first transaction: QEMU
+            // dies as that may or may not be durable; after the pivot,
+            // before QEMU's snapshot-load job, while it runs, after it.
+            qemu_kills: &[
+                "journal.begin.inserted#1",
+                "run.done.{pivot}#1",
+                "step.snapshot-load.before#1",
+                "step.snapshot-load.started#1",
+                "run.applied.{load}#1",
+            ],
+            qemu_kills_quick: &["journal.begin.inserted#1", "step.snapshot-load.before#1"],
+        },
+        Scenario {
+            key: "rv-paused",
+            title: "revert --paused, running, to an internal memory snapshot",
+            kind: Kind::LiveRevert,
+            flags: &["--paused"],
+            // stop (step 0), before the pivot; the pivot's commit; after.
+            qemu_kills: &[
+                "run.applied.{before}#1",
+                "journal.pivot.committed#1",
+                "run.done.{pivot}#1",
+                "step.snapshot-load.before#1",
+                "step.snapshot-load.started#1",
+                "run.applied.{load}#1",
+            ],
+            qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
+        },
+        Scenario {
+            key: "rv-cont",
+            title: "revert --running, paused, to an internal memory snapshot",
+            kind: Kind::LiveRevert,
+            flags: &["--running"],
+            // The pivot (step 0) with the plan's begin; before the job;
+            // after it, before the cont (step 2).
+            qemu_kills: &[
+                "journal.begin.inserted#1",
+                "step.snapshot-load.before#1",
+                "run.applied.{load}#1",
+                "run.started.2#1",
+            ],
+            qemu_kills_quick: &["journal.begin.inserted#1", "run.started.2#1"],
+        },
+        Scenario {
             key: "d-ext",
             title: "offline external, all disks (guest shut off)",
             kind: Kind::Offline,
@@ -672,23 +788,45 @@ struct PointMap {
     /// The pivot's `run.done` point.
     done: usize,
     probeable: bool,
+    /// A point whose recovery is killed too, in quick runs also (a
+    /// revert's: vsnap dead with QEMU's snapshot-load job running).
+    also_sample: Option<usize>,
 }
 
 impl PointMap {
     fn new(log: &str, kind: Kind) -> Result<PointMap, String> {
         let points = expand_points(log);
         let pos = |p: &str| points.iter().position(|x| x == p);
-        let commit = pos("journal.pivot.committed#1")
-            .ok_or("no journal.pivot.committed point in the run")?;
-        let pivot: u32 = points[..commit]
-            .iter()
-            .rev()
-            .find_map(|p| {
-                p.strip_prefix("run.started.")
-                    .and_then(|r| r.split('#').next())
-                    .and_then(|n| n.parse().ok())
-            })
-            .ok_or("no run.started point before the pivot's commit")?;
+        // A plan whose first step is the catalog pivot commits it with its
+        // begin (one transaction): `journal.begin.inserted`.
+        let commit = match pos("journal.pivot.committed#1") {
+            Some(c) => c,
+            None if kind == Kind::LiveRevert => pos("journal.begin.inserted#1")
+                .ok_or("no journal.pivot.committed or journal.begin.inserted point")?,
+            None => return Err("no journal.pivot.committed point in the run".into()),
+        };
+        let pivot: u32 = if kind == Kind::LiveRevert {
+            // The catalog pivot's Started is written in its commit's
+            // transaction: its `run.started` is the first after it.
+            points[commit..]
+                .iter()
+                .find_map(|p| {
+                    p.strip_prefix("run.started.")
+                        .and_then(|r| r.split('#').next())
+                        .and_then(|n| n.parse().ok())
+                })
+                .ok_or("no run.started point after the pivot's commit")?
+        } else {
+            points[..commit]
+                .iter()
+                .rev()
+                .find_map(|p| {
+                    p.strip_prefix("run.started.")
+                        .and_then(|r| r.split('#').next())
+                        .and_then(|n| n.parse().ok())
+                })
+                .ok_or("no run.started point before the pivot's commit")?
+        };
         let done = points
             .iter()
             .enumerate()
@@ -706,14 +844,18 @@ impl PointMap {
                     .ok_or("no run.applied point of the pivot")?,
                 true,
             ),
-            Kind::Offline | Kind::LiveCatalog => (commit, false),
+            Kind::Offline | Kind::LiveCatalog | Kind::LiveRevert => (commit, false),
         };
+        let also_sample = (kind == Kind::LiveRevert)
+            .then(|| pos("step.snapshot-load.started#1"))
+            .flatten();
         Ok(PointMap {
             points,
             pivot,
             effect,
             done,
             probeable,
+            also_sample,
         })
     }
 
@@ -727,10 +869,12 @@ impl PointMap {
         }
     }
 
-    /// `{pivot}` / `{before}` (the step before the pivot) filled in.
+    /// `{pivot}` / `{before}` (the step before the pivot) / `{load}`
+    /// (the step after it) filled in.
     fn resolve(&self, p: &str) -> String {
         p.replace("{pivot}", &self.pivot.to_string())
             .replace("{before}", &self.pivot.saturating_sub(1).to_string())
+            .replace("{load}", &(self.pivot + 1).to_string())
     }
 
     fn index(&self, p: &str) -> Option<usize> {
@@ -744,6 +888,7 @@ impl PointMap {
                 !quick
                     || i % 4 == 0
                     || (i + 2 >= self.effect && i <= self.done + 1)
+                    || Some(i) == self.also_sample
                     || i + 1 == self.points.len()
             })
             .collect()
@@ -753,6 +898,7 @@ impl PointMap {
     fn recovery_sample(&self, quick: bool) -> BTreeSet<usize> {
         let mut s = BTreeSet::new();
         s.insert(self.effect);
+        s.extend(self.also_sample);
         if !quick {
             s.insert(self.effect.saturating_sub(1));
             s.insert(self.effect.saturating_sub(1) / 2);
@@ -815,6 +961,8 @@ struct Suite {
     /// The btrfs of the current group, if it has one (after `guest`:
     /// unmounted once QEMU is gone).
     btrfs: Option<BtrfsLoop>,
+    /// The revert targets of the current group, once made.
+    rev: Option<RevTargets>,
 }
 
 impl Suite {
@@ -1274,6 +1422,31 @@ impl Suite {
                 r.describe()
             ));
         }
+        let rec = self.recover_killing(kill_recovery, rep, &mut v);
+        if rec.code() != Some(0) {
+            v.push(format!("vsnap-recover: {}", rec.describe()));
+        }
+        let (problems, outcome) = self.verify(sc, &name, &before, Some(expect), false);
+        v.extend(problems);
+        match outcome {
+            Some(true) => rep.committed += 1,
+            Some(false) => rep.rolled_back += 1,
+            None => {}
+        }
+        if !v.is_empty() {
+            rep.failed += 1;
+            self.violation(at, v);
+        }
+    }
+
+    /// `vsnap-recover`; with `kill_recovery` killed at its 1st, 2nd, ...
+    /// crash point in turn until a run passes none (each kill counted).
+    fn recover_killing(
+        &mut self,
+        kill_recovery: bool,
+        rep: &mut ScenarioReport,
+        v: &mut Vec<String>,
+    ) -> Ran {
         let t = Instant::now();
         let rec = if kill_recovery {
             let mut k = 0;
@@ -1302,20 +1475,7 @@ impl Suite {
             },
             t,
         );
-        if rec.code() != Some(0) {
-            v.push(format!("vsnap-recover: {}", rec.describe()));
-        }
-        let (problems, outcome) = self.verify(sc, &name, &before, Some(expect), false);
-        v.extend(problems);
-        match outcome {
-            Some(true) => rep.committed += 1,
-            Some(false) => rep.rolled_back += 1,
-            None => {}
-        }
-        if !v.is_empty() {
-            rep.failed += 1;
-            self.violation(at, v);
-        }
+        rec
     }
 
     /// vsnap killed at `point` and QEMU killed too (a host crash):
@@ -1669,6 +1829,11 @@ impl Suite {
             notes: Vec::new(),
         };
         // An uncrashed run lists the points; it is checked like the others.
+        if sc.kind == Kind::LiveRevert {
+            self.run_revert_scenario(sc, &mut rep);
+            rep.seconds = t0.elapsed().as_secs_f64();
+            return rep;
+        }
         let name = self.next_name(sc.key);
         let log = self.root.join(format!("points-{}.log", sc.key));
         let _ = std::fs::remove_file(&log);
@@ -1747,6 +1912,673 @@ impl Suite {
         }
         rep.seconds = t0.elapsed().as_secs_f64();
         rep
+    }
+}
+
+// --- revert of a running guest ------------------------------------------------
+
+/// A revert `--running` is tried on a guest paused before it (the shape
+/// whose plan ends with `cont`).
+fn paused_before(sc: &Scenario) -> bool {
+    sc.flags.contains(&"--running")
+}
+
+/// The revert targets of group `gv`: internal snapshots with memory of
+/// the running guest, made once, uncrashed. Each trial reverts to the one
+/// that is not the domain's current snapshot (the current snapshot then
+/// tells a committed revert from a rolled-back one).
+const REVERT_TARGETS: [&str; 2] = ["m0", "m1"];
+/// Before a revert the writer is at least this many records past the
+/// target's on every disk: more than it writes between the snapshot's
+/// load and the harness's `stop` after recovery, so a committed revert
+/// (the writer went on from the snapshot's numbers) reads below the
+/// number read before it, and a rolled-back one at or above.
+const REVERT_MARGIN: u64 = 80;
+
+/// What the revert targets hold: per snapshot, per disk target, the
+/// writer's record in the snapshot.
+struct RevTargets {
+    recs: BTreeMap<String, BTreeMap<String, Rec>>,
+    /// The most records the writer wrote after a committed revert before
+    /// the harness paused it (must stay below [`REVERT_MARGIN`]).
+    climb: u64,
+}
+
+/// The state before a revert trial.
+struct RevBefore {
+    target: String,
+    dom: DomainRec,
+    snaps: Vec<DomSnapshot>,
+    plans: usize,
+    listing: Listing,
+    /// Per disk target: its image and the writer's record there, read
+    /// with the guest paused just before the revert.
+    pre: BTreeMap<String, (PathBuf, Rec)>,
+}
+
+impl Suite {
+    /// The revert targets, made once per group (the guest running).
+    fn rev_setup(&mut self) -> Result<(), String> {
+        if self.rev.is_some() {
+            return Ok(());
+        }
+        self.ensure_guest()?;
+        // The writer wrote every disk (a snapshot of a disk it has not
+        // reached yet holds no record to compare with).
+        let t = Instant::now();
+        loop {
+            let (d, _, _) = self.domain()?;
+            let seqs: Vec<Result<Rec, String>> = d
+                .disks
+                .iter()
+                .filter_map(|x| x.image())
+                .map(|p| image_rec(&self.root, p, None))
+                .collect();
+            if seqs.iter().all(|r| r.as_ref().is_ok_and(|r| r.seq > 0)) {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "the writer wrote nothing to some disk in 60 s: {seqs:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (_, have, _) = self.domain()?;
+        for (k, n) in REVERT_TARGETS.iter().enumerate() {
+            if have.iter().any(|s| s.name == *n) {
+                continue;
+            }
+            if k > 0 {
+                self.writer_progress()?;
+            }
+            let r = self.vsnap(
+                &[
+                    "snapshot", "create", &self.dom, n, "--live", "--memory", "internal",
+                ],
+                &Inject::None,
+            );
+            if r.code() != Some(0) {
+                return Err(format!("making revert target {n}: {}", r.describe()));
+            }
+        }
+        let (d, _, _) = self.domain()?;
+        let mut recs: BTreeMap<String, BTreeMap<String, Rec>> = BTreeMap::new();
+        for n in REVERT_TARGETS {
+            for disk in &d.disks {
+                let img = disk.image().ok_or("a disk without an image")?;
+                let r = image_rec(&self.root, img, Some(n))?;
+                if r.disk != disk.target {
+                    return Err(format!(
+                        "{} (snapshot {n}) holds the records of {}",
+                        img.display(),
+                        r.disk
+                    ));
+                }
+                recs.entry(n.to_string())
+                    .or_default()
+                    .insert(disk.target.clone(), r);
+            }
+        }
+        self.rev = Some(RevTargets { recs, climb: 0 });
+        Ok(())
+    }
+
+    /// The snapshot's record of disk `target`.
+    fn rev_rec(&self, snap: &str, target: &str) -> Option<Rec> {
+        self.rev.as_ref()?.recs.get(snap)?.get(target).cloned()
+    }
+
+    /// Before a trial: the guest running, the target chosen (not the
+    /// current snapshot), the writer [`REVERT_MARGIN`] records past the
+    /// target's on every disk; its numbers read with the guest paused;
+    /// then resumed, or left paused for a revert `--running`.
+    fn rev_prepare(&mut self, sc: &Scenario) -> Result<RevBefore, String> {
+        self.rev_setup()?;
+        self.ensure_guest()?;
+        let qmp = self.guest.qmp();
+        live::cont(&qmp).map_err(|e| format!("cont before the trial: {e}"))?;
+        let (dom, snaps, plans) = self.domain()?;
+        let target = REVERT_TARGETS
+            .iter()
+            .find(|n| dom.current.as_deref() != Some(**n))
+            .expect("two targets")
+            .to_string();
+        let t = Instant::now();
+        loop {
+            let mut behind = Vec::new();
+            for disk in &dom.disks {
+                let img = disk.image().ok_or("a disk without an image")?;
+                let want = self
+                    .rev_rec(&target, &disk.target)
+                    .ok_or("no record of the target")?
+                    .seq
+                    + REVERT_MARGIN;
+                // Read with -U while it runs: stale at worst, never too new.
+                let r = image_rec(&self.root, img, None)?;
+                if r.seq < want {
+                    behind.push(format!("{} {} < {want}", disk.target, r.seq));
+                }
+            }
+            if behind.is_empty() {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(180) {
+                return Err(format!(
+                    "the writer did not move {REVERT_MARGIN} records past {target} in 180 s: {}",
+                    behind.join(", ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.took("revert: the writer moves on", t);
+        let t = Instant::now();
+        live::stop(&qmp).map_err(|e| format!("stop before the trial: {e}"))?;
+        let mut pre = BTreeMap::new();
+        for disk in &dom.disks {
+            let img = disk.image().ok_or("a disk without an image")?;
+            pre.insert(
+                disk.target.clone(),
+                (img.to_path_buf(), image_rec(&self.root, img, None)?),
+            );
+        }
+        if !paused_before(sc) {
+            live::cont(&qmp).map_err(|e| format!("cont before the trial: {e}"))?;
+        }
+        let listing = listing(&self.disks)?;
+        self.took("before", t);
+        Ok(RevBefore {
+            target,
+            dom,
+            snaps,
+            plans,
+            listing,
+            pre,
+        })
+    }
+
+    fn revert_args(&self, sc: &Scenario, target: &str) -> Vec<String> {
+        let mut a: Vec<String> = ["snapshot", "revert", &self.dom, target]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(sc.flags.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// The revert plan run after the first `skip` plans, if any: its
+    /// journal outcome (`None`: not finished).
+    fn rev_plan(&self, skip: usize) -> Result<Option<Option<String>>, String> {
+        let plans = self
+            .engine()?
+            .plans()
+            .map_err(|e| format!("reading plans: {e}"))?;
+        Ok(plans
+            .iter()
+            .skip(skip)
+            .find(|p| p.header.op == "domain.snapshot.revert")
+            .map(|p| p.outcome().map(|o| format!("{o:?}"))))
+    }
+
+    /// Everything checked after the recovery of a revert trial. Returns
+    /// the problems and the outcome (`Some(true)` committed).
+    /// `flushed`: after a QEMU kill, each disk's record when QEMU died.
+    fn verify_revert(
+        &mut self,
+        sc: &Scenario,
+        before: &RevBefore,
+        expect: Option<Expect>,
+        flushed: Option<&BTreeMap<String, Rec>>,
+    ) -> (Vec<String>, Option<bool>) {
+        let mut v = Vec::new();
+        let target = before.target.as_str();
+        let paused_flag = sc.flags.contains(&"--paused");
+        // The journal: committed or rolled back; a kill before the plan
+        // was journaled did nothing (rolled back).
+        let plan = match self.rev_plan(before.plans) {
+            Ok(p) => p,
+            Err(e) => return (vec![e], None),
+        };
+        let (dom, snaps, _) = match self.domain() {
+            Ok(x) => x,
+            Err(e) => return (vec![e], None),
+        };
+        let committed = match plan.as_ref().map(|o| o.as_deref()) {
+            None => false,
+            Some(Some("Committed")) => true,
+            Some(Some("RolledBack")) => false,
+            Some(None) => {
+                v.push("inv7: the revert plan has no Finished record after recovery".into());
+                dom.current.as_deref() == Some(target)
+            }
+            Some(Some(o)) => {
+                v.push(format!(
+                    "the revert plan ended {o} (a crash must be recovered without a person)"
+                ));
+                dom.current.as_deref() == Some(target)
+            }
+        };
+        match (expect, committed) {
+            (Some(Expect::Back), true) => {
+                v.push("rolled forward, but the crash was before the pivot took effect".into())
+            }
+            (Some(Expect::Forward), false) => {
+                v.push("rolled back, but the crash was after the pivot took effect".into())
+            }
+            _ => {}
+        }
+        // The guest first (the writer runs on): running and thawed, or
+        // paused after a committed --paused; then paused by the harness
+        // to read the disks race-free, and resumed.
+        let t = Instant::now();
+        let qmp = self.guest.qmp();
+        let mut after: BTreeMap<String, Rec> = BTreeMap::new();
+        if flushed.is_none() {
+            // Committed: as asked; rolled back: as it was.
+            let want_running = if committed {
+                !paused_flag
+            } else {
+                !paused_before(sc)
+            };
+            match live::qmp(&qmp).and_then(|mut q| q.query_status()) {
+                Ok((r, _)) if r == want_running => {}
+                Ok((_, st)) => v.push(format!(
+                    "inv1: the guest is {st}, expected {}",
+                    if want_running { "running" } else { "paused" }
+                )),
+                Err(e) => v.push(format!("inv1: query-status: {e}")),
+            }
+            if want_running {
+                match live::agent(&self.guest.qga()).and_then(|mut a| a.fsfreeze_status()) {
+                    Ok(s) if s == "thawed" => {}
+                    Ok(s) => v.push(format!("inv2: the agent says {s}")),
+                    Err(e) => v.push(format!("inv2: fsfreeze-status: {e}")),
+                }
+            }
+            if let Err(e) = live::stop(&qmp) {
+                v.push(format!("harness: stop: {e}"));
+            }
+        } else {
+            match live::gone(&qmp) {
+                Ok(true) => {}
+                Ok(false) => v.push("QEMU was killed, but a QEMU answers on the monitor".into()),
+                Err(e) => v.push(format!("after the QEMU kill: {e}")),
+            }
+        }
+        for (t, (img, _)) in &before.pre {
+            match image_rec(&self.root, img, None) {
+                Ok(r) => {
+                    after.insert(t.clone(), r);
+                }
+                Err(e) => v.push(format!("inv6: {e}")),
+            }
+        }
+        if flushed.is_none() {
+            if let Err(e) = live::cont(&qmp) {
+                v.push(format!("harness: cont: {e}"));
+            }
+        }
+        self.took("guest status and seq read", t);
+        // The data, disk by disk.
+        for (t, (img, pre)) in &before.pre {
+            let Some(a) = after.get(t) else { continue };
+            let Some(snap) = self.rev_rec(target, t) else {
+                v.push(format!("harness: no record of {target} for {t}"));
+                continue;
+            };
+            let img = img.display();
+            match (committed, flushed) {
+                // Reverted in the same QEMU: the writer went on, in the
+                // snapshot's boot, from the snapshot's numbers.
+                (true, None) => {
+                    if a.boot != snap.boot || a.seq < snap.seq || a.seq >= pre.seq {
+                        v.push(format!(
+                            "inv6: disk {t} ({img}) after a committed revert to {target}: seq {} boot {}; the snapshot holds seq {} boot {}, before the revert the guest was at seq {} (expected the snapshot's boot, seq in [{}, {}))",
+                            a.seq, a.boot, snap.seq, snap.boot, pre.seq, snap.seq, pre.seq
+                        ));
+                    } else if let Some(r) = self.rev.as_mut() {
+                        r.climb = r.climb.max(a.seq - snap.seq);
+                    }
+                }
+                // Applied offline (QEMU dead): exactly the snapshot's disk.
+                (true, Some(_)) => {
+                    if (a.seq, a.boot) != (snap.seq, snap.boot) {
+                        v.push(format!(
+                            "inv6: disk {t} ({img}): the snapshot {target} applied offline, but the image holds seq {} boot {}, the snapshot seq {} boot {}",
+                            a.seq, a.boot, snap.seq, snap.boot
+                        ));
+                    }
+                }
+                (false, None) => {
+                    if a.seq < pre.seq {
+                        v.push(format!(
+                            "inv6: disk {t} ({img}): rolled back, but the guest is at seq {} below the {} it had before the revert",
+                            a.seq, pre.seq
+                        ));
+                    }
+                }
+                (false, Some(fl)) => {
+                    let want = fl.get(t).map_or(pre.seq, |r| r.seq).max(pre.seq);
+                    if a.seq < want {
+                        v.push(format!(
+                            "inv6: disk {t} ({img}): rolled back, but the image holds seq {} below the {want} the guest had flushed",
+                            a.seq
+                        ));
+                    }
+                }
+            }
+        }
+        // The catalog: the target current exactly when committed; nothing
+        // else of the domain or its snapshots changed (in place: the
+        // same images).
+        if committed != (dom.current.as_deref() == Some(target)) {
+            v.push(format!(
+                "the current snapshot is {:?} but the revert to {target} {}",
+                dom.current,
+                if committed {
+                    "committed"
+                } else {
+                    "rolled back"
+                }
+            ));
+        }
+        let mut same = dom.clone();
+        same.current = before.dom.current.clone();
+        if same != before.dom {
+            v.push(format!(
+                "the domain record changed beyond its current snapshot: {:?} -> {dom:?}",
+                before.dom
+            ));
+        }
+        if snaps != before.snaps {
+            v.push(format!(
+                "the snapshots changed: {:?} -> {snaps:?}",
+                before.snaps.iter().map(|s| &s.name).collect::<Vec<_>>()
+            ));
+        }
+        let t = Instant::now();
+        match self.engine().and_then(|e| {
+            e.domain_check(&self.dom)
+                .map_err(|e| format!("domain check failed: {e}"))
+        }) {
+            Ok(r) => v.extend(r.violations.iter().map(|x| format!("domain check: {x}"))),
+            Err(e) => v.push(e),
+        }
+        self.took("domain check", t);
+        // Nothing that existed before is gone, and nothing new: a revert
+        // in place makes no file.
+        match listing(&self.disks) {
+            Ok(now) => {
+                for line in diff_listing(&before.listing, &now) {
+                    if line.ends_with("disappeared") || line.ends_with("appeared") {
+                        v.push(format!("file: {line}"));
+                    }
+                }
+            }
+            Err(e) => v.push(e),
+        }
+        let t = Instant::now();
+        let r = self.recover(&Inject::None);
+        self.took("second recovery", t);
+        if r.code() != Some(0) || !r.run.stdout.contains("nothing to recover") {
+            v.push(format!(
+                "inv7: a second vsnap-recover is not a no-op: {}",
+                r.describe()
+            ));
+        }
+        (v, Some(committed))
+    }
+
+    /// vsnap killed at point `i` of the revert, recovered (killed too with
+    /// `kill_recovery`), verified.
+    fn revert_crash_point(
+        &mut self,
+        sc: &Scenario,
+        map: &PointMap,
+        i: usize,
+        kill_recovery: bool,
+        rep: &mut ScenarioReport,
+    ) {
+        let point = map.points[i].clone();
+        let before = match self.rev_prepare(sc) {
+            Ok(b) => b,
+            Err(e) => {
+                rep.failed += 1;
+                return self
+                    .violation(format!("{} {point}", sc.key), vec![format!("harness: {e}")]);
+            }
+        };
+        let at = format!("{} {point} (revert to {})", sc.key, before.target);
+        let mut v = Vec::new();
+        let t = Instant::now();
+        let r = self.vsnap(
+            &self.revert_args(sc, &before.target),
+            &Inject::CrashAt(point.clone()),
+        );
+        self.took("vsnap (crashed)", t);
+        rep.points += 1;
+        if !r.killed_by_crash_point() {
+            v.push(format!(
+                "vsnap did not die by SIGKILL at {point}: {}",
+                r.describe()
+            ));
+        }
+        let rec = self.recover_killing(kill_recovery, rep, &mut v);
+        if rec.code() != Some(0) || rec.run.stdout.contains("needs-attention") {
+            v.push(format!("vsnap-recover: {}", rec.describe()));
+        }
+        let (problems, outcome) = self.verify_revert(sc, &before, Some(map.expect(i)), None);
+        v.extend(problems);
+        match outcome {
+            Some(true) => rep.committed += 1,
+            Some(false) => rep.rolled_back += 1,
+            None => {}
+        }
+        if !v.is_empty() {
+            rep.failed += 1;
+            self.violation(at, v);
+        }
+    }
+
+    /// vsnap killed at `point` of the revert and QEMU killed too (a host
+    /// crash): recovery decides (before the pivot, back, the domain on
+    /// its images; after it, forward, the snapshot applied offline to
+    /// every image); the shut-off domain is consistent, then the guest
+    /// boots on the catalog's images.
+    fn revert_qemu_kill(
+        &mut self,
+        sc: &Scenario,
+        map: &PointMap,
+        point: &str,
+        rep: &mut ScenarioReport,
+    ) {
+        let t0 = Instant::now();
+        let Some(i) = map.index(point) else {
+            rep.failed += 1;
+            return self.violation(
+                format!("{} {point} + QEMU killed", sc.key),
+                vec![format!("harness: the run never passes {point}")],
+            );
+        };
+        let before = match self.rev_prepare(sc) {
+            Ok(b) => b,
+            Err(e) => {
+                rep.failed += 1;
+                return self.violation(
+                    format!("{} {point} + QEMU killed", sc.key),
+                    vec![format!("harness: {e}")],
+                );
+            }
+        };
+        let at = format!(
+            "{} {point} + QEMU killed (revert to {})",
+            sc.key, before.target
+        );
+        let mut v = Vec::new();
+        let r = self.vsnap(
+            &self.revert_args(sc, &before.target),
+            &Inject::CrashAt(point.to_string()),
+        );
+        rep.qemu_kills += 1;
+        if !r.killed_by_crash_point() {
+            v.push(format!(
+                "vsnap did not die by SIGKILL at {point}: {}",
+                r.describe()
+            ));
+        }
+        if let Err(e) = self.guest.kill() {
+            rep.failed += 1;
+            return self.violation(at, vec![format!("harness: {e}")]);
+        }
+        let mut flushed = BTreeMap::new();
+        for (t, (img, _)) in &before.pre {
+            match image_rec(&self.root, img, None) {
+                Ok(r) => {
+                    flushed.insert(t.clone(), r);
+                }
+                Err(e) => v.push(format!("harness: reading {t} after the kill: {e}")),
+            }
+        }
+        let t = Instant::now();
+        let rec = self.recover(&Inject::None);
+        self.took("recovery", t);
+        let out = rec.run.stdout.clone();
+        let ended = self.rev_plan(before.plans).ok().flatten();
+        // Decided: exit 0, and the plan committed or rolled back (no plan:
+        // vsnap died before journaling it, nothing was done).
+        let decided = rec.code() == Some(0)
+            && !out.contains("needs-attention")
+            && match &ended {
+                None => true,
+                Some(o) => matches!(o.as_deref(), Some("Committed" | "RolledBack")),
+            };
+        if decided {
+            rep.qemu_decided += 1;
+        } else {
+            rep.qemu_attention += 1;
+            v.push(format!(
+                "vsnap-recover did not decide (exit 0, the plan committed or rolled back; the journal says {ended:?}): {}",
+                rec.describe()
+            ));
+        }
+        let expect = map.expect(i);
+        let (problems, outcome) = self.verify_revert(sc, &before, Some(expect), Some(&flushed));
+        v.extend(problems);
+        match outcome {
+            Some(true) => rep.committed += 1,
+            Some(false) => rep.rolled_back += 1,
+            None => {}
+        }
+        rep.notes.push(format!(
+            "QEMU killed at {point} (expected {expect:?}): {}; vsnap-recover exit {:?}",
+            match outcome {
+                Some(true) => "committed, the snapshot applied offline",
+                Some(false) => "rolled back, the domain on its images",
+                None => "?",
+            },
+            rec.code()
+        ));
+        match self.boot_catalog() {
+            Ok(_) => match self
+                .engine()
+                .and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string()))
+            {
+                Ok(r) => v.extend(
+                    r.violations
+                        .iter()
+                        .map(|x| format!("after reboot: domain check: {x}")),
+                ),
+                Err(e) => v.push(format!("after reboot: {e}")),
+            },
+            Err(e) => v.push(format!("harness: reboot: {e}")),
+        }
+        self.took("QEMU kills (with reboots)", t0);
+        if !v.is_empty() {
+            rep.failed += 1;
+            self.violation(at, v);
+        }
+    }
+
+    /// A revert scenario: the reference run lists the points (checked
+    /// like the others), then every point, the recovery kills, the QEMU
+    /// kills.
+    fn run_revert_scenario(&mut self, sc: &Scenario, rep: &mut ScenarioReport) {
+        let log = self.root.join(format!("points-{}.log", sc.key));
+        let _ = std::fs::remove_file(&log);
+        let map = match self.rev_prepare(sc) {
+            Ok(before) => {
+                let t = Instant::now();
+                let r = self.vsnap(
+                    &self.revert_args(sc, &before.target),
+                    &Inject::Log(log.clone()),
+                );
+                rep.notes.push(format!(
+                    "uncrashed revert took {:.2} s",
+                    t.elapsed().as_secs_f64()
+                ));
+                let mut v = Vec::new();
+                if r.code() != Some(0) {
+                    v.push(format!("the uncrashed run failed: {}", r.describe()));
+                }
+                let (problems, outcome) =
+                    self.verify_revert(sc, &before, Some(Expect::Forward), None);
+                v.extend(problems);
+                if outcome == Some(true) {
+                    rep.committed += 1;
+                }
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let map = PointMap::new(&text, sc.kind);
+                if let Err(e) = &map {
+                    v.push(format!("harness: {e}; points: {text:?}"));
+                }
+                if !v.is_empty() {
+                    rep.failed += 1;
+                    self.violation(format!("{} uncrashed", sc.key), v);
+                }
+                map.ok()
+            }
+            Err(e) => {
+                rep.failed += 1;
+                self.violation(format!("{} setup", sc.key), vec![format!("harness: {e}")]);
+                None
+            }
+        };
+        let Some(map) = map else { return };
+        let sel = map.selection(self.quick);
+        let sample = map.recovery_sample(self.quick);
+        rep.notes.push(format!(
+            "{} crash points in the run (pivot: step {}, takes effect at {}){}; vsnap-recover killed mid-way after: {}",
+            map.points.len(),
+            map.pivot,
+            map.points[map.effect],
+            if sel.len() < map.points.len() { format!(", {} sampled", sel.len()) } else { String::new() },
+            sample.iter().map(|&i| map.points[i].as_str()).collect::<Vec<_>>().join(", ")
+        ));
+        for i in sel {
+            self.revert_crash_point(sc, &map, i, sample.contains(&i), rep);
+        }
+        let kills = if self.quick {
+            sc.qemu_kills_quick
+        } else {
+            sc.qemu_kills
+        };
+        for p in kills {
+            let p = map.resolve(p);
+            self.revert_qemu_kill(sc, &map, &p, rep);
+        }
+        match self.writer_progress() {
+            Ok(s) => rep.notes.push(s),
+            Err(e) => {
+                rep.failed += 1;
+                self.violation(format!("{} after its points", sc.key), vec![e]);
+            }
+        }
+        if let Some(r) = &self.rev {
+            rep.notes.push(format!(
+                "after a committed revert the writer was at most {} records past the snapshot's when paused (margin {REVERT_MARGIN})",
+                r.climb
+            ));
+        }
     }
 }
 
@@ -1847,6 +2679,14 @@ const GROUPS: &[Group] = &[
         offline: false,
     },
     Group {
+        dom: "gv",
+        btrfs: false,
+        scenarios: &["rv-mem", "rv-paused", "rv-cont"],
+        // Internal snapshots with memory need every disk qcow2.
+        all_qcow2: true,
+        offline: false,
+    },
+    Group {
         dom: "gd",
         btrfs: false,
         scenarios: &["d-int", "d-ext"],
@@ -1872,6 +2712,7 @@ impl Suite {
         };
         self.guest.dir = self.root.join(g.dom);
         self.last_seq.clear();
+        self.rev = None;
         let disks = make_disks(&self.disks, g.all_qcow2)?;
         let s = self.guest.boot(&disks)?;
         println!(
@@ -2003,6 +2844,7 @@ fn main() -> ExitCode {
         last_seq: BTreeMap::new(),
         last_seq_note: String::new(),
         btrfs: None,
+        rev: None,
     };
     println!(
         "live crash suite{}: binaries from {}, scratch {}, guest build {:.1} s",
@@ -2032,6 +2874,10 @@ fn main() -> ExitCode {
                 .iter()
                 .find(|s| s.key == *key)
                 .expect("every group's scenario exists");
+            if !wanted(key) && sc.kind == Kind::LiveRevert {
+                // Reverts build no state for the next scenario.
+                continue;
+            }
             if !wanted(key) {
                 // Build the state the next scenarios start from, no crash.
                 let name = suite.next_name(sc.key);
