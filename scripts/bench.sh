@@ -12,6 +12,7 @@
 #   3. cargo bench -p vsnap-journal
 #        the journal's own benchmarks (group commit), if the crate has any.
 #   4. cargo bench -p vsnap-cli --bench vs_libvirt
+#   5. cargo bench -p vsnap-cli --bench revert (volume and domain reverts)
 #        a live disk-only snapshot, whole command, vsnap against libvirt's
 #        `virsh snapshot-create-as --disk-only --atomic --no-metadata` (1, 4,
 #        16 disks; chain depth 1, 20); it runs scripts/libvirt-setup.sh,
@@ -42,4 +43,7 @@ fi
 
 printf '\n==== cargo bench -p vsnap-cli --bench vs_libvirt ====\n'
 cargo bench -p vsnap-cli --bench vs_libvirt || status=1
+
+printf '\n==== cargo bench -p vsnap-cli --bench revert ====\n'
+cargo bench -p vsnap-cli --bench revert || status=1
 exit "$status"
