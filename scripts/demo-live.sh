@@ -36,6 +36,8 @@ export VSNAP_STATE_DIR=$D/state
 G=$D/guest
 cleanup() {
     if [ -f "$G/qemu.pid" ]; then kill -9 "$(cat "$G/qemu.pid")" 2>/dev/null || true; fi
+    # A QEMU vsnap started (the revert below): `PID START-TIME`.
+    if [ -f "$D/state/run/demo.pid" ]; then kill -9 "$(cut -d' ' -f1 "$D/state/run/demo.pid")" 2>/dev/null || true; fi
     printf "\n(the live demo directory %s is left for you to look at; rm -rf it when done)\n" "$D"
 }
 trap cleanup EXIT
@@ -106,5 +108,17 @@ show "qemu-img info -U --backing-chain $D/vda.crashy.qcow2 | grep -E '^image|^ba
 qemu-img info -U --backing-chain "$D/vda.crashy.qcow2" | grep -E '^image|^backing file:' | sed 's/^/    /'
 run vsnap snapshot list demo --tree
 run vsnap-recover
+
+say "Revert the running guest to 'before': QEMU quits, new overlays on before's frozen files, QEMU started again on them (a fresh boot)"
+run vsnap snapshot revert demo before --dry-run
+run vsnap snapshot revert demo before || fail "revert failed"
+vda_now=$(vsnap --json domain info demo | "$PY" -c 'import json,sys; print([d["source"] for d in json.load(sys.stdin)["disks"] if d["target"]=="vda"][0])')
+r=$(seq_of "$vda_now")
+printf '    vda now %s: seq=%s (before: %s, crashy: %s)\n' "$(basename "$vda_now")" "$r" "$a" "$s2"
+[ "$r" -ge "$a" ] && [ "$r" -lt "$s2" ] || fail "vda is not back at before's instant ($r; before $a, later $s2)"
+ok "vda holds before's writes, not the later ones"
+grep -q '"running": true' <(qmp query-status) || fail "the guest is not running after the revert"
+run vsnap domain check demo || fail "vsnap domain check found problems"
+run vsnap snapshot list demo --tree
 
 printf '\nLIVE DEMO PASSED\n'
