@@ -381,9 +381,20 @@ pub(crate) fn gather(
         && disks
             .iter()
             .all(|x| x.mode == DiskMode::Internal && x.in_place && x.node.is_some());
+    if snap.memory_internal
+        && disks
+            .iter()
+            .any(|x| x.mode == DiskMode::Internal && !x.in_place)
+    {
+        // The state would be loaded from a clone whose internal entries
+        // the plan deletes: refused rather than started without it.
+        return Err(EngineError::not_supported(format!(
+            "snapshot {name:?} holds the guest's memory inside images a later external snapshot froze; vsnap loads such a memory state only from the images the domain runs on: not supported yet"
+        )));
+    }
     if live_guest && snap.memory_internal && !load {
         return Err(EngineError::wrong_state(format!(
-            "snapshot {name:?} holds the guest's memory inside images the guest no longer runs on (a later external snapshot moved it); vsnap reverts such a snapshot only in the QEMU that runs on them: not supported yet"
+            "snapshot {name:?}: QEMU does not run on the images the catalog names for it; the domain definition is stale: `vsnap domain check {domain}`"
         )));
     }
     let after_paused = flags.paused || (!flags.running && snap.state == DomSnapState::Paused);
