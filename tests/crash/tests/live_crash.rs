@@ -1,7 +1,7 @@
 //! vsnap's live crash suite: domain snapshots of the real test guest
 //! (`guest/`), with its writer running, and reverts of the running guest
-//! to an internal snapshot with memory and to an external disk-only one
-//! (QEMU restarted), killed at every crash point they
+//! to an internal snapshot with memory and to external ones, disk-only
+//! or with a memory file (QEMU restarted), killed at every crash point they
 //! pass, recovered, and checked against DESIGN.md section 5; `vsnap-recover`
 //! itself killed mid-way (a sample); QEMU killed with vsnap around the pivot
 //! (a host-crash stand-in).
@@ -53,6 +53,10 @@
 //!   removed), then, in the same vsnap process, plan 2, `domain start`'s
 //!   (`qemu-launch` with `-S`, its pivot, `cont`). See "Reverts that
 //!   restart QEMU" below;
+//! * domain `gy` (as `ga`, new): the same, `rv-memfile`, to two live
+//!   snapshots with the memory state in a file (`--memory
+//!   external:PATH`), `y0` and `y1` (plan 2: `qemu-launch` with
+//!   `-incoming defer`, `qmp-migrate-from-file`, its pivot, `cont`);
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -125,19 +129,21 @@
 //! and every image reads exactly the snapshot's record; then the guest
 //! boots on the catalog's images (counted in the QEMU kills line).
 //!
-//! Reverts that restart QEMU (`rv-ext`). As above (the target the one of
+//! Reverts that restart QEMU (`rv-ext`, `rv-memfile`). As above (the target the one of
 //! `x0`/`x1` that is not current, the writer `REVERT_MARGIN` past it,
 //! every disk read with the guest paused just before); the snapshot's
 //! record per disk is its frozen file's. The domain is attached
-//! (`domain attach`), so it has a launch spec. The reference run's
+//! (`domain attach`), so it has a launch spec, recorded from the argv of
+//! the QEMU `guest/run.sh` started. The reference run's
 //! points cover both plans; the expected outcome is plan 1's (its
 //! pivot). After `vsnap-recover` (exit 0, no needs-attention): plan 1
 //! committed: the current snapshot is the target, every disk a new
 //! `.revert-` overlay backed by the snapshot's frozen file, and either
-//! QEMU runs on them (plan 2 committed: query-status running; the guest
-//! booted afresh, so, paused by the harness, each disk reads the
+//! QEMU runs on them (plan 2 committed: query-status running; paused by
+//! the harness, each disk reads, `rv-ext`: the guest booted afresh, the
 //! snapshot's record or a later boot going on from its numbers, below
-//! the one read before) or none answers (vsnap died before or inside
+//! the one read before; `rv-memfile`: the memory loaded, the snapshot's
+//! boot, from its number up to below the one read before) or none answers (vsnap died before or inside
 //! plan 2, rolled back: the domain shut off, the old QEMU gone, each
 //! image exactly the snapshot's record); plan 1 rolled back: the domain
 //! record as it was, the old QEMU running on its images, at or above the
@@ -586,6 +592,14 @@ enum Kind {
     /// pivot, QEMU's `quit`, the discarded overlays removed; then
     /// `domain start`'s: `qemu-launch`, its pivot, `cont`).
     LiveRevertExt,
+    /// The same to a live snapshot with its memory in a file (plan 2
+    /// starts QEMU with `-incoming defer` and loads the file).
+    LiveRevertMemFile,
+}
+
+/// A revert that restarts QEMU (two plans).
+fn ext_revert(kind: Kind) -> bool {
+    matches!(kind, Kind::LiveRevertExt | Kind::LiveRevertMemFile)
 }
 
 struct Scenario {
@@ -795,6 +809,18 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
         },
         Scenario {
+            key: "rv-memfile",
+            title: "revert, running, to a live snapshot with a memory file",
+            kind: Kind::LiveRevertMemFile,
+            flags: &[],
+            qemu_kills: &[
+                "run.applied.{before}#1",
+                "journal.pivot.committed#1",
+                "run.done.{pivot}#1",
+            ],
+            qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
+        },
+        Scenario {
             key: "d-ext",
             title: "offline external, all disks (guest shut off)",
             kind: Kind::Offline,
@@ -863,7 +889,10 @@ impl PointMap {
                 .ok_or("no journal.pivot.committed or journal.begin.inserted point")?,
             None => return Err("no journal.pivot.committed point in the run".into()),
         };
-        let pivot: u32 = if matches!(kind, Kind::LiveRevert | Kind::LiveRevertExt) {
+        let pivot: u32 = if matches!(
+            kind,
+            Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+        ) {
             // The catalog pivot's Started is written in its commit's
             // transaction: its `run.started` is the first after it.
             points[commit..]
@@ -902,14 +931,16 @@ impl PointMap {
                     .ok_or("no run.applied point of the pivot")?,
                 true,
             ),
-            Kind::Offline | Kind::LiveCatalog | Kind::LiveRevert | Kind::LiveRevertExt => {
-                (commit, false)
-            }
+            Kind::Offline
+            | Kind::LiveCatalog
+            | Kind::LiveRevert
+            | Kind::LiveRevertExt
+            | Kind::LiveRevertMemFile => (commit, false),
         };
         let also_sample = match kind {
             Kind::LiveRevert => pos("step.snapshot-load.started#1"),
             // vsnap dead between its two plans (plan 2's begin).
-            Kind::LiveRevertExt => pos("journal.begin.inserted#2"),
+            Kind::LiveRevertExt | Kind::LiveRevertMemFile => pos("journal.begin.inserted#2"),
             _ => None,
         };
         Ok(PointMap {
@@ -1892,7 +1923,10 @@ impl Suite {
             notes: Vec::new(),
         };
         // An uncrashed run lists the points; it is checked like the others.
-        if matches!(sc.kind, Kind::LiveRevert | Kind::LiveRevertExt) {
+        if matches!(
+            sc.kind,
+            Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+        ) {
             self.run_revert_scenario(sc, &mut rep);
             rep.seconds = t0.elapsed().as_secs_f64();
             return rep;
@@ -1994,9 +2028,14 @@ const REVERT_TARGETS: [&str; 2] = ["m0", "m1"];
 /// The revert targets of group `gx`: live external disk-only snapshots
 /// of the running guest, made once, uncrashed.
 const REVERT_TARGETS_EXT: [&str; 2] = ["x0", "x1"];
+/// The revert targets of group `gy`: live snapshots of the running guest
+/// with the memory state in a file (`--memory external:PATH`).
+const REVERT_TARGETS_MEMFILE: [&str; 2] = ["y0", "y1"];
 
 fn rev_targets(kind: Kind) -> [&'static str; 2] {
-    if kind == Kind::LiveRevertExt {
+    if kind == Kind::LiveRevertMemFile {
+        REVERT_TARGETS_MEMFILE
+    } else if kind == Kind::LiveRevertExt {
         REVERT_TARGETS_EXT
     } else {
         REVERT_TARGETS
@@ -2064,10 +2103,10 @@ impl Suite {
             std::thread::sleep(Duration::from_millis(100));
         }
         let (_, have, _) = self.domain()?;
-        let shape: &[&str] = if kind == Kind::LiveRevertExt {
-            &["--live", "--disk-only"]
-        } else {
-            &["--live", "--memory", "internal"]
+        let shape: &[&str] = match kind {
+            Kind::LiveRevertExt => &["--live", "--disk-only"],
+            Kind::LiveRevertMemFile => &["--live", "--memory"],
+            _ => &["--live", "--memory", "internal"],
         };
         for (k, n) in rev_targets(kind).iter().enumerate() {
             if have.iter().any(|s| s.name == *n) {
@@ -2084,8 +2123,12 @@ impl Suite {
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
+            let mem = format!("external:{}", self.disks.join(format!("{n}.mem")).display());
             let mut args = vec!["snapshot", "create", &self.dom, n];
             args.extend(shape);
+            if kind == Kind::LiveRevertMemFile {
+                args.push(&mem);
+            }
             let r = self.vsnap(&args, &Inject::None);
             if r.code() != Some(0) {
                 return Err(format!("making revert target {n}: {}", r.describe()));
@@ -2096,7 +2139,7 @@ impl Suite {
         for n in rev_targets(kind) {
             for disk in &d.disks {
                 let img = disk.image().ok_or("a disk without an image")?;
-                let r = if kind == Kind::LiveRevertExt {
+                let r = if ext_revert(kind) {
                     // The snapshot's frozen file holds its state.
                     let state = snaps
                         .iter()
@@ -2167,7 +2210,7 @@ impl Suite {
                         behind.push(format!("{} {} < {want}", disk.target, r.seq))
                     }
                     Ok(_) => {}
-                    Err(e) if sc.kind == Kind::LiveRevertExt => behind.push(e),
+                    Err(e) if ext_revert(sc.kind) => behind.push(e),
                     Err(e) => return Err(e),
                 }
             }
@@ -2448,8 +2491,8 @@ impl Suite {
         expect: Option<Expect>,
         flushed: Option<&BTreeMap<String, Rec>>,
     ) -> (Vec<String>, Option<bool>) {
-        if sc.kind == Kind::LiveRevertExt {
-            self.verify_revert_ext(before, expect, flushed)
+        if ext_revert(sc.kind) {
+            self.verify_revert_ext(sc, before, expect, flushed)
         } else {
             self.verify_revert(sc, before, expect, flushed)
         }
@@ -2505,6 +2548,7 @@ impl Suite {
     /// after the checks.
     fn verify_revert_ext(
         &mut self,
+        sc: &Scenario,
         before: &RevBefore,
         expect: Option<Expect>,
         flushed: Option<&BTreeMap<String, Rec>>,
@@ -2703,9 +2747,14 @@ impl Suite {
                 }
             } else if committed {
                 // Booted afresh on the snapshot's disks: the snapshot's
-                // record, or a later boot going on from its numbers.
-                let ok = (a.seq, a.boot) == (want.seq, want.boot)
-                    || (a.boot > want.boot && a.seq > want.seq && a.seq < pre.seq);
+                // record, or a later boot going on from its numbers; with
+                // the memory loaded, the same boot going on from them.
+                let ok = if sc.kind == Kind::LiveRevertMemFile {
+                    a.boot == want.boot && a.seq >= want.seq && a.seq < pre.seq
+                } else {
+                    (a.seq, a.boot) == (want.seq, want.boot)
+                        || (a.boot > want.boot && a.seq > want.seq && a.seq < pre.seq)
+                };
                 if !ok {
                     v.push(format!(
                         "inv6: disk {t} ({img}) reverted to {target} and booted: seq {} boot {}; the snapshot holds seq {} boot {}, before the revert seq {} (expected the snapshot's, or a later boot in ({}, {}))",
@@ -2958,7 +3007,7 @@ impl Suite {
         rep.notes.push(format!(
             "QEMU killed at {point} (expected {expect:?}): {}; vsnap-recover exit {:?}",
             match outcome {
-                Some(true) if sc.kind == Kind::LiveRevertExt => {
+                Some(true) if ext_revert(sc.kind) => {
                     "committed, the domain shut off on the new overlays"
                 }
                 Some(true) => "committed, the snapshot applied offline",
@@ -3072,7 +3121,7 @@ impl Suite {
                 "after a committed revert the writer was at most {} records past the snapshot's when paused (margin {REVERT_MARGIN})",
                 r.climb
             ));
-            if sc.kind == Kind::LiveRevertExt {
+            if ext_revert(sc.kind) {
                 rep.notes.push(format!(
                     "after recovery: QEMU running on the new overlays {} time(s); the domain shut off and started by `vsnap domain start` {} time(s)",
                     r.ext_running, r.ext_started
@@ -3190,6 +3239,13 @@ const GROUPS: &[Group] = &[
         dom: "gx",
         btrfs: false,
         scenarios: &["rv-ext"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gy",
+        btrfs: false,
+        scenarios: &["rv-memfile"],
         all_qcow2: false,
         offline: false,
     },
@@ -3381,7 +3437,12 @@ fn main() -> ExitCode {
                 .iter()
                 .find(|s| s.key == *key)
                 .expect("every group's scenario exists");
-            if !wanted(key) && matches!(sc.kind, Kind::LiveRevert | Kind::LiveRevertExt) {
+            if !wanted(key)
+                && matches!(
+                    sc.kind,
+                    Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+                )
+            {
                 // Reverts build no state for the next scenario.
                 continue;
             }
