@@ -1,6 +1,7 @@
 //! vsnap's live crash suite: domain snapshots of the real test guest
 //! (`guest/`), with its writer running, and reverts of the running guest
-//! to an internal snapshot with memory, killed at every crash point they
+//! to an internal snapshot with memory and to external ones, disk-only
+//! or with a memory file (QEMU restarted), killed at every crash point they
 //! pass, recovered, and checked against DESIGN.md section 5; `vsnap-recover`
 //! itself killed mid-way (a sample); QEMU killed with vsnap around the pivot
 //! (a host-crash stand-in).
@@ -44,6 +45,18 @@
 //!   the guest is left paused), and `rv-cont`, `--running` of a guest
 //!   paused before the revert (`cont` after the load). See "Reverts"
 //!   below;
+//! * domain `gx` (as `ga`, new): two live external disk-only snapshots
+//!   (`--live --disk-only`), `x0` and `x1`, made once, uncrashed; then
+//!   `rv-ext`, `snapshot revert` of the running guest, which restarts
+//!   QEMU: plan 1 (new overlays on the snapshot's frozen files, the
+//!   catalog as the pivot, QEMU's `quit`, the discarded overlays
+//!   removed), then, in the same vsnap process, plan 2, `domain start`'s
+//!   (`qemu-launch` with `-S`, its pivot, `cont`). See "Reverts that
+//!   restart QEMU" below;
+//! * domain `gy` (as `ga`, new): the same, `rv-memfile`, to two live
+//!   snapshots with the memory state in a file (`--memory
+//!   external:PATH`), `y0` and `y1` (plan 2: `qemu-launch` with
+//!   `-incoming defer`, `qmp-migrate-from-file`, its pivot, `cont`);
 //! * domain `gd` (three qcow2 disks, new; the guest runs until its writer
 //!   wrote every disk, then is shut off): `d-int` offline internal
 //!   (vda+vdb) and `d-ext` offline external (all disks), no QEMU; at the
@@ -115,6 +128,37 @@
 //! committed, the snapshot was applied offline (`qemu-img snapshot -a`)
 //! and every image reads exactly the snapshot's record; then the guest
 //! boots on the catalog's images (counted in the QEMU kills line).
+//!
+//! Reverts that restart QEMU (`rv-ext`, `rv-memfile`). As above (the target the one of
+//! `x0`/`x1` that is not current, the writer `REVERT_MARGIN` past it,
+//! every disk read with the guest paused just before); the snapshot's
+//! record per disk is its frozen file's. The domain is attached
+//! (`domain attach`), so it has a launch spec, recorded from the argv of
+//! the QEMU `guest/run.sh` started. The reference run's
+//! points cover both plans; the expected outcome is plan 1's (its
+//! pivot). After `vsnap-recover` (exit 0, no needs-attention): plan 1
+//! committed: the current snapshot is the target, every disk a new
+//! `.revert-` overlay backed by the snapshot's frozen file, and either
+//! QEMU runs on them (plan 2 committed: query-status running; paused by
+//! the harness, each disk reads, `rv-ext`: the guest booted afresh, the
+//! snapshot's record or a later boot going on from its numbers, below
+//! the one read before; `rv-memfile`: the memory loaded, the snapshot's
+//! boot, from its number up to below the one read before) or none answers (vsnap died before or inside
+//! plan 2, rolled back: the domain shut off, the old QEMU gone, each
+//! image exactly the snapshot's record); plan 1 rolled back: the domain
+//! record as it was, the old QEMU running on its images, at or above the
+//! number read before. Then: the snapshots unchanged (but for the
+//! overlay a committed revert discarded), `Engine::domain_check` clean,
+//! every file a snapshot needs present, no file gone or new but the
+//! discarded and the new overlays (committed), a second recovery a
+//! no-op; a shut-off domain is started by `vsnap domain start` (the
+//! harness then follows its pidfile in `<state>/run/`). `vsnap-recover`
+//! is killed mid-way also after plan 2's begin (vsnap dead between the
+//! plans). QEMU is killed with vsnap before plan 1's pivot (the overlays
+//! made), at its commit, and after it (before the `quit`): recovery
+//! decides; committed, every new overlay reads exactly the snapshot's
+//! record; rolled back, the images hold what the guest had flushed; then
+//! `vsnap domain start`.
 //!
 //! Environment:
 //! * `VSNAP_BIN_DIR` — where `vsnap` and `vsnap-recover` are (default
@@ -543,6 +587,19 @@ enum Kind {
     /// (`snapshot revert`: [qmp-stop], the catalog as the pivot, QEMU's
     /// `snapshot-load`, [qmp-cont]); `flags` are the revert's own.
     LiveRevert,
+    /// A running guest reverted to an external disk-only snapshot: two
+    /// plans in one vsnap process (new overlays, the catalog as the
+    /// pivot, QEMU's `quit`, the discarded overlays removed; then
+    /// `domain start`'s: `qemu-launch`, its pivot, `cont`).
+    LiveRevertExt,
+    /// The same to a live snapshot with its memory in a file (plan 2
+    /// starts QEMU with `-incoming defer` and loads the file).
+    LiveRevertMemFile,
+}
+
+/// A revert that restarts QEMU (two plans).
+fn ext_revert(kind: Kind) -> bool {
+    matches!(kind, Kind::LiveRevertExt | Kind::LiveRevertMemFile)
 }
 
 struct Scenario {
@@ -737,6 +794,33 @@ fn scenarios() -> Vec<Scenario> {
             qemu_kills_quick: &["journal.begin.inserted#1", "run.started.2#1"],
         },
         Scenario {
+            key: "rv-ext",
+            title: "revert, running, to a live external disk-only snapshot",
+            kind: Kind::LiveRevertExt,
+            flags: &[],
+            // Plan 1: the overlays made, before the pivot; the pivot's
+            // commit (with the last overlay's Done); after it, before
+            // QEMU's quit.
+            qemu_kills: &[
+                "run.applied.{before}#1",
+                "journal.pivot.committed#1",
+                "run.done.{pivot}#1",
+            ],
+            qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
+        },
+        Scenario {
+            key: "rv-memfile",
+            title: "revert, running, to a live snapshot with a memory file",
+            kind: Kind::LiveRevertMemFile,
+            flags: &[],
+            qemu_kills: &[
+                "run.applied.{before}#1",
+                "journal.pivot.committed#1",
+                "run.done.{pivot}#1",
+            ],
+            qemu_kills_quick: &["run.applied.{before}#1", "run.done.{pivot}#1"],
+        },
+        Scenario {
             key: "d-ext",
             title: "offline external, all disks (guest shut off)",
             kind: Kind::Offline,
@@ -805,7 +889,10 @@ impl PointMap {
                 .ok_or("no journal.pivot.committed or journal.begin.inserted point")?,
             None => return Err("no journal.pivot.committed point in the run".into()),
         };
-        let pivot: u32 = if kind == Kind::LiveRevert {
+        let pivot: u32 = if matches!(
+            kind,
+            Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+        ) {
             // The catalog pivot's Started is written in its commit's
             // transaction: its `run.started` is the first after it.
             points[commit..]
@@ -844,11 +931,18 @@ impl PointMap {
                     .ok_or("no run.applied point of the pivot")?,
                 true,
             ),
-            Kind::Offline | Kind::LiveCatalog | Kind::LiveRevert => (commit, false),
+            Kind::Offline
+            | Kind::LiveCatalog
+            | Kind::LiveRevert
+            | Kind::LiveRevertExt
+            | Kind::LiveRevertMemFile => (commit, false),
         };
-        let also_sample = (kind == Kind::LiveRevert)
-            .then(|| pos("step.snapshot-load.started#1"))
-            .flatten();
+        let also_sample = match kind {
+            Kind::LiveRevert => pos("step.snapshot-load.started#1"),
+            // vsnap dead between its two plans (plan 2's begin).
+            Kind::LiveRevertExt | Kind::LiveRevertMemFile => pos("journal.begin.inserted#2"),
+            _ => None,
+        };
         Ok(PointMap {
             points,
             pivot,
@@ -1829,7 +1923,10 @@ impl Suite {
             notes: Vec::new(),
         };
         // An uncrashed run lists the points; it is checked like the others.
-        if sc.kind == Kind::LiveRevert {
+        if matches!(
+            sc.kind,
+            Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+        ) {
             self.run_revert_scenario(sc, &mut rep);
             rep.seconds = t0.elapsed().as_secs_f64();
             return rep;
@@ -1928,6 +2025,22 @@ fn paused_before(sc: &Scenario) -> bool {
 /// that is not the domain's current snapshot (the current snapshot then
 /// tells a committed revert from a rolled-back one).
 const REVERT_TARGETS: [&str; 2] = ["m0", "m1"];
+/// The revert targets of group `gx`: live external disk-only snapshots
+/// of the running guest, made once, uncrashed.
+const REVERT_TARGETS_EXT: [&str; 2] = ["x0", "x1"];
+/// The revert targets of group `gy`: live snapshots of the running guest
+/// with the memory state in a file (`--memory external:PATH`).
+const REVERT_TARGETS_MEMFILE: [&str; 2] = ["y0", "y1"];
+
+fn rev_targets(kind: Kind) -> [&'static str; 2] {
+    if kind == Kind::LiveRevertMemFile {
+        REVERT_TARGETS_MEMFILE
+    } else if kind == Kind::LiveRevertExt {
+        REVERT_TARGETS_EXT
+    } else {
+        REVERT_TARGETS
+    }
+}
 /// Before a revert the writer is at least this many records past the
 /// target's on every disk: more than it writes between the snapshot's
 /// load and the harness's `stop` after recovery, so a committed revert
@@ -1942,6 +2055,11 @@ struct RevTargets {
     /// The most records the writer wrote after a committed revert before
     /// the harness paused it (must stay below [`REVERT_MARGIN`]).
     climb: u64,
+    /// `rv-ext`: trials after which plan 1 had committed and QEMU ran
+    /// (plan 2 committed), and after which the domain was shut off and
+    /// the harness started it.
+    ext_running: usize,
+    ext_started: usize,
 }
 
 /// The state before a revert trial.
@@ -1958,7 +2076,7 @@ struct RevBefore {
 
 impl Suite {
     /// The revert targets, made once per group (the guest running).
-    fn rev_setup(&mut self) -> Result<(), String> {
+    fn rev_setup(&mut self, kind: Kind) -> Result<(), String> {
         if self.rev.is_some() {
             return Ok(());
         }
@@ -1985,29 +2103,54 @@ impl Suite {
             std::thread::sleep(Duration::from_millis(100));
         }
         let (_, have, _) = self.domain()?;
-        for (k, n) in REVERT_TARGETS.iter().enumerate() {
+        let shape: &[&str] = match kind {
+            Kind::LiveRevertExt => &["--live", "--disk-only"],
+            Kind::LiveRevertMemFile => &["--live", "--memory"],
+            _ => &["--live", "--memory", "internal"],
+        };
+        for (k, n) in rev_targets(kind).iter().enumerate() {
             if have.iter().any(|s| s.name == *n) {
                 continue;
             }
             if k > 0 {
-                self.writer_progress()?;
+                // Read with -U while the guest writes through a new
+                // overlay, a record may not read yet: retried.
+                let t = Instant::now();
+                while let Err(e) = self.writer_progress() {
+                    if t.elapsed() > Duration::from_secs(60) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
-            let r = self.vsnap(
-                &[
-                    "snapshot", "create", &self.dom, n, "--live", "--memory", "internal",
-                ],
-                &Inject::None,
-            );
+            let mem = format!("external:{}", self.disks.join(format!("{n}.mem")).display());
+            let mut args = vec!["snapshot", "create", &self.dom, n];
+            args.extend(shape);
+            if kind == Kind::LiveRevertMemFile {
+                args.push(&mem);
+            }
+            let r = self.vsnap(&args, &Inject::None);
             if r.code() != Some(0) {
                 return Err(format!("making revert target {n}: {}", r.describe()));
             }
         }
-        let (d, _, _) = self.domain()?;
+        let (d, snaps, _) = self.domain()?;
         let mut recs: BTreeMap<String, BTreeMap<String, Rec>> = BTreeMap::new();
-        for n in REVERT_TARGETS {
+        for n in rev_targets(kind) {
             for disk in &d.disks {
                 let img = disk.image().ok_or("a disk without an image")?;
-                let r = image_rec(&self.root, img, Some(n))?;
+                let r = if ext_revert(kind) {
+                    // The snapshot's frozen file holds its state.
+                    let state = snaps
+                        .iter()
+                        .find(|s| s.name == n)
+                        .and_then(|s| s.disks.iter().find(|x| x.target == disk.target))
+                        .map(|x| x.state_file.clone())
+                        .ok_or(format!("snapshot {n} has no disk {}", disk.target))?;
+                    image_rec(&self.root, &state, None)?
+                } else {
+                    image_rec(&self.root, img, Some(n))?
+                };
                 if r.disk != disk.target {
                     return Err(format!(
                         "{} (snapshot {n}) holds the records of {}",
@@ -2020,7 +2163,12 @@ impl Suite {
                     .insert(disk.target.clone(), r);
             }
         }
-        self.rev = Some(RevTargets { recs, climb: 0 });
+        self.rev = Some(RevTargets {
+            recs,
+            climb: 0,
+            ext_running: 0,
+            ext_started: 0,
+        });
         Ok(())
     }
 
@@ -2034,12 +2182,12 @@ impl Suite {
     /// target's on every disk; its numbers read with the guest paused;
     /// then resumed, or left paused for a revert `--running`.
     fn rev_prepare(&mut self, sc: &Scenario) -> Result<RevBefore, String> {
-        self.rev_setup()?;
+        self.rev_setup(sc.kind)?;
         self.ensure_guest()?;
         let qmp = self.guest.qmp();
         live::cont(&qmp).map_err(|e| format!("cont before the trial: {e}"))?;
         let (dom, snaps, plans) = self.domain()?;
-        let target = REVERT_TARGETS
+        let target = rev_targets(sc.kind)
             .iter()
             .find(|n| dom.current.as_deref() != Some(**n))
             .expect("two targets")
@@ -2054,10 +2202,16 @@ impl Suite {
                     .ok_or("no record of the target")?
                     .seq
                     + REVERT_MARGIN;
-                // Read with -U while it runs: stale at worst, never too new.
-                let r = image_rec(&self.root, img, None)?;
-                if r.seq < want {
-                    behind.push(format!("{} {} < {want}", disk.target, r.seq));
+                // Read with -U while it runs: stale at worst, never too new
+                // (through an overlay it has just begun to write, maybe
+                // unreadable for a moment: `rv-ext`, retried).
+                match image_rec(&self.root, img, None) {
+                    Ok(r) if r.seq < want => {
+                        behind.push(format!("{} {} < {want}", disk.target, r.seq))
+                    }
+                    Ok(_) => {}
+                    Err(e) if ext_revert(sc.kind) => behind.push(e),
+                    Err(e) => return Err(e),
                 }
             }
             if behind.is_empty() {
@@ -2329,6 +2483,387 @@ impl Suite {
         (v, Some(committed))
     }
 
+    /// [`Suite::verify_revert`] or, for `rv-ext`, [`Suite::verify_revert_ext`].
+    fn verify_rev(
+        &mut self,
+        sc: &Scenario,
+        before: &RevBefore,
+        expect: Option<Expect>,
+        flushed: Option<&BTreeMap<String, Rec>>,
+    ) -> (Vec<String>, Option<bool>) {
+        if ext_revert(sc.kind) {
+            self.verify_revert_ext(sc, before, expect, flushed)
+        } else {
+            self.verify_revert(sc, before, expect, flushed)
+        }
+    }
+
+    /// The QEMU vsnap launched for the domain (its pidfile), now the guest.
+    fn adopt_launched(&mut self) -> Result<u32, String> {
+        let pidfile = self.state.join("run").join(format!("{}.pid", self.dom));
+        let pid = vsnap_steps::launch::pid_from_file(&pidfile)
+            .ok_or(format!("no live QEMU in {}", pidfile.display()))?;
+        self.guest.pid = Some(pid);
+        Ok(pid)
+    }
+
+    /// `vsnap domain start` of the shut-off domain; the guest's writer
+    /// runs when its READY line is on the console.
+    fn start_domain(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        let r = self.vsnap(&["domain", "start", &self.dom], &Inject::None);
+        if r.code() != Some(0) {
+            return Err(format!("vsnap domain start: {}", r.describe()));
+        }
+        let pid = self.adopt_launched()?;
+        let log = self.guest.dir.join("console.log");
+        loop {
+            let text = std::fs::read(&log).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains("VSNAP-GUEST-READY") {
+                break;
+            }
+            if !proc_alive(pid) {
+                return Err(format!(
+                    "QEMU (pid {pid}) exited during boot: see {}",
+                    log.display()
+                ));
+            }
+            if t.elapsed() > BOOT_LIMIT {
+                return Err(format!(
+                    "no VSNAP-GUEST-READY in {} after {} s",
+                    log.display(),
+                    BOOT_LIMIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.guest.boots.push(t.elapsed().as_secs_f64());
+        self.took("domain start after a revert", t);
+        Ok(())
+    }
+
+    /// Everything checked after the recovery of an `rv-ext` trial (the
+    /// top doc, "Reverts"). Returns the problems and whether plan 1
+    /// committed; a shut-off domain is started (`vsnap domain start`)
+    /// after the checks.
+    fn verify_revert_ext(
+        &mut self,
+        sc: &Scenario,
+        before: &RevBefore,
+        expect: Option<Expect>,
+        flushed: Option<&BTreeMap<String, Rec>>,
+    ) -> (Vec<String>, Option<bool>) {
+        let mut v = Vec::new();
+        let target = before.target.as_str();
+        let plan = match self.rev_plan(before.plans) {
+            Ok(p) => p,
+            Err(e) => return (vec![e], None),
+        };
+        let (dom, snaps, _) = match self.domain() {
+            Ok(x) => x,
+            Err(e) => return (vec![e], None),
+        };
+        let committed = match plan.as_ref().map(|o| o.as_deref()) {
+            None => false,
+            Some(Some("Committed")) => true,
+            Some(Some("RolledBack")) => false,
+            Some(o) => {
+                v.push(format!(
+                    "inv7: the revert plan ended {o:?} after recovery (a crash must be recovered without a person)"
+                ));
+                dom.current.as_deref() == Some(target)
+            }
+        };
+        match (expect, committed) {
+            (Some(Expect::Back), true) => {
+                v.push("rolled forward, but the crash was before the pivot took effect".into())
+            }
+            (Some(Expect::Forward), false) => {
+                v.push("rolled back, but the crash was after the pivot took effect".into())
+            }
+            _ => {}
+        }
+        let Some(snap) = snaps.iter().find(|s| s.name == target) else {
+            return (
+                vec![format!("the target {target} is gone")],
+                Some(committed),
+            );
+        };
+        // The catalog: committed, the target current and every disk a new
+        // `.revert-` overlay on the snapshot's state file; rolled back,
+        // the domain record as it was.
+        if committed {
+            if dom.current.as_deref() != Some(target) {
+                v.push(format!(
+                    "committed, but the current snapshot is {:?}",
+                    dom.current
+                ));
+            }
+            for disk in &dom.disks {
+                let Some(img) = disk.image() else {
+                    v.push(format!("disk {} has no image", disk.target));
+                    continue;
+                };
+                if !img.to_string_lossy().contains(".revert-") {
+                    v.push(format!(
+                        "disk {}: {} is not a .revert- overlay",
+                        disk.target,
+                        img.display()
+                    ));
+                }
+                let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+                let want = snap
+                    .disks
+                    .iter()
+                    .find(|x| x.target == disk.target)
+                    .map(|x| canon(&x.state_file));
+                match qemu_img::info(img, Format::Qcow2, true) {
+                    Ok(i) if i.backing.as_deref().map(canon) == want => {}
+                    Ok(i) => v.push(format!(
+                        "disk {}: {} is backed by {:?}, not the snapshot's state file {want:?}",
+                        disk.target,
+                        img.display(),
+                        i.backing
+                    )),
+                    Err(e) => v.push(format!("disk {}: qemu-img info: {e}", disk.target)),
+                }
+            }
+        } else if dom != before.dom {
+            v.push(format!(
+                "rolled back, but the domain record changed: {:?} -> {dom:?}",
+                before.dom
+            ));
+        }
+        // Committed, a snapshot whose overlay was the discarded active
+        // image forgets it (the file is removed); nothing else changes.
+        let mut want_snaps = before.snaps.clone();
+        if committed {
+            let old: Vec<&Path> = before.dom.disks.iter().filter_map(|d| d.image()).collect();
+            for d in want_snaps.iter_mut().flat_map(|s| s.disks.iter_mut()) {
+                if d.overlay.as_deref().is_some_and(|o| old.contains(&o)) {
+                    d.overlay = None;
+                }
+            }
+        }
+        if snaps != want_snaps {
+            v.push(format!(
+                "the snapshots changed: {:?} -> {:?}",
+                want_snaps
+                    .iter()
+                    .filter(|s| !snaps.contains(s))
+                    .collect::<Vec<_>>(),
+                snaps
+                    .iter()
+                    .filter(|s| !want_snaps.contains(s))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        // The guest: rolled back, the old QEMU runs on; committed, either
+        // QEMU runs on the new overlays (plan 2 committed) or none answers
+        // (the domain shut off). Paused by the harness to read the disks.
+        let t = Instant::now();
+        let qmp = self.guest.qmp();
+        let running = if flushed.is_some() {
+            match live::gone(&qmp) {
+                Ok(true) => {}
+                Ok(false) => v.push("QEMU was killed, but a QEMU answers on the monitor".into()),
+                Err(e) => v.push(format!("after the QEMU kill: {e}")),
+            }
+            false
+        } else {
+            match live::qmp(&qmp).and_then(|mut q| q.query_status()) {
+                Ok((true, _)) => true,
+                Ok((false, st)) => {
+                    v.push(format!("inv1: the guest is {st}, expected running"));
+                    true
+                }
+                Err(_) if committed => match live::gone(&qmp) {
+                    Ok(true) => false,
+                    Ok(false) => {
+                        v.push("inv1: a QEMU answers on the monitor, but not query-status".into());
+                        false
+                    }
+                    Err(e) => {
+                        v.push(format!("inv1: {e}"));
+                        false
+                    }
+                },
+                Err(e) => {
+                    v.push(format!("inv1: rolled back, but QEMU does not answer: {e}"));
+                    false
+                }
+            }
+        };
+        if let Some(r) = self.rev.as_mut() {
+            if committed && running {
+                r.ext_running += 1;
+            } else if !running {
+                r.ext_started += 1;
+            }
+        }
+        if committed && running {
+            // Plan 2 committed: the guest is vsnap's QEMU now.
+            if let Err(e) = self.adopt_launched() {
+                v.push(format!("plan 2 committed, but {e}"));
+            }
+        }
+        if !running {
+            // The old QEMU is gone (quit, or killed).
+            if let Some(pid) = self.guest.pid.take() {
+                if !wait_gone(pid, Duration::from_secs(30)) {
+                    v.push(format!(
+                        "the domain is shut off, but QEMU pid {pid} lives on"
+                    ));
+                }
+            }
+        }
+        if running {
+            if let Err(e) = live::stop(&qmp) {
+                v.push(format!("harness: stop: {e}"));
+            }
+        }
+        for disk in &dom.disks {
+            let Some(img) = disk.image() else { continue };
+            let t = &disk.target;
+            let (Some((_, pre)), Some(want)) = (before.pre.get(t), self.rev_rec(target, t)) else {
+                v.push(format!("harness: no record of disk {t}"));
+                continue;
+            };
+            let a = match image_rec(&self.root, img, None) {
+                Ok(a) => a,
+                Err(e) => {
+                    v.push(format!("inv6: {e}"));
+                    continue;
+                }
+            };
+            let img = img.display();
+            if committed && !running {
+                // Before the next boot: exactly the snapshot's state.
+                if (a.seq, a.boot) != (want.seq, want.boot) {
+                    v.push(format!(
+                        "inv6: disk {t} ({img}) reverted to {target}, shut off: seq {} boot {}, the snapshot holds seq {} boot {}",
+                        a.seq, a.boot, want.seq, want.boot
+                    ));
+                }
+            } else if committed {
+                // Booted afresh on the snapshot's disks: the snapshot's
+                // record, or a later boot going on from its numbers; with
+                // the memory loaded, the same boot going on from them.
+                let ok = if sc.kind == Kind::LiveRevertMemFile {
+                    a.boot == want.boot && a.seq >= want.seq && a.seq < pre.seq
+                } else {
+                    (a.seq, a.boot) == (want.seq, want.boot)
+                        || (a.boot > want.boot && a.seq > want.seq && a.seq < pre.seq)
+                };
+                if !ok {
+                    v.push(format!(
+                        "inv6: disk {t} ({img}) reverted to {target} and booted: seq {} boot {}; the snapshot holds seq {} boot {}, before the revert seq {} (expected the snapshot's, or a later boot in ({}, {}))",
+                        a.seq, a.boot, want.seq, want.boot, pre.seq, want.seq, pre.seq
+                    ));
+                } else if let Some(r) = self.rev.as_mut() {
+                    r.climb = r.climb.max(a.seq - want.seq);
+                }
+            } else {
+                let floor = flushed
+                    .and_then(|f| f.get(t))
+                    .map_or(pre.seq, |r| r.seq)
+                    .max(pre.seq);
+                if a.seq < floor {
+                    v.push(format!(
+                        "inv6: disk {t} ({img}): rolled back, but it holds seq {} below the {floor} the guest had written",
+                        a.seq
+                    ));
+                }
+            }
+        }
+        if running {
+            if let Err(e) = live::cont(&qmp) {
+                v.push(format!("harness: cont: {e}"));
+            }
+        }
+        self.took("guest status and seq read", t);
+        let t = Instant::now();
+        match self.engine().and_then(|e| {
+            e.domain_check(&self.dom)
+                .map_err(|e| format!("domain check failed: {e}"))
+        }) {
+            Ok(r) => v.extend(r.violations.iter().map(|x| format!("domain check: {x}"))),
+            Err(e) => v.push(e),
+        }
+        self.took("domain check", t);
+        // No file a snapshot needs is gone; rolled back, no file gone or
+        // new; committed, only the new overlays new, only the discarded
+        // active images gone.
+        let needed: BTreeSet<PathBuf> = snaps
+            .iter()
+            .flat_map(|s| {
+                s.disks
+                    .iter()
+                    .map(|d| d.state_file.clone())
+                    .chain(s.memory_file.clone())
+            })
+            .collect();
+        for f in &needed {
+            if !f.exists() {
+                v.push(format!(
+                    "file: {} is gone, and a snapshot needs it",
+                    f.display()
+                ));
+            }
+        }
+        let rel = |p: &Path| {
+            p.strip_prefix(&self.disks)
+                .ok()
+                .map(|r| r.to_string_lossy().into_owned())
+        };
+        let new_imgs: BTreeSet<String> = dom
+            .disks
+            .iter()
+            .filter_map(|d| d.image())
+            .filter_map(rel)
+            .collect();
+        let old_imgs: BTreeSet<String> = before
+            .dom
+            .disks
+            .iter()
+            .filter_map(|d| d.image())
+            .filter(|p| !needed.contains(*p))
+            .filter_map(rel)
+            .collect();
+        match listing(&self.disks) {
+            Ok(now) => {
+                for k in before.listing.keys().filter(|k| !now.contains_key(*k)) {
+                    if !(committed && old_imgs.contains(k)) {
+                        v.push(format!("file: {k} disappeared"));
+                    }
+                }
+                for k in now.keys().filter(|k| !before.listing.contains_key(*k)) {
+                    if !(committed && new_imgs.contains(k)) {
+                        v.push(format!("file: {k} appeared"));
+                    }
+                }
+            }
+            Err(e) => v.push(e),
+        }
+        let t = Instant::now();
+        let r = self.recover(&Inject::None);
+        self.took("second recovery", t);
+        if r.code() != Some(0) || !r.run.stdout.contains("nothing to recover") {
+            v.push(format!(
+                "inv7: a second vsnap-recover is not a no-op: {}",
+                r.describe()
+            ));
+        }
+        // Shut off (plan 2 not run or rolled back, or QEMU killed): the
+        // harness starts it as an operator would.
+        if !running {
+            if let Err(e) = self.start_domain() {
+                v.push(e);
+            }
+        }
+        (v, Some(committed))
+    }
+
     /// vsnap killed at point `i` of the revert, recovered (killed too with
     /// `kill_recovery`), verified.
     fn revert_crash_point(
@@ -2367,7 +2902,7 @@ impl Suite {
         if rec.code() != Some(0) || rec.run.stdout.contains("needs-attention") {
             v.push(format!("vsnap-recover: {}", rec.describe()));
         }
-        let (problems, outcome) = self.verify_revert(sc, &before, Some(map.expect(i)), None);
+        let (problems, outcome) = self.verify_rev(sc, &before, Some(map.expect(i)), None);
         v.extend(problems);
         match outcome {
             Some(true) => rep.committed += 1,
@@ -2462,7 +2997,7 @@ impl Suite {
             ));
         }
         let expect = map.expect(i);
-        let (problems, outcome) = self.verify_revert(sc, &before, Some(expect), Some(&flushed));
+        let (problems, outcome) = self.verify_rev(sc, &before, Some(expect), Some(&flushed));
         v.extend(problems);
         match outcome {
             Some(true) => rep.committed += 1,
@@ -2472,13 +3007,22 @@ impl Suite {
         rep.notes.push(format!(
             "QEMU killed at {point} (expected {expect:?}): {}; vsnap-recover exit {:?}",
             match outcome {
+                Some(true) if ext_revert(sc.kind) => {
+                    "committed, the domain shut off on the new overlays"
+                }
                 Some(true) => "committed, the snapshot applied offline",
                 Some(false) => "rolled back, the domain on its images",
                 None => "?",
             },
             rec.code()
         ));
-        match self.boot_catalog() {
+        // (`rv-ext`: verified, then started by `vsnap domain start`.)
+        let booted = if self.guest.pid.is_some_and(proc_alive) {
+            Ok(0.0)
+        } else {
+            self.boot_catalog()
+        };
+        match booted {
             Ok(_) => match self
                 .engine()
                 .and_then(|e| e.domain_check(&self.dom).map_err(|e| e.to_string()))
@@ -2520,8 +3064,7 @@ impl Suite {
                 if r.code() != Some(0) {
                     v.push(format!("the uncrashed run failed: {}", r.describe()));
                 }
-                let (problems, outcome) =
-                    self.verify_revert(sc, &before, Some(Expect::Forward), None);
+                let (problems, outcome) = self.verify_rev(sc, &before, Some(Expect::Forward), None);
                 v.extend(problems);
                 if outcome == Some(true) {
                     rep.committed += 1;
@@ -2578,6 +3121,12 @@ impl Suite {
                 "after a committed revert the writer was at most {} records past the snapshot's when paused (margin {REVERT_MARGIN})",
                 r.climb
             ));
+            if ext_revert(sc.kind) {
+                rep.notes.push(format!(
+                    "after recovery: QEMU running on the new overlays {} time(s); the domain shut off and started by `vsnap domain start` {} time(s)",
+                    r.ext_running, r.ext_started
+                ));
+            }
         }
     }
 }
@@ -2684,6 +3233,20 @@ const GROUPS: &[Group] = &[
         scenarios: &["rv-mem", "rv-paused", "rv-cont"],
         // Internal snapshots with memory need every disk qcow2.
         all_qcow2: true,
+        offline: false,
+    },
+    Group {
+        dom: "gx",
+        btrfs: false,
+        scenarios: &["rv-ext"],
+        all_qcow2: false,
+        offline: false,
+    },
+    Group {
+        dom: "gy",
+        btrfs: false,
+        scenarios: &["rv-memfile"],
+        all_qcow2: false,
         offline: false,
     },
     Group {
@@ -2874,7 +3437,12 @@ fn main() -> ExitCode {
                 .iter()
                 .find(|s| s.key == *key)
                 .expect("every group's scenario exists");
-            if !wanted(key) && sc.kind == Kind::LiveRevert {
+            if !wanted(key)
+                && matches!(
+                    sc.kind,
+                    Kind::LiveRevert | Kind::LiveRevertExt | Kind::LiveRevertMemFile
+                )
+            {
                 // Reverts build no state for the next scenario.
                 continue;
             }
