@@ -29,31 +29,12 @@
 
 mod common;
 
-use common::{env_num, pct, run, vsnap_binary};
+use common::{env_num, pct, run, timed, vsnap_binary};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TARGET_RATIO: f64 = 1.5;
-
-fn timed(cmd: &mut Command) -> Duration {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    let t = Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let d = t.elapsed();
-    if !out.status.success() {
-        panic!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    d
-}
 
 /// A fresh 64 MiB qcow2 image with 1 MiB of data.
 fn fresh_image(path: &Path) {

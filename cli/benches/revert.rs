@@ -22,29 +22,11 @@
 
 mod common;
 
-use common::{env_num, ok, repo_root, run, vsnap_binary, vsnap_cmd, Guest, QMP_TIMEOUT};
+use common::{env_num, ok, repo_root, run, timed, vsnap_binary, vsnap_cmd, Guest, QMP_TIMEOUT};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vsnap_steps::qmp::Qmp;
-
-fn timed(cmd: &mut Command) -> Duration {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null());
-    let t = Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let d = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    d
-}
 
 fn qemu_io(img: &Path, cmd: &str) {
     run(Command::new("qemu-io")
@@ -242,7 +224,6 @@ fn ext_series(vsnap: &Path, dir: &Path, n: usize, warmup: usize, iters: usize) {
             gap.push(g);
         }
     }
-    let pid = vsnap_steps::launch::peer_pid(&qmp).ok();
     println!(
         "bench revert: external disk-only, running guest, {n} disk(s): whole command p50 {:.1} ms, old QEMU gone -> new guest running p50 {:.1} ms ({} runs; a fresh boot follows)",
         ms(median(&mut whole)),
@@ -251,7 +232,6 @@ fn ext_series(vsnap: &Path, dir: &Path, n: usize, warmup: usize, iters: usize) {
     );
     // The QEMU started last is vsnap's (its own session): end it.
     run(vsnap_cmd(vsnap, &state).args(["domain", "destroy", "g"]));
-    let _ = pid;
 }
 
 fn main() {

@@ -64,6 +64,26 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run a command to completion, output discarded; how long it took, or a
+/// panic with its stderr.
+pub fn timed(cmd: &mut Command) -> Duration {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    let t = Instant::now();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let d = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d
+}
+
 /// The release `vsnap` cargo built for the bench (built here if missing).
 pub fn vsnap_binary() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_vsnap"));
